@@ -6,6 +6,7 @@
 
 use prost::Message;
 use prost_reflect::prost_types::FileDescriptorSet;
+use prost_reflect::{DescriptorPool, DynamicMessage, Value};
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
@@ -42,13 +43,26 @@ fn envoy_types_dir() -> PathBuf {
 }
 
 /// The full set carries source comments we never read; dropping them keeps the binary small.
+/// Decoded reflectively so that option extensions (`validate.rules`, which pilotfish checks
+/// configuration against) survive: prost's own `FieldOptions` would drop them as unknown fields.
 pub fn stripped(full: &[u8]) -> Vec<u8> {
-    let mut set = FileDescriptorSet::decode(full).expect("decode envoy-types descriptor set");
-    for file in &mut set.file {
-        file.source_code_info = None;
+    let desc = DescriptorPool::global()
+        .get_message_by_name("google.protobuf.FileDescriptorSet")
+        .expect("descriptor.proto in the global pool");
+    let mut set = DynamicMessage::decode(desc, full).expect("decode envoy-types descriptor set");
+    let Some(Value::List(files)) = set.get_field_by_name_mut("file") else {
+        panic!("FileDescriptorSet.file")
+    };
+    for file in files.iter_mut() {
+        if let Value::Message(f) = file {
+            f.clear_field_by_name("source_code_info");
+        }
     }
-    set.file.sort_by(|a, b| a.name.cmp(&b.name));
-    set.encode_to_vec()
+    files.sort_by_key(|f| f.as_message().and_then(|m| m.get_field_by_name("name")).and_then(|n| n.as_str().map(str::to_string)));
+    // Sanity: the result is still a valid set for prost.
+    let bytes = set.encode_to_vec();
+    FileDescriptorSet::decode(bytes.as_slice()).expect("stripped set decodes");
+    bytes
 }
 
 fn descriptors(check: bool) {

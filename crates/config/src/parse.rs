@@ -134,7 +134,11 @@ fn options() -> DeserializeOptions {
 }
 
 fn path_string(path: serde_path_to_error::Path) -> String {
-    let s = path.to_string();
+    // `?` marks where the parser stopped before it knew the key; the path up to it is what we know.
+    let mut s = path.to_string();
+    while let Some(stripped) = s.strip_suffix(".?").or_else(|| s.strip_suffix('?')) {
+        s = stripped.to_string();
+    }
     if s == "." {
         String::new()
     } else {

@@ -74,6 +74,10 @@ pub fn check(node: &Node<'_>, out: &mut Vec<(String, String)>) {
         let Some(rules) = rules_for(&field) else { continue };
         let path = crate::walk::join(node.path, field.name());
         let set = msg.has_field(&field);
+        // A oneof member (or a proto3 `optional`) is only checked when it is the one set.
+        if !set && field.containing_oneof().is_some() {
+            continue;
+        }
         let value = msg.get_field(&field);
         check_field(&field, &rules, set, &value, &path, out);
     }

@@ -63,6 +63,14 @@ impl ResourceSet {
         let mut set = ResourceSet::default();
         if let Some(sr) = &bootstrap.static_resources {
             for (i, l) in sr.listeners.iter().enumerate() {
+                // Envoy keeps the first of two static listeners with one name and ignores the rest.
+                if !l.name.is_empty() && set.listeners.iter().any(|x| x.name == l.name) {
+                    set.not_active.push(format!(
+                        "static_resources.listeners[{i}]: a listener named '{}' is already defined; Envoy keeps the first definition and ignores this one, and so does pilotfish",
+                        l.name
+                    ));
+                    continue;
+                }
                 set.listeners.push(stat(l.name.clone(), format!("static_resources.listeners[{i}]"), l.clone()));
             }
             for (i, c) in sr.clusters.iter().enumerate() {
@@ -71,6 +79,8 @@ impl ResourceSet {
             for (i, s) in sr.secrets.iter().enumerate() {
                 set.secrets.push(stat(s.name.clone(), format!("static_resources.secrets[{i}]"), s.clone()));
             }
+            // Envoy lists inline route configurations among its static ones; so do we.
+            set.route_configs = inline_route_configs(&set.listeners);
         }
         set.bootstrap = bootstrap;
         set
@@ -235,6 +245,28 @@ impl ResourceSet {
     pub fn secret(&self, name: &str) -> Option<&Resource<Secret>> {
         self.secrets.iter().find(|r| r.name == name)
     }
+}
+
+fn inline_route_configs(listeners: &[Resource<Listener>]) -> Vec<Resource<RouteConfiguration>> {
+    use pilotfish_api::pb::envoy::config::listener::v3::filter::ConfigType;
+    use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        http_connection_manager::RouteSpecifier, HttpConnectionManager,
+    };
+    let mut out = vec![];
+    for l in listeners {
+        let chains = l.value.filter_chains.iter().enumerate().map(|(i, fc)| (format!("{}.filter_chains[{i}]", l.path), fc));
+        let default = l.value.default_filter_chain.iter().map(|fc| (format!("{}.default_filter_chain", l.path), fc));
+        for (at, fc) in chains.chain(default) {
+            for (i, f) in fc.filters.iter().enumerate() {
+                let Some(ConfigType::TypedConfig(any)) = &f.config_type else { continue };
+                let Some(hcm) = crate::model::unpack::<HttpConnectionManager>(any) else { continue };
+                if let Some(RouteSpecifier::RouteConfig(rc)) = hcm.route_specifier {
+                    out.push(stat(rc.name.clone(), format!("{at}.filters[{i}].typed_config.route_config"), rc));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn stat<T>(name: String, path: String, value: T) -> Resource<T> {

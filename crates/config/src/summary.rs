@@ -134,7 +134,7 @@ pub fn to_text(cfg: &Config) -> String {
     let _ = writeln!(s, "  {:<60} {:>13} {:>7}  SOURCE", "NAME", "VIRTUAL HOSTS", "ROUTES");
     for item in rc["items"].as_array().unwrap() {
         let name = item["name"].as_str().unwrap();
-        let _ = writeln!(s, "  {:<60} {:>13} {:>7}  {}", if name.is_empty() { "(unnamed)" } else { name }, item["virtual_hosts"], item["routes"], item["source"].as_str().unwrap());
+        let _ = writeln!(s, "  {:<60} {:>13} {:>7}  {}", if name.is_empty() { "(unnamed)" } else { name }, item["virtual_hosts"].as_u64().unwrap(), item["routes"].as_u64().unwrap(), item["source"].as_str().unwrap());
     }
     let e = &j["endpoints"];
     let _ = writeln!(s, "\nEndpoints: {} assignments (EDS), {} hosts", e["assignments"], e["hosts"]);

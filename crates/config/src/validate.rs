@@ -53,17 +53,24 @@ fn first_line(s: &str) -> String {
 /// Checks across resources, after the resource set and model are built.
 pub fn check_resources(set: &ResourceSet, model: &Model) -> Vec<Finding> {
     let mut out = vec![];
-    let mut seen = HashMap::new();
+    // Duplicate listener names are not an error for Envoy: it keeps the first definition (the
+    // resource set already dropped the others, with a warning).
+    let mut bound: HashMap<String, &str> = HashMap::new();
     for l in &set.listeners {
-        // Envoy names unnamed static listeners itself (Istio's 15090 and 15021 have none).
-        if l.name.is_empty() {
-            check_listener(&l.value, &l.path, &mut out);
-            continue;
-        }
-        if let Some(first) = seen.insert(l.name.clone(), l.path.clone()) {
-            out.push((l.path.clone(), format!("duplicate listener name '{}' (first defined at {first})", l.name)));
-        }
         check_listener(&l.value, &l.path, &mut out);
+        let binds = l.value.bind_to_port.as_ref().is_none_or(|v| v.value);
+        let tcp = l.value.address.as_ref().is_some_and(|a| match &a.address {
+            Some(address::Address::SocketAddress(s)) => s.protocol == 0,
+            _ => true,
+        });
+        if let (true, true, Some(addr)) = (binds, tcp, l.value.address.as_ref().and_then(crate::model::format_address)) {
+            if let Some(first) = bound.insert(addr.clone(), &l.name) {
+                out.push((
+                    format!("{}.address", l.path),
+                    format!("error adding listener '{addr}': listener '{}' has the same address as listener '{first}'", l.name),
+                ));
+            }
+        }
     }
     let mut seen = HashMap::new();
     for c in &set.clusters {
@@ -72,7 +79,8 @@ pub fn check_resources(set: &ResourceSet, model: &Model) -> Vec<Finding> {
         }
         check_cluster(&c.value, &c.path, &mut out);
     }
-    for r in &set.route_configs {
+    // Static route configurations are the inline ones, checked through their listener below.
+    for r in set.route_configs.iter().filter(|r| !r.origin.is_static()) {
         check_route_config(&r.value, &r.path, &mut out);
     }
     for (li, l) in set.listeners.iter().enumerate() {
@@ -152,9 +160,7 @@ fn cidr_key(r: &CidrRange) -> String {
 }
 
 fn check_cidr(r: &CidrRange, at: &str, _j: usize, out: &mut Vec<Finding>) {
-    let len = r.prefix_len.as_ref().map_or(0, |v| v.value);
     match r.address_prefix.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(_)) if len > 32 => out.push((at.into(), format!("prefix_len {len} is larger than 32 for IPv4 prefix {}", r.address_prefix))),
         Ok(_) => {}
         Err(_) => out.push((at.into(), format!("malformed IP address: {}", r.address_prefix))),
     }
