@@ -22,7 +22,10 @@ fn main() {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Finds the envoy-types source directory cargo resolved for this workspace.
@@ -58,7 +61,11 @@ pub fn stripped(full: &[u8]) -> Vec<u8> {
             f.clear_field_by_name("source_code_info");
         }
     }
-    files.sort_by_key(|f| f.as_message().and_then(|m| m.get_field_by_name("name")).and_then(|n| n.as_str().map(str::to_string)));
+    files.sort_by_key(|f| {
+        f.as_message()
+            .and_then(|m| m.get_field_by_name("name"))
+            .and_then(|n| n.as_str().map(str::to_string))
+    });
     // Sanity: the result is still a valid set for prost.
     let bytes = set.encode_to_vec();
     FileDescriptorSet::decode(bytes.as_slice()).expect("stripped set decodes");

@@ -64,7 +64,13 @@ pub mod istio {
     }
 }
 
-fn field(name: &str, number: i32, ty: Type, label: Label, type_name: Option<&str>) -> FieldDescriptorProto {
+fn field(
+    name: &str,
+    number: i32,
+    ty: Type,
+    label: Label,
+    type_name: Option<&str>,
+) -> FieldDescriptorProto {
     FieldDescriptorProto {
         name: Some(name.into()),
         number: Some(number),
@@ -100,7 +106,12 @@ fn message(name: &str, fields: Vec<FieldDescriptorProto>) -> DescriptorProto {
     }
 }
 
-fn file(name: &str, package: &str, deps: &[&str], messages: Vec<DescriptorProto>) -> FileDescriptorProto {
+fn file(
+    name: &str,
+    package: &str,
+    deps: &[&str],
+    messages: Vec<DescriptorProto>,
+) -> FileDescriptorProto {
     FileDescriptorProto {
         name: Some(name.into()),
         package: Some(package.into()),
@@ -116,7 +127,13 @@ fn typed_struct_message() -> DescriptorProto {
         "TypedStruct",
         vec![
             field("type_url", 1, Type::String, Label::Optional, None),
-            field("value", 2, Type::Message, Label::Optional, Some(".google.protobuf.Struct")),
+            field(
+                "value",
+                2,
+                Type::Message,
+                Label::Optional,
+                Some(".google.protobuf.Struct"),
+            ),
         ],
     )
 }
@@ -162,8 +179,18 @@ pub(crate) fn file_descriptors() -> Vec<FileDescriptorProto> {
         ..Default::default()
     });
     vec![
-        file("udpa/type/v1/typed_struct.proto", "udpa.type.v1", &[s], vec![typed_struct_message()]),
-        file("xds/type/v3/typed_struct.proto", "xds.type.v3", &[s], vec![typed_struct_message()]),
+        file(
+            "udpa/type/v1/typed_struct.proto",
+            "udpa.type.v1",
+            &[s],
+            vec![typed_struct_message()],
+        ),
+        file(
+            "xds/type/v3/typed_struct.proto",
+            "xds.type.v3",
+            &[s],
+            vec![typed_struct_message()],
+        ),
         file(
             "istio/envoy/config/filter/http/alpn/v2alpha1/config.proto",
             "istio.envoy.config.filter.http.alpn.v2alpha1",
@@ -190,7 +217,13 @@ pub(crate) fn file_descriptors() -> Vec<FileDescriptorProto> {
                 "OpaqueAny",
                 vec![
                     field("type_url", 1, Type::String, Label::Optional, None),
-                    field("json", 2, Type::Message, Label::Optional, Some(".google.protobuf.Value")),
+                    field(
+                        "json",
+                        2,
+                        Type::Message,
+                        Label::Optional,
+                        Some(".google.protobuf.Value"),
+                    ),
                 ],
             )],
         ),

@@ -14,56 +14,187 @@ use std::collections::BTreeMap;
 /// Messages pilotfish reads part of, and the fields it reads. A message not listed here but
 /// reached through a listed field is read whole (addresses, matchers, match criteria).
 const FIELDS: &[(&str, &[&str])] = &[
-    ("envoy.config.bootstrap.v3.Bootstrap", &["node", "static_resources"]),
-    ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters", "secrets"]),
+    (
+        "envoy.config.bootstrap.v3.Bootstrap",
+        &["node", "static_resources"],
+    ),
+    (
+        "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
+        &["listeners", "clusters", "secrets"],
+    ),
     (
         "envoy.config.listener.v3.Listener",
-        &["name", "address", "filter_chains", "default_filter_chain", "listener_filters", "use_original_dst", "bind_to_port", "traffic_direction"],
+        &[
+            "name",
+            "address",
+            "filter_chains",
+            "default_filter_chain",
+            "listener_filters",
+            "use_original_dst",
+            "bind_to_port",
+            "traffic_direction",
+        ],
     ),
-    ("envoy.config.listener.v3.FilterChain", &["filter_chain_match", "filters", "transport_socket", "name", "metadata"]),
-    ("envoy.config.listener.v3.ListenerFilter", &["name", "typed_config", "filter_disabled"]),
+    (
+        "envoy.config.listener.v3.FilterChain",
+        &[
+            "filter_chain_match",
+            "filters",
+            "transport_socket",
+            "name",
+            "metadata",
+        ],
+    ),
+    (
+        "envoy.config.listener.v3.ListenerFilter",
+        &["name", "typed_config", "filter_disabled"],
+    ),
     ("envoy.config.listener.v3.Filter", &["name", "typed_config"]),
-    ("envoy.config.core.v3.TransportSocket", &["name", "typed_config"]),
+    (
+        "envoy.config.core.v3.TransportSocket",
+        &["name", "typed_config"],
+    ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        &["stat_prefix", "codec_type", "rds", "route_config", "http_filters"],
+        &[
+            "stat_prefix",
+            "codec_type",
+            "rds",
+            "route_config",
+            "http_filters",
+        ],
     ),
-    ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["route_config_name", "config_source"]),
-    ("envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter", &["name", "typed_config"]),
-    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", &["stat_prefix", "cluster", "weighted_clusters"]),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
+        &["route_config_name", "config_source"],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
+        &["name", "typed_config"],
+    ),
+    (
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        &["stat_prefix", "cluster", "weighted_clusters"],
+    ),
     ("envoy.extensions.filters.http.router.v3.Router", &[]),
-    ("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", &["common_tls_context", "require_client_certificate"]),
-    ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", &["common_tls_context", "sni"]),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        &["common_tls_context", "require_client_certificate"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        &["common_tls_context", "sni"],
+    ),
     (
         "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
-        &["tls_certificates", "tls_certificate_sds_secret_configs", "validation_context", "validation_context_sds_secret_config", "combined_validation_context", "alpn_protocols"],
+        &[
+            "tls_certificates",
+            "tls_certificate_sds_secret_configs",
+            "validation_context",
+            "validation_context_sds_secret_config",
+            "combined_validation_context",
+            "alpn_protocols",
+        ],
     ),
-    ("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", &["name", "sds_config"]),
-    ("envoy.extensions.transport_sockets.tls.v3.Secret", &["name", "tls_certificate", "validation_context"]),
-    ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", &["certificate_chain", "private_key"]),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig",
+        &["name", "sds_config"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.Secret",
+        &["name", "tls_certificate", "validation_context"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",
+        &["certificate_chain", "private_key"],
+    ),
     (
         "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
-        &["trusted_ca", "match_subject_alt_names", "match_typed_subject_alt_names"],
+        &[
+            "trusted_ca",
+            "match_subject_alt_names",
+            "match_typed_subject_alt_names",
+        ],
     ),
-    ("envoy.config.route.v3.RouteConfiguration", &["name", "virtual_hosts", "validate_clusters"]),
-    ("envoy.config.route.v3.VirtualHost", &["name", "domains", "routes"]),
-    ("envoy.config.route.v3.Route", &["name", "match", "route", "redirect", "direct_response"]),
+    (
+        "envoy.config.route.v3.RouteConfiguration",
+        &["name", "virtual_hosts", "validate_clusters"],
+    ),
+    (
+        "envoy.config.route.v3.VirtualHost",
+        &["name", "domains", "routes"],
+    ),
+    (
+        "envoy.config.route.v3.Route",
+        &["name", "match", "route", "redirect", "direct_response"],
+    ),
     (
         "envoy.config.route.v3.RouteAction",
-        &["cluster", "cluster_header", "weighted_clusters", "prefix_rewrite", "regex_rewrite", "host_rewrite_literal", "auto_host_rewrite", "host_rewrite_header"],
+        &[
+            "cluster",
+            "cluster_header",
+            "weighted_clusters",
+            "prefix_rewrite",
+            "regex_rewrite",
+            "host_rewrite_literal",
+            "auto_host_rewrite",
+            "host_rewrite_header",
+        ],
     ),
-    ("envoy.config.route.v3.WeightedCluster", &["clusters", "total_weight"]),
-    ("envoy.config.route.v3.WeightedCluster.ClusterWeight", &["name", "weight"]),
+    (
+        "envoy.config.route.v3.WeightedCluster",
+        &["clusters", "total_weight"],
+    ),
+    (
+        "envoy.config.route.v3.WeightedCluster.ClusterWeight",
+        &["name", "weight"],
+    ),
     (
         "envoy.config.cluster.v3.Cluster",
-        &["name", "type", "eds_cluster_config", "load_assignment", "transport_socket", "transport_socket_matches", "metadata"],
+        &[
+            "name",
+            "type",
+            "eds_cluster_config",
+            "load_assignment",
+            "transport_socket",
+            "transport_socket_matches",
+            "metadata",
+        ],
     ),
-    ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &["service_name", "eds_config"]),
-    ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", &["name", "match", "transport_socket"]),
-    ("envoy.config.endpoint.v3.ClusterLoadAssignment", &["cluster_name", "endpoints"]),
-    ("envoy.config.endpoint.v3.LocalityLbEndpoints", &["locality", "lb_endpoints", "priority", "load_balancing_weight"]),
-    ("envoy.config.endpoint.v3.LbEndpoint", &["endpoint", "health_status", "metadata", "load_balancing_weight"]),
-    ("envoy.config.endpoint.v3.Endpoint", &["address", "hostname"]),
+    (
+        "envoy.config.cluster.v3.Cluster.EdsClusterConfig",
+        &["service_name", "eds_config"],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.TransportSocketMatch",
+        &["name", "match", "transport_socket"],
+    ),
+    (
+        "envoy.config.endpoint.v3.ClusterLoadAssignment",
+        &["cluster_name", "endpoints"],
+    ),
+    (
+        "envoy.config.endpoint.v3.LocalityLbEndpoints",
+        &[
+            "locality",
+            "lb_endpoints",
+            "priority",
+            "load_balancing_weight",
+        ],
+    ),
+    (
+        "envoy.config.endpoint.v3.LbEndpoint",
+        &[
+            "endpoint",
+            "health_status",
+            "metadata",
+            "load_balancing_weight",
+        ],
+    ),
+    (
+        "envoy.config.endpoint.v3.Endpoint",
+        &["address", "hostname"],
+    ),
 ];
 
 /// Extension configuration types pilotfish implements.
@@ -127,18 +258,32 @@ pub fn gaps(set: &ResourceSet) -> Vec<Gap> {
 }
 
 fn visit_typed<T: Message + Name>(value: &T, path: &str, acc: &mut BTreeMap<(u8, String), Gap>) {
-    let desc = descriptor_pool().get_message_by_name(&T::full_name()).expect("type in pool");
+    let desc = descriptor_pool()
+        .get_message_by_name(&T::full_name())
+        .expect("type in pool");
     let msg = DynamicMessage::decode(desc, value.encode_to_vec().as_slice()).expect("re-decode");
     visit(&msg, path, acc);
 }
 
-fn record(acc: &mut BTreeMap<(u8, String), Gap>, kind: GapKind, key: String, name: Option<&str>, path: &str) {
+fn record(
+    acc: &mut BTreeMap<(u8, String), Gap>,
+    kind: GapKind,
+    key: String,
+    name: Option<&str>,
+    path: &str,
+) {
     let order = match kind {
         GapKind::Extension => 0,
         GapKind::Opaque => 1,
         GapKind::Field => 2,
     };
-    let gap = acc.entry((order, key.clone())).or_insert_with(|| Gap { kind, key, names: vec![], count: 0, example: path.to_string() });
+    let gap = acc.entry((order, key.clone())).or_insert_with(|| Gap {
+        kind,
+        key,
+        names: vec![],
+        count: 0,
+        example: path.to_string(),
+    });
     gap.count += 1;
     if let Some(n) = name {
         if !n.is_empty() && !gap.names.iter().any(|x| x == n) {
@@ -149,17 +294,30 @@ fn record(acc: &mut BTreeMap<(u8, String), Gap>, kind: GapKind, key: String, nam
 
 fn visit(msg: &DynamicMessage, path: &str, acc: &mut BTreeMap<(u8, String), Gap>) {
     let desc = msg.descriptor();
-    let allowed = FIELDS.iter().find(|(m, _)| *m == desc.full_name()).map(|(_, f)| *f);
-    let sibling_name = msg.get_field_by_name("name").and_then(|v| v.as_str().map(str::to_string));
+    let allowed = FIELDS
+        .iter()
+        .find(|(m, _)| *m == desc.full_name())
+        .map(|(_, f)| *f);
+    let sibling_name = msg
+        .get_field_by_name("name")
+        .and_then(|v| v.as_str().map(str::to_string));
     for (field, value) in msg.fields() {
         let fpath = join(path, field.name());
         if let Some(allowed) = allowed {
             if !allowed.contains(&field.name()) {
-                record(acc, GapKind::Field, field.full_name().to_string(), None, &fpath);
+                record(
+                    acc,
+                    GapKind::Field,
+                    field.full_name().to_string(),
+                    None,
+                    &fpath,
+                );
                 continue;
             }
         }
-        let Kind::Message(m) = field.kind() else { continue };
+        let Kind::Message(m) = field.kind() else {
+            continue;
+        };
         let mut each = |v: &Value, p: String| {
             if let Value::Message(inner) = v {
                 if m.full_name() == "google.protobuf.Any" {
@@ -172,15 +330,27 @@ fn visit(msg: &DynamicMessage, path: &str, acc: &mut BTreeMap<(u8, String), Gap>
             }
         };
         match value {
-            Value::List(items) => items.iter().enumerate().for_each(|(i, v)| each(v, format!("{fpath}[{i}]"))),
-            Value::Map(map) => map.iter().for_each(|(k, v)| each(v, format!("{fpath}[{k:?}]"))),
+            Value::List(items) => items
+                .iter()
+                .enumerate()
+                .for_each(|(i, v)| each(v, format!("{fpath}[{i}]"))),
+            Value::Map(map) => map
+                .iter()
+                .for_each(|(k, v)| each(v, format!("{fpath}[{k:?}]"))),
             v => each(v, fpath),
         }
     }
 }
 
-fn visit_any(any: &DynamicMessage, path: &str, name: Option<&str>, acc: &mut BTreeMap<(u8, String), Gap>) {
-    let Ok(typed): Result<pilotfish_api::pb::google::protobuf::Any, _> = any.transcode_to() else { return };
+fn visit_any(
+    any: &DynamicMessage,
+    path: &str,
+    name: Option<&str>,
+    acc: &mut BTreeMap<(u8, String), Gap>,
+) {
+    let Ok(typed): Result<pilotfish_api::pb::google::protobuf::Any, _> = any.transcode_to() else {
+        return;
+    };
     let effective = effective_type_url(&typed);
     let message_name = type_url_message_name(&effective).to_string();
     if type_url_message_name(&typed.type_url) == "pilotfish.config.v1.OpaqueAny" {
@@ -188,7 +358,10 @@ fn visit_any(any: &DynamicMessage, path: &str, name: Option<&str>, acc: &mut BTr
         return;
     }
     if !EXTENSIONS.contains(&message_name.as_str()) {
-        if descriptor_pool().get_message_by_name(&message_name).is_none() {
+        if descriptor_pool()
+            .get_message_by_name(&message_name)
+            .is_none()
+        {
             record(acc, GapKind::Opaque, message_name, name, path);
         } else {
             record(acc, GapKind::Extension, message_name, name, path);

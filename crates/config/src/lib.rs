@@ -42,11 +42,18 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut w = vec![];
         for t in &self.opaque_types {
-            w.push(format!("{t}: no schema known to pilotfish; kept as opaque JSON, not interpreted"));
+            w.push(format!(
+                "{t}: no schema known to pilotfish; kept as opaque JSON, not interpreted"
+            ));
         }
         for r in &self.model.references {
             if !r.resolved && !r.fatal {
-                w.push(format!("{}: {} '{}' is not in this configuration", r.from, r.kind.label(), r.name));
+                w.push(format!(
+                    "{}: {} '{}' is not in this configuration",
+                    r.from,
+                    r.kind.label(),
+                    r.name
+                ));
             }
         }
         for s in &self.model.redacted_secrets {
@@ -59,13 +66,18 @@ impl Config {
 
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&file, "", format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(&file, "", format!("cannot read: {e}")))?;
     load_str(&file, &text, None)
 }
 
 /// Loads `text`; `file` names it in messages. The format follows the name's extension (else the
 /// content); `kind` is detected when not given.
-pub fn load_str(file: &str, text: &str, kind: Option<DocumentKind>) -> Result<Config, ConfigErrors> {
+pub fn load_str(
+    file: &str,
+    text: &str,
+    kind: Option<DocumentKind>,
+) -> Result<Config, ConfigErrors> {
     let format = Format::detect(file, text);
     let kind = kind.unwrap_or_else(|| DocumentKind::detect(text));
     let parsed = parse::parse(file, text, format, kind)?;
@@ -76,11 +88,17 @@ pub fn load_str(file: &str, text: &str, kind: Option<DocumentKind>) -> Result<Co
     }
     let resources = match kind {
         DocumentKind::Bootstrap => {
-            let b: Bootstrap = parsed.message.transcode_to().map_err(|e| ConfigError::new(file, "", e.to_string()))?;
+            let b: Bootstrap = parsed
+                .message
+                .transcode_to()
+                .map_err(|e| ConfigError::new(file, "", e.to_string()))?;
             ResourceSet::from_bootstrap(b)
         }
         DocumentKind::ConfigDump => {
-            let d: ConfigDump = parsed.message.transcode_to().map_err(|e| ConfigError::new(file, "", e.to_string()))?;
+            let d: ConfigDump = parsed
+                .message
+                .transcode_to()
+                .map_err(|e| ConfigError::new(file, "", e.to_string()))?;
             ResourceSet::from_config_dump(file, &d)?
         }
     };
@@ -89,5 +107,12 @@ pub fn load_str(file: &str, text: &str, kind: Option<DocumentKind>) -> Result<Co
     if !findings.is_empty() {
         return Err(ConfigErrors(findings.into_iter().map(mk).collect()));
     }
-    Ok(Config { file: file.to_string(), kind, format, resources, model, opaque_types: parsed.opaque_types })
+    Ok(Config {
+        file: file.to_string(),
+        kind,
+        format,
+        resources,
+        model,
+        opaque_types: parsed.opaque_types,
+    })
 }

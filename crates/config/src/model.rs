@@ -5,8 +5,12 @@
 
 use crate::resources::{Origin, ResourceSet};
 use pilotfish_api::pb::envoy::config::cluster::v3::{cluster, Cluster};
-use pilotfish_api::pb::envoy::config::core::v3::{address, transport_socket, Address, TransportSocket};
-use pilotfish_api::pb::envoy::config::listener::v3::{filter, listener_filter, FilterChain, Listener};
+use pilotfish_api::pb::envoy::config::core::v3::{
+    address, transport_socket, Address, TransportSocket,
+};
+use pilotfish_api::pb::envoy::config::listener::v3::{
+    filter, listener_filter, FilterChain, Listener,
+};
 use pilotfish_api::pb::envoy::config::route::v3::{route, route_action, RouteConfiguration};
 use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager, HttpConnectionManager,
@@ -16,8 +20,8 @@ use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, UpstreamTlsContext,
 };
 use pilotfish_api::pb::google::protobuf::Any;
-use pilotfish_api::type_url_message_name;
 use pilotfish_api::prost_reflect::ReflectMessage;
+use pilotfish_api::type_url_message_name;
 use prost::{Message, Name};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +149,8 @@ pub fn unpack<T: Message + Name + Default>(any: &Any) -> Option<T> {
     }
     if name == "udpa.type.v1.TypedStruct" || name == "xds.type.v3.TypedStruct" {
         let desc = pilotfish_api::descriptor_pool().get_message_by_name(name)?;
-        let ts = pilotfish_api::prost_reflect::DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
+        let ts = pilotfish_api::prost_reflect::DynamicMessage::decode(desc, any.value.as_slice())
+            .ok()?;
         let inner = crate::walk::unpack_typed_struct(&ts, "", &mut vec![])?;
         if inner.descriptor().full_name() == T::full_name() {
             return inner.transcode_to().ok();
@@ -160,13 +165,14 @@ pub fn effective_type_url(any: &Any) -> String {
     let name = type_url_message_name(&any.type_url);
     let wrapped = |m: &str| -> Option<String> {
         let desc = pilotfish_api::descriptor_pool().get_message_by_name(m)?;
-        let msg = pilotfish_api::prost_reflect::DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
+        let msg = pilotfish_api::prost_reflect::DynamicMessage::decode(desc, any.value.as_slice())
+            .ok()?;
         Some(msg.get_field_by_name("type_url")?.as_str()?.to_string())
     };
     match name {
-        "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct" | "pilotfish.config.v1.OpaqueAny" => {
-            wrapped(name).unwrap_or_else(|| any.type_url.clone())
-        }
+        "udpa.type.v1.TypedStruct"
+        | "xds.type.v3.TypedStruct"
+        | "pilotfish.config.v1.OpaqueAny" => wrapped(name).unwrap_or_else(|| any.type_url.clone()),
         _ => any.type_url.clone(),
     }
 }
@@ -186,7 +192,9 @@ pub fn format_address(a: &Address) -> Option<String> {
             }
         }
         address::Address::Pipe(p) => format!("pipe:{}", p.path),
-        address::Address::EnvoyInternalAddress(i) => format!("internal:{:?}", i.address_name_specifier),
+        address::Address::EnvoyInternalAddress(i) => {
+            format!("internal:{:?}", i.address_name_specifier)
+        }
     })
 }
 
@@ -205,7 +213,11 @@ pub fn eds_service_name(c: &Cluster) -> Option<String> {
     if discovery_name(c) != "EDS" {
         return None;
     }
-    let svc = c.eds_cluster_config.as_ref().map(|e| e.service_name.clone()).unwrap_or_default();
+    let svc = c
+        .eds_cluster_config
+        .as_ref()
+        .map(|e| e.service_name.clone())
+        .unwrap_or_default();
     Some(if svc.is_empty() { c.name.clone() } else { svc })
 }
 
@@ -243,7 +255,13 @@ impl Model {
         m
     }
 
-    fn add_route_config(&mut self, rc: &RouteConfiguration, path: &str, source: RouteConfigSource, set: &ResourceSet) -> usize {
+    fn add_route_config(
+        &mut self,
+        rc: &RouteConfiguration,
+        path: &str,
+        source: RouteConfigSource,
+        set: &ResourceSet,
+    ) -> usize {
         let validate_clusters = match &rc.validate_clusters {
             Some(v) => v.value,
             None => matches!(source, RouteConfigSource::Inline { .. }),
@@ -252,7 +270,9 @@ impl Model {
         for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
             for (ri, r) in vh.routes.iter().enumerate() {
                 routes += 1;
-                let Some(route::Action::Route(action)) = &r.action else { continue };
+                let Some(route::Action::Route(action)) = &r.action else {
+                    continue;
+                };
                 let at = format!("{path}.virtual_hosts[{vi}].routes[{ri}].route");
                 match &action.cluster_specifier {
                     Some(route_action::ClusterSpecifier::Cluster(name)) => {
@@ -260,7 +280,12 @@ impl Model {
                     }
                     Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
                         for (i, c) in w.clusters.iter().enumerate() {
-                            self.cluster_ref(&c.name, format!("{at}.weighted_clusters.clusters[{i}].name"), set, validate_clusters);
+                            self.cluster_ref(
+                                &c.name,
+                                format!("{at}.weighted_clusters.clusters[{i}].name"),
+                                set,
+                                validate_clusters,
+                            );
                         }
                     }
                     _ => {}
@@ -280,10 +305,22 @@ impl Model {
 
     fn cluster_ref(&mut self, name: &str, from: String, set: &ResourceSet, fatal_if_missing: bool) {
         let resolved = set.cluster(name).is_some();
-        self.references.push(Reference { kind: RefKind::Cluster, name: name.to_string(), from, resolved, fatal: !resolved && fatal_if_missing });
+        self.references.push(Reference {
+            kind: RefKind::Cluster,
+            name: name.to_string(),
+            from,
+            resolved,
+            fatal: !resolved && fatal_if_missing,
+        });
     }
 
-    fn listener(&mut self, l: &Listener, path: &str, set: &ResourceSet, static_bootstrap: bool) -> ListenerModel {
+    fn listener(
+        &mut self,
+        l: &Listener,
+        path: &str,
+        set: &ResourceSet,
+        static_bootstrap: bool,
+    ) -> ListenerModel {
         let direction = match l.traffic_direction {
             1 => Direction::Inbound,
             2 => Direction::Outbound,
@@ -293,7 +330,10 @@ impl Model {
             .listener_filters
             .iter()
             .map(|f| {
-                let _ = matches!(f.config_type, Some(listener_filter::ConfigType::TypedConfig(_)));
+                let _ = matches!(
+                    f.config_type,
+                    Some(listener_filter::ConfigType::TypedConfig(_))
+                );
                 f.name.clone()
             })
             .collect();
@@ -301,12 +341,25 @@ impl Model {
             .filter_chains
             .iter()
             .enumerate()
-            .map(|(i, fc)| self.filter_chain(fc, &format!("{path}.filter_chains[{i}]"), &l.name, set, static_bootstrap))
+            .map(|(i, fc)| {
+                self.filter_chain(
+                    fc,
+                    &format!("{path}.filter_chains[{i}]"),
+                    &l.name,
+                    set,
+                    static_bootstrap,
+                )
+            })
             .collect();
-        let default_filter_chain = l
-            .default_filter_chain
-            .as_ref()
-            .map(|fc| self.filter_chain(fc, &format!("{path}.default_filter_chain"), &l.name, set, static_bootstrap));
+        let default_filter_chain = l.default_filter_chain.as_ref().map(|fc| {
+            self.filter_chain(
+                fc,
+                &format!("{path}.default_filter_chain"),
+                &l.name,
+                set,
+                static_bootstrap,
+            )
+        });
         ListenerModel {
             name: l.name.clone(),
             path: path.to_string(),
@@ -320,30 +373,63 @@ impl Model {
         }
     }
 
-    fn filter_chain(&mut self, fc: &FilterChain, path: &str, listener: &str, set: &ResourceSet, static_bootstrap: bool) -> FilterChainModel {
+    fn filter_chain(
+        &mut self,
+        fc: &FilterChain,
+        path: &str,
+        listener: &str,
+        set: &ResourceSet,
+        static_bootstrap: bool,
+    ) -> FilterChainModel {
         let transport_socket = fc.transport_socket.as_ref().map(|ts| {
-            self.transport_socket_secrets(ts, &format!("{path}.transport_socket"), set, static_bootstrap);
+            self.transport_socket_secrets(
+                ts,
+                &format!("{path}.transport_socket"),
+                set,
+                static_bootstrap,
+            );
             ts.name.clone()
         });
         let mut filters = vec![];
         for (i, f) in fc.filters.iter().enumerate() {
             let fpath = format!("{path}.filters[{i}]");
             let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-                filters.push(NetworkFilterModel { name: f.name.clone(), type_url: String::new(), path: fpath, route_config: None, http_filters: vec![] });
+                filters.push(NetworkFilterModel {
+                    name: f.name.clone(),
+                    type_url: String::new(),
+                    path: fpath,
+                    route_config: None,
+                    http_filters: vec![],
+                });
                 continue;
             };
             let type_url = effective_type_url(any);
-            let mut nf = NetworkFilterModel { name: f.name.clone(), type_url: type_url.clone(), path: fpath.clone(), route_config: None, http_filters: vec![] };
+            let mut nf = NetworkFilterModel {
+                name: f.name.clone(),
+                type_url: type_url.clone(),
+                path: fpath.clone(),
+                route_config: None,
+                http_filters: vec![],
+            };
             if let Some(hcm) = unpack::<HttpConnectionManager>(any) {
                 nf.http_filters = hcm.http_filters.iter().map(|h| h.name.clone()).collect();
                 let at = format!("{fpath}.typed_config");
                 match &hcm.route_specifier {
                     Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
-                        let idx = self.add_route_config(rc, &format!("{at}.route_config"), RouteConfigSource::Inline { listener: listener.to_string() }, set);
+                        let idx = self.add_route_config(
+                            rc,
+                            &format!("{at}.route_config"),
+                            RouteConfigSource::Inline {
+                                listener: listener.to_string(),
+                            },
+                            set,
+                        );
                         nf.route_config = Some(idx);
                     }
                     Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
-                        let idx = self.route_configs.iter().position(|r| r.source == RouteConfigSource::Rds && r.name == rds.route_config_name);
+                        let idx = self.route_configs.iter().position(|r| {
+                            r.source == RouteConfigSource::Rds && r.name == rds.route_config_name
+                        });
                         self.references.push(Reference {
                             kind: RefKind::RouteConfig,
                             name: rds.route_config_name.clone(),
@@ -358,10 +444,17 @@ impl Model {
             } else if let Some(tcp) = unpack::<TcpProxy>(any) {
                 let at = format!("{fpath}.typed_config");
                 match &tcp.cluster_specifier {
-                    Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => self.cluster_ref(c, format!("{at}.cluster"), set, false),
+                    Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => {
+                        self.cluster_ref(c, format!("{at}.cluster"), set, false)
+                    }
                     Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
                         for (i, c) in w.clusters.iter().enumerate() {
-                            self.cluster_ref(&c.name, format!("{at}.weighted_clusters.clusters[{i}].name"), set, false);
+                            self.cluster_ref(
+                                &c.name,
+                                format!("{at}.weighted_clusters.clusters[{i}].name"),
+                                set,
+                                false,
+                            );
                         }
                     }
                     None => {}
@@ -369,10 +462,21 @@ impl Model {
             }
             filters.push(nf);
         }
-        FilterChainModel { name: fc.name.clone(), path: path.to_string(), transport_socket, filters }
+        FilterChainModel {
+            name: fc.name.clone(),
+            path: path.to_string(),
+            transport_socket,
+            filters,
+        }
     }
 
-    fn cluster(&mut self, c: &Cluster, path: &str, set: &ResourceSet, static_bootstrap: bool) -> ClusterModel {
+    fn cluster(
+        &mut self,
+        c: &Cluster,
+        path: &str,
+        set: &ResourceSet,
+        static_bootstrap: bool,
+    ) -> ClusterModel {
         let eds = eds_service_name(c);
         let mut hosts = c
             .load_assignment
@@ -382,7 +486,12 @@ impl Model {
         if let Some(svc) = &eds {
             let found = set.endpoints_for(svc);
             if let Some(cla) = found {
-                hosts = cla.value.endpoints.iter().map(|e| e.lb_endpoints.len()).sum();
+                hosts = cla
+                    .value
+                    .endpoints
+                    .iter()
+                    .map(|e| e.lb_endpoints.len())
+                    .sum();
             }
             self.references.push(Reference {
                 kind: RefKind::Endpoints,
@@ -393,18 +502,42 @@ impl Model {
             });
         }
         if let Some(ts) = &c.transport_socket {
-            self.transport_socket_secrets(ts, &format!("{path}.transport_socket"), set, static_bootstrap);
+            self.transport_socket_secrets(
+                ts,
+                &format!("{path}.transport_socket"),
+                set,
+                static_bootstrap,
+            );
         }
         for (i, m) in c.transport_socket_matches.iter().enumerate() {
             if let Some(ts) = &m.transport_socket {
-                self.transport_socket_secrets(ts, &format!("{path}.transport_socket_matches[{i}].transport_socket"), set, static_bootstrap);
+                self.transport_socket_secrets(
+                    ts,
+                    &format!("{path}.transport_socket_matches[{i}].transport_socket"),
+                    set,
+                    static_bootstrap,
+                );
             }
         }
-        ClusterModel { name: c.name.clone(), path: path.to_string(), discovery: discovery_name(c), eds_service_name: eds, hosts }
+        ClusterModel {
+            name: c.name.clone(),
+            path: path.to_string(),
+            discovery: discovery_name(c),
+            eds_service_name: eds,
+            hosts,
+        }
     }
 
-    fn transport_socket_secrets(&mut self, ts: &TransportSocket, path: &str, set: &ResourceSet, static_bootstrap: bool) {
-        let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else { return };
+    fn transport_socket_secrets(
+        &mut self,
+        ts: &TransportSocket,
+        path: &str,
+        set: &ResourceSet,
+        static_bootstrap: bool,
+    ) {
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+            return;
+        };
         let at = format!("{path}.typed_config");
         let common = if let Some(d) = unpack::<DownstreamTlsContext>(any) {
             d.common_tls_context
@@ -419,7 +552,13 @@ impl Model {
             // Without a config source the name can only mean a static secret (Envoy refuses the
             // configuration otherwise); with one, the control plane would send it later.
             let fatal = !resolved && !sds && static_bootstrap;
-            self.references.push(Reference { kind: RefKind::Secret, name, from, resolved, fatal });
+            self.references.push(Reference {
+                kind: RefKind::Secret,
+                name,
+                from,
+                resolved,
+                fatal,
+            });
         }
     }
 }
@@ -427,7 +566,8 @@ impl Model {
 /// Every SDS secret name a TLS context refers to: (name, path, has a config source).
 fn sds_configs(c: &CommonTlsContext, at: &str) -> Vec<(String, String, bool)> {
     let mut out = vec![];
-    let mut push = |s: &SdsSecretConfig, p: String| out.push((s.name.clone(), p, s.sds_config.is_some()));
+    let mut push =
+        |s: &SdsSecretConfig, p: String| out.push((s.name.clone(), p, s.sds_config.is_some()));
     for (i, s) in c.tls_certificate_sds_secret_configs.iter().enumerate() {
         push(s, format!("{at}.tls_certificate_sds_secret_configs[{i}]"));
     }
@@ -437,7 +577,12 @@ fn sds_configs(c: &CommonTlsContext, at: &str) -> Vec<(String, String, bool)> {
         }
         Some(common_tls_context::ValidationContextType::CombinedValidationContext(cv)) => {
             if let Some(s) = &cv.validation_context_sds_secret_config {
-                push(s, format!("{at}.combined_validation_context.validation_context_sds_secret_config"));
+                push(
+                    s,
+                    format!(
+                        "{at}.combined_validation_context.validation_context_sds_secret_config"
+                    ),
+                );
             }
         }
         _ => {}

@@ -7,14 +7,17 @@ use crate::resources::{Origin, Resource, ResourceSet};
 use pilotfish_api::pb::envoy::admin::v3::{self as admin, *};
 use pilotfish_api::pb::envoy::config::bootstrap::v3::bootstrap::StaticResources;
 use pilotfish_api::pb::envoy::config::cluster::v3::{cluster, Cluster};
-use pilotfish_api::pb::envoy::config::core::v3::{data_source, transport_socket, DataSource, TransportSocket};
+use pilotfish_api::pb::envoy::config::core::v3::{
+    data_source, transport_socket, DataSource, TransportSocket,
+};
 use pilotfish_api::pb::envoy::config::listener::v3::{filter, FilterChain, Listener};
 use pilotfish_api::pb::envoy::config::route::v3::RouteConfiguration;
 use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager, http_filter, HttpConnectionManager,
 };
 use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::{
-    common_tls_context, secret, CommonTlsContext, DownstreamTlsContext, Secret, TlsCertificate, UpstreamTlsContext,
+    common_tls_context, secret, CommonTlsContext, DownstreamTlsContext, Secret, TlsCertificate,
+    UpstreamTlsContext,
 };
 use pilotfish_api::pb::google::protobuf::Any;
 use pilotfish_api::prost_reflect::{DynamicMessage, SerializeOptions};
@@ -23,16 +26,25 @@ use prost::{Message, Name};
 use serde_json::Value;
 
 fn pack<T: Message + Name>(v: &T) -> Any {
-    Any { type_url: T::type_url(), value: v.encode_to_vec() }
+    Any {
+        type_url: T::type_url(),
+        value: v.encode_to_vec(),
+    }
 }
 
 /// A typed message as Envoy prints it: proto field names, defaults left out, whole doubles
 /// without `.0`, opaque types restored to their original JSON.
 pub fn to_json<T: Message + Name>(v: &T) -> Value {
-    let desc = descriptor_pool().get_message_by_name(&T::full_name()).expect("type in pool");
+    let desc = descriptor_pool()
+        .get_message_by_name(&T::full_name())
+        .expect("type in pool");
     let dm = DynamicMessage::decode(desc, v.encode_to_vec().as_slice()).expect("re-decode");
-    let opts = SerializeOptions::new().use_proto_field_name(true).skip_default_fields(true);
-    let mut value = dm.serialize_with_options(serde_json::value::Serializer, &opts).expect("serialize");
+    let opts = SerializeOptions::new()
+        .use_proto_field_name(true)
+        .skip_default_fields(true);
+    let mut value = dm
+        .serialize_with_options(serde_json::value::Serializer, &opts)
+        .expect("serialize");
     restore(&mut value);
     value
 }
@@ -48,6 +60,7 @@ fn restore(v: &mut Value) {
                 if let Value::Object(inner) = json {
                     map.extend(inner);
                 }
+                map.values_mut().for_each(restore);
                 return;
             }
             map.values_mut().for_each(restore);
@@ -64,65 +77,117 @@ fn restore(v: &mut Value) {
     }
 }
 
-fn dynamic(origin: &Origin) -> Option<(String, Option<pilotfish_api::pb::google::protobuf::Timestamp>)> {
+fn dynamic(
+    origin: &Origin,
+) -> Option<(
+    String,
+    Option<pilotfish_api::pb::google::protobuf::Timestamp>,
+)> {
     match origin {
         Origin::Static => None,
-        Origin::Dynamic { version_info, last_updated } => Some((version_info.clone(), *last_updated)),
+        Origin::Dynamic {
+            version_info,
+            last_updated,
+        } => Some((version_info.clone(), *last_updated)),
     }
 }
 
 /// The configuration as Envoy's `/config_dump` shows it.
 pub fn config_dump(set: &ResourceSet, include_eds: bool) -> ConfigDump {
-    let mut configs = vec![pack(&BootstrapConfigDump { bootstrap: Some(set.bootstrap.clone()), last_updated: None })];
+    let mut configs = vec![pack(&BootstrapConfigDump {
+        bootstrap: Some(set.bootstrap.clone()),
+        last_updated: None,
+    })];
     let mut clusters = ClustersConfigDump::default();
     for c in &set.clusters {
         match dynamic(&c.origin) {
-            None => clusters.static_clusters.push(clusters_config_dump::StaticCluster { cluster: Some(pack(&c.value)), last_updated: c.last_updated }),
-            Some((version_info, last_updated)) => clusters.dynamic_active_clusters.push(clusters_config_dump::DynamicCluster {
-                version_info,
-                cluster: Some(pack(&c.value)),
-                last_updated,
-                ..Default::default()
-            }),
+            None => clusters
+                .static_clusters
+                .push(clusters_config_dump::StaticCluster {
+                    cluster: Some(pack(&c.value)),
+                    last_updated: c.last_updated,
+                }),
+            Some((version_info, last_updated)) => {
+                clusters
+                    .dynamic_active_clusters
+                    .push(clusters_config_dump::DynamicCluster {
+                        version_info,
+                        cluster: Some(pack(&c.value)),
+                        last_updated,
+                        ..Default::default()
+                    })
+            }
         }
     }
     configs.push(pack(&clusters));
     let mut listeners = ListenersConfigDump::default();
     for l in &set.listeners {
         match dynamic(&l.origin) {
-            None => listeners.static_listeners.push(listeners_config_dump::StaticListener { listener: Some(pack(&l.value)), last_updated: l.last_updated }),
-            Some((version_info, last_updated)) => listeners.dynamic_listeners.push(listeners_config_dump::DynamicListener {
-                name: l.name.clone(),
-                active_state: Some(listeners_config_dump::DynamicListenerState { version_info, listener: Some(pack(&l.value)), last_updated }),
-                ..Default::default()
-            }),
+            None => listeners
+                .static_listeners
+                .push(listeners_config_dump::StaticListener {
+                    listener: Some(pack(&l.value)),
+                    last_updated: l.last_updated,
+                }),
+            Some((version_info, last_updated)) => {
+                listeners
+                    .dynamic_listeners
+                    .push(listeners_config_dump::DynamicListener {
+                        name: l.name.clone(),
+                        active_state: Some(listeners_config_dump::DynamicListenerState {
+                            version_info,
+                            listener: Some(pack(&l.value)),
+                            last_updated,
+                        }),
+                        ..Default::default()
+                    })
+            }
         }
     }
     configs.push(pack(&listeners));
     let mut routes = RoutesConfigDump::default();
     for r in &set.route_configs {
         match dynamic(&r.origin) {
-            None => routes.static_route_configs.push(routes_config_dump::StaticRouteConfig { route_config: Some(pack(&r.value)), last_updated: r.last_updated }),
-            Some((version_info, last_updated)) => routes.dynamic_route_configs.push(routes_config_dump::DynamicRouteConfig {
-                version_info,
-                route_config: Some(pack(&r.value)),
-                last_updated,
-                ..Default::default()
-            }),
+            None => routes
+                .static_route_configs
+                .push(routes_config_dump::StaticRouteConfig {
+                    route_config: Some(pack(&r.value)),
+                    last_updated: r.last_updated,
+                }),
+            Some((version_info, last_updated)) => {
+                routes
+                    .dynamic_route_configs
+                    .push(routes_config_dump::DynamicRouteConfig {
+                        version_info,
+                        route_config: Some(pack(&r.value)),
+                        last_updated,
+                        ..Default::default()
+                    })
+            }
         }
     }
     configs.push(pack(&routes));
     let mut secrets = SecretsConfigDump::default();
     for s in &set.secrets {
         match dynamic(&s.origin) {
-            None => secrets.static_secrets.push(secrets_config_dump::StaticSecret { name: s.name.clone(), last_updated: s.last_updated, secret: Some(pack(&s.value)) }),
-            Some((version_info, last_updated)) => secrets.dynamic_active_secrets.push(secrets_config_dump::DynamicSecret {
-                name: s.name.clone(),
-                version_info,
-                last_updated,
-                secret: Some(pack(&s.value)),
-                ..Default::default()
-            }),
+            None => secrets
+                .static_secrets
+                .push(secrets_config_dump::StaticSecret {
+                    name: s.name.clone(),
+                    last_updated: s.last_updated,
+                    secret: Some(pack(&s.value)),
+                }),
+            Some((version_info, last_updated)) => {
+                secrets
+                    .dynamic_active_secrets
+                    .push(secrets_config_dump::DynamicSecret {
+                        name: s.name.clone(),
+                        version_info,
+                        last_updated,
+                        secret: Some(pack(&s.value)),
+                        ..Default::default()
+                    })
+            }
         }
     }
     configs.push(pack(&secrets));
@@ -130,13 +195,21 @@ pub fn config_dump(set: &ResourceSet, include_eds: bool) -> ConfigDump {
         let mut eps = EndpointsConfigDump::default();
         for e in &set.endpoints {
             match dynamic(&e.origin) {
-                None => eps.static_endpoint_configs.push(endpoints_config_dump::StaticEndpointConfig { endpoint_config: Some(pack(&e.value)), last_updated: e.last_updated }),
-                Some((version_info, last_updated)) => eps.dynamic_endpoint_configs.push(endpoints_config_dump::DynamicEndpointConfig {
-                    version_info,
-                    endpoint_config: Some(pack(&e.value)),
-                    last_updated,
-                    ..Default::default()
-                }),
+                None => {
+                    eps.static_endpoint_configs
+                        .push(endpoints_config_dump::StaticEndpointConfig {
+                            endpoint_config: Some(pack(&e.value)),
+                            last_updated: e.last_updated,
+                        })
+                }
+                Some((version_info, last_updated)) => eps.dynamic_endpoint_configs.push(
+                    endpoints_config_dump::DynamicEndpointConfig {
+                        version_info,
+                        endpoint_config: Some(pack(&e.value)),
+                        last_updated,
+                        ..Default::default()
+                    },
+                ),
             }
         }
         configs.push(pack(&eps));
@@ -159,12 +232,22 @@ fn istio_only(any: &Any) -> Option<String> {
     if name.starts_with("istio.") || name.starts_with("envoy.tcp.metadataexchange.") {
         return Some(format!("{name} is an Istio proxy extension"));
     }
-    if name == "envoy.extensions.filters.http.wasm.v3.Wasm" || name == "envoy.extensions.filters.network.wasm.v3.Wasm" {
+    if name == "envoy.extensions.filters.http.wasm.v3.Wasm"
+        || name == "envoy.extensions.filters.network.wasm.v3.Wasm"
+    {
         let json = wasm_json(any)?;
-        let runtime = json.pointer("/config/vm_config/runtime").and_then(Value::as_str).unwrap_or("");
+        let runtime = json
+            .pointer("/config/vm_config/runtime")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if runtime == "envoy.wasm.runtime.null" {
-            let code = json.pointer("/config/vm_config/code/local/inline_string").and_then(Value::as_str).unwrap_or("?");
-            return Some(format!("Wasm plugin '{code}' runs in Istio's null VM, which stock Envoy does not have"));
+            let code = json
+                .pointer("/config/vm_config/code/local/inline_string")
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            return Some(format!(
+                "Wasm plugin '{code}' runs in Istio's null VM, which stock Envoy does not have"
+            ));
         }
     }
     None
@@ -174,7 +257,9 @@ fn wasm_json(any: &Any) -> Option<Value> {
     let desc = descriptor_pool().get_message_by_name(type_url_message_name(&any.type_url))?;
     let dm = DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
     let opts = SerializeOptions::new().use_proto_field_name(true);
-    let v = dm.serialize_with_options(serde_json::value::Serializer, &opts).ok()?;
+    let v = dm
+        .serialize_with_options(serde_json::value::Serializer, &opts)
+        .ok()?;
     // A TypedStruct carries the Wasm config under `value`.
     Some(v.get("value").cloned().unwrap_or(v))
 }
@@ -182,18 +267,35 @@ fn wasm_json(any: &Any) -> Option<Value> {
 /// A bootstrap with every resource static: RDS route configurations inlined into their HTTP
 /// connection managers, EDS clusters turned STATIC with their endpoints, SDS secrets made static,
 /// Istio-only extensions dropped. Returns the bootstrap and a note for each change.
-pub fn standalone_bootstrap(set: &ResourceSet) -> (pilotfish_api::pb::envoy::config::bootstrap::v3::Bootstrap, Vec<String>) {
+pub fn standalone_bootstrap(
+    set: &ResourceSet,
+) -> (
+    pilotfish_api::pb::envoy::config::bootstrap::v3::Bootstrap,
+    Vec<String>,
+) {
     let mut notes = Notes(vec![]);
     let mut b = set.bootstrap.clone();
     if b.dynamic_resources.take().is_some() {
-        notes.0.push("bootstrap.dynamic_resources: removed; every resource below is static".into());
+        notes
+            .0
+            .push("bootstrap.dynamic_resources: removed; every resource below is static".into());
     }
     let mut sr = StaticResources::default();
     for (i, l) in set.listeners.iter().enumerate() {
-        sr.listeners.push(static_listener(l, set, &format!("static_resources.listeners[{i}]"), &mut notes));
+        sr.listeners.push(static_listener(
+            l,
+            set,
+            &format!("static_resources.listeners[{i}]"),
+            &mut notes,
+        ));
     }
     for (i, c) in set.clusters.iter().enumerate() {
-        sr.clusters.push(static_cluster(c, set, &format!("static_resources.clusters[{i}]"), &mut notes));
+        sr.clusters.push(static_cluster(
+            c,
+            set,
+            &format!("static_resources.clusters[{i}]"),
+            &mut notes,
+        ));
     }
     for s in &set.secrets {
         sr.secrets.push(static_secret(s, &mut notes));
@@ -213,18 +315,35 @@ pub fn standalone_bootstrap_yaml(set: &ResourceSet) -> String {
     out
 }
 
-fn static_listener(l: &Resource<Listener>, set: &ResourceSet, at: &str, notes: &mut Notes) -> Listener {
+fn static_listener(
+    l: &Resource<Listener>,
+    set: &ResourceSet,
+    at: &str,
+    notes: &mut Notes,
+) -> Listener {
     let mut v = l.value.clone();
     for (i, fc) in v.filter_chains.iter_mut().enumerate() {
         static_filter_chain(fc, set, &format!("{at}.filter_chains[{i}]"), &l.name, notes);
     }
     if let Some(fc) = v.default_filter_chain.as_mut() {
-        static_filter_chain(fc, set, &format!("{at}.default_filter_chain"), &l.name, notes);
+        static_filter_chain(
+            fc,
+            set,
+            &format!("{at}.default_filter_chain"),
+            &l.name,
+            notes,
+        );
     }
     v
 }
 
-fn static_filter_chain(fc: &mut FilterChain, set: &ResourceSet, at: &str, listener: &str, notes: &mut Notes) {
+fn static_filter_chain(
+    fc: &mut FilterChain,
+    set: &ResourceSet,
+    at: &str,
+    listener: &str,
+    notes: &mut Notes,
+) {
     if let Some(ts) = fc.transport_socket.as_mut() {
         static_transport_socket(ts);
     }
@@ -235,7 +354,10 @@ fn static_filter_chain(fc: &mut FilterChain, set: &ResourceSet, at: &str, listen
             continue;
         };
         if let Some(why) = istio_only(any) {
-            notes.0.push(format!("{at}.filters[{i}] ({}, listener '{listener}'): dropped: {why}", f.name));
+            notes.0.push(format!(
+                "{at}.filters[{i}] ({}, listener '{listener}'): dropped: {why}",
+                f.name
+            ));
             continue;
         }
         if let Some(mut hcm) = unpack::<HttpConnectionManager>(any) {
@@ -251,11 +373,14 @@ fn static_filter_chain(fc: &mut FilterChain, set: &ResourceSet, at: &str, listen
                     notes.0.push(format!("{at}.filters[{i}]: RDS route configuration '{name}' is not in the dump; an empty one stands in"));
                     RouteConfiguration { name: name.clone(), ..Default::default() }
                 });
-                hcm.route_specifier = Some(http_connection_manager::RouteSpecifier::RouteConfig(rc));
+                hcm.route_specifier =
+                    Some(http_connection_manager::RouteSpecifier::RouteConfig(rc));
             }
-            let before = hcm.http_filters.len();
             let mut hf_kept = vec![];
-            for (j, hf) in std::mem::take(&mut hcm.http_filters).into_iter().enumerate() {
+            for (j, hf) in std::mem::take(&mut hcm.http_filters)
+                .into_iter()
+                .enumerate()
+            {
                 if let Some(http_filter::ConfigType::TypedConfig(a)) = &hf.config_type {
                     if let Some(why) = istio_only(a) {
                         notes.0.push(format!("{at}.filters[{i}].typed_config.http_filters[{j}] ({}, listener '{listener}'): dropped: {why}", hf.name));
@@ -264,7 +389,6 @@ fn static_filter_chain(fc: &mut FilterChain, set: &ResourceSet, at: &str, listen
                 }
                 hf_kept.push(hf);
             }
-            let _ = before;
             hcm.http_filters = hf_kept;
             f.config_type = Some(filter::ConfigType::TypedConfig(pack(&hcm)));
         }
@@ -275,13 +399,17 @@ fn static_filter_chain(fc: &mut FilterChain, set: &ResourceSet, at: &str, listen
 
 /// SDS names keep pointing at the same secrets, now static ones.
 fn static_transport_socket(ts: &mut TransportSocket) {
-    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else { return };
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+        return;
+    };
     let fix = |c: &mut CommonTlsContext| {
         for s in &mut c.tls_certificate_sds_secret_configs {
             s.sds_config = None;
         }
         match &mut c.validation_context_type {
-            Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(s)) => s.sds_config = None,
+            Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                s,
+            )) => s.sds_config = None,
             Some(common_tls_context::ValidationContextType::CombinedValidationContext(cv)) => {
                 if let Some(s) = cv.validation_context_sds_secret_config.as_mut() {
                     s.sds_config = None;
@@ -303,7 +431,12 @@ fn static_transport_socket(ts: &mut TransportSocket) {
     }
 }
 
-fn static_cluster(c: &Resource<Cluster>, set: &ResourceSet, at: &str, notes: &mut Notes) -> Cluster {
+fn static_cluster(
+    c: &Resource<Cluster>,
+    set: &ResourceSet,
+    at: &str,
+    notes: &mut Notes,
+) -> Cluster {
     let mut v = c.value.clone();
     if let Some(svc) = crate::model::eds_service_name(&v) {
         let cla = set.endpoints_for(&svc).map(|e| e.value.clone()).unwrap_or_else(|| {
@@ -312,7 +445,9 @@ fn static_cluster(c: &Resource<Cluster>, set: &ResourceSet, at: &str, notes: &mu
         });
         let mut cla = cla;
         cla.cluster_name = v.name.clone();
-        v.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Static as i32));
+        v.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        ));
         v.eds_cluster_config = None;
         v.load_assignment = Some(cla);
     }
@@ -327,7 +462,10 @@ fn static_cluster(c: &Resource<Cluster>, set: &ResourceSet, at: &str, notes: &mu
     let mut kept = vec![];
     for (i, f) in std::mem::take(&mut v.filters).into_iter().enumerate() {
         if let Some(why) = f.typed_config.as_ref().and_then(istio_only) {
-            notes.0.push(format!("{at}.filters[{i}] ({}, cluster '{}'): dropped: {why}", f.name, c.name));
+            notes.0.push(format!(
+                "{at}.filters[{i}] ({}, cluster '{}'): dropped: {why}",
+                f.name, c.name
+            ));
             continue;
         }
         kept.push(f);
@@ -352,7 +490,10 @@ fn static_secret(s: &Resource<Secret>, notes: &mut Notes) -> Secret {
                 "secret '{}': the dump redacted its private key; pilotfish's replay certificate (spiffe://cluster.local/ns/pilotfish/sa/replay) stands in, so peers will not trust it",
                 s.name
             ));
-            let inline = |t: &str| DataSource { specifier: Some(data_source::Specifier::InlineString(t.to_string())), ..Default::default() };
+            let inline = |t: &str| DataSource {
+                specifier: Some(data_source::Specifier::InlineString(t.to_string())),
+                ..Default::default()
+            };
             v.r#type = Some(secret::Type::TlsCertificate(TlsCertificate {
                 certificate_chain: Some(inline(REPLAY_CERT)),
                 private_key: Some(inline(REPLAY_KEY)),

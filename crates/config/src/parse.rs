@@ -8,9 +8,7 @@
 //! type in Envoy's own namespaces is an error, as it is for Envoy.
 
 use crate::error::ConfigError;
-use pilotfish_api::prost_reflect::{
-    DeserializeOptions, DynamicMessage, Kind, MessageDescriptor,
-};
+use pilotfish_api::prost_reflect::{DeserializeOptions, DynamicMessage, Kind, MessageDescriptor};
 use pilotfish_api::{descriptor_pool, type_url_message_name, OPAQUE_ANY_TYPE};
 use regex::Regex;
 use std::collections::BTreeSet;
@@ -169,7 +167,11 @@ impl ConfigError {
     }
 }
 
-fn stream_json(file: &str, text: &str, desc: MessageDescriptor) -> Result<DynamicMessage, ConfigError> {
+fn stream_json(
+    file: &str,
+    text: &str,
+    desc: MessageDescriptor,
+) -> Result<DynamicMessage, ConfigError> {
     let mut de = serde_json::Deserializer::from_str(text);
     let mut track = serde_path_to_error::Track::new();
     let result = DynamicMessage::deserialize_with_options(
@@ -186,7 +188,11 @@ fn stream_json(file: &str, text: &str, desc: MessageDescriptor) -> Result<Dynami
     }
 }
 
-fn stream_yaml(file: &str, text: &str, desc: MessageDescriptor) -> Result<DynamicMessage, ConfigError> {
+fn stream_yaml(
+    file: &str,
+    text: &str,
+    desc: MessageDescriptor,
+) -> Result<DynamicMessage, ConfigError> {
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let mut track = serde_path_to_error::Track::new();
     let result = DynamicMessage::deserialize_with_options(
@@ -231,12 +237,22 @@ fn yaml_error(file: &str, path: &str, e: serde_yaml_ng::Error) -> ConfigError {
 
 /// Walks a JSON tree alongside the schema and replaces every Any whose type is in `opaque` by a
 /// `pilotfish.config.v1.OpaqueAny` holding the original type URL and JSON.
-fn wrap_opaque_anys(value: &mut serde_json::Value, desc: &MessageDescriptor, opaque: &BTreeSet<String>) {
+fn wrap_opaque_anys(
+    value: &mut serde_json::Value,
+    desc: &MessageDescriptor,
+    opaque: &BTreeSet<String>,
+) {
     let pool = descriptor_pool();
     match desc.full_name() {
         "google.protobuf.Any" => {
-            let Some(obj) = value.as_object_mut() else { return };
-            let Some(url) = obj.get("@type").and_then(|t| t.as_str()).map(str::to_string) else {
+            let Some(obj) = value.as_object_mut() else {
+                return;
+            };
+            let Some(url) = obj
+                .get("@type")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+            else {
                 return;
             };
             if opaque.contains(&url) {
@@ -254,13 +270,17 @@ fn wrap_opaque_anys(value: &mut serde_json::Value, desc: &MessageDescriptor, opa
         }
         "google.protobuf.Struct" | "google.protobuf.Value" | "google.protobuf.ListValue" => {}
         _ => {
-            let Some(obj) = value.as_object_mut() else { return };
+            let Some(obj) = value.as_object_mut() else {
+                return;
+            };
             for (key, v) in obj.iter_mut() {
                 let field = desc
                     .get_field_by_name(key)
                     .or_else(|| desc.get_field_by_json_name(key));
                 let Some(field) = field else { continue };
-                let Kind::Message(m) = field.kind() else { continue };
+                let Kind::Message(m) = field.kind() else {
+                    continue;
+                };
                 if field.is_map() {
                     let value_desc = m.map_entry_value_field();
                     if let Kind::Message(vm) = value_desc.kind() {

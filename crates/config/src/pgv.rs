@@ -20,7 +20,10 @@ fn exts() -> &'static Exts {
     static E: OnceLock<Exts> = OnceLock::new();
     E.get_or_init(|| {
         let pool = descriptor_pool();
-        let get = |n: &str| pool.get_extension_by_name(n).unwrap_or_else(|| panic!("{n} in pool"));
+        let get = |n: &str| {
+            pool.get_extension_by_name(n)
+                .unwrap_or_else(|| panic!("{n} in pool"))
+        };
         Exts {
             field_rules: get("validate.rules"),
             oneof_required: get("validate.required"),
@@ -71,7 +74,9 @@ pub fn check(node: &Node<'_>, out: &mut Vec<(String, String)>) {
         }
     }
     for field in desc.fields() {
-        let Some(rules) = rules_for(&field) else { continue };
+        let Some(rules) = rules_for(&field) else {
+            continue;
+        };
         let path = crate::walk::join(node.path, field.name());
         let set = msg.has_field(&field);
         // A oneof member (or a proto3 `optional`) is only checked when it is the one set.
@@ -83,14 +88,23 @@ pub fn check(node: &Node<'_>, out: &mut Vec<(String, String)>) {
     }
 }
 
-fn check_field(field: &FieldDescriptor, rules: &DynamicMessage, set: bool, value: &Value, path: &str, out: &mut Vec<(String, String)>) {
+fn check_field(
+    field: &FieldDescriptor,
+    rules: &DynamicMessage,
+    set: bool,
+    value: &Value,
+    path: &str,
+    out: &mut Vec<(String, String)>,
+) {
     if let Some(m) = sub(rules, "message") {
         if flag(&m, "required") && !set {
             out.push((path.to_string(), "value is required".into()));
             return;
         }
     }
-    let Some((kind, r)) = type_rules(rules) else { return };
+    let Some((kind, r)) = type_rules(rules) else {
+        return;
+    };
     match (kind.as_str(), value) {
         ("repeated", Value::List(items)) => {
             if flag(&r, "ignore_empty") && items.is_empty() {
@@ -98,18 +112,27 @@ fn check_field(field: &FieldDescriptor, rules: &DynamicMessage, set: bool, value
             }
             if let Some(n) = uint(&r, "min_items") {
                 if (items.len() as u64) < n {
-                    out.push((path.into(), format!("value must contain at least {n} item(s)")));
+                    out.push((
+                        path.into(),
+                        format!("value must contain at least {n} item(s)"),
+                    ));
                 }
             }
             if let Some(n) = uint(&r, "max_items") {
                 if items.len() as u64 > n {
-                    out.push((path.into(), format!("value must contain no more than {n} item(s)")));
+                    out.push((
+                        path.into(),
+                        format!("value must contain no more than {n} item(s)"),
+                    ));
                 }
             }
             if flag(&r, "unique") {
                 for (i, a) in items.iter().enumerate() {
                     if items[..i].contains(a) {
-                        out.push((format!("{path}[{i}]"), "repeated value must contain unique items".into()));
+                        out.push((
+                            format!("{path}[{i}]"),
+                            "repeated value must contain unique items".into(),
+                        ));
                     }
                 }
             }
@@ -125,7 +148,10 @@ fn check_field(field: &FieldDescriptor, rules: &DynamicMessage, set: bool, value
             }
             if let Some(n) = uint(&r, "min_pairs") {
                 if (map.len() as u64) < n {
-                    out.push((path.into(), format!("value must contain at least {n} pair(s)")));
+                    out.push((
+                        path.into(),
+                        format!("value must contain at least {n} pair(s)"),
+                    ));
                 }
             }
         }
@@ -133,7 +159,10 @@ fn check_field(field: &FieldDescriptor, rules: &DynamicMessage, set: bool, value
         ("bytes", Value::Bytes(b)) => {
             if let Some(n) = uint(&r, "min_len") {
                 if (b.len() as u64) < n {
-                    out.push((path.into(), format!("value length must be at least {n} bytes")));
+                    out.push((
+                        path.into(),
+                        format!("value length must be at least {n} bytes"),
+                    ));
                 }
             }
         }
@@ -141,7 +170,10 @@ fn check_field(field: &FieldDescriptor, rules: &DynamicMessage, set: bool, value
             if flag(&r, "defined_only") {
                 if let Kind::Enum(e) = field.kind() {
                     if e.get_value(*n).is_none() {
-                        out.push((path.into(), format!("value must be one of the defined enum values (got {n})")));
+                        out.push((
+                            path.into(),
+                            format!("value must be one of the defined enum values (got {n})"),
+                        ));
                     }
                 }
             }
@@ -157,15 +189,14 @@ fn check_field(field: &FieldDescriptor, rules: &DynamicMessage, set: bool, value
                 return;
             }
             if set {
-                check_bounds(&r, duration_secs(d), path, out, |v| format_duration(v));
+                check_bounds(&r, duration_secs(d), path, out, format_duration);
             }
         }
         ("duration", _) => {}
-        ("any", Value::Message(a)) => {
+        ("any", _) => {
             if flag(&r, "required") && !set {
                 out.push((path.into(), "value is required".into()));
             }
-            let _ = a;
         }
         ("timestamp", _) => {}
         (_, Value::Message(wrapper)) => {
@@ -173,7 +204,7 @@ fn check_field(field: &FieldDescriptor, rules: &DynamicMessage, set: bool, value
             if set {
                 if let Some(inner) = wrapper.get_field_by_name("value") {
                     if let Some(n) = number(&inner) {
-                        check_bounds(&r, n, path, out, |v| fmt_num(v));
+                        check_bounds(&r, n, path, out, fmt_num);
                     } else if let Value::String(s) = inner.as_ref() {
                         if kind == "string" {
                             check_string(&r, s, path, out);
@@ -184,7 +215,7 @@ fn check_field(field: &FieldDescriptor, rules: &DynamicMessage, set: bool, value
         }
         (_, v) => {
             if let Some(n) = number(v) {
-                check_bounds(&r, n, path, out, |v| fmt_num(v));
+                check_bounds(&r, n, path, out, fmt_num);
             }
         }
     }
@@ -197,26 +228,41 @@ fn check_string(r: &DynamicMessage, s: &str, path: &str, out: &mut Vec<(String, 
     let chars = s.chars().count() as u64;
     if let Some(n) = uint(r, "min_len") {
         if chars < n {
-            out.push((path.into(), format!("value length must be at least {n} characters")));
+            out.push((
+                path.into(),
+                format!("value length must be at least {n} characters"),
+            ));
         }
     }
     if let Some(n) = uint(r, "max_len") {
         if chars > n {
-            out.push((path.into(), format!("value length must be at most {n} characters")));
+            out.push((
+                path.into(),
+                format!("value length must be at most {n} characters"),
+            ));
         }
     }
     if let Some(n) = uint(r, "min_bytes") {
         if (s.len() as u64) < n {
-            out.push((path.into(), format!("value length must be at least {n} bytes")));
+            out.push((
+                path.into(),
+                format!("value length must be at least {n} bytes"),
+            ));
         }
     }
     if let Some(n) = uint(r, "max_bytes") {
         if s.len() as u64 > n {
-            out.push((path.into(), format!("value length must be at most {n} bytes")));
+            out.push((
+                path.into(),
+                format!("value length must be at most {n} bytes"),
+            ));
         }
     }
     if r.has_field_by_name("prefix") {
-        if let Some(p) = r.get_field_by_name("prefix").and_then(|v| v.as_str().map(str::to_string)) {
+        if let Some(p) = r
+            .get_field_by_name("prefix")
+            .and_then(|v| v.as_str().map(str::to_string))
+        {
             if !s.starts_with(&p) {
                 out.push((path.into(), format!("value does not have prefix \"{p}\"")));
             }
@@ -229,7 +275,9 @@ fn check_string(r: &DynamicMessage, s: &str, path: &str, out: &mut Vec<(String, 
     }
     if r.has_field_by_name("well_known_regex") {
         let strict = !r.has_field_by_name("strict") || flag(r, "strict");
-        let which = r.get_field_by_name("well_known_regex").and_then(|v| v.as_enum_number());
+        let which = r
+            .get_field_by_name("well_known_regex")
+            .and_then(|v| v.as_enum_number());
         let bad = match which {
             // RFC 7230 token, optionally with the ':' of a pseudo-header.
             Some(1) if strict => !valid_header_name(s),
@@ -238,11 +286,17 @@ fn check_string(r: &DynamicMessage, s: &str, path: &str, out: &mut Vec<(String, 
             _ => false,
         };
         if bad {
-            out.push((path.into(), "value does not match regex pattern for HTTP headers".into()));
+            out.push((
+                path.into(),
+                "value does not match regex pattern for HTTP headers".into(),
+            ));
         }
     }
     if flag(r, "address") && s.parse::<std::net::IpAddr>().is_err() && !valid_hostname(s) {
-        out.push((path.into(), "value must be a valid hostname, or ip address".into()));
+        out.push((
+            path.into(),
+            "value must be a valid hostname, or ip address".into(),
+        ));
     }
     if flag(r, "ip") && s.parse::<std::net::IpAddr>().is_err() {
         out.push((path.into(), "value must be a valid IP address".into()));
@@ -270,7 +324,13 @@ fn valid_hostname(s: &str) -> bool {
         })
 }
 
-fn check_bounds(r: &DynamicMessage, v: f64, path: &str, out: &mut Vec<(String, String)>, show: impl Fn(f64) -> String) {
+fn check_bounds(
+    r: &DynamicMessage,
+    v: f64,
+    path: &str,
+    out: &mut Vec<(String, String)>,
+    show: impl Fn(f64) -> String,
+) {
     let bound = |name: &str| -> Option<f64> {
         if !r.has_field_by_name(name) {
             return None;
@@ -300,7 +360,10 @@ fn check_bounds(r: &DynamicMessage, v: f64, path: &str, out: &mut Vec<(String, S
     if let Some(b) = lte {
         parts.push(format!("less than or equal to {}", show(b)));
     }
-    out.push((path.into(), format!("value must be {} (got {})", parts.join(" and "), show(v))));
+    out.push((
+        path.into(),
+        format!("value must be {} (got {})", parts.join(" and "), show(v)),
+    ));
 }
 
 fn fmt_num(v: f64) -> String {
@@ -316,8 +379,14 @@ fn format_duration(v: f64) -> String {
 }
 
 fn duration_secs(d: &DynamicMessage) -> f64 {
-    let s = d.get_field_by_name("seconds").and_then(|v| v.as_i64()).unwrap_or(0);
-    let n = d.get_field_by_name("nanos").and_then(|v| v.as_i32()).unwrap_or(0);
+    let s = d
+        .get_field_by_name("seconds")
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
+    let n = d
+        .get_field_by_name("nanos")
+        .and_then(|v| v.as_i32())
+        .unwrap_or(0);
     s as f64 + n as f64 / 1e9
 }
 
@@ -358,7 +427,10 @@ fn type_rules(rules: &DynamicMessage) -> Option<(String, DynamicMessage)> {
     let oneof = rules.descriptor().oneofs().find(|o| o.name() == "type")?;
     for f in oneof.fields() {
         if rules.has_field(&f) {
-            return Some((f.name().to_string(), rules.get_field(&f).as_message()?.clone()));
+            return Some((
+                f.name().to_string(),
+                rules.get_field(&f).as_message()?.clone(),
+            ));
         }
     }
     None

@@ -46,7 +46,17 @@ pub fn to_json(cfg: &Config) -> Value {
             })
         })
         .collect();
-    let hosts: usize = r.endpoints.iter().map(|e| e.value.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>()).sum();
+    let hosts: usize = r
+        .endpoints
+        .iter()
+        .map(|e| {
+            e.value
+                .endpoints
+                .iter()
+                .map(|l| l.lb_endpoints.len())
+                .sum::<usize>()
+        })
+        .sum();
     let gaps: Vec<Value> = gaps(r)
         .into_iter()
         .map(|g| json!({"kind": gap_kind(&g), "key": g.key, "names": g.names, "count": g.count, "example": g.example}))
@@ -105,12 +115,29 @@ fn gap_kind(g: &Gap) -> &'static str {
 pub fn to_text(cfg: &Config) -> String {
     let j = to_json(cfg);
     let mut s = String::new();
-    let kind = if cfg.kind == crate::DocumentKind::Bootstrap { "bootstrap" } else { "config dump" };
+    let kind = if cfg.kind == crate::DocumentKind::Bootstrap {
+        "bootstrap"
+    } else {
+        "config dump"
+    };
     let _ = writeln!(s, "{}: {kind}, loaded OK", cfg.file);
     let l = &j["listeners"];
-    let _ = writeln!(s, "\nListeners: {} ({} static, {} dynamic)", l["total"], l["static"], l["dynamic"]);
-    let _ = writeln!(s, "  {:<22} {:<31} {:<9} {:>6}  LISTENER FILTERS", "NAME", "ADDRESS", "DIRECTION", "CHAINS");
-    for (lm, item) in cfg.model.listeners.iter().zip(l["items"].as_array().unwrap()) {
+    let _ = writeln!(
+        s,
+        "\nListeners: {} ({} static, {} dynamic)",
+        l["total"], l["static"], l["dynamic"]
+    );
+    let _ = writeln!(
+        s,
+        "  {:<22} {:<31} {:<9} {:>6}  LISTENER FILTERS",
+        "NAME", "ADDRESS", "DIRECTION", "CHAINS"
+    );
+    for (lm, item) in cfg
+        .model
+        .listeners
+        .iter()
+        .zip(l["items"].as_array().unwrap())
+    {
         let mut addr = lm.address.clone().unwrap_or_else(|| "-".into());
         if !lm.bind_to_port {
             addr.push_str(" (no bind)");
@@ -123,26 +150,84 @@ pub fn to_text(cfg: &Config) -> String {
         if lm.use_original_dst {
             filters = format!("use_original_dst; {filters}");
         }
-        let name = if lm.name.is_empty() { "(unnamed)" } else { lm.name.as_str() };
-        let _ = writeln!(s, "  {:<22} {:<31} {:<9} {:>6}  {}", name, addr, item["direction"].as_str().unwrap(), chains, filters);
+        let name = if lm.name.is_empty() {
+            "(unnamed)"
+        } else {
+            lm.name.as_str()
+        };
+        let _ = writeln!(
+            s,
+            "  {:<22} {:<31} {:<9} {:>6}  {}",
+            name,
+            addr,
+            item["direction"].as_str().unwrap(),
+            chains,
+            filters
+        );
     }
     let c = &j["clusters"];
-    let types: Vec<String> = c["by_type"].as_object().unwrap().iter().map(|(k, v)| format!("{k} {v}")).collect();
-    let _ = writeln!(s, "\nClusters: {} ({} static, {} dynamic): {}", c["total"], c["static"], c["dynamic"], types.join(", "));
+    let types: Vec<String> = c["by_type"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "\nClusters: {} ({} static, {} dynamic): {}",
+        c["total"],
+        c["static"],
+        c["dynamic"],
+        types.join(", ")
+    );
     let rc = &j["route_configs"];
-    let _ = writeln!(s, "\nRoute configurations: {} ({} by name (RDS), {} inline in listeners)", rc["total"], rc["rds"], rc["inline"]);
-    let _ = writeln!(s, "  {:<60} {:>13} {:>7}  SOURCE", "NAME", "VIRTUAL HOSTS", "ROUTES");
+    let _ = writeln!(
+        s,
+        "\nRoute configurations: {} ({} by name (RDS), {} inline in listeners)",
+        rc["total"], rc["rds"], rc["inline"]
+    );
+    let _ = writeln!(
+        s,
+        "  {:<60} {:>13} {:>7}  SOURCE",
+        "NAME", "VIRTUAL HOSTS", "ROUTES"
+    );
     for item in rc["items"].as_array().unwrap() {
         let name = item["name"].as_str().unwrap();
-        let _ = writeln!(s, "  {:<60} {:>13} {:>7}  {}", if name.is_empty() { "(unnamed)" } else { name }, item["virtual_hosts"].as_u64().unwrap(), item["routes"].as_u64().unwrap(), item["source"].as_str().unwrap());
+        let _ = writeln!(
+            s,
+            "  {:<60} {:>13} {:>7}  {}",
+            if name.is_empty() { "(unnamed)" } else { name },
+            item["virtual_hosts"].as_u64().unwrap(),
+            item["routes"].as_u64().unwrap(),
+            item["source"].as_str().unwrap()
+        );
     }
     let e = &j["endpoints"];
-    let _ = writeln!(s, "\nEndpoints: {} assignments (EDS), {} hosts", e["assignments"], e["hosts"]);
-    let names: Vec<&str> = j["secrets"]["names"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
-    let _ = writeln!(s, "Secrets: {} ({})", j["secrets"]["total"], names.join(", "));
+    let _ = writeln!(
+        s,
+        "\nEndpoints: {} assignments (EDS), {} hosts",
+        e["assignments"], e["hosts"]
+    );
+    let names: Vec<&str> = j["secrets"]["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let _ = writeln!(
+        s,
+        "Secrets: {} ({})",
+        j["secrets"]["total"],
+        names.join(", ")
+    );
     let refs = &j["references"];
     let dangling = refs["dangling"].as_array().unwrap().len();
-    let _ = writeln!(s, "References: {} ({} resolved, {dangling} not in this configuration)", refs["total"], refs["total"].as_u64().unwrap() as usize - dangling);
+    let _ = writeln!(
+        s,
+        "References: {} ({} resolved, {dangling} not in this configuration)",
+        refs["total"],
+        refs["total"].as_u64().unwrap() as usize - dangling
+    );
     let warnings = j["warnings"].as_array().unwrap();
     if !warnings.is_empty() {
         let _ = writeln!(s, "\nWarnings ({}):", warnings.len());
@@ -160,12 +245,35 @@ pub fn to_text(cfg: &Config) -> String {
     for g in gaps {
         let kind = g["kind"].as_str().unwrap();
         if kind != last {
-            let _ = writeln!(s, "  {}:", match kind { "extension" => "extensions", "opaque" => "types without a schema (kept opaque)", _ => "fields" });
+            let _ = writeln!(
+                s,
+                "  {}:",
+                match kind {
+                    "extension" => "extensions",
+                    "opaque" => "types without a schema (kept opaque)",
+                    _ => "fields",
+                }
+            );
             last = kind;
         }
-        let names: Vec<&str> = g["names"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
-        let named = if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) };
-        let _ = writeln!(s, "    {:>4}x {}{named}\n          e.g. {}", g["count"], g["key"].as_str().unwrap(), g["example"].as_str().unwrap());
+        let names: Vec<&str> = g["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        let named = if names.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", names.join(", "))
+        };
+        let _ = writeln!(
+            s,
+            "    {:>4}x {}{named}\n          e.g. {}",
+            g["count"],
+            g["key"].as_str().unwrap(),
+            g["example"].as_str().unwrap()
+        );
     }
     s
 }

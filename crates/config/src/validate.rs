@@ -63,7 +63,14 @@ pub fn check_resources(set: &ResourceSet, model: &Model) -> Vec<Finding> {
             Some(address::Address::SocketAddress(s)) => s.protocol == 0,
             _ => true,
         });
-        if let (true, true, Some(addr)) = (binds, tcp, l.value.address.as_ref().and_then(crate::model::format_address)) {
+        if let (true, true, Some(addr)) = (
+            binds,
+            tcp,
+            l.value
+                .address
+                .as_ref()
+                .and_then(crate::model::format_address),
+        ) {
             if let Some(first) = bound.insert(addr.clone(), &l.name) {
                 out.push((
                     format!("{}.address", l.path),
@@ -75,7 +82,13 @@ pub fn check_resources(set: &ResourceSet, model: &Model) -> Vec<Finding> {
     let mut seen = HashMap::new();
     for c in &set.clusters {
         if let Some(first) = seen.insert(c.name.clone(), c.path.clone()) {
-            out.push((c.path.clone(), format!("duplicate cluster name '{}' (first defined at {first})", c.name)));
+            out.push((
+                c.path.clone(),
+                format!(
+                    "duplicate cluster name '{}' (first defined at {first})",
+                    c.name
+                ),
+            ));
         }
         check_cluster(&c.value, &c.path, &mut out);
     }
@@ -86,16 +99,27 @@ pub fn check_resources(set: &ResourceSet, model: &Model) -> Vec<Finding> {
     for (li, l) in set.listeners.iter().enumerate() {
         for (ci, fc) in l.value.filter_chains.iter().enumerate() {
             for (fi, f) in fc.filters.iter().enumerate() {
-                let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else { continue };
+                let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    continue;
+                };
                 if let Some(hcm) = crate::model::unpack::<HttpConnectionManager>(any) {
-                    let at = format!("{}.filter_chains[{ci}].filters[{fi}].typed_config", set.listeners[li].path);
+                    let at = format!(
+                        "{}.filter_chains[{ci}].filters[{fi}].typed_config",
+                        set.listeners[li].path
+                    );
                     check_http_filters(&hcm, &at, &mut out);
-                    if let Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) = &hcm.route_specifier {
+                    if let Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) =
+                        &hcm.route_specifier
+                    {
                         check_route_config(rc, &format!("{at}.route_config"), &mut out);
                     }
                 }
             }
-            check_network_filters(&fc.filters, &format!("{}.filter_chains[{ci}]", l.path), &mut out);
+            check_network_filters(
+                &fc.filters,
+                &format!("{}.filter_chains[{ci}]", l.path),
+                &mut out,
+            );
         }
     }
     for r in &model.references {
@@ -113,9 +137,10 @@ pub fn check_resources(set: &ResourceSet, model: &Model) -> Vec<Finding> {
 
 fn check_listener(l: &Listener, path: &str, out: &mut Vec<Finding>) {
     match &l.address {
-        None if l.listener_specifier.is_none() => {
-            out.push((format!("{path}.address"), format!("listener '{}' has no address", l.name)))
-        }
+        None if l.listener_specifier.is_none() => out.push((
+            format!("{path}.address"),
+            format!("listener '{}' has no address", l.name),
+        )),
         Some(a) => check_ip(a, &format!("{path}.address"), out),
         None => {}
     }
@@ -124,8 +149,19 @@ fn check_listener(l: &Listener, path: &str, out: &mut Vec<Finding>) {
     let mut leaves: HashMap<Vec<String>, usize> = HashMap::new();
     for (i, fc) in l.filter_chains.iter().enumerate() {
         let m = fc.filter_chain_match.clone().unwrap_or_default();
-        for (j, r) in m.prefix_ranges.iter().chain(&m.source_prefix_ranges).chain(&m.direct_source_prefix_ranges).enumerate() {
-            check_cidr(r, &format!("{path}.filter_chains[{i}].filter_chain_match"), j, out);
+        for (j, r) in m
+            .prefix_ranges
+            .iter()
+            .chain(&m.source_prefix_ranges)
+            .chain(&m.direct_source_prefix_ranges)
+            .enumerate()
+        {
+            check_cidr(
+                r,
+                &format!("{path}.filter_chains[{i}].filter_chain_match"),
+                j,
+                out,
+            );
         }
         let mut reported = false;
         for leaf in match_leaves(&m) {
@@ -148,11 +184,19 @@ fn cidr_key(r: &CidrRange) -> String {
     let len = r.prefix_len.as_ref().map_or(0, |v| v.value);
     match r.address_prefix.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(a)) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len.min(32)) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len.min(32))
+            };
             format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(a) & mask))
         }
         Ok(std::net::IpAddr::V6(a)) => {
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len.min(128)) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len.min(128))
+            };
             format!("{}/{len}", std::net::Ipv6Addr::from(u128::from(a) & mask))
         }
         Err(_) => format!("{}/{len}", r.address_prefix),
@@ -162,7 +206,10 @@ fn cidr_key(r: &CidrRange) -> String {
 fn check_cidr(r: &CidrRange, at: &str, _j: usize, out: &mut Vec<Finding>) {
     match r.address_prefix.parse::<std::net::IpAddr>() {
         Ok(_) => {}
-        Err(_) => out.push((at.into(), format!("malformed IP address: {}", r.address_prefix))),
+        Err(_) => out.push((
+            at.into(),
+            format!("malformed IP address: {}", r.address_prefix),
+        )),
     }
 }
 
@@ -177,7 +224,10 @@ fn match_leaves(m: &FilterChainMatch) -> Vec<Vec<String>> {
         }
     }
     let dims: Vec<Vec<String>> = vec![
-        vec![m.destination_port.as_ref().map_or(String::new(), |p| p.value.to_string())],
+        vec![m
+            .destination_port
+            .as_ref()
+            .map_or(String::new(), |p| p.value.to_string())],
         or_any(m.prefix_ranges.iter().map(cidr_key).collect()),
         or_any(m.server_names.clone()),
         vec![m.transport_protocol.clone()],
@@ -206,10 +256,17 @@ fn match_leaves(m: &FilterChainMatch) -> Vec<Vec<String>> {
     leaves
 }
 
-fn check_ip(a: &pilotfish_api::pb::envoy::config::core::v3::Address, at: &str, out: &mut Vec<Finding>) {
+fn check_ip(
+    a: &pilotfish_api::pb::envoy::config::core::v3::Address,
+    at: &str,
+    out: &mut Vec<Finding>,
+) {
     if let Some(address::Address::SocketAddress(s)) = &a.address {
         if s.resolver_name.is_empty() && s.address.parse::<std::net::IpAddr>().is_err() {
-            out.push((format!("{at}.socket_address.address"), format!("malformed IP address: {}", s.address)));
+            out.push((
+                format!("{at}.socket_address.address"),
+                format!("malformed IP address: {}", s.address),
+            ));
         }
     }
 }
@@ -239,7 +296,13 @@ fn check_route_config(rc: &RouteConfiguration, path: &str, out: &mut Vec<Finding
     let mut names: HashSet<&str> = HashSet::new();
     for (i, vh) in rc.virtual_hosts.iter().enumerate() {
         if !names.insert(vh.name.as_str()) {
-            out.push((format!("{path}.virtual_hosts[{i}].name"), format!("duplicate virtual host name '{}' in route configuration '{}'", vh.name, rc.name)));
+            out.push((
+                format!("{path}.virtual_hosts[{i}].name"),
+                format!(
+                    "duplicate virtual host name '{}' in route configuration '{}'",
+                    vh.name, rc.name
+                ),
+            ));
         }
         for (j, d) in vh.domains.iter().enumerate() {
             let key = d.to_ascii_lowercase();
@@ -270,7 +333,11 @@ fn terminal(type_url: &str) -> Option<bool> {
     ];
     if TERMINAL.contains(&name) {
         Some(true)
-    } else if name.starts_with("envoy.extensions.filters.") && pilotfish_api::descriptor_pool().get_message_by_name(name).is_some() {
+    } else if name.starts_with("envoy.extensions.filters.")
+        && pilotfish_api::descriptor_pool()
+            .get_message_by_name(name)
+            .is_some()
+    {
         Some(false)
     } else {
         None
@@ -283,11 +350,15 @@ fn check_terminal(items: &[(String, String)], at: &str, what: &str, out: &mut Ve
         match terminal(type_url) {
             Some(true) if !last => out.push((
                 format!("{at}[{i}]"),
-                format!("terminal filter named {name} must be the last filter in a {what} filter chain"),
+                format!(
+                    "terminal filter named {name} must be the last filter in a {what} filter chain"
+                ),
             )),
             Some(false) if last => out.push((
                 format!("{at}[{i}]"),
-                format!("non-terminal filter named {name} is the last filter in a {what} filter chain"),
+                format!(
+                    "non-terminal filter named {name} is the last filter in a {what} filter chain"
+                ),
             )),
             _ => {}
         }
@@ -309,7 +380,11 @@ fn check_http_filters(hcm: &HttpConnectionManager, at: &str, out: &mut Vec<Findi
     check_terminal(&items, &format!("{at}.http_filters"), "http", out);
 }
 
-fn check_network_filters(filters: &[pilotfish_api::pb::envoy::config::listener::v3::Filter], at: &str, out: &mut Vec<Finding>) {
+fn check_network_filters(
+    filters: &[pilotfish_api::pb::envoy::config::listener::v3::Filter],
+    at: &str,
+    out: &mut Vec<Finding>,
+) {
     let items: Vec<(String, String)> = filters
         .iter()
         .map(|f| {
@@ -322,4 +397,3 @@ fn check_network_filters(filters: &[pilotfish_api::pb::envoy::config::listener::
         .collect();
     check_terminal(&items, &format!("{at}.filters"), "network", out);
 }
-

@@ -16,12 +16,19 @@ pub type WalkErrors = Vec<(String, String)>;
 
 /// Calls `visit` for `message` and every message below it, depth first, in field order. `visit`
 /// returns false to skip what is below a message.
-pub fn walk(message: &DynamicMessage, path: &str, visit: &mut dyn FnMut(&Node<'_>) -> bool, errors: &mut WalkErrors) {
+pub fn walk(
+    message: &DynamicMessage,
+    path: &str,
+    visit: &mut dyn FnMut(&Node<'_>) -> bool,
+    errors: &mut WalkErrors,
+) {
     if !visit(&Node { path, message }) {
         return;
     }
     for (field, value) in message.fields() {
-        let Kind::Message(_) = field.kind() else { continue };
+        let Kind::Message(_) = field.kind() else {
+            continue;
+        };
         let fpath = join(path, field.name());
         match value {
             Value::Message(m) => descend(m, &fpath, visit, errors),
@@ -44,7 +51,12 @@ pub fn walk(message: &DynamicMessage, path: &str, visit: &mut dyn FnMut(&Node<'_
     }
 }
 
-fn descend(m: &DynamicMessage, path: &str, visit: &mut dyn FnMut(&Node<'_>) -> bool, errors: &mut WalkErrors) {
+fn descend(
+    m: &DynamicMessage,
+    path: &str,
+    visit: &mut dyn FnMut(&Node<'_>) -> bool,
+    errors: &mut WalkErrors,
+) {
     match m.descriptor().full_name() {
         "google.protobuf.Any" => {
             // The Any itself is visited (so rules about it apply), then what it carries, at the
@@ -65,7 +77,11 @@ fn descend(m: &DynamicMessage, path: &str, visit: &mut dyn FnMut(&Node<'_>) -> b
 }
 
 /// The message an Any carries, TypedStruct wrappers looked through. None for opaque types.
-pub fn unpack_any(any: &DynamicMessage, path: &str, errors: &mut WalkErrors) -> Option<DynamicMessage> {
+pub fn unpack_any(
+    any: &DynamicMessage,
+    path: &str,
+    errors: &mut WalkErrors,
+) -> Option<DynamicMessage> {
     let type_url = any.get_field_by_name("type_url")?.as_str()?.to_string();
     let bytes = any.get_field_by_name("value")?.as_bytes()?.clone();
     let desc = descriptor_pool().get_message_by_name(type_url_message_name(&type_url))?;
@@ -86,7 +102,11 @@ pub fn unpack_any(any: &DynamicMessage, path: &str, errors: &mut WalkErrors) -> 
 
 /// Envoy converts a TypedStruct to its `type_url` type through JSON; so do we. Unknown inner
 /// types stay unexpanded (reported by the model), a value that does not fit is an error.
-pub fn unpack_typed_struct(ts: &DynamicMessage, path: &str, errors: &mut WalkErrors) -> Option<DynamicMessage> {
+pub fn unpack_typed_struct(
+    ts: &DynamicMessage,
+    path: &str,
+    errors: &mut WalkErrors,
+) -> Option<DynamicMessage> {
     let type_url = ts.get_field_by_name("type_url")?.as_str()?.to_string();
     let desc = descriptor_pool().get_message_by_name(type_url_message_name(&type_url))?;
     let value = ts.get_field_by_name("value")?;
@@ -101,8 +121,15 @@ pub fn unpack_typed_struct(ts: &DynamicMessage, path: &str, errors: &mut WalkErr
         Ok(m) => Some(m),
         Err(e) => {
             let inner = track.path().to_string();
-            let at = if inner == "." { path.to_string() } else { join(path, &inner) };
-            errors.push((at, format!("TypedStruct value is not a valid {type_url}: {e}")));
+            let at = if inner == "." {
+                path.to_string()
+            } else {
+                join(path, &inner)
+            };
+            errors.push((
+                at,
+                format!("TypedStruct value is not a valid {type_url}: {e}"),
+            ));
             None
         }
     }

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "pilotfish", version, about = "An Envoy-compatible sidecar proxy that explains itself")]
+#[command(
+    name = "pilotfish",
+    version,
+    about = "An Envoy-compatible sidecar proxy that explains itself"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,7 +41,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let file = match &cli.command {
-        Command::Validate { file, .. } | Command::ConfigDump { file, .. } | Command::Bootstrap { file } => file,
+        Command::Validate { file, .. }
+        | Command::ConfigDump { file, .. }
+        | Command::Bootstrap { file } => file,
     };
     let cfg = match pilotfish_config::load_file(file) {
         Ok(c) => c,
@@ -45,23 +51,38 @@ fn main() -> ExitCode {
             for e in &errors.0 {
                 eprintln!("error: {e}");
             }
-            eprintln!("{}: configuration rejected ({} error{})", file.display(), errors.0.len(), if errors.0.len() == 1 { "" } else { "s" });
+            eprintln!(
+                "{}: configuration rejected ({} error{})",
+                file.display(),
+                errors.0.len(),
+                if errors.0.len() == 1 { "" } else { "s" }
+            );
             return ExitCode::from(1);
         }
     };
     match cli.command {
         Command::Validate { json, .. } => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&pilotfish_config::summary::to_json(&cfg)).unwrap());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&pilotfish_config::summary::to_json(&cfg))
+                        .unwrap()
+                );
             } else {
                 print!("{}", pilotfish_config::summary::to_text(&cfg));
             }
         }
         Command::ConfigDump { include_eds, .. } => {
-            println!("{}", pilotfish_config::output::config_dump_json(&cfg.resources, include_eds));
+            println!(
+                "{}",
+                pilotfish_config::output::config_dump_json(&cfg.resources, include_eds)
+            );
         }
         Command::Bootstrap { .. } => {
-            print!("{}", pilotfish_config::output::standalone_bootstrap_yaml(&cfg.resources));
+            print!(
+                "{}",
+                pilotfish_config::output::standalone_bootstrap_yaml(&cfg.resources)
+            );
         }
     }
     ExitCode::SUCCESS

