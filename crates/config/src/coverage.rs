@@ -245,7 +245,8 @@ pub fn gaps(set: &ResourceSet) -> Vec<Gap> {
     for r in &set.clusters {
         visit_typed(&r.value, &r.path, &mut acc);
     }
-    for r in &set.route_configs {
+    // Static route configurations are the inline ones, walked through their listener.
+    for r in set.route_configs.iter().filter(|r| !r.origin.is_static()) {
         visit_typed(&r.value, &r.path, &mut acc);
     }
     for r in &set.endpoints {

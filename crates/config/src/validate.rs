@@ -397,3 +397,96 @@ fn check_network_filters(
         .collect();
     check_terminal(&items, &format!("{at}.filters"), "network", out);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pilotfish_api::pb::google::protobuf::UInt32Value;
+
+    fn cidr(a: &str, len: u32) -> CidrRange {
+        CidrRange { address_prefix: a.into(), prefix_len: Some(UInt32Value { value: len }) }
+    }
+
+    fn conflicts(a: FilterChainMatch, b: FilterChainMatch) -> bool {
+        let la: HashSet<Vec<String>> = match_leaves(&a).into_iter().collect();
+        match_leaves(&b).into_iter().any(|l| la.contains(&l))
+    }
+
+    #[test]
+    fn cidr_keys_mask_host_bits() {
+        assert_eq!(cidr_key(&cidr("10.1.2.3", 8)), "10.0.0.0/8");
+        assert_eq!(cidr_key(&cidr("10.1.2.3", 32)), "10.1.2.3/32");
+        assert_eq!(cidr_key(&cidr("192.168.1.1", 0)), "0.0.0.0/0");
+        assert_eq!(cidr_key(&cidr("2001:db8::1", 32)), "2001:db8::/32");
+    }
+
+    #[test]
+    fn filter_chain_matches_conflict_only_on_a_shared_leaf() {
+        let m = |f: fn(&mut FilterChainMatch)| {
+            let mut x = FilterChainMatch::default();
+            f(&mut x);
+            x
+        };
+        // Identical and empty matches collide.
+        assert!(conflicts(m(|_| {}), m(|_| {})));
+        // Different ports do not.
+        assert!(!conflicts(
+            m(|x| x.destination_port = Some(UInt32Value { value: 80 })),
+            m(|x| x.destination_port = Some(UInt32Value { value: 81 }))
+        ));
+        // A port and no port are different leaves (the port is more specific).
+        assert!(!conflicts(m(|x| x.destination_port = Some(UInt32Value { value: 80 })), m(|_| {})));
+        // One shared server name is enough.
+        assert!(conflicts(
+            m(|x| x.server_names = vec!["a.com".into(), "b.com".into()]),
+            m(|x| x.server_names = vec!["b.com".into(), "c.com".into()])
+        ));
+        assert!(!conflicts(m(|x| x.server_names = vec!["a.com".into()]), m(|x| x.server_names = vec!["*.a.com".into()])));
+        // Prefixes that mask to the same network collide.
+        assert!(conflicts(m(|x| x.prefix_ranges = vec![cidr("10.1.0.0", 8)]), m(|x| x.prefix_ranges = vec![cidr("10.2.0.0", 8)])));
+        assert!(!conflicts(m(|x| x.prefix_ranges = vec![cidr("10.0.0.0", 8)]), m(|x| x.prefix_ranges = vec![cidr("10.0.0.0", 16)])));
+        // Transport protocol and ALPN tell chains apart (Istio's inbound tls/raw_buffer pairs).
+        assert!(!conflicts(m(|x| x.transport_protocol = "tls".into()), m(|x| x.transport_protocol = "raw_buffer".into())));
+        assert!(!conflicts(
+            m(|x| x.application_protocols = vec!["istio-http/1.1".into()]),
+            m(|x| x.application_protocols = vec!["h2c".into()])
+        ));
+        assert!(conflicts(
+            m(|x| x.application_protocols = vec!["h2".into(), "http/1.1".into()]),
+            m(|x| x.application_protocols = vec!["http/1.1".into()])
+        ));
+        // Source type, source ports and source prefixes are dimensions of their own.
+        assert!(!conflicts(m(|x| x.source_type = 1), m(|x| x.source_type = 2)));
+        assert!(!conflicts(m(|x| x.source_ports = vec![1000]), m(|x| x.source_ports = vec![1001])));
+        assert!(conflicts(m(|x| x.source_ports = vec![1000, 1001]), m(|x| x.source_ports = vec![1001])));
+        assert!(!conflicts(
+            m(|x| x.direct_source_prefix_ranges = vec![cidr("1.1.1.1", 32)]),
+            m(|x| x.source_prefix_ranges = vec![cidr("1.1.1.1", 32)])
+        ));
+    }
+
+    #[test]
+    fn terminal_filters_are_known_by_type() {
+        assert_eq!(terminal("type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"), Some(true));
+        assert_eq!(terminal("type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"), Some(true));
+        assert_eq!(terminal("type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"), Some(false));
+        // Types pilotfish has no schema for are not judged.
+        assert_eq!(terminal("type.googleapis.com/acme.Magic"), None);
+        assert_eq!(terminal("type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig"), None);
+    }
+
+    #[test]
+    fn duplicate_domains_are_found_case_insensitively() {
+        use pilotfish_api::pb::envoy::config::route::v3::VirtualHost;
+        let vh = |n: &str, d: &[&str]| VirtualHost { name: n.into(), domains: d.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+        let rc = RouteConfiguration { name: "r".into(), virtual_hosts: vec![vh("a", &["Foo.com", "bar.com"]), vh("b", &["foo.com"])], ..Default::default() };
+        let mut out = vec![];
+        check_route_config(&rc, "rc", &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, "rc.virtual_hosts[1].domains[0]");
+        let rc = RouteConfiguration { name: "r".into(), virtual_hosts: vec![vh("a", &["foo.com"]), vh("b", &["foo.com:80"])], ..Default::default() };
+        let mut out = vec![];
+        check_route_config(&rc, "rc", &mut out);
+        assert!(out.is_empty());
+    }
+}
