@@ -35,6 +35,15 @@ pub struct Config {
     pub model: Model,
     /// Type URLs kept as opaque JSON (no schema in pilotfish).
     pub opaque_types: BTreeSet<String>,
+    /// Deprecated API fields the configuration sets; Envoy warns about each at start-up.
+    pub deprecated: Vec<Deprecated>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deprecated {
+    pub field: String,
+    pub count: usize,
+    pub example: String,
 }
 
 impl Config {
@@ -60,6 +69,12 @@ impl Config {
             w.push(format!("secret '{s}': the dump redacted its private key; TLS with this certificate cannot work until the real key is supplied"));
         }
         w.extend(self.resources.not_active.iter().cloned());
+        for d in &self.deprecated {
+            w.push(format!(
+                "deprecated field {} is set {} time(s), e.g. {} (Envoy warns about it too)",
+                d.field, d.count, d.example
+            ));
+        }
         w
     }
 }
@@ -82,7 +97,7 @@ pub fn load_str(
     let kind = kind.unwrap_or_else(|| DocumentKind::detect(text));
     let parsed = parse::parse(file, text, format, kind)?;
     let mk = |(path, message): (String, String)| ConfigError::new(file, path, message);
-    let findings = validate::check_document(&parsed.message);
+    let (findings, deprecated_uses) = validate::check_document(&parsed.message);
     if !findings.is_empty() {
         return Err(ConfigErrors(findings.into_iter().map(mk).collect()));
     }
@@ -107,6 +122,17 @@ pub fn load_str(
     if !findings.is_empty() {
         return Err(ConfigErrors(findings.into_iter().map(mk).collect()));
     }
+    let mut deprecated: Vec<Deprecated> = vec![];
+    for (path, field) in deprecated_uses {
+        match deprecated.iter_mut().find(|d| d.field == field) {
+            Some(d) => d.count += 1,
+            None => deprecated.push(Deprecated {
+                field,
+                count: 1,
+                example: path,
+            }),
+        }
+    }
     Ok(Config {
         file: file.to_string(),
         kind,
@@ -114,6 +140,7 @@ pub fn load_str(
         resources,
         model,
         opaque_types: parsed.opaque_types,
+        deprecated,
     })
 }
 
@@ -154,8 +181,15 @@ static_resources:
     fn rds_outside_the_file_is_a_warning_not_an_error() {
         let cfg = load("rds: { route_config_name: r1, config_source: { ads: {} } }").unwrap();
         let w = cfg.warnings();
-        assert!(w.iter().any(|w| w.contains("route configuration (RDS) 'r1' is not in this configuration")), "{w:?}");
-        assert!(w.iter().any(|w| w.contains("endpoints (EDS) 'svc'")), "{w:?}");
+        assert!(
+            w.iter()
+                .any(|w| w.contains("route configuration (RDS) 'r1' is not in this configuration")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter().any(|w| w.contains("endpoints (EDS) 'svc'")),
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -167,12 +201,17 @@ static_resources:
         assert!(e.message.contains("unknown cluster 'nope'"), "{e}");
         assert!(e.path.ends_with("routes[0].route.cluster"), "{e}");
         let cfg = load(&routes(", validate_clusters: false")).unwrap();
-        assert!(cfg.warnings().iter().any(|w| w.contains("cluster 'nope' is not in this configuration")));
+        assert!(cfg
+            .warnings()
+            .iter()
+            .any(|w| w.contains("cluster 'nope' is not in this configuration")));
     }
 
     #[test]
     fn parse_errors_name_the_path_inside_anys() {
-        let e = first_error(load("route_config: { name: r, virtual_hosts: [{ name: v, domainz: ['*'] }] }"));
+        let e = first_error(load(
+            "route_config: { name: r, virtual_hosts: [{ name: v, domainz: ['*'] }] }",
+        ));
         assert_eq!(e.path, "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].domainz");
         assert_eq!(e.message, "unknown field 'domainz'");
         assert!(e.line.is_some());
@@ -186,12 +225,18 @@ static_resources:
 
     #[test]
     fn json_and_yaml_give_the_same_resources() {
-        let yaml = BASE.replace("ROUTES", "rds: { route_config_name: r1, config_source: { ads: {} } }");
+        let yaml = BASE.replace(
+            "ROUTES",
+            "rds: { route_config_name: r1, config_source: { ads: {} } }",
+        );
         let from_yaml = load_str("a.yaml", &yaml, None).unwrap();
         let as_json = output::config_dump_json(&from_yaml.resources, true);
         let from_json = load_str("a.json", &as_json, None).unwrap();
         assert_eq!(from_json.kind, DocumentKind::ConfigDump);
-        assert_eq!(from_json.resources.listeners[0].value, from_yaml.resources.listeners[0].value);
+        assert_eq!(
+            from_json.resources.listeners[0].value,
+            from_yaml.resources.listeners[0].value
+        );
     }
 
     #[test]
@@ -222,22 +267,43 @@ static_resources:
                 &format!("- name: x\n            typed_config: {{ \"@type\": type.googleapis.com/{t} }}\n          - name: envoy.filters.http.router\n            typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}"),
             )
         };
-        let e = first_error(load_str("t.yaml", &doc("envoy.extensions.filters.http.nope.v3.Nope"), None));
-        assert!(e.message.contains("envoy.extensions.filters.http.nope.v3.Nope"), "{e}");
+        let e = first_error(load_str(
+            "t.yaml",
+            &doc("envoy.extensions.filters.http.nope.v3.Nope"),
+            None,
+        ));
+        assert!(
+            e.message
+                .contains("envoy.extensions.filters.http.nope.v3.Nope"),
+            "{e}"
+        );
         let cfg = load_str("t.yaml", &doc("example.com.Thing"), None).unwrap();
-        assert!(cfg.opaque_types.contains("type.googleapis.com/example.com.Thing"));
+        assert!(cfg
+            .opaque_types
+            .contains("type.googleapis.com/example.com.Thing"));
         let gaps = coverage::gaps(&cfg.resources);
-        assert!(gaps.iter().any(|g| g.key == "example.com.Thing" && g.kind == coverage::GapKind::Opaque && g.names == ["x"]));
+        assert!(gaps.iter().any(|g| g.key == "example.com.Thing"
+            && g.kind == coverage::GapKind::Opaque
+            && g.names == ["x"]));
     }
 
     #[test]
     fn coverage_lists_unimplemented_fields_once_per_kind_with_an_example() {
         let cfg = load("route_config: { name: r, virtual_hosts: [{ name: v, domains: ['*'], routes: [{ match: { prefix: /a }, route: { cluster: c, timeout: 3s } }, { match: { prefix: / }, route: { cluster: c, timeout: 1s, retry_policy: { num_retries: 2 } } }] }] }").unwrap();
         let gaps = coverage::gaps(&cfg.resources);
-        let timeout = gaps.iter().find(|g| g.key == "envoy.config.route.v3.RouteAction.timeout").unwrap();
+        let timeout = gaps
+            .iter()
+            .find(|g| g.key == "envoy.config.route.v3.RouteAction.timeout")
+            .unwrap();
         assert_eq!(timeout.count, 2);
-        assert!(timeout.example.ends_with("routes[0].route.timeout"), "{}", timeout.example);
-        assert!(gaps.iter().any(|g| g.key == "envoy.config.route.v3.RouteAction.retry_policy" && g.count == 1));
+        assert!(
+            timeout.example.ends_with("routes[0].route.timeout"),
+            "{}",
+            timeout.example
+        );
+        assert!(gaps
+            .iter()
+            .any(|g| g.key == "envoy.config.route.v3.RouteAction.retry_policy" && g.count == 1));
         // Implemented fields are not listed; the inline route config is walked once, via its
         // listener, though the resource set also lists it as a static route configuration.
         assert!(!gaps.iter().any(|g| g.key.ends_with("RouteAction.cluster")));

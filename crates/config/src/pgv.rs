@@ -51,6 +51,22 @@ fn rules_for(field: &FieldDescriptor) -> Option<DynamicMessage> {
         .clone()
 }
 
+/// Whether the API marks a field deprecated (`[deprecated = true]`).
+pub fn is_deprecated(field: &FieldDescriptor) -> bool {
+    static CACHE: OnceLock<Mutex<HashMap<String, bool>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap();
+    *cache
+        .entry(field.full_name().to_string())
+        .or_insert_with(|| {
+            field
+                .options()
+                .get_field_by_name("deprecated")
+                .and_then(|v| v.as_bool())
+                == Some(true)
+        })
+}
+
 /// Checks one message's own fields; the walk brings every message.
 pub fn check(node: &Node<'_>, out: &mut Vec<(String, String)>) {
     let msg = node.message;

@@ -92,6 +92,7 @@ pub fn to_json(cfg: &Config) -> Value {
         "secrets": { "total": r.secrets.len(), "names": r.secrets.iter().map(|s| s.name.clone()).collect::<Vec<_>>() },
         "references": { "total": m.references.len(), "dangling": dangling },
         "warnings": cfg.warnings(),
+        "deprecated": cfg.deprecated.iter().map(|d| json!({"field": d.field, "count": d.count, "example": d.example})).collect::<Vec<_>>(),
         "not_implemented": gaps,
     })
 }

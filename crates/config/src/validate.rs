@@ -18,14 +18,27 @@ use std::collections::{HashMap, HashSet};
 pub type Finding = (String, String);
 
 /// Schema constraints and regexes, over the whole document (Anys and TypedStructs looked into).
-pub fn check_document(root: &DynamicMessage) -> Vec<Finding> {
+/// Returns the errors, and the deprecated fields used (Envoy warns about those at start-up).
+pub fn check_document(root: &DynamicMessage) -> (Vec<Finding>, Vec<Finding>) {
     let mut out = vec![];
+    let mut deprecated = vec![];
     let mut walk_errors = vec![];
     walk(
         root,
         "",
         &mut |node: &Node<'_>| {
             crate::pgv::check(node, &mut out);
+            // A dump repeats its static resources inside the bootstrap; count them once.
+            if !node.path.contains(".bootstrap.static_resources") {
+                for (field, _) in node.message.fields() {
+                    if crate::pgv::is_deprecated(&field) {
+                        deprecated.push((
+                            crate::walk::join(node.path, field.name()),
+                            field.full_name().to_string(),
+                        ));
+                    }
+                }
+            }
             if node.message.descriptor().full_name() == "envoy.type.matcher.v3.RegexMatcher" {
                 if let Some(re) = node.message.get_field_by_name("regex") {
                     if let Some(re) = re.as_str() {
@@ -43,7 +56,7 @@ pub fn check_document(root: &DynamicMessage) -> Vec<Finding> {
         &mut walk_errors,
     );
     out.extend(walk_errors);
-    out
+    (out, deprecated)
 }
 
 fn first_line(s: &str) -> String {
@@ -404,7 +417,10 @@ mod tests {
     use pilotfish_api::pb::google::protobuf::UInt32Value;
 
     fn cidr(a: &str, len: u32) -> CidrRange {
-        CidrRange { address_prefix: a.into(), prefix_len: Some(UInt32Value { value: len }) }
+        CidrRange {
+            address_prefix: a.into(),
+            prefix_len: Some(UInt32Value { value: len }),
+        }
     }
 
     fn conflicts(a: FilterChainMatch, b: FilterChainMatch) -> bool {
@@ -435,18 +451,33 @@ mod tests {
             m(|x| x.destination_port = Some(UInt32Value { value: 81 }))
         ));
         // A port and no port are different leaves (the port is more specific).
-        assert!(!conflicts(m(|x| x.destination_port = Some(UInt32Value { value: 80 })), m(|_| {})));
+        assert!(!conflicts(
+            m(|x| x.destination_port = Some(UInt32Value { value: 80 })),
+            m(|_| {})
+        ));
         // One shared server name is enough.
         assert!(conflicts(
             m(|x| x.server_names = vec!["a.com".into(), "b.com".into()]),
             m(|x| x.server_names = vec!["b.com".into(), "c.com".into()])
         ));
-        assert!(!conflicts(m(|x| x.server_names = vec!["a.com".into()]), m(|x| x.server_names = vec!["*.a.com".into()])));
+        assert!(!conflicts(
+            m(|x| x.server_names = vec!["a.com".into()]),
+            m(|x| x.server_names = vec!["*.a.com".into()])
+        ));
         // Prefixes that mask to the same network collide.
-        assert!(conflicts(m(|x| x.prefix_ranges = vec![cidr("10.1.0.0", 8)]), m(|x| x.prefix_ranges = vec![cidr("10.2.0.0", 8)])));
-        assert!(!conflicts(m(|x| x.prefix_ranges = vec![cidr("10.0.0.0", 8)]), m(|x| x.prefix_ranges = vec![cidr("10.0.0.0", 16)])));
+        assert!(conflicts(
+            m(|x| x.prefix_ranges = vec![cidr("10.1.0.0", 8)]),
+            m(|x| x.prefix_ranges = vec![cidr("10.2.0.0", 8)])
+        ));
+        assert!(!conflicts(
+            m(|x| x.prefix_ranges = vec![cidr("10.0.0.0", 8)]),
+            m(|x| x.prefix_ranges = vec![cidr("10.0.0.0", 16)])
+        ));
         // Transport protocol and ALPN tell chains apart (Istio's inbound tls/raw_buffer pairs).
-        assert!(!conflicts(m(|x| x.transport_protocol = "tls".into()), m(|x| x.transport_protocol = "raw_buffer".into())));
+        assert!(!conflicts(
+            m(|x| x.transport_protocol = "tls".into()),
+            m(|x| x.transport_protocol = "raw_buffer".into())
+        ));
         assert!(!conflicts(
             m(|x| x.application_protocols = vec!["istio-http/1.1".into()]),
             m(|x| x.application_protocols = vec!["h2c".into()])
@@ -456,9 +487,18 @@ mod tests {
             m(|x| x.application_protocols = vec!["http/1.1".into()])
         ));
         // Source type, source ports and source prefixes are dimensions of their own.
-        assert!(!conflicts(m(|x| x.source_type = 1), m(|x| x.source_type = 2)));
-        assert!(!conflicts(m(|x| x.source_ports = vec![1000]), m(|x| x.source_ports = vec![1001])));
-        assert!(conflicts(m(|x| x.source_ports = vec![1000, 1001]), m(|x| x.source_ports = vec![1001])));
+        assert!(!conflicts(
+            m(|x| x.source_type = 1),
+            m(|x| x.source_type = 2)
+        ));
+        assert!(!conflicts(
+            m(|x| x.source_ports = vec![1000]),
+            m(|x| x.source_ports = vec![1001])
+        ));
+        assert!(conflicts(
+            m(|x| x.source_ports = vec![1000, 1001]),
+            m(|x| x.source_ports = vec![1001])
+        ));
         assert!(!conflicts(
             m(|x| x.direct_source_prefix_ranges = vec![cidr("1.1.1.1", 32)]),
             m(|x| x.source_prefix_ranges = vec![cidr("1.1.1.1", 32)])
@@ -467,24 +507,50 @@ mod tests {
 
     #[test]
     fn terminal_filters_are_known_by_type() {
-        assert_eq!(terminal("type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"), Some(true));
-        assert_eq!(terminal("type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"), Some(true));
-        assert_eq!(terminal("type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"), Some(false));
+        assert_eq!(
+            terminal("type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"),
+            Some(true)
+        );
+        assert_eq!(
+            terminal("type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"),
+            Some(true)
+        );
+        assert_eq!(
+            terminal("type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"),
+            Some(false)
+        );
         // Types pilotfish has no schema for are not judged.
         assert_eq!(terminal("type.googleapis.com/acme.Magic"), None);
-        assert_eq!(terminal("type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig"), None);
+        assert_eq!(
+            terminal(
+                "type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig"
+            ),
+            None
+        );
     }
 
     #[test]
     fn duplicate_domains_are_found_case_insensitively() {
         use pilotfish_api::pb::envoy::config::route::v3::VirtualHost;
-        let vh = |n: &str, d: &[&str]| VirtualHost { name: n.into(), domains: d.iter().map(|s| s.to_string()).collect(), ..Default::default() };
-        let rc = RouteConfiguration { name: "r".into(), virtual_hosts: vec![vh("a", &["Foo.com", "bar.com"]), vh("b", &["foo.com"])], ..Default::default() };
+        let vh = |n: &str, d: &[&str]| VirtualHost {
+            name: n.into(),
+            domains: d.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let rc = RouteConfiguration {
+            name: "r".into(),
+            virtual_hosts: vec![vh("a", &["Foo.com", "bar.com"]), vh("b", &["foo.com"])],
+            ..Default::default()
+        };
         let mut out = vec![];
         check_route_config(&rc, "rc", &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0, "rc.virtual_hosts[1].domains[0]");
-        let rc = RouteConfiguration { name: "r".into(), virtual_hosts: vec![vh("a", &["foo.com"]), vh("b", &["foo.com:80"])], ..Default::default() };
+        let rc = RouteConfiguration {
+            name: "r".into(),
+            virtual_hosts: vec![vh("a", &["foo.com"]), vh("b", &["foo.com:80"])],
+            ..Default::default()
+        };
         let mut out = vec![];
         check_route_config(&rc, "rc", &mut out);
         assert!(out.is_empty());
