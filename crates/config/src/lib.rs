@@ -174,7 +174,7 @@ static_resources:
     }
 
     fn first_error(r: Result<Config, ConfigErrors>) -> ConfigError {
-        r.err().expect("should be rejected").0.remove(0)
+        r.expect_err("should be rejected").0.remove(0)
     }
 
     #[test]
