@@ -158,24 +158,3 @@ pub fn invalid_cases() -> Vec<InvalidCase> {
     cases
 }
 
-/// Like [`envoy_validate`], at Envoy's default log level, so its warnings are in the text.
-pub fn envoy_validate_verbose(envoy: &Path, file: &Path) -> (bool, String) {
-    let out = Command::new(envoy)
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "-l",
-            "warning",
-            "-c",
-        ])
-        .arg(file)
-        .output()
-        .expect("run envoy");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
