@@ -17,4 +17,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== embedded Envoy descriptors match the pinned envoy-types"
 cargo run --quiet -p xtask -- descriptors --check
 echo "== cargo test"
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+# One closing line for the whole run (cargo prints one per test binary, the last often a doc-test
+# run with nothing in it).
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "\n%d passed, %d failed, %d skipped\n", p, f, i }' "$log"

@@ -157,4 +157,3 @@ pub fn invalid_cases() -> Vec<InvalidCase> {
     }
     cases
 }
-
