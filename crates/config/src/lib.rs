@@ -308,4 +308,17 @@ static_resources:
         // listener, though the resource set also lists it as a static route configuration.
         assert!(!gaps.iter().any(|g| g.key.ends_with("RouteAction.cluster")));
     }
+
+    #[test]
+    fn forms_envoy_accepts_beyond_proto3_json_load_too() {
+        // Envoy 1.40 takes a Duration as {seconds, nanos} and a lone value for a list.
+        let cfg = load("route_config: { name: r, virtual_hosts: [{ name: v, domains: '*', routes: [{ match: { prefix: / }, route: { cluster: c, timeout: { seconds: 30, nanos: 5 } } }] }] }").unwrap();
+        let dump = output::config_dump_json(&cfg.resources, false);
+        assert!(dump.contains("\"timeout\": \"30.000000005s\""), "{dump}");
+        assert!(dump.contains("\"domains\": [\n"), "{dump}");
+        // Anything else still fails, with the streaming parser's line and path.
+        let e = first_error(load("route_config: { name: r, virtual_hosts: [{ name: v, domains: ['*'], routes: [{ match: { prefix: / }, route: { cluster: c, timeout: { sec: 30 } } }] }] }"));
+        assert!(e.line.is_some(), "{e}");
+        assert!(e.path.ends_with("route.timeout"), "{e}");
+    }
 }

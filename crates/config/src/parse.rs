@@ -101,25 +101,38 @@ pub fn parse(
             pool.get_message_by_name(name).is_none() && !is_envoy_namespace(name)
         })
         .collect();
-    let message = if opaque.is_empty() {
+    let streamed = if opaque.is_empty() {
         match format {
-            Format::Json => stream_json(file, text, desc)?,
-            Format::Yaml => stream_yaml(file, text, desc)?,
+            Format::Json => stream_json(file, text, desc.clone()),
+            Format::Yaml => stream_yaml(file, text, desc.clone()),
         }
     } else {
-        // Rare path: rewrite the unknown Anys in a JSON tree first. Line numbers are lost here,
-        // paths are not.
-        let mut value: serde_json::Value = match format {
-            Format::Json => serde_json::from_str(text).map_err(|e| json_error(file, "", e))?,
-            Format::Yaml => serde_yaml_ng::from_str(text).map_err(|e| yaml_error(file, "", e))?,
-        };
-        wrap_opaque_anys(&mut value, &desc, &opaque);
-        let mut track = serde_path_to_error::Track::new();
-        let de = serde_path_to_error::Deserializer::new(&value, &mut track);
-        DynamicMessage::deserialize_with_options(desc, de, &options()).map_err(|e| {
-            let path = path_string(track.path());
-            ConfigError::new(file, "", e.to_string()).with_path_from(path)
-        })?
+        Err(ConfigError::new(file, "", "opaque types present"))
+    };
+    let message = match streamed {
+        Ok(m) => m,
+        Err(stream_error) => {
+            // The slower path: a JSON tree, brought into the canonical mapping first (opaque Anys
+            // wrapped; the forms Envoy accepts beyond proto3 JSON rewritten). Line numbers are lost
+            // here, so when this fails too the streaming error is the one reported.
+            let mut value: serde_json::Value = match format {
+                Format::Json => serde_json::from_str(text).map_err(|e| json_error(file, "", e))?,
+                Format::Yaml => {
+                    serde_yaml_ng::from_str(text).map_err(|e| yaml_error(file, "", e))?
+                }
+            };
+            normalize(&mut value, &desc, &opaque);
+            let mut track = serde_path_to_error::Track::new();
+            let de = serde_path_to_error::Deserializer::new(&value, &mut track);
+            match DynamicMessage::deserialize_with_options(desc, de, &options()) {
+                Ok(m) => m,
+                Err(_) if opaque.is_empty() => return Err(stream_error),
+                Err(e) => {
+                    let path = path_string(track.path());
+                    return Err(ConfigError::new(file, "", e.to_string()).with_path_from(path));
+                }
+            }
+        }
     };
     Ok(Parsed {
         message,
@@ -235,13 +248,12 @@ fn yaml_error(file: &str, path: &str, e: serde_yaml_ng::Error) -> ConfigError {
     err
 }
 
-/// Walks a JSON tree alongside the schema and replaces every Any whose type is in `opaque` by a
-/// `pilotfish.config.v1.OpaqueAny` holding the original type URL and JSON.
-fn wrap_opaque_anys(
-    value: &mut serde_json::Value,
-    desc: &MessageDescriptor,
-    opaque: &BTreeSet<String>,
-) {
+/// Walks a JSON tree alongside the schema, bringing it to what the proto3 JSON reader takes:
+/// every Any whose type is in `opaque` becomes a `pilotfish.config.v1.OpaqueAny` holding the
+/// original type URL and JSON; and the forms Envoy's own loader accepts beyond the canonical
+/// mapping are rewritten: a Duration written as `{seconds, nanos}`, and a single
+/// value where a list is expected.
+fn normalize(value: &mut serde_json::Value, desc: &MessageDescriptor, opaque: &BTreeSet<String>) {
     let pool = descriptor_pool();
     match desc.full_name() {
         "google.protobuf.Any" => {
@@ -263,9 +275,20 @@ fn wrap_opaque_anys(
                 obj.insert("json".into(), serde_json::Value::Object(inner));
             } else if let Some(inner) = pool.get_message_by_name(type_url_message_name(&url)) {
                 if is_wkt_with_value(inner.full_name()) {
+                    if let Some(v) = obj.get_mut("value") {
+                        normalize(v, &inner, opaque);
+                    }
                     return;
                 }
-                wrap_opaque_anys(value, &inner, opaque);
+                normalize(value, &inner, opaque);
+            }
+        }
+        "google.protobuf.Duration" => {
+            let Some(obj) = value.as_object() else { return };
+            let seconds = obj.get("seconds").and_then(json_i64).unwrap_or(0);
+            let nanos = obj.get("nanos").and_then(json_i64).unwrap_or(0);
+            if obj.keys().all(|k| k == "seconds" || k == "nanos") {
+                *value = format_duration(seconds, nanos).into();
             }
         }
         "google.protobuf.Struct" | "google.protobuf.Value" | "google.protobuf.ListValue" => {}
@@ -278,6 +301,9 @@ fn wrap_opaque_anys(
                     .get_field_by_name(key)
                     .or_else(|| desc.get_field_by_json_name(key));
                 let Some(field) = field else { continue };
+                if field.is_list() && !v.is_array() && !v.is_null() {
+                    *v = serde_json::Value::Array(vec![std::mem::take(v)]);
+                }
                 let Kind::Message(m) = field.kind() else {
                     continue;
                 };
@@ -286,19 +312,35 @@ fn wrap_opaque_anys(
                     if let Kind::Message(vm) = value_desc.kind() {
                         if let Some(map) = v.as_object_mut() {
                             for item in map.values_mut() {
-                                wrap_opaque_anys(item, &vm, opaque);
+                                normalize(item, &vm, opaque);
                             }
                         }
                     }
                 } else if let Some(items) = v.as_array_mut() {
                     for item in items {
-                        wrap_opaque_anys(item, &m, opaque);
+                        normalize(item, &m, opaque);
                     }
                 } else {
-                    wrap_opaque_anys(v, &m, opaque);
+                    normalize(v, &m, opaque);
                 }
             }
         }
+    }
+}
+
+fn json_i64(v: &serde_json::Value) -> Option<i64> {
+    v.as_i64().or_else(|| v.as_str()?.parse().ok())
+}
+
+fn format_duration(seconds: i64, nanos: i64) -> String {
+    let total = seconds as i128 * 1_000_000_000 + nanos as i128;
+    let sign = if total < 0 { "-" } else { "" };
+    let total = total.unsigned_abs();
+    let (s, n) = (total / 1_000_000_000, total % 1_000_000_000);
+    if n == 0 {
+        format!("{sign}{s}s")
+    } else {
+        format!("{sign}{s}.{n:09}s")
     }
 }
 
