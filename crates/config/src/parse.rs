@@ -115,11 +115,15 @@ pub fn parse(
             // The slower path: a JSON tree, brought into the canonical mapping first (opaque Anys
             // wrapped; the forms Envoy accepts beyond proto3 JSON rewritten). Line numbers are lost
             // here, so when this fails too the streaming error is the one reported.
-            let mut value: serde_json::Value = match format {
-                Format::Json => serde_json::from_str(text).map_err(|e| json_error(file, "", e))?,
-                Format::Yaml => {
-                    serde_yaml_ng::from_str(text).map_err(|e| yaml_error(file, "", e))?
-                }
+            let tree = match format {
+                Format::Json => serde_json::from_str(text).map_err(|e| json_error(file, "", e)),
+                Format::Yaml => serde_yaml_ng::from_str(text).map_err(|e| yaml_error(file, "", e)),
+            };
+            let mut value: serde_json::Value = match tree {
+                Ok(v) => v,
+                // A syntax error: the streaming parser said it, with the path it had reached.
+                Err(_) if opaque.is_empty() => return Err(stream_error),
+                Err(e) => return Err(e),
             };
             normalize(&mut value, &desc, &opaque);
             let mut track = serde_path_to_error::Track::new();
