@@ -86,6 +86,28 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     load_str(&file, &text, None)
 }
 
+/// Loads one Envoy message of type `T` (a route configuration for `route-check`, say) with the
+/// same checks as a whole configuration: syntax, schema, API constraints, regexes.
+pub fn load_message<T: prost::Message + prost::Name + Default>(
+    file: &str,
+    text: &str,
+) -> Result<T, ConfigErrors> {
+    let format = Format::detect(file, text);
+    let message = parse::parse_as(file, text, format, &T::full_name())?;
+    let (findings, _) = validate::check_document(&message);
+    if !findings.is_empty() {
+        return Err(ConfigErrors(
+            findings
+                .into_iter()
+                .map(|(p, m)| ConfigError::new(file, p, m))
+                .collect(),
+        ));
+    }
+    message
+        .transcode_to()
+        .map_err(|e| ConfigError::new(file, "", e.to_string()).into())
+}
+
 /// Loads `text`; `file` names it in messages. The format follows the name's extension (else the
 /// content); `kind` is detected when not given.
 pub fn load_str(

@@ -83,16 +83,38 @@ fn type_url_regex() -> &'static Regex {
     RE.get_or_init(|| Regex::new(r#"["']?@type["']?\s*:\s*["']?([A-Za-z0-9_./-]+)"#).unwrap())
 }
 
+/// Parses `text` as the message named `message_name` (opaque types are an error here).
+pub fn parse_as(
+    file: &str,
+    text: &str,
+    format: Format,
+    message_name: &str,
+) -> Result<DynamicMessage, ConfigError> {
+    let desc = descriptor_pool()
+        .get_message_by_name(message_name)
+        .expect("message in pool");
+    parse_message(file, text, format, desc).map(|p| p.message)
+}
+
 pub fn parse(
     file: &str,
     text: &str,
     format: Format,
     kind: DocumentKind,
 ) -> Result<Parsed, ConfigError> {
-    let pool = descriptor_pool();
-    let desc = pool
+    let desc = descriptor_pool()
         .get_message_by_name(kind.message_name())
         .expect("root message in pool");
+    parse_message(file, text, format, desc)
+}
+
+fn parse_message(
+    file: &str,
+    text: &str,
+    format: Format,
+    desc: MessageDescriptor,
+) -> Result<Parsed, ConfigError> {
+    let pool = descriptor_pool();
     let opaque: BTreeSet<String> = type_url_regex()
         .captures_iter(text)
         .map(|c| c[1].to_string())
