@@ -38,6 +38,9 @@ enum Command {
     /// Envoy can run: RDS, EDS and SDS resolved inline, Istio-only extensions dropped with a
     /// comment naming each.
     Bootstrap { file: PathBuf },
+    /// Show the path a connection (and its HTTP request) takes through a configuration, every
+    /// decision with what it chose and why the alternatives lost.
+    Trace(TraceArgs),
     /// Check a route configuration against a tests file, as Envoy's router_check_tool does
     /// (same schema, assertions, output and exit codes).
     RouteCheck {
@@ -71,6 +74,116 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct TraceArgs {
+    /// Bootstrap or config dump.
+    config: PathBuf,
+    /// Where the client connects to (the original destination), IP:PORT.
+    #[arg(long)]
+    destination: std::net::SocketAddr,
+    /// Where the connection comes from, IP:PORT.
+    #[arg(long, default_value = "192.0.2.10:50000")]
+    source: std::net::SocketAddr,
+    /// The listener that accepts the connection, by name or port (default: the listener bound at
+    /// the destination).
+    #[arg(long, conflicts_with_all = ["inbound", "outbound"])]
+    listener: Option<String>,
+    /// Intercepted inbound traffic, as Istio's iptables redirect it (to port 15006).
+    #[arg(long)]
+    inbound: bool,
+    /// Intercepted outbound traffic, as Istio's iptables redirect it (to port 15001).
+    #[arg(long)]
+    outbound: bool,
+    /// The connection starts with a TLS ClientHello.
+    #[arg(long)]
+    tls: bool,
+    /// SNI in the ClientHello.
+    #[arg(long, requires = "tls")]
+    sni: Option<String>,
+    /// ALPN protocols in the ClientHello (comma separated, or repeated).
+    #[arg(long, value_delimiter = ',', requires = "tls")]
+    alpn: Vec<String>,
+    /// Plaintext protocol: http/1.1, http/1.0, h2c, or tcp (not HTTP).
+    #[arg(long, default_value = "http/1.1")]
+    protocol: String,
+    /// The request's :authority (default: the destination).
+    #[arg(long)]
+    authority: Option<String>,
+    #[arg(long, default_value = "/")]
+    path: String,
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// A request header, NAME:VALUE (repeatable).
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// The random value that picks weighted clusters and runtime fractions.
+    #[arg(long, default_value_t = 0)]
+    random_value: u64,
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also list every alternative that lost, not only the choices.
+    #[arg(long, short = 'v')]
+    verbose: bool,
+}
+
+fn trace(a: &TraceArgs) -> ExitCode {
+    use pilotfish_decide::listener::{Connection, Entry};
+    let Some(cfg) = load(&a.config) else {
+        return ExitCode::from(1);
+    };
+    let entry = match (&a.listener, a.inbound, a.outbound) {
+        (Some(l), _, _) => match l.parse::<u16>() {
+            Ok(p) => Entry::Port(p),
+            Err(_) => Entry::Listener(l.clone()),
+        },
+        (None, true, _) => Entry::Port(15006),
+        (None, _, true) => Entry::Port(15001),
+        _ => Entry::Direct,
+    };
+    let http = (a.protocol != "tcp").then(|| a.protocol.clone());
+    let conn = Connection {
+        destination: a.destination,
+        source: a.source,
+        tls: a.tls,
+        sni: a.sni.clone(),
+        alpn: a.alpn.clone(),
+        http,
+    };
+    let mut req = pilotfish_decide::router::Request::new(
+        a.authority.as_deref().unwrap_or(&a.destination.to_string()),
+        &a.path,
+    );
+    req.method = a.method.clone();
+    req.scheme = if a.tls { "https".into() } else { "http".into() };
+    req.random_value = a.random_value;
+    for h in &a.headers {
+        let Some((k, v)) = h.split_once(':') else {
+            eprintln!("error: --header {h}: expected NAME:VALUE");
+            return ExitCode::from(2);
+        };
+        req.headers
+            .push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let t = pilotfish_decide::trace::trace(&cfg.resources, &conn, &entry, Some(&req));
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&t.to_json()).unwrap());
+    } else {
+        let tls = if a.tls {
+            format!(
+                "TLS, SNI {}, ALPN [{}]",
+                a.sni.as_deref().unwrap_or("(none)"),
+                a.alpn.join(", ")
+            )
+        } else {
+            format!("plaintext {}", a.protocol)
+        };
+        println!("connection {} -> {} ({tls})", a.source, a.destination);
+        print!("{}", t.to_text(a.verbose));
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Validate { file, json } => {
@@ -102,6 +215,7 @@ fn main() -> ExitCode {
                 pilotfish_config::output::standalone_bootstrap_yaml(&cfg.resources)
             );
         }
+        Command::Trace(args) => return trace(&args),
         Command::RouteCheck {
             config,
             tests,
