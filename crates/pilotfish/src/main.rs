@@ -40,7 +40,7 @@ enum Command {
     Bootstrap { file: PathBuf },
     /// Show the path a connection (and its HTTP request) takes through a configuration, every
     /// decision with what it chose and why the alternatives lost.
-    Trace(TraceArgs),
+    Trace(Box<TraceArgs>),
     /// Check a route configuration against a tests file, as Envoy's router_check_tool does
     /// (same schema, assertions, output and exit codes).
     RouteCheck {
