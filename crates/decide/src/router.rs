@@ -791,3 +791,366 @@ fn redirect(r: &CompiledRoute, rd: &RedirectAction, req: &Request) -> Action {
         code,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(yaml: &str) -> RouteTable {
+        let rc: RouteConfiguration =
+            pilotfish_config::load_message("rc.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+        RouteTable::new(&rc).unwrap()
+    }
+
+    fn vhost(t: &RouteTable, authority: &str) -> Option<String> {
+        t.select_virtual_host(authority, &mut vec![])
+            .map(|i| t.vhosts[i].name.clone())
+    }
+
+    const HOSTS: &str = r#"
+name: hosts
+virtual_hosts:
+- { name: exact, domains: [www.example.com, "api.example.com:8080"], routes: [] }
+- { name: suffix-short, domains: ["*.example.com"], routes: [] }
+- { name: suffix-long, domains: ["*.api.example.com"], routes: [] }
+- { name: suffix-dash, domains: ["*-bar.foo.com"], routes: [] }
+- { name: prefix, domains: ["example.*"], routes: [] }
+- { name: prefix-long, domains: ["example.co.*"], routes: [] }
+- { name: default, domains: ["*"], routes: [] }
+"#;
+
+    #[test]
+    fn virtual_hosts_are_chosen_exact_then_suffix_then_prefix_then_default() {
+        let t = table(HOSTS);
+        assert_eq!(vhost(&t, "www.example.com").as_deref(), Some("exact"));
+        // Case does not matter.
+        assert_eq!(vhost(&t, "WWW.Example.COM").as_deref(), Some("exact"));
+        // The port is part of the host (unless the HCM strips it or the route configuration
+        // ignores it): "www.example.com:80" ends in ":80", not ".example.com".
+        assert_eq!(vhost(&t, "www.example.com:80").as_deref(), Some("default"));
+        assert_eq!(vhost(&t, "api.example.com:8080").as_deref(), Some("exact"));
+        assert_eq!(
+            vhost(&t, "api.example.com").as_deref(),
+            Some("suffix-short")
+        );
+        // The longest suffix wins.
+        assert_eq!(
+            vhost(&t, "v1.api.example.com").as_deref(),
+            Some("suffix-long")
+        );
+        assert_eq!(vhost(&t, "a.example.com").as_deref(), Some("suffix-short"));
+        // `*` stands for at least one character.
+        assert_eq!(vhost(&t, ".example.com").as_deref(), Some("default"));
+        assert_eq!(vhost(&t, "example.com").as_deref(), Some("prefix"));
+        assert_eq!(vhost(&t, "baz-bar.foo.com").as_deref(), Some("suffix-dash"));
+        assert_eq!(vhost(&t, "-bar.foo.com").as_deref(), Some("default"));
+        // Prefix wildcards, longest first, after every suffix wildcard.
+        assert_eq!(vhost(&t, "example.org").as_deref(), Some("prefix"));
+        assert_eq!(vhost(&t, "example.co.uk").as_deref(), Some("prefix-long"));
+        assert_eq!(vhost(&t, "example.").as_deref(), Some("default"));
+        assert_eq!(vhost(&t, "other.net").as_deref(), Some("default"));
+        let no_default = table("virtual_hosts: [{ name: only, domains: [a.com], routes: [] }]");
+        assert_eq!(vhost(&no_default, "b.com"), None);
+        let d = no_default.route(&Request::new("b.com", "/"));
+        assert_eq!(d.action, Action::NoRoute);
+    }
+
+    #[test]
+    fn ignore_port_in_host_matching_strips_the_port() {
+        let t = table("ignore_port_in_host_matching: true\nvirtual_hosts: [{ name: a, domains: [a.com], routes: [] }, { name: d, domains: ['*'], routes: [] }]");
+        assert_eq!(vhost(&t, "a.com:9999").as_deref(), Some("a"));
+        assert_eq!(vhost(&t, "[::1]:80").as_deref(), Some("d"));
+    }
+
+    fn routed(t: &RouteTable, req: &Request) -> (Option<usize>, Action) {
+        let d = t.route(req);
+        (d.route_index, d.action)
+    }
+
+    fn cluster_of(t: &RouteTable, req: &Request) -> String {
+        match t.route(req).action {
+            Action::Forward { cluster, .. } => cluster,
+            other => format!("{other:?}"),
+        }
+    }
+
+    const ROUTES: &str = r#"
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - { match: { path: /exact }, route: { cluster: exact } }
+  - { match: { path: /Exact-ci, case_sensitive: false }, route: { cluster: exact-ci } }
+  - { match: { prefix: /API/, case_sensitive: false }, route: { cluster: api-ci, prefix_rewrite: /v2/ } }
+  - { match: { safe_regex: { regex: "/users/[0-9]+" } }, route: { cluster: regex } }
+  - { match: { path_separated_prefix: /sep }, route: { cluster: separated } }
+  - match: { prefix: /hdr, headers: [{ name: x-env, string_match: { exact: canary } }, { name: x-debug, present_match: true }] }
+    route: { cluster: headers }
+  - match: { prefix: /hdr, headers: [{ name: x-env, string_match: { exact: canary }, invert_match: true }] }
+    route: { cluster: not-canary }
+  - match: { prefix: /q, query_parameters: [{ name: v, string_match: { prefix: "2" } }] }
+    route: { cluster: query }
+  - { match: { prefix: /grpc, grpc: {} }, route: { cluster: grpc } }
+  - match: { prefix: /range, headers: [{ name: x-n, range_match: { start: 10, end: 20 } }] }
+    route: { cluster: range }
+  - match: { prefix: /frac, runtime_fraction: { runtime_key: k, default_value: { numerator: 25, denominator: HUNDRED } } }
+    route: { cluster: fraction }
+  - { match: { prefix: / }, route: { cluster: fallback } }
+"#;
+
+    #[test]
+    fn routes_match_in_order_with_every_match_kind() {
+        let t = table(ROUTES);
+        let r = |path: &str| Request::new("h", path);
+        assert_eq!(cluster_of(&t, &r("/exact")), "exact");
+        // Exact paths ignore the query string but not a trailing slash.
+        assert_eq!(cluster_of(&t, &r("/exact?x=1")), "exact");
+        assert_eq!(cluster_of(&t, &r("/exact/")), "fallback");
+        assert_eq!(cluster_of(&t, &r("/EXACT")), "fallback");
+        assert_eq!(cluster_of(&t, &r("/exact-CI")), "exact-ci");
+        assert_eq!(cluster_of(&t, &r("/api/x")), "api-ci");
+        // Regexes match the whole path, without the query string.
+        assert_eq!(cluster_of(&t, &r("/users/42")), "regex");
+        assert_eq!(cluster_of(&t, &r("/users/42?a=b")), "regex");
+        assert_eq!(cluster_of(&t, &r("/users/42/x")), "fallback");
+        // path_separated_prefix: the prefix itself or below it, not a longer name.
+        assert_eq!(cluster_of(&t, &r("/sep")), "separated");
+        assert_eq!(cluster_of(&t, &r("/sep/a")), "separated");
+        assert_eq!(cluster_of(&t, &r("/separate")), "fallback");
+        // Headers: all must match; inversion; absent headers fail an inverted matcher too.
+        let mut h = r("/hdr");
+        h.headers = vec![
+            ("x-env".into(), "canary".into()),
+            ("x-debug".into(), "".into()),
+        ];
+        assert_eq!(cluster_of(&t, &h), "headers");
+        h.headers = vec![("x-env".into(), "canary".into())];
+        assert_eq!(cluster_of(&t, &h), "fallback");
+        h.headers = vec![("x-env".into(), "prod".into())];
+        assert_eq!(cluster_of(&t, &h), "not-canary");
+        h.headers = vec![];
+        assert_eq!(cluster_of(&t, &h), "fallback");
+        // Query parameters.
+        assert_eq!(cluster_of(&t, &r("/q?v=2.1")), "query");
+        assert_eq!(cluster_of(&t, &r("/q?v=1")), "fallback");
+        assert_eq!(cluster_of(&t, &r("/q")), "fallback");
+        // gRPC needs an application/grpc content type.
+        let mut g = r("/grpc");
+        assert_eq!(cluster_of(&t, &g), "fallback");
+        g.headers = vec![("content-type".into(), "application/grpc+proto".into())];
+        assert_eq!(cluster_of(&t, &g), "grpc");
+        // Ranges are half open.
+        let mut n = r("/range");
+        n.headers = vec![("x-n".into(), "19".into())];
+        assert_eq!(cluster_of(&t, &n), "range");
+        n.headers = vec![("x-n".into(), "20".into())];
+        assert_eq!(cluster_of(&t, &n), "fallback");
+        // Runtime fractions: the random value decides, deterministically.
+        let mut f = r("/frac");
+        f.random_value = 124;
+        assert_eq!(cluster_of(&t, &f), "fraction");
+        f.random_value = 125;
+        assert_eq!(cluster_of(&t, &f), "fallback");
+        f.runtime = Runtime::EnabledKeys(vec![]);
+        f.random_value = 1;
+        assert_eq!(cluster_of(&t, &f), "fallback");
+        f.runtime = Runtime::EnabledKeys(vec!["k".into()]);
+        assert_eq!(cluster_of(&t, &f), "fraction");
+    }
+
+    #[test]
+    fn every_rejected_route_says_why() {
+        let t = table(ROUTES);
+        let d = t.route(&Request::new("h", "/q?v=1"));
+        let q = d
+            .reasons
+            .iter()
+            .find(|r| r.subject.starts_with("routes[7]"))
+            .unwrap();
+        assert_eq!(q.verdict, Verdict::Rejected);
+        assert!(q.detail.contains("query parameter v"), "{}", q.detail);
+        let exact = d
+            .reasons
+            .iter()
+            .find(|r| r.subject.starts_with("routes[0]"))
+            .unwrap();
+        assert!(
+            exact.detail.contains("'/q' != '/exact'"),
+            "{}",
+            exact.detail
+        );
+        assert_eq!(d.reasons.last().unwrap().verdict, Verdict::Chosen);
+    }
+
+    #[test]
+    fn forwarding_rewrites_path_and_host() {
+        let t = table(
+            r#"
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - { match: { prefix: /old/ }, route: { cluster: c, prefix_rewrite: /new/, host_rewrite_literal: upstream.local } }
+  - { match: { path: /whole }, route: { cluster: c, prefix_rewrite: /other } }
+  - match: { prefix: /re/ }
+    route: { cluster: c, regex_rewrite: { pattern: { regex: "^/re/([a-z]+)/(.*)$" }, substitution: "/\\2/\\1" } }
+  - { match: { prefix: /hh }, route: { cluster: c, host_rewrite_header: x-host } }
+  - { match: { prefix: /ch }, route: { cluster_header: x-cluster } }
+"#,
+        );
+        let fwd = |path: &str, headers: Vec<(&str, &str)>| {
+            let mut r = Request::new("orig.example", path);
+            r.headers = headers
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            match t.route(&r).action {
+                Action::Forward {
+                    cluster,
+                    path,
+                    host,
+                    ..
+                } => (cluster, path, host),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            fwd("/old/a?x=1", vec![]),
+            ("c".into(), "/new/a?x=1".into(), "upstream.local".into())
+        );
+        assert_eq!(fwd("/whole?q", vec![]).1, "/other?q");
+        assert_eq!(fwd("/re/abc/def?k=v", vec![]).1, "/def/abc?k=v");
+        assert_eq!(fwd("/hh", vec![("x-host", "from-header")]).2, "from-header");
+        assert_eq!(fwd("/hh", vec![]).2, "orig.example");
+        assert_eq!(fwd("/ch", vec![("x-cluster", "picked")]).0, "picked");
+        assert_eq!(fwd("/ch", vec![]).0, "");
+    }
+
+    #[test]
+    fn weighted_clusters_split_by_the_random_value() {
+        let t = table(
+            r#"
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - match: { prefix: / }
+    route: { weighted_clusters: { clusters: [{ name: a, weight: 30 }, { name: b, weight: 30 }, { name: c, weight: 40 }] } }
+"#,
+        );
+        let pick = |n: u64| {
+            let mut r = Request::new("h", "/");
+            r.random_value = n;
+            let d = t.route(&r);
+            (cluster_of(&t, &r), d.weighted_index)
+        };
+        assert_eq!(pick(0), ("a".into(), Some(0)));
+        assert_eq!(pick(29), ("a".into(), Some(0)));
+        assert_eq!(pick(30), ("b".into(), Some(1)));
+        assert_eq!(pick(59), ("b".into(), Some(1)));
+        assert_eq!(pick(60), ("c".into(), Some(2)));
+        assert_eq!(pick(99), ("c".into(), Some(2)));
+        assert_eq!(pick(115), ("a".into(), Some(0)));
+    }
+
+    #[test]
+    fn redirects_direct_responses_and_tls_requirements() {
+        let t = table(
+            r#"
+virtual_hosts:
+- name: secure
+  domains: [secure.example]
+  require_tls: ALL
+  routes: [{ match: { prefix: / }, route: { cluster: c } }]
+- name: v
+  domains: ["*"]
+  routes:
+  - { match: { prefix: /https }, redirect: { https_redirect: true } }
+  - { match: { prefix: /host }, redirect: { host_redirect: new.example, response_code: FOUND } }
+  - { match: { prefix: /port }, redirect: { port_redirect: 8443 } }
+  - { match: { prefix: /path }, redirect: { path_redirect: /elsewhere } }
+  - { match: { prefix: /strip }, redirect: { path_redirect: /s, strip_query: true, response_code: PERMANENT_REDIRECT } }
+  - { match: { prefix: /pre/ }, redirect: { prefix_rewrite: /post/ } }
+  - { match: { prefix: /ping }, direct_response: { status: 200, body: { inline_string: pong } } }
+"#,
+        );
+        let r = |host: &str, path: &str| t.route(&Request::new(host, path)).action;
+        let redirect = |host: &str, path: &str| match r(host, path) {
+            Action::Redirect { location, code } => (location, code),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            redirect("a.example", "/https?x=1"),
+            ("https://a.example/https?x=1".into(), 301)
+        );
+        assert_eq!(
+            redirect("a.example:80", "/https"),
+            ("https://a.example/https".into(), 301)
+        );
+        assert_eq!(
+            redirect("a.example", "/host/x"),
+            ("http://new.example/host/x".into(), 302)
+        );
+        assert_eq!(
+            redirect("a.example:8080", "/port"),
+            ("http://a.example:8443/port".into(), 301)
+        );
+        assert_eq!(
+            redirect("a.example", "/path?keep=1"),
+            ("http://a.example/elsewhere?keep=1".into(), 301)
+        );
+        assert_eq!(
+            redirect("a.example", "/strip?drop=1"),
+            ("http://a.example/s".into(), 308)
+        );
+        assert_eq!(
+            redirect("a.example", "/pre/x"),
+            ("http://a.example/post/x".into(), 301)
+        );
+        assert_eq!(
+            r("a.example", "/ping"),
+            Action::DirectResponse {
+                status: 200,
+                body: "pong".into()
+            }
+        );
+        assert_eq!(
+            redirect("secure.example", "/x"),
+            ("https://secure.example/x".into(), 301)
+        );
+        let mut tls = Request::new("secure.example", "/x");
+        tls.scheme = "https".into();
+        assert_eq!(routed(&t, &tls).0, Some(0));
+    }
+
+    #[test]
+    fn virtual_clusters_are_named_or_other() {
+        let t = table(
+            r#"
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes: [{ match: { prefix: / }, route: { cluster: c } }]
+  virtual_clusters:
+  - name: create
+    headers: [{ name: ":path", string_match: { safe_regex: { regex: "^/items$" } } }, { name: ":method", string_match: { exact: POST } }]
+- name: plain
+  domains: [plain]
+  routes: [{ match: { prefix: / }, route: { cluster: c } }]
+"#,
+        );
+        let mut post = Request::new("h", "/items");
+        post.method = "POST".into();
+        assert_eq!(t.route(&post).virtual_cluster.as_deref(), Some("create"));
+        assert_eq!(
+            t.route(&Request::new("h", "/items"))
+                .virtual_cluster
+                .as_deref(),
+            Some("other")
+        );
+        assert_eq!(
+            t.route(&Request::new("plain", "/items")).virtual_cluster,
+            None
+        );
+    }
+}
