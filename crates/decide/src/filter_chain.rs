@@ -263,3 +263,233 @@ fn longest_prefix(
         .map(|c| c.len + 1)
         .max()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(yaml: &str) -> Listener {
+        pilotfish_config::load_message("l.yaml", yaml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn input(local: &str, sni: Option<&str>, transport: &str, alpn: &[&str]) -> ChainInput {
+        ChainInput {
+            local: local.parse().unwrap(),
+            source: "10.0.0.9:40000".parse().unwrap(),
+            direct_source: "10.0.0.9:40000".parse().unwrap(),
+            server_name: sni.map(str::to_string),
+            transport_protocol: transport.into(),
+            application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn pick(l: &Listener, i: &ChainInput) -> Selected {
+        select(l, i).0
+    }
+
+    // Istio's inbound listener in miniature: per-port chains split by transport and ALPN, and
+    // catch-all chains without a port.
+    const INBOUND: &str = r#"
+name: virtualInbound
+address: { socket_address: { address: 0.0.0.0, port_value: 15006 } }
+filter_chains:
+- name: blackhole
+  filter_chain_match: { destination_port: 15006 }
+- name: catchall-tls
+  filter_chain_match: { transport_protocol: tls }
+- name: catchall-plain
+  filter_chain_match: { transport_protocol: raw_buffer }
+- name: 8080-mtls
+  filter_chain_match: { destination_port: 8080, transport_protocol: tls, application_protocols: [istio-http/1.1, istio-h2] }
+- name: 8080-tls-other
+  filter_chain_match: { destination_port: 8080, transport_protocol: tls }
+- name: 8080-plain
+  filter_chain_match: { destination_port: 8080, transport_protocol: raw_buffer }
+"#;
+
+    #[test]
+    fn istio_inbound_chains() {
+        let l = listener(INBOUND);
+        assert_eq!(
+            pick(
+                &l,
+                &input(
+                    "10.1.1.1:8080",
+                    Some("outbound_.8080_._.x"),
+                    "tls",
+                    &["istio-http/1.1"]
+                )
+            ),
+            Selected::Chain(3)
+        );
+        // TLS without an Istio ALPN: the port's TLS chain without ALPN.
+        assert_eq!(
+            pick(&l, &input("10.1.1.1:8080", None, "tls", &["h2"])),
+            Selected::Chain(4)
+        );
+        assert_eq!(
+            pick(
+                &l,
+                &input("10.1.1.1:8080", None, "raw_buffer", &["http/1.1"])
+            ),
+            Selected::Chain(5)
+        );
+        // Other ports fall to the port-less chains, by transport.
+        assert_eq!(
+            pick(&l, &input("10.1.1.1:9000", None, "tls", &[])),
+            Selected::Chain(1)
+        );
+        assert_eq!(
+            pick(&l, &input("10.1.1.1:9000", None, "raw_buffer", &[])),
+            Selected::Chain(2)
+        );
+        assert_eq!(
+            pick(&l, &input("10.1.1.1:15006", None, "raw_buffer", &[])),
+            Selected::Chain(0)
+        );
+        // The ALPN order of the connection decides between protocols a chain lists.
+        assert_eq!(
+            pick(
+                &l,
+                &input("10.1.1.1:8080", None, "tls", &["foo", "istio-h2"])
+            ),
+            Selected::Chain(3)
+        );
+    }
+
+    #[test]
+    fn no_backtracking_once_a_criterion_picked_the_most_specific_chains() {
+        // The port-8080 chain wins on port even though only the port-less chain would match the
+        // transport: Envoy does not go back, and nothing matches.
+        let l = listener(
+            r#"
+name: l
+filter_chains:
+- { name: p8080-tls, filter_chain_match: { destination_port: 8080, transport_protocol: tls } }
+- { name: any-plain, filter_chain_match: { transport_protocol: raw_buffer } }
+"#,
+        );
+        let (s, reasons) = select(&l, &input("1.2.3.4:8080", None, "raw_buffer", &[]));
+        assert_eq!(s, Selected::None);
+        assert!(reasons
+            .iter()
+            .any(|r| r.subject.contains("any-plain") && r.verdict == Verdict::Skipped));
+        assert!(reasons
+            .last()
+            .unwrap()
+            .detail
+            .contains("closes the connection"));
+        let mut with_default = l.clone();
+        with_default.default_filter_chain = Some(FilterChain {
+            name: "dflt".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            pick(
+                &with_default,
+                &input("1.2.3.4:8080", None, "raw_buffer", &[])
+            ),
+            Selected::Default
+        );
+    }
+
+    #[test]
+    fn server_names_exact_then_longest_wildcard_then_none() {
+        let l = listener(
+            r#"
+name: l
+filter_chains:
+- { name: exact, filter_chain_match: { server_names: [api.example.com] } }
+- { name: wild, filter_chain_match: { server_names: ["*.example.com"] } }
+- { name: wilder, filter_chain_match: { server_names: ["*.api.example.com"] } }
+- { name: none }
+"#,
+        );
+        assert_eq!(
+            pick(
+                &l,
+                &input("1.1.1.1:443", Some("api.example.com"), "tls", &[])
+            ),
+            Selected::Chain(0)
+        );
+        assert_eq!(
+            pick(
+                &l,
+                &input("1.1.1.1:443", Some("API.example.com"), "tls", &[])
+            ),
+            Selected::Chain(0)
+        );
+        assert_eq!(
+            pick(
+                &l,
+                &input("1.1.1.1:443", Some("v1.api.example.com"), "tls", &[])
+            ),
+            Selected::Chain(2)
+        );
+        assert_eq!(
+            pick(
+                &l,
+                &input("1.1.1.1:443", Some("www.example.com"), "tls", &[])
+            ),
+            Selected::Chain(1)
+        );
+        assert_eq!(
+            pick(&l, &input("1.1.1.1:443", Some("example.com"), "tls", &[])),
+            Selected::Chain(3)
+        );
+        assert_eq!(
+            pick(&l, &input("1.1.1.1:443", None, "tls", &[])),
+            Selected::Chain(3)
+        );
+    }
+
+    #[test]
+    fn destination_and_source_prefixes_longest_first() {
+        let l = listener(
+            r#"
+name: l
+filter_chains:
+- { name: ten, filter_chain_match: { prefix_ranges: [{ address_prefix: 10.0.0.0, prefix_len: 8 }] } }
+- { name: ten-one, filter_chain_match: { prefix_ranges: [{ address_prefix: 10.1.0.0, prefix_len: 16 }] } }
+- { name: host, filter_chain_match: { prefix_ranges: [{ address_prefix: 10.1.2.3, prefix_len: 32 }] } }
+- { name: rest }
+"#,
+        );
+        assert_eq!(
+            pick(&l, &input("10.1.2.3:80", None, "raw_buffer", &[])),
+            Selected::Chain(2)
+        );
+        assert_eq!(
+            pick(&l, &input("10.1.9.9:80", None, "raw_buffer", &[])),
+            Selected::Chain(1)
+        );
+        assert_eq!(
+            pick(&l, &input("10.9.9.9:80", None, "raw_buffer", &[])),
+            Selected::Chain(0)
+        );
+        assert_eq!(
+            pick(&l, &input("192.168.0.1:80", None, "raw_buffer", &[])),
+            Selected::Chain(3)
+        );
+        let src = listener(
+            r#"
+name: l
+filter_chains:
+- { name: local, filter_chain_match: { source_type: SAME_IP_OR_LOOPBACK } }
+- { name: external, filter_chain_match: { source_type: EXTERNAL, source_prefix_ranges: [{ address_prefix: 10.0.0.0, prefix_len: 8 }] } }
+- { name: external-port, filter_chain_match: { source_type: EXTERNAL, source_prefix_ranges: [{ address_prefix: 10.0.0.0, prefix_len: 8 }], source_ports: [40000] } }
+- { name: any }
+"#,
+        );
+        let mut i = input("10.1.1.1:80", None, "raw_buffer", &[]);
+        assert_eq!(pick(&src, &i), Selected::Chain(2));
+        i.source = "10.0.0.9:40001".parse().unwrap();
+        assert_eq!(pick(&src, &i), Selected::Chain(1));
+        i.source = "127.0.0.1:5".parse().unwrap();
+        assert_eq!(pick(&src, &i), Selected::Chain(0));
+        // External, so the EXTERNAL chains win the source type criterion; neither takes this
+        // source IP, and there is no going back to the `any` chain.
+        i.source = "192.168.1.1:5".parse().unwrap();
+        assert_eq!(pick(&src, &i), Selected::None);
+    }
+}

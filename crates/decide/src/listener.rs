@@ -276,3 +276,135 @@ fn describe(p: &ListenerFilterChainMatchPredicate) -> String {
         None => "no rule".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(yaml: &str) -> ResourceSet {
+        pilotfish_config::load_str("t.yaml", yaml, None)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .resources
+    }
+
+    const LISTENERS: &str = r#"
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
+    use_original_dst: true
+    filter_chains: [{ name: passthrough }]
+  - name: wildcard_8080
+    address: { socket_address: { address: 0.0.0.0, port_value: 8080 } }
+    bind_to_port: false
+    filter_chains: [{}]
+  - name: exact_8080
+    address: { socket_address: { address: 10.0.0.5, port_value: 8080 } }
+    bind_to_port: false
+    filter_chains: [{}]
+  - name: public
+    address: { socket_address: { address: 127.0.0.1, port_value: 9000 } }
+    filter_chains: [{}]
+"#;
+
+    fn conn(dst: &str) -> Connection {
+        Connection {
+            destination: dst.parse().unwrap(),
+            source: "10.0.0.1:5000".parse().unwrap(),
+            tls: false,
+            sni: None,
+            alpn: vec![],
+            http: Some("http/1.1".into()),
+        }
+    }
+
+    #[test]
+    fn use_original_dst_hands_over_exact_before_wildcard() {
+        let s = set(LISTENERS);
+        let d = select(&s, &conn("10.0.0.5:8080"), &Entry::Port(15001)).unwrap();
+        assert_eq!(
+            (d.accepted_by.name.as_str(), d.serves.name.as_str()),
+            ("virtualOutbound", "exact_8080")
+        );
+        let d = select(&s, &conn("10.0.0.6:8080"), &Entry::Port(15001)).unwrap();
+        assert_eq!(d.serves.name, "wildcard_8080");
+        assert_eq!(d.local, "10.0.0.6:8080".parse().unwrap());
+        // Nobody owns it: the accepting listener keeps it.
+        let d = select(&s, &conn("10.0.0.6:7777"), &Entry::Port(15001)).unwrap();
+        assert_eq!(d.serves.name, "virtualOutbound");
+        // Listeners that do not bind are never reached directly.
+        assert!(select(&s, &conn("10.0.0.5:8080"), &Entry::Direct).is_err());
+        assert_eq!(
+            select(&s, &conn("127.0.0.1:9000"), &Entry::Direct)
+                .unwrap()
+                .serves
+                .name,
+            "public"
+        );
+        assert_eq!(
+            select(&s, &conn("1.2.3.4:1"), &Entry::Listener("public".into()))
+                .unwrap()
+                .serves
+                .name,
+            "public"
+        );
+        assert!(select(&s, &conn("1.2.3.4:1"), &Entry::Port(1)).is_err());
+    }
+
+    fn pred(yaml: &str) -> ListenerFilterChainMatchPredicate {
+        pilotfish_config::load_message("p.yaml", yaml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn filter_disabled_predicates() {
+        let at = |p: u16| -> SocketAddr { SocketAddr::new("10.0.0.1".parse().unwrap(), p) };
+        let port = pred("destination_port_range: { start: 8080, end: 8081 }");
+        assert!(predicate(&port, at(8080)));
+        assert!(!predicate(&port, at(8081)));
+        let or = pred("or_match: { rules: [{ destination_port_range: { start: 80, end: 81 } }, { destination_port_range: { start: 443, end: 444 } }] }");
+        assert!(predicate(&or, at(443)));
+        assert!(!predicate(&or, at(8443)));
+        let and = pred("and_match: { rules: [{ destination_port_range: { start: 1, end: 100 } }, { not_match: { destination_port_range: { start: 50, end: 51 } } }] }");
+        assert!(predicate(&and, at(49)));
+        assert!(!predicate(&and, at(50)));
+        assert!(predicate(&pred("any_match: true"), at(1)));
+        assert!(!predicate(&pred("not_match: { any_match: true }"), at(1)));
+    }
+
+    #[test]
+    fn listener_filters_find_what_the_connection_shows() {
+        let l: Listener = pilotfish_config::load_message(
+            "l.yaml",
+            r#"
+name: l
+listener_filters:
+- { name: envoy.filters.listener.original_dst, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst } }
+- { name: envoy.filters.listener.tls_inspector, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector } }
+- name: envoy.filters.listener.http_inspector
+  typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector }
+  filter_disabled: { destination_port_range: { start: 8080, end: 8081 } }
+"#,
+        )
+        .unwrap();
+        let accepted: SocketAddr = "10.0.0.1:15006".parse().unwrap();
+        let mut c = conn("10.0.0.1:9090");
+        let d = run_listener_filters(&l, &c, accepted);
+        assert_eq!(d.local, "10.0.0.1:9090".parse().unwrap());
+        assert_eq!(d.transport_protocol, "raw_buffer");
+        assert_eq!(d.application_protocols, vec!["http/1.1"]);
+        // The predicate sees the destination original_dst restored.
+        c.destination = "10.0.0.1:8080".parse().unwrap();
+        let d = run_listener_filters(&l, &c, accepted);
+        assert_eq!(d.filters[2].verdict, Verdict::Skipped);
+        assert!(d.application_protocols.is_empty());
+        c.tls = true;
+        c.sni = Some("a.example".into());
+        c.alpn = vec!["h2".into()];
+        let d = run_listener_filters(&l, &c, accepted);
+        assert_eq!(
+            (d.transport_protocol.as_str(), d.server_name.as_deref()),
+            ("tls", Some("a.example"))
+        );
+        assert_eq!(d.application_protocols, vec!["h2"]);
+    }
+}
