@@ -6,6 +6,7 @@
 //! explanation, what it tried and why each alternative lost ([`Reason`]).
 
 pub mod cluster;
+pub mod explain;
 pub mod filter_chain;
 pub mod listener;
 pub mod matcher;

@@ -41,6 +41,11 @@ enum Command {
     /// Show the path a connection (and its HTTP request) takes through a configuration, every
     /// decision with what it chose and why the alternatives lost.
     Trace(Box<TraceArgs>),
+    /// Draw the data-flow graph of a configuration, as the founding article drew it by hand:
+    /// listeners -> filter chains -> network and HTTP filters -> route configurations -> virtual
+    /// hosts -> routes -> clusters -> endpoints. With the trace options, the path one connection
+    /// takes is highlighted.
+    Explain(Box<ExplainArgs>),
     /// Check a route configuration against a tests file, as Envoy's router_check_tool does
     /// (same schema, assertions, output and exit codes).
     RouteCheck {
@@ -78,16 +83,29 @@ enum Command {
 struct TraceArgs {
     /// Bootstrap or config dump.
     config: PathBuf,
-    /// Where the client connects to (the original destination), IP:PORT.
-    #[arg(long)]
-    destination: std::net::SocketAddr,
-    /// Where the connection comes from, IP:PORT.
-    #[arg(long, default_value = "192.0.2.10:50000")]
-    source: std::net::SocketAddr,
     /// The listener that accepts the connection, by name or port (default: the listener bound at
     /// the destination).
     #[arg(long, conflicts_with_all = ["inbound", "outbound"])]
     listener: Option<String>,
+    #[command(flatten)]
+    conn: ConnectionArgs,
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also list every alternative that lost, not only the choices.
+    #[arg(long, short = 'v')]
+    verbose: bool,
+}
+
+/// A connection and its request, as `trace` takes them and `explain` highlights them.
+#[derive(clap::Args)]
+struct ConnectionArgs {
+    /// Where the client connects to (the original destination), IP:PORT.
+    #[arg(long)]
+    destination: Option<std::net::SocketAddr>,
+    /// Where the connection comes from, IP:PORT.
+    #[arg(long, default_value = "192.0.2.10:50000")]
+    source: std::net::SocketAddr,
     /// Intercepted inbound traffic, as Istio's iptables redirect it (to port 15006).
     #[arg(long)]
     inbound: bool,
@@ -119,20 +137,61 @@ struct TraceArgs {
     /// The random value that picks weighted clusters and runtime fractions.
     #[arg(long, default_value_t = 0)]
     random_value: u64,
-    /// Print as JSON.
-    #[arg(long)]
-    json: bool,
-    /// Also list every alternative that lost, not only the choices.
-    #[arg(long, short = 'v')]
-    verbose: bool,
 }
 
-fn trace(a: &TraceArgs) -> ExitCode {
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExplainFormat {
+    Svg,
+    Dot,
+    Mermaid,
+    Drawio,
+    Text,
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// Bootstrap or config dump.
+    config: PathBuf,
+    #[arg(long, short = 'f', value_enum, default_value = "text")]
+    format: ExplainFormat,
+    /// Write the picture to this file instead of standard output.
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Draw only this listener (by name).
+    #[arg(long)]
+    listener: Option<String>,
+    /// Draw only listeners on this port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Draw only INBOUND or OUTBOUND listeners.
+    #[arg(long, value_parser = ["INBOUND", "OUTBOUND", "inbound", "outbound"])]
+    direction: Option<String>,
+    /// Draw only what leads to this cluster.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Highlight the path of the connection given by the trace options (--destination and the
+    /// rest, as `pilotfish trace` takes them).
+    #[command(flatten)]
+    conn: ConnectionArgs,
+}
+
+/// The decision inputs, from the command line.
+fn connection(
+    a: &ConnectionArgs,
+    listener: Option<&String>,
+) -> Result<
+    (
+        pilotfish_decide::listener::Connection,
+        pilotfish_decide::listener::Entry,
+        pilotfish_decide::router::Request,
+    ),
+    String,
+> {
     use pilotfish_decide::listener::{Connection, Entry};
-    let Some(cfg) = load(&a.config) else {
-        return ExitCode::from(1);
+    let Some(destination) = a.destination else {
+        return Err("the connection needs --destination IP:PORT".into());
     };
-    let entry = match (&a.listener, a.inbound, a.outbound) {
+    let entry = match (listener, a.inbound, a.outbound) {
         (Some(l), _, _) => match l.parse::<u16>() {
             Ok(p) => Entry::Port(p),
             Err(_) => Entry::Listener(l.clone()),
@@ -143,7 +202,7 @@ fn trace(a: &TraceArgs) -> ExitCode {
     };
     let http = (a.protocol != "tcp").then(|| a.protocol.clone());
     let conn = Connection {
-        destination: a.destination,
+        destination,
         source: a.source,
         tls: a.tls,
         sni: a.sni.clone(),
@@ -151,7 +210,7 @@ fn trace(a: &TraceArgs) -> ExitCode {
         http,
     };
     let mut req = pilotfish_decide::router::Request::new(
-        a.authority.as_deref().unwrap_or(&a.destination.to_string()),
+        a.authority.as_deref().unwrap_or(&destination.to_string()),
         &a.path,
     );
     req.method = a.method.clone();
@@ -159,27 +218,101 @@ fn trace(a: &TraceArgs) -> ExitCode {
     req.random_value = a.random_value;
     for h in &a.headers {
         let Some((k, v)) = h.split_once(':') else {
-            eprintln!("error: --header {h}: expected NAME:VALUE");
-            return ExitCode::from(2);
+            return Err(format!("--header {h}: expected NAME:VALUE"));
         };
         req.headers
             .push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
+    Ok((conn, entry, req))
+}
+
+fn trace(a: &TraceArgs) -> ExitCode {
+    let Some(cfg) = load(&a.config) else {
+        return ExitCode::from(1);
+    };
+    let (conn, entry, req) = match connection(&a.conn, a.listener.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let t = pilotfish_decide::trace::trace(&cfg.resources, &conn, &entry, Some(&req));
     if a.json {
         println!("{}", serde_json::to_string_pretty(&t.to_json()).unwrap());
     } else {
-        let tls = if a.tls {
+        let tls = if conn.tls {
             format!(
                 "TLS, SNI {}, ALPN [{}]",
-                a.sni.as_deref().unwrap_or("(none)"),
-                a.alpn.join(", ")
+                conn.sni.as_deref().unwrap_or("(none)"),
+                conn.alpn.join(", ")
             )
         } else {
-            format!("plaintext {}", a.protocol)
+            format!("plaintext {}", a.conn.protocol)
         };
-        println!("connection {} -> {} ({tls})", a.source, a.destination);
+        println!("connection {} -> {} ({tls})", conn.source, conn.destination);
         print!("{}", t.to_text(a.verbose));
+    }
+    ExitCode::SUCCESS
+}
+
+fn explain(a: &ExplainArgs) -> ExitCode {
+    use pilotfish_decide::explain::{render, Focus, Graph};
+    let Some(cfg) = load(&a.config) else {
+        return ExitCode::from(1);
+    };
+    let focus = Focus {
+        listener: a.listener.clone(),
+        port: a.port,
+        direction: a.direction.as_ref().map(|d| d.to_ascii_uppercase()),
+        cluster: a.cluster.clone(),
+    };
+    let mut graph = Graph::build(&cfg.resources, &focus);
+    let mut title = a.config.display().to_string();
+    if a.conn.destination.is_some() {
+        let (conn, entry, req) = match connection(&a.conn, None) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let t = pilotfish_decide::trace::trace(&cfg.resources, &conn, &entry, Some(&req));
+        graph.highlight(&t);
+        title.push_str(&format!(
+            ": path of {} -> {} {}{} ({})",
+            conn.source, conn.destination, req.authority, req.path, t.outcome
+        ));
+    }
+    if graph.nodes.is_empty() {
+        eprintln!("error: nothing to draw: no listener matches the focus options");
+        return ExitCode::from(1);
+    }
+    let out = match a.format {
+        ExplainFormat::Svg => render::svg(&graph, &title),
+        ExplainFormat::Dot => render::dot(&graph, &title),
+        ExplainFormat::Mermaid => render::mermaid(&graph, &title),
+        ExplainFormat::Drawio => render::drawio(&graph, &title),
+        ExplainFormat::Text => render::text(&graph),
+    };
+    if matches!(a.format, ExplainFormat::Mermaid) && (graph.edges.len() > 500 || out.len() > 50_000)
+    {
+        // Mermaid's renderers refuse a flowchart over 500 edges (maxEdges) or 50,000 characters
+        // (maxTextSize), and a diagram cannot raise those limits itself.
+        eprintln!(
+            "warning: {} edges, {} characters: Mermaid renderers draw at most 500 edges and 50,000 characters by default; narrow the picture with --listener, --port, --direction or --cluster",
+            graph.edges.len(),
+            out.len()
+        );
+    }
+    match &a.output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, out) {
+                eprintln!("error: {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        }
+        None => print!("{out}"),
     }
     ExitCode::SUCCESS
 }
@@ -216,6 +349,7 @@ fn main() -> ExitCode {
             );
         }
         Command::Trace(args) => return trace(&args),
+        Command::Explain(args) => return explain(&args),
         Command::RouteCheck {
             config,
             tests,
