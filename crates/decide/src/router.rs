@@ -6,7 +6,7 @@ use crate::matcher::{query_param, CompiledHeaderMatcher, CompiledQueryMatcher, F
 use crate::{Reason, Verdict};
 use pilotfish_api::pb::envoy::config::route::v3::{
     redirect_action, route, route_action, route_match, virtual_host::TlsRequirementType,
-    RedirectAction, Route, RouteAction, RouteConfiguration,
+    weighted_cluster, RedirectAction, Route, RouteAction, RouteConfiguration,
 };
 use pilotfish_api::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute;
 use std::collections::HashMap;
@@ -611,7 +611,7 @@ fn forward(
             Some(v) => (v, format!("cluster_header '{h}'")),
             None => (
                 String::new(),
-                format!("cluster_header '{h}' is absent (Envoy answers 404)"),
+                format!("cluster_header '{h}' is absent: no cluster (Envoy answers 503, NC)"),
             ),
         },
         Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
@@ -626,13 +626,27 @@ fn forward(
                 .as_ref()
                 .map_or(total, |t| t.value as u64)
                 .max(1);
-            let selected = req.random_value % total;
+            // A header may carry the random value, so proxies in a chain pick alike; absent or
+            // not a number, Envoy falls back to its own random value.
+            let (random, from) = match &w.random_value_specifier {
+                Some(weighted_cluster::RandomValueSpecifier::HeaderName(h)) => {
+                    match req
+                        .first_header(h)
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                    {
+                        Some(v) => (v, format!("header '{h}'")),
+                        None => (req.random_value, "random value".to_string()),
+                    }
+                }
+                _ => (req.random_value, "random value".to_string()),
+            };
+            let selected = random % total;
             let mut begin = 0u64;
             let mut chosen = (String::new(), String::new());
             for (i, c) in w.clusters.iter().enumerate() {
                 let end = begin + c.weight.as_ref().map_or(0, |v| v.value as u64);
                 if selected >= begin && selected < end {
-                    chosen = (c.name.clone(), format!("weighted_clusters[{i}]: random value {} % {total} = {selected} falls in [{begin}, {end})", req.random_value));
+                    chosen = (c.name.clone(), format!("weighted_clusters[{i}]: {from} {random} % {total} = {selected} falls in [{begin}, {end})"));
                     break;
                 }
                 begin = end;
@@ -772,7 +786,10 @@ fn redirect(r: &CompiledRoute, rd: &RedirectAction, req: &Request) -> Action {
         Some(P::PathRewrite(p)) if !p.contains('%') => p.clone(),
         Some(P::PathRewrite(_)) | None => req.path.clone(),
     };
-    if rd.strip_query {
+    // strip_query drops the request's query; a query written into path_redirect stays.
+    let own_query =
+        matches!(&rd.path_rewrite_specifier, Some(P::PathRedirect(p)) if p.contains('?'));
+    if rd.strip_query && !own_query {
         if let Some(i) = path.find('?') {
             path.truncate(i);
         }
@@ -1054,6 +1071,34 @@ virtual_hosts:
     }
 
     #[test]
+    fn weighted_clusters_take_the_random_value_from_header_name_when_it_is_a_number() {
+        let t = table(
+            r#"
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - match: { prefix: / }
+    route: { weighted_clusters: { header_name: x-random, clusters: [{ name: a, weight: 1 }, { name: b, weight: 1 }] } }
+"#,
+        );
+        let pick = |header: Option<&str>, random: u64| {
+            let mut r = Request::new("h", "/");
+            r.random_value = random;
+            if let Some(v) = header {
+                r.headers.push(("x-random".into(), v.into()));
+            }
+            cluster_of(&t, &r)
+        };
+        assert_eq!(pick(Some("1"), 0), "b");
+        assert_eq!(pick(Some("4"), 1), "a");
+        // Absent or not a number: the proxy's own random value.
+        assert_eq!(pick(None, 1), "b");
+        assert_eq!(pick(Some("x"), 0), "a");
+        assert_eq!(pick(Some("-1"), 1), "b");
+    }
+
+    #[test]
     fn redirects_direct_responses_and_tls_requirements() {
         let t = table(
             r#"
@@ -1070,6 +1115,7 @@ virtual_hosts:
   - { match: { prefix: /port }, redirect: { port_redirect: 8443 } }
   - { match: { prefix: /path }, redirect: { path_redirect: /elsewhere } }
   - { match: { prefix: /strip }, redirect: { path_redirect: /s, strip_query: true, response_code: PERMANENT_REDIRECT } }
+  - { match: { prefix: /own }, redirect: { path_redirect: "/o?x=1", strip_query: true } }
   - { match: { prefix: /pre/ }, redirect: { prefix_rewrite: /post/ } }
   - { match: { prefix: /ping }, direct_response: { status: 200, body: { inline_string: pong } } }
 "#,
@@ -1102,6 +1148,12 @@ virtual_hosts:
         assert_eq!(
             redirect("a.example", "/strip?drop=1"),
             ("http://a.example/s".into(), 308)
+        );
+        // strip_query drops the request's query, never the one path_redirect writes (as Envoy 1.40
+        // answers; the differential test found it).
+        assert_eq!(
+            redirect("a.example", "/own?drop=1"),
+            ("http://a.example/o?x=1".into(), 301)
         );
         assert_eq!(
             redirect("a.example", "/pre/x"),

@@ -455,7 +455,7 @@ fn http(
                 vec![],
             );
             if cluster.is_empty() {
-                t.outcome = "404: no cluster (NR)".into();
+                t.outcome = "503: no cluster to route to (NC)".into();
                 return;
             }
             upstream(t, set, &cluster, local);
