@@ -208,3 +208,222 @@ fn describe(matched: &str, ts: Option<&TransportSocket>) -> UpstreamTransport {
     }
     t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(yaml: &str) -> ResourceSet {
+        pilotfish_config::load_str("t.yaml", yaml, None)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .resources
+    }
+
+    fn decide(s: &ResourceSet, name: &str, dst: Option<&str>) -> ClusterDecision {
+        let c = &s.cluster(name).unwrap().value;
+        hosts(s, c, dst.map(|d| d.parse().unwrap()))
+    }
+
+    const MTLS: &str = r#"
+    transport_socket_matches:
+    - name: tlsMode-istio
+      match: { tlsMode: istio }
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: outbound_.8080_._.reviews.default.svc.cluster.local
+          common_tls_context: { alpn_protocols: [istio-peer-exchange, istio] }
+    - name: tlsMode-disabled
+      match: {}
+      transport_socket: { name: envoy.transport_sockets.raw_buffer, typed_config: { "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer } }
+"#;
+
+    fn clusters() -> ResourceSet {
+        set(&format!(
+            r#"
+static_resources:
+  clusters:
+  - name: static
+    type: STATIC
+    load_assignment:
+      cluster_name: static
+      endpoints:
+      - locality: {{ region: us-east-1, zone: a }}
+        lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 10.0.0.1, port_value: 80 }} }} }}
+          load_balancing_weight: 3
+        - endpoint: {{ address: {{ socket_address: {{ address: 10.0.0.2, port_value: 80 }} }} }}
+          health_status: DRAINING
+      - priority: 1
+        locality: {{ region: us-west-2 }}
+        lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 10.1.0.1, port_value: 80 }} }} }}
+  - name: dns
+    type: STRICT_DNS
+    load_assignment:
+      cluster_name: dns
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: zipkin.istio-system, port_value: 9411 }} }} }} }}] }}]
+  - name: passthrough
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    upstream_bind_config: {{ source_address: {{ address: 127.0.0.6, port_value: 0 }} }}
+  - name: mesh
+    type: STATIC
+{MTLS}
+    load_assignment:
+      cluster_name: mesh
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 10.2.0.1, port_value: 8080 }} }} }}
+          metadata: {{ filter_metadata: {{ envoy.transport_socket_match: {{ tlsMode: istio }} }} }}
+        - endpoint: {{ address: {{ socket_address: {{ address: 10.2.0.2, port_value: 8080 }} }} }}
+          metadata: {{ filter_metadata: {{ envoy.transport_socket_match: {{ tlsMode: disabled }} }} }}
+        - endpoint: {{ address: {{ socket_address: {{ address: 10.2.0.3, port_value: 8080 }} }} }}
+  - name: strict
+    type: STATIC
+    transport_socket_matches:
+    - name: both
+      match: {{ tlsMode: istio, version: 2 }}
+      transport_socket: {{ name: envoy.transport_sockets.tls, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: both }} }}
+    load_assignment:
+      cluster_name: strict
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 10.3.0.1, port_value: 1 }} }} }}
+          metadata: {{ filter_metadata: {{ envoy.transport_socket_match: {{ tlsMode: istio }} }} }}
+        - endpoint: {{ address: {{ socket_address: {{ address: 10.3.0.2, port_value: 1 }} }} }}
+          metadata: {{ filter_metadata: {{ envoy.transport_socket_match: {{ tlsMode: istio, version: 2 }} }} }}
+        - endpoint: {{ address: {{ socket_address: {{ address: 10.3.0.3, port_value: 1 }} }} }}
+          metadata: {{ filter_metadata: {{ envoy.transport_socket_match: {{ tlsMode: istio, version: "2" }} }} }}
+"#
+        ))
+    }
+
+    #[test]
+    fn static_hosts_keep_priority_locality_health_and_weight() {
+        let s = clusters();
+        let d = decide(&s, "static", None);
+        assert_eq!(d.kind, "STATIC");
+        let hosts: Vec<(&str, u32, &str, &str, Option<u32>)> = d
+            .hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.address.as_str(),
+                    h.priority,
+                    h.locality.as_str(),
+                    h.health.as_str(),
+                    h.weight,
+                )
+            })
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("10.0.0.1:80", 0, "us-east-1/a", "UNKNOWN", Some(3)),
+                ("10.0.0.2:80", 0, "us-east-1/a", "DRAINING", None),
+                ("10.1.0.1:80", 1, "us-west-2", "UNKNOWN", None),
+            ]
+        );
+        // No transport socket configured: plaintext.
+        assert!(d.hosts.iter().all(|h| h.transport.matched == "default"
+            && h.transport.socket == "envoy.transport_sockets.raw_buffer"));
+        let dns = decide(&s, "dns", None);
+        assert_eq!(dns.kind, "STRICT_DNS");
+        assert_eq!(dns.hosts[0].address, "zipkin.istio-system:9411");
+    }
+
+    #[test]
+    fn original_dst_hosts_are_the_connections_destination() {
+        let s = clusters();
+        let d = decide(&s, "passthrough", Some("172.21.0.9:9080"));
+        assert_eq!(d.kind, "ORIGINAL_DST");
+        assert_eq!(d.hosts.len(), 1);
+        assert_eq!(d.hosts[0].address, "172.21.0.9:9080");
+        assert_eq!(d.source_address.as_deref(), Some("127.0.0.6"));
+        assert_eq!(d.reasons[0].verdict, Verdict::Chosen);
+        // Without a connection (explain), there is no host to name.
+        let d = decide(&s, "passthrough", None);
+        assert!(d.hosts.is_empty());
+        assert_eq!(d.reasons[0].verdict, Verdict::Note);
+    }
+
+    #[test]
+    fn transport_socket_matches_follow_the_hosts_metadata_in_order() {
+        let s = clusters();
+        let d = decide(&s, "mesh", None);
+        let t: Vec<(&str, &str, Option<&str>)> = d
+            .hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.transport.matched.as_str(),
+                    h.transport.socket.as_str(),
+                    h.transport.sni.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            t,
+            [
+                (
+                    "tlsMode-istio",
+                    "envoy.transport_sockets.tls",
+                    Some("outbound_.8080_._.reviews.default.svc.cluster.local")
+                ),
+                // An empty match takes every host the earlier entries did not, with or without
+                // metadata.
+                (
+                    "tlsMode-disabled",
+                    "envoy.transport_sockets.raw_buffer",
+                    None
+                ),
+                (
+                    "tlsMode-disabled",
+                    "envoy.transport_sockets.raw_buffer",
+                    None
+                ),
+            ]
+        );
+        assert_eq!(d.hosts[0].transport.alpn, ["istio-peer-exchange", "istio"]);
+        // Every key of the match must be in the metadata with the same value and type.
+        let d = decide(&s, "strict", None);
+        let matched: Vec<&str> = d
+            .hosts
+            .iter()
+            .map(|h| h.transport.matched.as_str())
+            .collect();
+        assert_eq!(matched, ["default", "both", "default"]);
+        assert_eq!(d.hosts[1].transport.sni.as_deref(), Some("both"));
+    }
+
+    #[test]
+    fn eds_hosts_come_from_the_assignment_named_by_service_name() {
+        let s = set(r#"
+static_resources:
+  clusters:
+  - name: outbound|9080||reviews
+    type: EDS
+    eds_cluster_config: { service_name: reviews-svc, eds_config: { ads: {} } }
+  - name: outbound|9080||ratings
+    type: EDS
+    eds_cluster_config: { eds_config: { ads: {} } }
+"#);
+        let d = decide(&s, "outbound|9080||reviews", None);
+        assert_eq!(d.kind, "EDS");
+        assert!(d.hosts.is_empty());
+        assert_eq!(d.reasons[0].verdict, Verdict::Rejected);
+        assert!(
+            d.reasons[0].subject.contains("reviews-svc"),
+            "{:?}",
+            d.reasons
+        );
+        let d = decide(&s, "outbound|9080||ratings", None);
+        assert!(
+            d.reasons[0].subject.contains("outbound|9080||ratings"),
+            "{:?}",
+            d.reasons
+        );
+    }
+}
