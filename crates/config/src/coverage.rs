@@ -33,8 +33,39 @@ const FIELDS: &[(&str, &[&str])] = &[
             "use_original_dst",
             "bind_to_port",
             "traffic_direction",
+            "filter_chain_matcher",
         ],
     ),
+    // The unified matcher, as filter_chain_matcher uses it: network inputs, string or IP
+    // matchers, actions naming a filter chain.
+    (
+        "xds.type.matcher.v3.Matcher",
+        &["matcher_list", "matcher_tree", "on_no_match"],
+    ),
+    ("xds.type.matcher.v3.Matcher.OnMatch", &["matcher", "action"]),
+    ("xds.type.matcher.v3.Matcher.MatcherList", &["matchers"]),
+    (
+        "xds.type.matcher.v3.Matcher.MatcherList.FieldMatcher",
+        &["predicate", "on_match"],
+    ),
+    (
+        "xds.type.matcher.v3.Matcher.MatcherList.Predicate",
+        &["single_predicate", "or_matcher", "and_matcher", "not_matcher"],
+    ),
+    (
+        "xds.type.matcher.v3.Matcher.MatcherList.Predicate.PredicateList",
+        &["predicate"],
+    ),
+    (
+        "xds.type.matcher.v3.Matcher.MatcherList.Predicate.SinglePredicate",
+        &["input", "value_match", "custom_match"],
+    ),
+    (
+        "xds.type.matcher.v3.Matcher.MatcherTree",
+        &["input", "exact_match_map", "prefix_match_map"],
+    ),
+    ("xds.type.matcher.v3.Matcher.MatcherTree.MatchMap", &["map"]),
+    ("xds.core.v3.TypedExtensionConfig", &["name", "typed_config"]),
     (
         "envoy.config.listener.v3.FilterChain",
         &[
@@ -208,6 +239,18 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
+    // filter_chain_matcher inputs, its IP matcher, and its action (the chain's name).
+    "envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput",
+    "envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput",
+    "envoy.extensions.matching.common_inputs.network.v3.SourceIPInput",
+    "envoy.extensions.matching.common_inputs.network.v3.SourcePortInput",
+    "envoy.extensions.matching.common_inputs.network.v3.DirectSourceIPInput",
+    "envoy.extensions.matching.common_inputs.network.v3.SourceTypeInput",
+    "envoy.extensions.matching.common_inputs.network.v3.ServerNameInput",
+    "envoy.extensions.matching.common_inputs.network.v3.TransportProtocolInput",
+    "envoy.extensions.matching.common_inputs.network.v3.ApplicationProtocolInput",
+    "envoy.extensions.matching.input_matchers.ip.v3.Ip",
+    "google.protobuf.StringValue",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]

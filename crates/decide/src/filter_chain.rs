@@ -9,6 +9,18 @@ use crate::{Reason, Verdict};
 use pilotfish_api::pb::envoy::config::listener::v3::{
     filter_chain_match::ConnectionSourceType, FilterChain, FilterChainMatch, Listener,
 };
+use pilotfish_api::pb::xds::core::v3::TypedExtensionConfig;
+use pilotfish_api::pb::envoy::extensions::matching::input_matchers::ip::v3::Ip as IpInputMatcher;
+use pilotfish_api::pb::google::protobuf::StringValue;
+use pilotfish_api::pb::xds::r#type::matcher::v3::matcher::{
+    self,
+    matcher_list::{predicate, predicate::single_predicate, Predicate},
+    matcher_tree,
+    on_match,
+};
+use pilotfish_api::pb::xds::r#type::matcher::v3::Matcher as XdsMatcher;
+use pilotfish_config::model::unpack;
+use prost::Message;
 use std::net::SocketAddr;
 
 /// What filter chain matching looks at.
@@ -57,10 +69,10 @@ type Specificity = u32;
 
 pub fn select(l: &Listener, input: &ChainInput) -> (Selected, Vec<Reason>) {
     let mut reasons = vec![];
-    let mut candidates: Vec<usize> = (0..l.filter_chains.len()).collect();
-    if l.filter_chain_matcher.is_some() {
-        reasons.push(Reason::new("filter_chain_matcher", Verdict::Note, "pilotfish does not evaluate the filter_chain_matcher API yet; chains are matched by filter_chain_match"));
+    if let Some(m) = &l.filter_chain_matcher {
+        return select_by_matcher(l, m, input);
     }
+    let mut candidates: Vec<usize> = (0..l.filter_chains.len()).collect();
     let sni = input
         .server_name
         .clone()
@@ -233,6 +245,269 @@ pub fn select(l: &Listener, input: &ChainInput) -> (Selected, Vec<Reason>) {
             (Selected::None, reasons)
         }
     }
+}
+
+/// `filter_chain_matcher`: the unified matcher picks a chain by name, and the chains'
+/// `filter_chain_match` is not read. No action (nothing matched, no `on_no_match`) means the
+/// default filter chain.
+fn select_by_matcher(l: &Listener, m: &XdsMatcher, input: &ChainInput) -> (Selected, Vec<Reason>) {
+    let mut reasons = vec![];
+    let name = match evaluate(m, input, "filter_chain_matcher", &mut reasons) {
+        Ok(n) => n,
+        Err(e) => {
+            reasons.push(Reason::new("filter_chain_matcher", Verdict::Rejected, e));
+            None
+        }
+    };
+    if let Some(name) = name {
+        match l.filter_chains.iter().position(|c| c.name == name) {
+            Some(i) => {
+                reasons.push(Reason::new(
+                    chain_label(l, i),
+                    Verdict::Chosen,
+                    "named by filter_chain_matcher",
+                ));
+                return (Selected::Chain(i), reasons);
+            }
+            None => reasons.push(Reason::new(
+                format!("filter chain '{name}'"),
+                Verdict::Rejected,
+                "named by filter_chain_matcher, but the listener has no chain of that name",
+            )),
+        }
+    }
+    if l.default_filter_chain.is_some() {
+        reasons.push(Reason::new(
+            "default_filter_chain",
+            Verdict::Chosen,
+            "filter_chain_matcher names no chain",
+        ));
+        return (Selected::Default, reasons);
+    }
+    reasons.push(Reason::new(
+        format!("listener '{}'", l.name),
+        Verdict::Rejected,
+        "filter_chain_matcher names no chain and there is no default_filter_chain: Envoy closes the connection",
+    ));
+    (Selected::None, reasons)
+}
+
+/// The chain name a matcher's action gives, or None when it gives none. A nested matcher that
+/// gives none lets the evaluation go on (the next field matcher, then `on_no_match`).
+fn evaluate(
+    m: &XdsMatcher,
+    input: &ChainInput,
+    at: &str,
+    reasons: &mut Vec<Reason>,
+) -> Result<Option<String>, String> {
+    match &m.matcher_type {
+        Some(matcher::MatcherType::MatcherList(list)) => {
+            for (i, fm) in list.matchers.iter().enumerate() {
+                let here = format!("{at}.matcher_list.matchers[{i}]");
+                let Some(p) = &fm.predicate else { continue };
+                let (hit, why) = predicate(p, input)?;
+                reasons.push(Reason::new(
+                    &here,
+                    if hit { Verdict::Note } else { Verdict::Rejected },
+                    why,
+                ));
+                if hit {
+                    if let Some(on_match) = &fm.on_match {
+                        if let Some(name) = on_match_action(on_match, input, &here, reasons)? {
+                            return Ok(Some(name));
+                        }
+                    }
+                }
+            }
+        }
+        Some(matcher::MatcherType::MatcherTree(tree)) => {
+            let here = format!("{at}.matcher_tree");
+            let (value, what) = input_of(tree.input.as_ref(), input)?;
+            let found = match (&tree.tree_type, &value) {
+                (Some(matcher_tree::TreeType::ExactMatchMap(map)), Some(v)) => {
+                    map.map.get(v).map(|o| (v.clone(), o))
+                }
+                (Some(matcher_tree::TreeType::PrefixMatchMap(map)), Some(v)) => map
+                    .map
+                    .iter()
+                    .filter(|(k, _)| v.starts_with(k.as_str()))
+                    .max_by_key(|(k, _)| k.len())
+                    .map(|(k, o)| (k.clone(), o)),
+                (Some(matcher_tree::TreeType::CustomMatch(c)), _) => {
+                    return Err(format!(
+                        "{here}: custom match tree '{}' is not implemented",
+                        c.name
+                    ))
+                }
+                _ => None,
+            };
+            let shown = value.as_deref().unwrap_or("(no value)");
+            match found {
+                Some((key, on_match)) => {
+                    reasons.push(Reason::new(
+                        &here,
+                        Verdict::Note,
+                        format!("{what} {shown} finds entry '{key}'"),
+                    ));
+                    if let Some(name) = on_match_action(on_match, input, &here, reasons)? {
+                        return Ok(Some(name));
+                    }
+                }
+                None => reasons.push(Reason::new(
+                    &here,
+                    Verdict::Rejected,
+                    format!("{what} {shown} is not in the map"),
+                )),
+            }
+        }
+        None => {}
+    }
+    match &m.on_no_match {
+        Some(on_match) => on_match_action(on_match, input, &format!("{at}.on_no_match"), reasons),
+        None => Ok(None),
+    }
+}
+
+fn on_match_action(
+    o: &matcher::OnMatch,
+    input: &ChainInput,
+    at: &str,
+    reasons: &mut Vec<Reason>,
+) -> Result<Option<String>, String> {
+    match &o.on_match {
+        Some(on_match::OnMatch::Matcher(inner)) => evaluate(inner, input, at, reasons),
+        Some(on_match::OnMatch::Action(action)) => {
+            let any = action
+                .typed_config
+                .as_ref()
+                .ok_or_else(|| format!("{at}: action '{}' has no typed_config", action.name))?;
+            let name = unpack::<StringValue>(any).ok_or_else(|| {
+                format!(
+                    "{at}: action '{}' is not a google.protobuf.StringValue naming a filter chain",
+                    action.name
+                )
+            })?;
+            reasons.push(Reason::new(
+                at,
+                Verdict::Note,
+                format!("action: filter chain '{}'", name.value),
+            ));
+            Ok(Some(name.value))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A predicate's verdict, and why.
+fn predicate(p: &Predicate, input: &ChainInput) -> Result<(bool, String), String> {
+    match &p.match_type {
+        Some(predicate::MatchType::SinglePredicate(sp)) => {
+            let (value, what) = input_of(sp.input.as_ref(), input)?;
+            let shown = value.clone().unwrap_or_else(|| "(no value)".into());
+            let hit = match &sp.matcher {
+                Some(single_predicate::Matcher::ValueMatch(sm)) => {
+                    // xds.type.matcher.v3.StringMatcher and Envoy's StringMatcher share their
+                    // wire format, so Envoy's compiled matcher serves both.
+                    let envoy_sm =
+                        pilotfish_api::pb::envoy::r#type::matcher::v3::StringMatcher::decode(
+                            sm.encode_to_vec().as_slice(),
+                        )
+                        .map_err(|e| e.to_string())?;
+                    let compiled = crate::matcher::CompiledStringMatcher::new(&envoy_sm)?;
+                    value.as_deref().is_some_and(|v| compiled.matches(v))
+                }
+                Some(single_predicate::Matcher::CustomMatch(c)) => {
+                    let ip = c
+                        .typed_config
+                        .as_ref()
+                        .and_then(unpack::<IpInputMatcher>)
+                        .ok_or_else(|| {
+                            format!("custom matcher '{}' is not implemented", c.name)
+                        })?;
+                    let addr = value.as_deref().and_then(|v| v.parse::<std::net::IpAddr>().ok());
+                    addr.is_some_and(|a| {
+                        ip.cidr_ranges
+                            .iter()
+                            .filter_map(Cidr::new)
+                            .any(|c| c.contains(a))
+                    })
+                }
+                None => false,
+            };
+            Ok((
+                hit,
+                format!("{what} {shown} {}", if hit { "matches" } else { "does not match" }),
+            ))
+        }
+        Some(predicate::MatchType::OrMatcher(list)) => {
+            let mut whys = vec![];
+            for p in &list.predicate {
+                let (hit, why) = predicate(p, input)?;
+                whys.push(why);
+                if hit {
+                    return Ok((true, format!("or: {}", whys.join("; "))));
+                }
+            }
+            Ok((false, format!("or: {}", whys.join("; "))))
+        }
+        Some(predicate::MatchType::AndMatcher(list)) => {
+            let mut whys = vec![];
+            for p in &list.predicate {
+                let (hit, why) = predicate(p, input)?;
+                whys.push(why);
+                if !hit {
+                    return Ok((false, format!("and: {}", whys.join("; "))));
+                }
+            }
+            Ok((true, format!("and: {}", whys.join("; "))))
+        }
+        Some(predicate::MatchType::NotMatcher(inner)) => {
+            let (hit, why) = predicate(inner, input)?;
+            Ok((!hit, format!("not ({why})")))
+        }
+        None => Ok((false, "empty predicate".into())),
+    }
+}
+
+/// What a network matching input reads from the connection (None: no value, which no value
+/// matcher matches), and how to name it.
+fn input_of(
+    tec: Option<&TypedExtensionConfig>,
+    i: &ChainInput,
+) -> Result<(Option<String>, &'static str), String> {
+    let tec = tec.ok_or("a matcher without an input")?;
+    let ty = tec
+        .typed_config
+        .as_ref()
+        .map(|a| pilotfish_config::model::effective_type_url(a))
+        .unwrap_or_default();
+    let name = pilotfish_api::type_url_message_name(&ty);
+    let short = name.rsplit('.').next().unwrap_or(name);
+    let local = i.source.ip().is_loopback() || i.source.ip() == i.local.ip();
+    Ok(match short {
+        "DestinationIPInput" => (Some(i.local.ip().to_string()), "destination IP"),
+        "DestinationPortInput" => (Some(i.local.port().to_string()), "destination port"),
+        "SourceIPInput" => (Some(i.source.ip().to_string()), "source IP"),
+        "SourcePortInput" => (Some(i.source.port().to_string()), "source port"),
+        "DirectSourceIPInput" => (Some(i.direct_source.ip().to_string()), "direct source IP"),
+        "SourceTypeInput" => (local.then(|| "local".to_string()), "source type"),
+        "ServerNameInput" => (i.server_name.clone().filter(|s| !s.is_empty()), "server name"),
+        "TransportProtocolInput" => (
+            Some(i.transport_protocol.clone()).filter(|t| !t.is_empty()),
+            "transport protocol",
+        ),
+        "ApplicationProtocolInput" => (
+            (!i.application_protocols.is_empty()).then(|| {
+                i.application_protocols
+                    .iter()
+                    .map(|p| format!("'{p}'"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+            "application protocols",
+        ),
+        _ => return Err(format!("matching input '{}' ({name}) is not implemented", tec.name)),
+    })
 }
 
 fn input_value(what: &str, i: &ChainInput) -> String {
@@ -492,4 +767,112 @@ filter_chains:
         i.source = "192.168.1.1:5".parse().unwrap();
         assert_eq!(pick(&src, &i), Selected::None);
     }
+
+    const MATCHER: &str = r#"
+name: unified
+address: { socket_address: { address: 0.0.0.0, port_value: 15006 } }
+filter_chains:
+- { name: https, filter_chain_match: { destination_port: 1 } }
+- { name: internal-https }
+- { name: http }
+- { name: office }
+- { name: fallback }
+default_filter_chain: { name: default }
+filter_chain_matcher:
+  matcher_tree:
+    input: { name: port, typed_config: { "@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput } }
+    exact_match_map:
+      map:
+        "443":
+          matcher:
+            matcher_list:
+              matchers:
+              - predicate:
+                  and_matcher:
+                    predicate:
+                    - single_predicate:
+                        input: { name: sni, typed_config: { "@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.ServerNameInput } }
+                        value_match: { suffix: .internal }
+                    - single_predicate:
+                        input: { name: src, typed_config: { "@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.SourceIPInput } }
+                        custom_match:
+                          name: ip
+                          typed_config: { "@type": type.googleapis.com/envoy.extensions.matching.input_matchers.ip.v3.Ip, stat_prefix: ip, cidr_ranges: [{ address_prefix: 10.0.0.0, prefix_len: 8 }] }
+                on_match: { action: { name: a, typed_config: { "@type": type.googleapis.com/google.protobuf.StringValue, value: internal-https } } }
+              - predicate:
+                  single_predicate:
+                    input: { name: tp, typed_config: { "@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.TransportProtocolInput } }
+                    value_match: { exact: tls }
+                on_match: { action: { name: a, typed_config: { "@type": type.googleapis.com/google.protobuf.StringValue, value: https } } }
+        "80":
+          matcher:
+            matcher_list:
+              matchers:
+              - predicate:
+                  not_matcher:
+                    single_predicate:
+                      input: { name: alpn, typed_config: { "@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.ApplicationProtocolInput } }
+                      value_match: { contains: "'h2c'" }
+                on_match: { action: { name: a, typed_config: { "@type": type.googleapis.com/google.protobuf.StringValue, value: http } } }
+    prefix_match_map: null
+  on_no_match:
+    matcher:
+      matcher_tree:
+        input: { name: dst, typed_config: { "@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput } }
+        prefix_match_map:
+          map:
+            "192.168.": { action: { name: a, typed_config: { "@type": type.googleapis.com/google.protobuf.StringValue, value: office } } }
+            "192.168.7.": { action: { name: a, typed_config: { "@type": type.googleapis.com/google.protobuf.StringValue, value: fallback } } }
+"#;
+
+    fn with_source(mut i: ChainInput, src: &str) -> ChainInput {
+        i.source = src.parse().unwrap();
+        i.direct_source = i.source;
+        i
+    }
+
+    #[test]
+    fn filter_chain_matcher_names_the_chain_and_ignores_filter_chain_match() {
+        let l = listener(MATCHER);
+        let named = |i: &ChainInput| match select(&l, i).0 {
+            Selected::Chain(n) => l.filter_chains[n].name.clone(),
+            Selected::Default => "default".into(),
+            Selected::None => "none".into(),
+        };
+        // Port 443: SNI suffix and source CIDR together, else TLS.
+        let tls = input("10.1.1.1:443", Some("api.internal"), "tls", &["h2"]);
+        assert_eq!(named(&tls), "internal-https");
+        assert_eq!(named(&with_source(tls.clone(), "172.16.0.1:5000")), "https");
+        assert_eq!(named(&input("10.1.1.1:443", Some("api.example"), "tls", &[])), "https");
+        // The chain's own filter_chain_match (destination_port 1) is not read.
+        // Port 443 in plaintext: the nested list matches nothing and has no on_no_match, so
+        // the map entry counts as not matched and the outer on_no_match decides.
+        assert_eq!(named(&input("10.1.1.1:443", None, "raw_buffer", &[])), "default");
+        assert_eq!(named(&input("192.168.1.1:443", None, "raw_buffer", &[])), "office");
+        // Port 80: not h2c.
+        assert_eq!(named(&input("10.1.1.1:80", None, "raw_buffer", &["http/1.1"])), "http");
+        assert_eq!(named(&input("10.1.1.1:80", None, "raw_buffer", &[])), "http");
+        assert_eq!(named(&input("10.1.1.1:80", None, "raw_buffer", &["h2c"])), "default");
+        // Other ports: on_no_match, the longest destination IP prefix.
+        assert_eq!(named(&input("192.168.1.1:22", None, "raw_buffer", &[])), "office");
+        assert_eq!(named(&input("192.168.7.9:22", None, "raw_buffer", &[])), "fallback");
+        assert_eq!(named(&input("10.9.9.9:22", None, "raw_buffer", &[])), "default");
+        // The reasons say what each step read.
+        let (_, reasons) = select(&l, &tls);
+        let text: Vec<String> = reasons.iter().map(|r| format!("{} {}", r.subject, r.detail)).collect();
+        assert!(text.iter().any(|t| t.contains("destination port 443 finds entry '443'")), "{text:#?}");
+        assert!(text.iter().any(|t| t.contains("server name api.internal matches")), "{text:#?}");
+    }
+
+    #[test]
+    fn filter_chain_matcher_without_a_default_closes_and_unknown_inputs_are_said() {
+        let mut l = listener(MATCHER);
+        l.default_filter_chain = None;
+        assert_eq!(select(&l, &input("10.9.9.9:22", None, "raw_buffer", &[])).0, Selected::None);
+        let l = listener(&MATCHER.replace("ServerNameInput", "FilterStateInput, key: k"));
+        let (s, reasons) = select(&l, &input("10.1.1.1:443", Some("a.internal"), "tls", &[]));
+        assert_eq!(s, Selected::Default);
+        assert!(reasons.iter().any(|r| r.detail.contains("FilterStateInput") && r.detail.contains("not implemented")), "{reasons:#?}");
+    }
+
 }
