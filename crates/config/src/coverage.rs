@@ -42,7 +42,10 @@ const FIELDS: &[(&str, &[&str])] = &[
         "xds.type.matcher.v3.Matcher",
         &["matcher_list", "matcher_tree", "on_no_match"],
     ),
-    ("xds.type.matcher.v3.Matcher.OnMatch", &["matcher", "action"]),
+    (
+        "xds.type.matcher.v3.Matcher.OnMatch",
+        &["matcher", "action"],
+    ),
     ("xds.type.matcher.v3.Matcher.MatcherList", &["matchers"]),
     (
         "xds.type.matcher.v3.Matcher.MatcherList.FieldMatcher",
@@ -50,7 +53,12 @@ const FIELDS: &[(&str, &[&str])] = &[
     ),
     (
         "xds.type.matcher.v3.Matcher.MatcherList.Predicate",
-        &["single_predicate", "or_matcher", "and_matcher", "not_matcher"],
+        &[
+            "single_predicate",
+            "or_matcher",
+            "and_matcher",
+            "not_matcher",
+        ],
     ),
     (
         "xds.type.matcher.v3.Matcher.MatcherList.Predicate.PredicateList",
@@ -65,7 +73,10 @@ const FIELDS: &[(&str, &[&str])] = &[
         &["input", "exact_match_map", "prefix_match_map"],
     ),
     ("xds.type.matcher.v3.Matcher.MatcherTree.MatchMap", &["map"]),
-    ("xds.core.v3.TypedExtensionConfig", &["name", "typed_config"]),
+    (
+        "xds.core.v3.TypedExtensionConfig",
+        &["name", "typed_config"],
+    ),
     (
         "envoy.config.listener.v3.FilterChain",
         &[

@@ -176,6 +176,11 @@ fn check_listener(l: &Listener, path: &str, out: &mut Vec<Finding>) {
                 out,
             );
         }
+        // With filter_chain_matcher the chains are picked by name and their filter_chain_match
+        // is not read, so Envoy does not build (or check) the match tree.
+        if l.filter_chain_matcher.is_some() {
+            continue;
+        }
         let mut reported = false;
         for leaf in match_leaves(&m) {
             if let Some(&first) = leaves.get(&leaf) {

@@ -9,14 +9,13 @@ use crate::{Reason, Verdict};
 use pilotfish_api::pb::envoy::config::listener::v3::{
     filter_chain_match::ConnectionSourceType, FilterChain, FilterChainMatch, Listener,
 };
-use pilotfish_api::pb::xds::core::v3::TypedExtensionConfig;
 use pilotfish_api::pb::envoy::extensions::matching::input_matchers::ip::v3::Ip as IpInputMatcher;
 use pilotfish_api::pb::google::protobuf::StringValue;
+use pilotfish_api::pb::xds::core::v3::TypedExtensionConfig;
 use pilotfish_api::pb::xds::r#type::matcher::v3::matcher::{
     self,
     matcher_list::{predicate, predicate::single_predicate, Predicate},
-    matcher_tree,
-    on_match,
+    matcher_tree, on_match,
 };
 use pilotfish_api::pb::xds::r#type::matcher::v3::Matcher as XdsMatcher;
 use pilotfish_config::model::unpack;
@@ -150,8 +149,7 @@ pub fn select(l: &Listener, input: &ChainInput) -> (Selected, Vec<Reason>) {
         (
             "source type",
             Box::new(|m: &FilterChainMatch| {
-                let local =
-                    input.source.ip().is_loopback() || input.source.ip() == input.local.ip();
+                let local = same_ip_or_loopback(input);
                 match ConnectionSourceType::try_from(m.source_type)
                     .unwrap_or(ConnectionSourceType::Any)
                 {
@@ -308,7 +306,11 @@ fn evaluate(
                 let (hit, why) = predicate(p, input)?;
                 reasons.push(Reason::new(
                     &here,
-                    if hit { Verdict::Note } else { Verdict::Rejected },
+                    if hit {
+                        Verdict::Note
+                    } else {
+                        Verdict::Rejected
+                    },
                     why,
                 ));
                 if hit {
@@ -421,10 +423,10 @@ fn predicate(p: &Predicate, input: &ChainInput) -> Result<(bool, String), String
                         .typed_config
                         .as_ref()
                         .and_then(unpack::<IpInputMatcher>)
-                        .ok_or_else(|| {
-                            format!("custom matcher '{}' is not implemented", c.name)
-                        })?;
-                    let addr = value.as_deref().and_then(|v| v.parse::<std::net::IpAddr>().ok());
+                        .ok_or_else(|| format!("custom matcher '{}' is not implemented", c.name))?;
+                    let addr = value
+                        .as_deref()
+                        .and_then(|v| v.parse::<std::net::IpAddr>().ok());
                     addr.is_some_and(|a| {
                         ip.cidr_ranges
                             .iter()
@@ -436,7 +438,10 @@ fn predicate(p: &Predicate, input: &ChainInput) -> Result<(bool, String), String
             };
             Ok((
                 hit,
-                format!("{what} {shown} {}", if hit { "matches" } else { "does not match" }),
+                format!(
+                    "{what} {shown} {}",
+                    if hit { "matches" } else { "does not match" }
+                ),
             ))
         }
         Some(predicate::MatchType::OrMatcher(list)) => {
@@ -479,11 +484,11 @@ fn input_of(
     let ty = tec
         .typed_config
         .as_ref()
-        .map(|a| pilotfish_config::model::effective_type_url(a))
+        .map(pilotfish_config::model::effective_type_url)
         .unwrap_or_default();
     let name = pilotfish_api::type_url_message_name(&ty);
     let short = name.rsplit('.').next().unwrap_or(name);
-    let local = i.source.ip().is_loopback() || i.source.ip() == i.local.ip();
+    let local = same_ip_or_loopback(i);
     Ok(match short {
         "DestinationIPInput" => (Some(i.local.ip().to_string()), "destination IP"),
         "DestinationPortInput" => (Some(i.local.port().to_string()), "destination port"),
@@ -491,7 +496,10 @@ fn input_of(
         "SourcePortInput" => (Some(i.source.port().to_string()), "source port"),
         "DirectSourceIPInput" => (Some(i.direct_source.ip().to_string()), "direct source IP"),
         "SourceTypeInput" => (local.then(|| "local".to_string()), "source type"),
-        "ServerNameInput" => (i.server_name.clone().filter(|s| !s.is_empty()), "server name"),
+        "ServerNameInput" => (
+            i.server_name.clone().filter(|s| !s.is_empty()),
+            "server name",
+        ),
         "TransportProtocolInput" => (
             Some(i.transport_protocol.clone()).filter(|t| !t.is_empty()),
             "transport protocol",
@@ -506,8 +514,23 @@ fn input_of(
             }),
             "application protocols",
         ),
-        _ => return Err(format!("matching input '{}' ({name}) is not implemented", tec.name)),
+        _ => {
+            return Err(format!(
+                "matching input '{}' ({name}) is not implemented",
+                tec.name
+            ))
+        }
     })
+}
+
+/// Envoy's `isSameIpOrLoopback`: the source is the local IP itself, or exactly the loopback
+/// address (127.0.0.1 or ::1; the rest of 127.0.0.0/8 is external, as real Envoy shows).
+fn same_ip_or_loopback(i: &ChainInput) -> bool {
+    let loopback = match i.source.ip() {
+        std::net::IpAddr::V4(a) => a == std::net::Ipv4Addr::LOCALHOST,
+        std::net::IpAddr::V6(a) => a == std::net::Ipv6Addr::LOCALHOST,
+    };
+    loopback || i.source.ip() == i.local.ip()
 }
 
 fn input_value(what: &str, i: &ChainInput) -> String {
@@ -762,6 +785,12 @@ filter_chains:
         assert_eq!(pick(&src, &i), Selected::Chain(1));
         i.source = "127.0.0.1:5".parse().unwrap();
         assert_eq!(pick(&src, &i), Selected::Chain(0));
+        // The rest of 127.0.0.0/8 is external to Envoy (unless it is the local address itself).
+        i.source = "127.0.0.2:5".parse().unwrap();
+        assert_eq!(pick(&src, &i), Selected::None);
+        i.local = "127.0.0.2:80".parse().unwrap();
+        assert_eq!(pick(&src, &i), Selected::Chain(0));
+        i.local = "10.1.1.1:80".parse().unwrap();
         // External, so the EXTERNAL chains win the source type criterion; neither takes this
         // source IP, and there is no going back to the `any` chain.
         i.source = "192.168.1.1:5".parse().unwrap();
@@ -843,36 +872,82 @@ filter_chain_matcher:
         let tls = input("10.1.1.1:443", Some("api.internal"), "tls", &["h2"]);
         assert_eq!(named(&tls), "internal-https");
         assert_eq!(named(&with_source(tls.clone(), "172.16.0.1:5000")), "https");
-        assert_eq!(named(&input("10.1.1.1:443", Some("api.example"), "tls", &[])), "https");
+        assert_eq!(
+            named(&input("10.1.1.1:443", Some("api.example"), "tls", &[])),
+            "https"
+        );
         // The chain's own filter_chain_match (destination_port 1) is not read.
         // Port 443 in plaintext: the nested list matches nothing and has no on_no_match, so
         // the map entry counts as not matched and the outer on_no_match decides.
-        assert_eq!(named(&input("10.1.1.1:443", None, "raw_buffer", &[])), "default");
-        assert_eq!(named(&input("192.168.1.1:443", None, "raw_buffer", &[])), "office");
+        assert_eq!(
+            named(&input("10.1.1.1:443", None, "raw_buffer", &[])),
+            "default"
+        );
+        assert_eq!(
+            named(&input("192.168.1.1:443", None, "raw_buffer", &[])),
+            "office"
+        );
         // Port 80: not h2c.
-        assert_eq!(named(&input("10.1.1.1:80", None, "raw_buffer", &["http/1.1"])), "http");
-        assert_eq!(named(&input("10.1.1.1:80", None, "raw_buffer", &[])), "http");
-        assert_eq!(named(&input("10.1.1.1:80", None, "raw_buffer", &["h2c"])), "default");
+        assert_eq!(
+            named(&input("10.1.1.1:80", None, "raw_buffer", &["http/1.1"])),
+            "http"
+        );
+        assert_eq!(
+            named(&input("10.1.1.1:80", None, "raw_buffer", &[])),
+            "http"
+        );
+        assert_eq!(
+            named(&input("10.1.1.1:80", None, "raw_buffer", &["h2c"])),
+            "default"
+        );
         // Other ports: on_no_match, the longest destination IP prefix.
-        assert_eq!(named(&input("192.168.1.1:22", None, "raw_buffer", &[])), "office");
-        assert_eq!(named(&input("192.168.7.9:22", None, "raw_buffer", &[])), "fallback");
-        assert_eq!(named(&input("10.9.9.9:22", None, "raw_buffer", &[])), "default");
+        assert_eq!(
+            named(&input("192.168.1.1:22", None, "raw_buffer", &[])),
+            "office"
+        );
+        assert_eq!(
+            named(&input("192.168.7.9:22", None, "raw_buffer", &[])),
+            "fallback"
+        );
+        assert_eq!(
+            named(&input("10.9.9.9:22", None, "raw_buffer", &[])),
+            "default"
+        );
         // The reasons say what each step read.
         let (_, reasons) = select(&l, &tls);
-        let text: Vec<String> = reasons.iter().map(|r| format!("{} {}", r.subject, r.detail)).collect();
-        assert!(text.iter().any(|t| t.contains("destination port 443 finds entry '443'")), "{text:#?}");
-        assert!(text.iter().any(|t| t.contains("server name api.internal matches")), "{text:#?}");
+        let text: Vec<String> = reasons
+            .iter()
+            .map(|r| format!("{} {}", r.subject, r.detail))
+            .collect();
+        assert!(
+            text.iter()
+                .any(|t| t.contains("destination port 443 finds entry '443'")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("server name api.internal matches")),
+            "{text:#?}"
+        );
     }
 
     #[test]
     fn filter_chain_matcher_without_a_default_closes_and_unknown_inputs_are_said() {
         let mut l = listener(MATCHER);
         l.default_filter_chain = None;
-        assert_eq!(select(&l, &input("10.9.9.9:22", None, "raw_buffer", &[])).0, Selected::None);
+        assert_eq!(
+            select(&l, &input("10.9.9.9:22", None, "raw_buffer", &[])).0,
+            Selected::None
+        );
         let l = listener(&MATCHER.replace("ServerNameInput", "FilterStateInput, key: k"));
         let (s, reasons) = select(&l, &input("10.1.1.1:443", Some("a.internal"), "tls", &[]));
         assert_eq!(s, Selected::Default);
-        assert!(reasons.iter().any(|r| r.detail.contains("FilterStateInput") && r.detail.contains("not implemented")), "{reasons:#?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.detail.contains("FilterStateInput")
+                    && r.detail.contains("not implemented")),
+            "{reasons:#?}"
+        );
     }
-
 }
