@@ -150,7 +150,7 @@ fn predicate(rng: &mut Rng, source_port: u16, depth: usize) -> Value {
 /// A filter_chain_matcher over the chains: a list of predicates, or a tree on a port or
 /// transport, nested lists, and sometimes an on_no_match.
 fn chain_matcher(rng: &mut Rng, chains: usize, port: u16, source_port: u16) -> Value {
-    let mut list = |rng: &mut Rng| {
+    let list = |rng: &mut Rng| {
         let n = 1 + rng.below(3);
         let matchers: Vec<Value> = (0..n)
             .map(|_| {
