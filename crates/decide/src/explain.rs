@@ -157,6 +157,9 @@ impl Graph {
             if lv.use_original_dst.as_ref().is_some_and(|v| v.value) {
                 lines.push("use_original_dst".into());
             }
+            if lv.filter_chain_matcher.is_some() {
+                lines.push("chains picked by filter_chain_matcher".into());
+            }
             if lv.bind_to_port.as_ref().is_some_and(|v| !v.value) {
                 lines.push("bind_to_port: false".into());
             }
