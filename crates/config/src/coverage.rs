@@ -16,8 +16,9 @@ use std::collections::BTreeMap;
 const FIELDS: &[(&str, &[&str])] = &[
     (
         "envoy.config.bootstrap.v3.Bootstrap",
-        &["node", "static_resources"],
+        &["node", "static_resources", "admin"],
     ),
+    ("envoy.config.bootstrap.v3.Admin", &["address"]),
     (
         "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
         &["listeners", "clusters", "secrets"],
@@ -34,6 +35,11 @@ const FIELDS: &[(&str, &[&str])] = &[
             "bind_to_port",
             "traffic_direction",
             "filter_chain_matcher",
+            "listener_filters_timeout",
+            "continue_on_listener_filters_timeout",
+            "enable_reuse_port",
+            "tcp_backlog_size",
+            "stat_prefix",
         ],
     ),
     // The unified matcher, as filter_chain_matcher uses it: network inputs, string or IP
@@ -116,7 +122,13 @@ const FIELDS: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        &["stat_prefix", "cluster", "weighted_clusters"],
+        &[
+            "stat_prefix",
+            "cluster",
+            "weighted_clusters",
+            "idle_timeout",
+            "max_connect_attempts",
+        ],
     ),
     ("envoy.extensions.filters.http.router.v3.Router", &[]),
     (
@@ -201,7 +213,16 @@ const FIELDS: &[(&str, &[&str])] = &[
             "transport_socket",
             "transport_socket_matches",
             "metadata",
+            "connect_timeout",
+            "upstream_bind_config",
+            "circuit_breakers",
         ],
+    ),
+    ("envoy.config.core.v3.BindConfig", &["source_address"]),
+    ("envoy.config.cluster.v3.CircuitBreakers", &["thresholds"]),
+    (
+        "envoy.config.cluster.v3.CircuitBreakers.Thresholds",
+        &["priority", "max_connections"],
     ),
     (
         "envoy.config.cluster.v3.Cluster.EdsClusterConfig",

@@ -29,7 +29,11 @@ pub struct UpstreamTransport {
 pub struct Host {
     pub address: String,
     pub priority: u32,
+    /// `region/zone/sub_zone`, empty parts left out.
     pub locality: String,
+    pub region: String,
+    pub zone: String,
+    pub sub_zone: String,
     pub health: String,
     pub weight: Option<u32>,
     pub transport: UpstreamTransport,
@@ -86,6 +90,9 @@ pub fn hosts(
                     address: dst.to_string(),
                     priority: 0,
                     locality: String::new(),
+                    region: String::new(),
+                    zone: String::new(),
+                    sub_zone: String::new(),
                     health: "HEALTHY".into(),
                     weight: None,
                     transport: transport_for(c, None, &mut reasons),
@@ -100,6 +107,7 @@ pub fn hosts(
     }
     if let Some(cla) = cla {
         for le in &cla.endpoints {
+            let loc = le.locality.clone().unwrap_or_default();
             let locality = le
                 .locality
                 .as_ref()
@@ -126,6 +134,9 @@ pub fn hosts(
                     address,
                     priority: le.priority,
                     locality: locality.clone(),
+                    region: loc.region.clone(),
+                    zone: loc.zone.clone(),
+                    sub_zone: loc.sub_zone.clone(),
                     health: HealthStatus::try_from(lb.health_status)
                         .map_or("UNKNOWN".into(), |h| h.as_str_name().to_string()),
                     weight: lb.load_balancing_weight.as_ref().map(|w| w.value),

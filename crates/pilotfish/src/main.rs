@@ -12,9 +12,51 @@ use std::process::ExitCode;
     version,
     about = "An Envoy-compatible sidecar proxy that explains itself"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Running a configuration, with Envoy's command line (`pilotfish -c FILE`).
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Bootstrap or config dump to run (Envoy's -c).
+    #[arg(short = 'c', long = "config-path")]
+    config_path: Option<PathBuf>,
+    /// The configuration as a YAML (or JSON) string.
+    #[arg(long)]
+    config_yaml: Option<String>,
+    /// Worker threads (Envoy's default: the number of CPUs).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// trace, debug, info, warning (warn), error, critical, off.
+    #[arg(short = 'l', long, default_value = "info")]
+    log_level: String,
+    /// Per-component levels: `upstream:debug,connection:trace`.
+    #[arg(long, default_value = "")]
+    component_log_level: String,
+    /// Write the log here instead of standard error.
+    #[arg(long, default_value = "")]
+    log_path: String,
+    #[arg(long, default_value = "")]
+    service_node: String,
+    #[arg(long, default_value = "")]
+    service_cluster: String,
+    /// How long SIGTERM waits for open connections before exiting.
+    #[arg(long, default_value_t = 600)]
+    drain_time_s: u64,
+    /// `serve` runs the configuration; `validate` checks it and exits (as `pilotfish validate`).
+    #[arg(long, default_value = "serve", value_parser = ["serve", "validate"])]
+    mode: String,
+    /// Accepted for Envoy compatibility (pilotfish has no hot restart).
+    #[arg(long)]
+    base_id: Option<u32>,
+    /// Accepted for Envoy compatibility (pilotfish has no hot restart).
+    #[arg(long)]
+    disable_hot_restart: bool,
 }
 
 #[derive(Subcommand)]
@@ -317,8 +359,66 @@ fn explain(a: &ExplainArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `pilotfish -c FILE`: run the configuration as Envoy would.
+fn serve(a: ServeArgs) -> ExitCode {
+    let cfg = match (&a.config_path, &a.config_yaml) {
+        (Some(_), Some(_)) => {
+            eprintln!("error: -c with --config-yaml (Envoy merges the two) is not implemented yet; give one of them");
+            return ExitCode::from(1);
+        }
+        (Some(p), None) => load(p),
+        (None, Some(y)) => match pilotfish_config::load_str("--config-yaml", y, None) {
+            Ok(c) => Some(c),
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("error: {e}");
+                }
+                None
+            }
+        },
+        (None, None) => {
+            eprintln!(
+                "error: no configuration: give -c FILE or --config-yaml, or a command (see --help)"
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let Some(cfg) = cfg else {
+        return ExitCode::from(1);
+    };
+    if a.mode == "validate" {
+        print!("{}", pilotfish_config::summary::to_text(&cfg));
+        return ExitCode::SUCCESS;
+    }
+    let options = pilotfish_proxy::Options {
+        config_path: a
+            .config_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        concurrency: a
+            .concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        log_level: a.log_level.clone(),
+        component_log_level: a.component_log_level.clone(),
+        log_path: a.log_path.clone(),
+        service_node: a.service_node.clone(),
+        service_cluster: a.service_cluster.clone(),
+        drain_time_s: a.drain_time_s,
+    };
+    if let Err(e) = pilotfish_proxy::init_log(&options) {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    ExitCode::from(pilotfish_proxy::run(cfg, options))
+}
+
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let Some(command) = cli.command else {
+        return serve(cli.serve);
+    };
+    match command {
         Command::Validate { file, json } => {
             let Some(cfg) = load(&file) else {
                 return ExitCode::from(1);

@@ -1,0 +1,302 @@
+//! The cluster manager: every cluster of the configuration with its hosts (from the shared
+//! decision `pilotfish_decide::cluster::hosts`: inline, EDS, STRICT_DNS names; ORIGINAL_DST hosts
+//! created on first use), the round-robin load balancer over the highest-priority level with
+//! healthy hosts, the `max_connections` circuit breaker, and upstream connections (connect
+//! timeout, `upstream_bind_config` source address) with Envoy's counters per cluster and host.
+
+use crate::stats::{Stat, Store};
+use pilotfish_api::pb::envoy::config::cluster::v3::Cluster as ClusterConfig;
+use pilotfish_config::resources::ResourceSet;
+use pilotfish_decide::cluster::{hosts, UpstreamTransport};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Counters Envoy keeps per host and shows in `/clusters`.
+#[derive(Debug, Default)]
+pub struct HostStats {
+    pub cx_active: AtomicU64,
+    pub cx_total: AtomicU64,
+    pub cx_connect_fail: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Host {
+    /// As configured: `10.0.0.1:80`, or `name:port` for DNS clusters.
+    pub address: String,
+    pub priority: u32,
+    pub region: String,
+    pub zone: String,
+    pub sub_zone: String,
+    /// EDS health status: UNKNOWN, HEALTHY, UNHEALTHY, DRAINING, TIMEOUT, DEGRADED.
+    pub health: String,
+    pub weight: u32,
+    pub transport: UpstreamTransport,
+    pub stats: HostStats,
+}
+
+impl Host {
+    /// Envoy routes to hosts whose EDS status is unknown, healthy or degraded.
+    pub fn healthy(&self) -> bool {
+        matches!(self.health.as_str(), "UNKNOWN" | "HEALTHY" | "DEGRADED")
+    }
+}
+
+pub struct ClusterStats {
+    pub upstream_cx_total: Arc<Stat>,
+    pub upstream_cx_active: Arc<Stat>,
+    pub upstream_cx_connect_fail: Arc<Stat>,
+    pub upstream_cx_connect_timeout: Arc<Stat>,
+    pub upstream_cx_none_healthy: Arc<Stat>,
+    pub upstream_cx_overflow: Arc<Stat>,
+    pub upstream_cx_rx_bytes_total: Arc<Stat>,
+    pub upstream_cx_tx_bytes_total: Arc<Stat>,
+    pub upstream_cx_destroy: Arc<Stat>,
+}
+
+pub struct Cluster {
+    pub name: String,
+    /// STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST.
+    pub kind: String,
+    pub connect_timeout: Duration,
+    pub source_address: Option<IpAddr>,
+    pub max_connections: u64,
+    pub hosts: Mutex<Vec<Arc<Host>>>,
+    rr: AtomicUsize,
+    pub stats: ClusterStats,
+    config: ClusterConfig,
+}
+
+/// Why no upstream connection was made.
+#[derive(Debug)]
+pub enum ConnectError {
+    NoHealthyHost,
+    Overflow,
+    Timeout(String),
+    Failed(String, std::io::Error),
+    /// What pilotfish cannot do yet (upstream TLS), said, never skipped.
+    NotImplemented(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::NoHealthyHost => write!(f, "no healthy host"),
+            ConnectError::Overflow => write!(f, "max_connections reached (circuit breaker)"),
+            ConnectError::Timeout(h) => write!(f, "connect to {h} timed out"),
+            ConnectError::Failed(h, e) => write!(f, "connect to {h} failed: {e}"),
+            ConnectError::NotImplemented(w) => write!(f, "{w} is not implemented yet"),
+        }
+    }
+}
+
+pub struct ClusterManager {
+    pub clusters: Vec<Arc<Cluster>>,
+    by_name: HashMap<String, usize>,
+}
+
+fn duration(
+    d: Option<&pilotfish_api::pb::google::protobuf::Duration>,
+    default: Duration,
+) -> Duration {
+    d.map_or(default, |d| {
+        Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+    })
+}
+
+fn make_host(h: &pilotfish_decide::cluster::Host) -> Arc<Host> {
+    Arc::new(Host {
+        address: h.address.clone(),
+        priority: h.priority,
+        region: h.region.clone(),
+        zone: h.zone.clone(),
+        sub_zone: h.sub_zone.clone(),
+        health: h.health.clone(),
+        weight: h.weight.unwrap_or(1),
+        transport: h.transport.clone(),
+        stats: HostStats::default(),
+    })
+}
+
+impl ClusterManager {
+    pub fn new(set: &ResourceSet, stats: &Store) -> ClusterManager {
+        let mut clusters = vec![];
+        let mut by_name = HashMap::new();
+        for r in &set.clusters {
+            let c = &r.value;
+            let d = hosts(set, c, None);
+            let s = |n: &str| format!("cluster.{}.{n}", r.name);
+            let max_connections = c
+                .circuit_breakers
+                .as_ref()
+                .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
+                .and_then(|t| t.max_connections.as_ref())
+                .map_or(1024, |v| v.value as u64);
+            let cluster = Cluster {
+                name: r.name.clone(),
+                kind: d.kind.clone(),
+                connect_timeout: duration(c.connect_timeout.as_ref(), Duration::from_secs(5)),
+                source_address: d.source_address.as_deref().and_then(|a| a.parse().ok()),
+                max_connections,
+                hosts: Mutex::new(d.hosts.iter().map(make_host).collect()),
+                rr: AtomicUsize::new(0),
+                stats: ClusterStats {
+                    upstream_cx_total: stats.counter(&s("upstream_cx_total")),
+                    upstream_cx_active: stats.gauge(&s("upstream_cx_active")),
+                    upstream_cx_connect_fail: stats.counter(&s("upstream_cx_connect_fail")),
+                    upstream_cx_connect_timeout: stats.counter(&s("upstream_cx_connect_timeout")),
+                    upstream_cx_none_healthy: stats.counter(&s("upstream_cx_none_healthy")),
+                    upstream_cx_overflow: stats.counter(&s("upstream_cx_overflow")),
+                    upstream_cx_rx_bytes_total: stats.counter(&s("upstream_cx_rx_bytes_total")),
+                    upstream_cx_tx_bytes_total: stats.counter(&s("upstream_cx_tx_bytes_total")),
+                    upstream_cx_destroy: stats.counter(&s("upstream_cx_destroy")),
+                },
+                config: c.clone(),
+            };
+            by_name.insert(r.name.clone(), clusters.len());
+            clusters.push(Arc::new(cluster));
+        }
+        ClusterManager { clusters, by_name }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.by_name.get(name).map(|&i| &self.clusters[i])
+    }
+}
+
+/// An upstream connection; dropping it gives its slot back to the circuit breaker and the
+/// host's and cluster's active counts.
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub host: Arc<Host>,
+    pub cluster: Arc<Cluster>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.host.stats.cx_active.fetch_sub(1, Ordering::Relaxed);
+        self.cluster.stats.upstream_cx_active.dec();
+        self.cluster.stats.upstream_cx_destroy.inc();
+    }
+}
+
+impl Cluster {
+    /// The host for the next connection: ORIGINAL_DST's own host for the destination (created on
+    /// first use), otherwise round robin over the first priority level that has healthy hosts.
+    pub fn pick(&self, original_destination: SocketAddr, conn: u64) -> Option<Arc<Host>> {
+        let mut hosts = self.hosts.lock().unwrap();
+        if self.kind == "ORIGINAL_DST" {
+            let addr = original_destination.to_string();
+            if let Some(h) = hosts.iter().find(|h| h.address == addr) {
+                return Some(h.clone());
+            }
+            let transport =
+                pilotfish_decide::cluster::transport_for(&self.config, None, &mut vec![]);
+            let h = Arc::new(Host {
+                address: addr.clone(),
+                priority: 0,
+                region: String::new(),
+                zone: String::new(),
+                sub_zone: String::new(),
+                health: "HEALTHY".into(),
+                weight: 1,
+                transport,
+                stats: HostStats::default(),
+            });
+            tracing::debug!(target: "upstream", connection = conn, "Created host {}{addr} {addr}.", self.name);
+            hosts.push(h.clone());
+            return Some(h);
+        }
+        let level = hosts
+            .iter()
+            .filter(|h| h.healthy())
+            .map(|h| h.priority)
+            .min()?;
+        let candidates: Vec<&Arc<Host>> = hosts
+            .iter()
+            .filter(|h| h.healthy() && h.priority == level)
+            .collect();
+        let i = self.rr.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        Some(candidates[i].clone())
+    }
+
+    /// Connects to a host of this cluster, as Envoy's TCP connection pool does.
+    pub async fn connect(
+        self: &Arc<Self>,
+        original_destination: SocketAddr,
+        conn: u64,
+        upstream_id: u64,
+    ) -> Result<Upstream, ConnectError> {
+        if self.stats.upstream_cx_active.get() >= self.max_connections {
+            self.stats.upstream_cx_overflow.inc();
+            return Err(ConnectError::Overflow);
+        }
+        let Some(host) = self.pick(original_destination, conn) else {
+            self.stats.upstream_cx_none_healthy.inc();
+            return Err(ConnectError::NoHealthyHost);
+        };
+        if host.transport.socket.ends_with(".tls") {
+            return Err(ConnectError::NotImplemented(format!(
+                "upstream TLS (transport_socket_matches '{}')",
+                host.transport.matched
+            )));
+        }
+        let addr = match host.address.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => match tokio::net::lookup_host(host.address.as_str()).await {
+                Ok(mut addrs) => match addrs.next() {
+                    Some(a) => a,
+                    None => {
+                        return Err(ConnectError::Failed(
+                            host.address.clone(),
+                            std::io::Error::other("name resolves to no address"),
+                        ))
+                    }
+                },
+                Err(e) => return Err(ConnectError::Failed(host.address.clone(), e)),
+            },
+        };
+        tracing::debug!(target: "pool", connection = upstream_id, "connecting to {addr}");
+        self.stats.upstream_cx_total.inc();
+        host.stats.cx_total.fetch_add(1, Ordering::Relaxed);
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| ConnectError::Failed(host.address.clone(), e))?;
+        if let Some(src) = self
+            .source_address
+            .filter(|s| s.is_ipv4() == addr.is_ipv4())
+        {
+            socket
+                .bind(SocketAddr::new(src, 0))
+                .map_err(|e| ConnectError::Failed(format!("{} (from {src})", host.address), e))?;
+        }
+        let fail = |e: ConnectError| {
+            self.stats.upstream_cx_connect_fail.inc();
+            host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+            e
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, socket.connect(addr)).await {
+            Err(_) => {
+                self.stats.upstream_cx_connect_timeout.inc();
+                return Err(fail(ConnectError::Timeout(addr.to_string())));
+            }
+            Ok(Err(e)) => return Err(fail(ConnectError::Failed(addr.to_string(), e))),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        tracing::debug!(target: "connection", connection = upstream_id, "connected");
+        self.stats.upstream_cx_active.inc();
+        host.stats.cx_active.fetch_add(1, Ordering::Relaxed);
+        Ok(Upstream {
+            stream,
+            host,
+            cluster: self.clone(),
+        })
+    }
+}

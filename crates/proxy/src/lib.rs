@@ -1,0 +1,209 @@
+//! pilotfish as a proxy: `pilotfish -c FILE` runs a bootstrap or config dump on Envoy's data path.
+//! This part carries bytes (L4): listeners and their filters, filter chains, `tcp_proxy`, the
+//! cluster manager, the admin API, Envoy's stats and Envoy's log lines. Every matching decision is
+//! the shared one in `pilotfish_decide`; what the proxy cannot run yet is named at start-up.
+//!
+//! Modules follow Envoy's data path: [`listener_filter`] -> filter chain (shared decision) ->
+//! network filter ([`tcp_proxy`]) -> [`cluster`]; [`server`] owns the runtime, [`admin`] the admin
+//! API, [`log`] and [`stats`] what Envoy prints and counts.
+
+pub mod admin;
+pub mod cluster;
+pub mod listener_filter;
+pub mod log;
+pub mod server;
+pub mod stats;
+pub mod tcp_proxy;
+
+pub use server::Options;
+
+use pilotfish_api::pb::envoy::config::listener::v3::filter;
+use pilotfish_config::model::effective_type_url;
+use pilotfish_config::Config;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tracing_subscriber::layer::SubscriberExt;
+
+/// Sets up Envoy's log: the level for every component, then the per-component overrides
+/// (`upstream:debug,connection:trace`).
+pub fn init_log(options: &Options) -> Result<(), String> {
+    let level = log::level_index(&options.log_level)
+        .ok_or_else(|| format!("invalid log level '{}'", options.log_level))?;
+    log::set_all(level);
+    for part in options
+        .component_log_level
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let (c, l) = part
+            .split_once(':')
+            .ok_or_else(|| format!("--component-log-level: '{part}' is not COMPONENT:LEVEL"))?;
+        let l = log::level_index(l)
+            .ok_or_else(|| format!("--component-log-level: invalid level '{l}'"))?;
+        if !log::set(c, l) {
+            return Err(format!("--component-log-level: unknown component '{c}'"));
+        }
+    }
+    let out: Box<dyn std::io::Write + Send> = if options.log_path.is_empty() {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&options.log_path)
+                .map_err(|e| format!("--log-path {}: {e}", options.log_path))?,
+        )
+    };
+    let subscriber = tracing_subscriber::registry().with(log::EnvoyLog::new(out));
+    tracing::subscriber::set_global_default(subscriber).map_err(|e| e.to_string())
+}
+
+/// What the proxy does not run yet in this configuration, beyond what `validate` lists: said at
+/// start-up so nobody takes it as supported.
+fn proxy_gaps(cfg: &Config) -> Vec<String> {
+    let mut gaps = std::collections::BTreeMap::<String, usize>::new();
+    for l in &cfg.resources.listeners {
+        for fc in l
+            .value
+            .filter_chains
+            .iter()
+            .chain(&l.value.default_filter_chain)
+        {
+            if let Some(ts) = &fc.transport_socket {
+                if !ts.name.ends_with("raw_buffer") {
+                    *gaps
+                        .entry("downstream TLS transport socket (connections to such chains are closed)".into())
+                        .or_default() += 1;
+                }
+            }
+            for f in &fc.filters {
+                let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    continue;
+                };
+                let ty = effective_type_url(any);
+                if ty.ends_with("HttpConnectionManager") {
+                    *gaps
+                        .entry(
+                            "http_connection_manager (connections to such chains are closed)"
+                                .into(),
+                        )
+                        .or_default() += 1;
+                } else if !ty.ends_with("TcpProxy") {
+                    *gaps
+                        .entry(format!("network filter '{}' (passed over)", f.name))
+                        .or_default() += 1;
+                }
+            }
+        }
+        for f in &l.value.listener_filters {
+            let kind = f.name.trim_start_matches("envoy.filters.listener.");
+            if !["original_dst", "tls_inspector", "http_inspector"].contains(&kind) {
+                *gaps
+                    .entry(format!("listener filter '{}' (passed over)", f.name))
+                    .or_default() += 1;
+            }
+        }
+    }
+    for c in &cfg.resources.clusters {
+        let v = &c.value;
+        if v.transport_socket
+            .as_ref()
+            .is_some_and(|t| t.name.ends_with(".tls"))
+            || v.transport_socket_matches.iter().any(|m| {
+                m.transport_socket
+                    .as_ref()
+                    .is_some_and(|t| t.name.ends_with(".tls"))
+            })
+        {
+            *gaps
+                .entry("upstream TLS (connections to TLS hosts are closed)".into())
+                .or_default() += 1;
+        }
+    }
+    gaps.into_iter().map(|(g, n)| format!("{g}: {n}")).collect()
+}
+
+/// Runs the configuration until SIGTERM, SIGINT or `/quitquitquit`; returns the exit code.
+pub fn run(cfg: Config, options: Options) -> u8 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.concurrency.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(serve(cfg, options))
+}
+
+async fn serve(cfg: Config, options: Options) -> u8 {
+    tracing::info!(target: "main", "initializing pilotfish {} (concurrency {})", env!("CARGO_PKG_VERSION"), options.concurrency);
+    for w in cfg.warnings() {
+        tracing::warn!(target: "config", "{w}");
+    }
+    for g in pilotfish_config::coverage::gaps(&cfg.resources) {
+        tracing::warn!(target: "config", "not implemented: {} ({}x, e.g. {})", g.key, g.count, g.example);
+    }
+    for g in proxy_gaps(&cfg) {
+        tracing::warn!(target: "config", "not run by the proxy yet: {g}");
+    }
+    let server = server::Server::new(cfg.resources, options);
+    if let Some(admin) = server
+        .set
+        .bootstrap
+        .admin
+        .as_ref()
+        .and_then(|a| a.address.as_ref())
+        .and_then(pilotfish_decide::listener::socket_addr)
+    {
+        match tokio::net::TcpListener::bind(admin).await {
+            Ok(l) => {
+                tracing::info!(target: "main", "admin address: {}", l.local_addr().unwrap_or(admin));
+                tokio::spawn(admin::serve(server.clone(), l));
+            }
+            Err(e) => {
+                tracing::error!(target: "main", "cannot bind the admin address {admin}: {e}");
+                return 1;
+            }
+        }
+    }
+    for (name, l) in server::bind_listeners(&server) {
+        tokio::spawn(server::accept_loop(server.clone(), name, l));
+    }
+    tracing::info!(target: "main", "starting main dispatch loop");
+    let mut shutdown = server.shutdown.subscribe();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let term_recv = async {
+        match term.as_mut() {
+            Some(t) => {
+                t.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term_recv => {
+            tracing::warn!(target: "main", "caught SIGTERM");
+            drain(&server).await;
+        }
+        _ = tokio::signal::ctrl_c() => tracing::warn!(target: "main", "caught SIGINT"),
+        _ = shutdown.wait_for(|s| *s) => tracing::info!(target: "main", "shutting down (/quitquitquit)"),
+    }
+    tracing::info!(target: "main", "exiting");
+    0
+}
+
+/// Stops accepting, then waits for open connections to finish, for at most `--drain-time-s`.
+async fn drain(server: &std::sync::Arc<server::Server>) {
+    let _ = server.draining.send(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(server.options.drain_time_s);
+    while server.active_connections.load(Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

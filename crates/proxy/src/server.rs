@@ -1,0 +1,293 @@
+//! The running proxy: the loaded configuration, the cluster manager and stats, one accept loop
+//! per bound listener, and each connection's way through listener filters, the `use_original_dst`
+//! hand-off, filter chain selection and the network filters — every decision the shared one from
+//! `pilotfish_decide`.
+
+use crate::cluster::ClusterManager;
+use crate::stats::Store;
+use crate::{listener_filter, tcp_proxy};
+use pilotfish_api::pb::envoy::config::listener::v3::{filter, Listener};
+use pilotfish_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use pilotfish_config::model::{format_address, unpack};
+use pilotfish_config::resources::ResourceSet;
+use pilotfish_decide::filter_chain::{self, ChainInput, Selected};
+use pilotfish_decide::listener::{Connection, Entry};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Command-line settings the server reports in `/server_info` and obeys.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub config_path: String,
+    pub concurrency: usize,
+    pub log_level: String,
+    pub component_log_level: String,
+    pub log_path: String,
+    pub service_node: String,
+    pub service_cluster: String,
+    pub drain_time_s: u64,
+}
+
+pub struct Server {
+    pub set: ResourceSet,
+    pub clusters: ClusterManager,
+    pub stats: Store,
+    pub options: Options,
+    pub started: Instant,
+    next_id: AtomicU64,
+    /// Listeners actually bound: (name, address).
+    pub bound: std::sync::Mutex<Vec<(String, SocketAddr)>>,
+    pub healthcheck_failed: AtomicBool,
+    pub shutdown: watch::Sender<bool>,
+    pub draining: watch::Sender<bool>,
+    pub active_connections: AtomicU64,
+}
+
+impl Server {
+    pub fn new(set: ResourceSet, options: Options) -> Arc<Server> {
+        let stats = Store::default();
+        let clusters = ClusterManager::new(&set, &stats);
+        Arc::new(Server {
+            set,
+            clusters,
+            stats,
+            options,
+            started: Instant::now(),
+            next_id: AtomicU64::new(0),
+            bound: Default::default(),
+            healthcheck_failed: AtomicBool::new(false),
+            shutdown: watch::channel(false).0,
+            draining: watch::channel(false).0,
+            active_connections: AtomicU64::new(0),
+        })
+    }
+
+    /// Connection ids, shared by downstream and upstream connections as Envoy's are.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The stat scope of a listener: its stat_prefix, or its address as Envoy writes it.
+fn listener_scope(l: &Listener) -> String {
+    if !l.stat_prefix.is_empty() {
+        return format!("listener.{}", l.stat_prefix);
+    }
+    let addr = l
+        .address
+        .as_ref()
+        .and_then(format_address)
+        .unwrap_or_default();
+    format!("listener.{}", addr.replace(':', "_"))
+}
+
+fn binds(l: &Listener) -> bool {
+    l.bind_to_port.as_ref().is_none_or(|v| v.value)
+}
+
+/// Binds every listener that binds a port; a listener whose address cannot be bound here is
+/// reported and left out, the others come up.
+pub fn bind_listeners(server: &Arc<Server>) -> Vec<(String, TcpListener)> {
+    let mut out = vec![];
+    for r in &server.set.listeners {
+        let l = &r.value;
+        if !binds(l) {
+            continue;
+        }
+        let Some(addr) = l
+            .address
+            .as_ref()
+            .and_then(pilotfish_decide::listener::socket_addr)
+        else {
+            tracing::warn!(target: "config", "listener '{}': only socket addresses are implemented; not started", r.name);
+            continue;
+        };
+        match bind(addr, l) {
+            Ok(listener) => {
+                let local = listener.local_addr().unwrap_or(addr);
+                tracing::info!(target: "config", "listener '{}' listening on {local}", r.name);
+                server.bound.lock().unwrap().push((r.name.clone(), local));
+                out.push((r.name.clone(), listener));
+            }
+            Err(e) => {
+                tracing::error!(target: "config", "listener '{}' failed to bind or apply socket options: cannot bind '{addr}': {e}", r.name);
+            }
+        }
+    }
+    out
+}
+
+fn bind(addr: SocketAddr, l: &Listener) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    // Envoy's enable_reuse_port defaults to true: each listener socket can be shared.
+    if l.enable_reuse_port.as_ref().is_none_or(|v| v.value) {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        // Envoy binds `::` for IPv6 only unless ipv4_compat is set.
+        let compat = l
+            .address
+            .as_ref()
+            .and_then(|a| match &a.address {
+                Some(
+                    pilotfish_api::pb::envoy::config::core::v3::address::Address::SocketAddress(s),
+                ) => Some(s.ipv4_compat),
+                _ => None,
+            })
+            .unwrap_or(false);
+        socket.set_only_v6(!compat)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    let backlog = l.tcp_backlog_size.as_ref().map_or(1024, |v| v.value as i32);
+    socket.listen(backlog)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts until shutdown or drain, each connection on its own task (spread over the runtime's
+/// `--concurrency` workers).
+pub async fn accept_loop(server: Arc<Server>, name: String, listener: TcpListener) {
+    let mut draining = server.draining.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = draining.wait_for(|d| *d) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(target: "conn_handler", "listener '{name}': accept failed: {e}");
+                continue;
+            }
+        };
+        let server = server.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            server.active_connections.fetch_add(1, Ordering::Relaxed);
+            handle(&server, &name, stream, peer).await;
+            server.active_connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// One downstream connection, from accept to close.
+async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer: SocketAddr) {
+    let conn = server.next_connection_id();
+    let _ = stream.set_nodelay(true);
+    let Some(accepted) = server.set.listener(accepted_by) else {
+        return;
+    };
+    let Ok(socket_local) = stream.local_addr() else {
+        return;
+    };
+    let mut l = &accepted.value;
+    let found = match listener_filter::run(l, &stream, socket_local, conn).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(target: "conn_handler", connection = conn, "listener filter: {e:?}: closing connection from {peer}");
+            return;
+        }
+    };
+    let mut local = found.local.unwrap_or(socket_local);
+    let mut found = found;
+    // use_original_dst: the listener owning the restored destination takes the connection and
+    // runs its own listener filters.
+    if l.use_original_dst.as_ref().is_some_and(|v| v.value) && found.local.is_some() {
+        let c = Connection {
+            destination: local,
+            source: peer,
+            tls: found.tls,
+            sni: found.server_name.clone(),
+            alpn: found.application_protocols.clone(),
+            http: None,
+        };
+        if let Ok(d) = pilotfish_decide::listener::select(
+            &server.set,
+            &c,
+            &Entry::Listener(accepted_by.to_string()),
+        ) {
+            if d.serves.name != accepted.name {
+                tracing::debug!(target: "conn_handler", connection = conn, "use_original_dst: handing the connection to listener '{}' ({local})", d.serves.name);
+                l = &d.serves.value;
+                match listener_filter::run(l, &stream, local, conn).await {
+                    Ok(f) => {
+                        local = f.local.unwrap_or(local);
+                        found = f;
+                    }
+                    Err(e) => {
+                        tracing::debug!(target: "conn_handler", connection = conn, "listener filter: {e:?}: closing connection from {peer}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    let scope = listener_scope(l);
+    let input = ChainInput {
+        local,
+        source: peer,
+        direct_source: peer,
+        server_name: found.server_name.clone(),
+        transport_protocol: if found.tls { "tls" } else { "raw_buffer" }.to_string(),
+        application_protocols: found.application_protocols.clone(),
+    };
+    let (selected, _) = filter_chain::select(l, &input);
+    let Some(fc) = filter_chain::chain(l, &selected) else {
+        server
+            .stats
+            .counter(&format!("{scope}.no_filter_chain_match"))
+            .inc();
+        tracing::debug!(target: "conn_handler", connection = conn, "closing connection from {peer}: no matching filter chain found");
+        return;
+    };
+    server
+        .stats
+        .counter(&format!("{scope}.downstream_cx_total"))
+        .inc();
+    let active = server.stats.gauge(&format!("{scope}.downstream_cx_active"));
+    active.inc();
+    tracing::debug!(target: "conn_handler", connection = conn, "new connection from {peer}");
+    let chain_name = match selected {
+        Selected::Chain(i) => filter_chain::chain_label(l, i),
+        _ => "default_filter_chain".into(),
+    };
+    tracing::trace!(target: "conn_handler", connection = conn, "filter chain {chain_name}");
+    if fc
+        .transport_socket
+        .as_ref()
+        .is_some_and(|t| !t.name.ends_with("raw_buffer"))
+    {
+        tracing::warn!(target: "connection", connection = conn, "filter chain {chain_name}: downstream transport socket '{}' is not implemented yet: closing", fc.transport_socket.as_ref().unwrap().name);
+        active.dec();
+        return;
+    }
+    for f in &fc.filters {
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            continue;
+        };
+        if let Some(tcp) = unpack::<TcpProxy>(any) {
+            tcp_proxy::run(server, &tcp, stream, local, conn).await;
+            break;
+        }
+        let ty = pilotfish_config::model::effective_type_url(any);
+        if ty.ends_with("HttpConnectionManager") {
+            tracing::warn!(target: "connection", connection = conn, "filter chain {chain_name}: http_connection_manager is not implemented yet: closing");
+            break;
+        }
+    }
+    active.dec();
+    server
+        .stats
+        .counter(&format!("{scope}.downstream_cx_destroy"))
+        .inc();
+    tracing::debug!(target: "connection", connection = conn, "closing socket: 0");
+}

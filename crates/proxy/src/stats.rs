@@ -1,0 +1,178 @@
+//! Counters and gauges with Envoy's names (`listener.<address>.downstream_cx_total`,
+//! `cluster.<name>.upstream_cx_active`, `tcp.<stat_prefix>.downstream_cx_total`), and their
+//! renderings for `/stats` (text, JSON) and `/stats/prometheus`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+#[derive(Debug)]
+pub struct Stat {
+    pub kind: Kind,
+    value: AtomicU64,
+}
+
+impl Stat {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.value.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    stats: Mutex<BTreeMap<String, Arc<Stat>>>,
+}
+
+impl Store {
+    fn get(&self, name: &str, kind: Kind) -> Arc<Stat> {
+        let mut m = self.stats.lock().unwrap();
+        m.entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(Stat {
+                    kind,
+                    value: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+    pub fn counter(&self, name: &str) -> Arc<Stat> {
+        self.get(name, Kind::Counter)
+    }
+    pub fn gauge(&self, name: &str) -> Arc<Stat> {
+        self.get(name, Kind::Gauge)
+    }
+    pub fn snapshot(&self) -> Vec<(String, Kind, u64)> {
+        let m = self.stats.lock().unwrap();
+        m.iter()
+            .map(|(k, s)| (k.clone(), s.kind, s.get()))
+            .collect()
+    }
+    /// `/reset_counters`: counters to zero, gauges kept.
+    pub fn reset_counters(&self) {
+        for s in self.stats.lock().unwrap().values() {
+            if s.kind == Kind::Counter {
+                s.value.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn text(&self, filter: Option<&regex::Regex>) -> String {
+        let mut out = String::new();
+        for (name, _, v) in self.snapshot() {
+            if filter.is_none_or(|f| f.is_match(&name)) {
+                out.push_str(&format!("{name}: {v}\n"));
+            }
+        }
+        out
+    }
+
+    pub fn json(&self, filter: Option<&regex::Regex>) -> serde_json::Value {
+        let stats: Vec<serde_json::Value> = self
+            .snapshot()
+            .into_iter()
+            .filter(|(n, _, _)| filter.is_none_or(|f| f.is_match(n)))
+            .map(|(n, _, v)| serde_json::json!({"name": n, "value": v}))
+            .collect();
+        serde_json::json!({ "stats": stats })
+    }
+
+    /// Prometheus text, with the tags Envoy extracts from the names it knows
+    /// (`envoy_cluster_upstream_cx_total{envoy_cluster_name="c1"}`).
+    pub fn prometheus(&self) -> String {
+        let mut families: BTreeMap<String, (Kind, Vec<(String, u64)>)> = BTreeMap::new();
+        for (name, kind, v) in self.snapshot() {
+            let (family, labels) = prometheus_name(&name);
+            families
+                .entry(family)
+                .or_insert_with(|| (kind, vec![]))
+                .1
+                .push((labels, v));
+        }
+        let mut out = String::new();
+        for (family, (kind, samples)) in families {
+            let ty = if kind == Kind::Counter {
+                "counter"
+            } else {
+                "gauge"
+            };
+            out.push_str(&format!("# TYPE {family} {ty}\n"));
+            for (labels, v) in samples {
+                out.push_str(&format!("{family}{labels} {v}\n"));
+            }
+        }
+        out
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn prometheus_name(name: &str) -> (String, String) {
+    for (prefix, tag) in [
+        ("cluster.", "envoy_cluster_name"),
+        ("listener.", "envoy_listener_address"),
+        ("tcp.", "envoy_tcp_prefix"),
+    ] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            // The value is everything up to the stat's own name (which has no dots here).
+            if let Some((value, stat)) = rest.rsplit_once('.') {
+                return (
+                    format!("envoy_{}{}", sanitize(prefix), sanitize(stat)),
+                    format!("{{{tag}=\"{value}\"}}"),
+                );
+            }
+        }
+    }
+    (format!("envoy_{}", sanitize(name)), String::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_envoys_shapes() {
+        let s = Store::default();
+        s.counter("cluster.outbound|80||a.b.svc.upstream_cx_total")
+            .add(3);
+        s.gauge("listener.127.0.0.1_15001.downstream_cx_active")
+            .inc();
+        s.counter("server.x").inc();
+        assert!(s
+            .text(None)
+            .contains("cluster.outbound|80||a.b.svc.upstream_cx_total: 3\n"));
+        let p = s.prometheus();
+        assert!(p.contains("# TYPE envoy_cluster_upstream_cx_total counter\n"));
+        assert!(p.contains(
+            "envoy_cluster_upstream_cx_total{envoy_cluster_name=\"outbound|80||a.b.svc\"} 3\n"
+        ));
+        assert!(p.contains(
+            "envoy_listener_downstream_cx_active{envoy_listener_address=\"127.0.0.1_15001\"} 1\n"
+        ));
+        s.reset_counters();
+        assert_eq!(s.counter("server.x").get(), 0);
+        assert_eq!(
+            s.gauge("listener.127.0.0.1_15001.downstream_cx_active")
+                .get(),
+            1
+        );
+    }
+}

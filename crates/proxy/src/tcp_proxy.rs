@@ -1,0 +1,167 @@
+//! The `tcp_proxy` network filter: picks the cluster (`cluster`, or `weighted_clusters` by
+//! weight), connects to one of its hosts (up to `max_connect_attempts`), then copies bytes both
+//! ways until both sides are done or the connection is idle for `idle_timeout`.
+
+use crate::server::Server;
+use crate::stats::Stat;
+use pilotfish_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn cluster_name(tcp: &TcpProxy, conn: u64) -> String {
+    match &tcp.cluster_specifier {
+        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => c.clone(),
+        Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+            let total: u64 = w.clusters.iter().map(|c| c.weight as u64).sum();
+            if total == 0 {
+                return String::new();
+            }
+            let mut pick = random(conn) % total;
+            for c in &w.clusters {
+                if pick < c.weight as u64 {
+                    return c.name.clone();
+                }
+                pick -= c.weight as u64;
+            }
+            String::new()
+        }
+        None => String::new(),
+    }
+}
+
+/// A random number good enough to spread connections over weighted clusters.
+fn random(seed: u64) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos() as u64;
+    let mut x = seed ^ t ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
+struct TcpStats {
+    downstream_cx_total: Arc<Stat>,
+    downstream_cx_no_route: Arc<Stat>,
+    downstream_cx_rx_bytes_total: Arc<Stat>,
+    downstream_cx_tx_bytes_total: Arc<Stat>,
+    idle_timeout: Arc<Stat>,
+}
+
+pub async fn run(
+    server: &Server,
+    tcp: &TcpProxy,
+    mut downstream: TcpStream,
+    original_destination: SocketAddr,
+    conn: u64,
+) {
+    let s = |n: &str| format!("tcp.{}.{n}", tcp.stat_prefix);
+    let stats = TcpStats {
+        downstream_cx_total: server.stats.counter(&s("downstream_cx_total")),
+        downstream_cx_no_route: server.stats.counter(&s("downstream_cx_no_route")),
+        downstream_cx_rx_bytes_total: server.stats.counter(&s("downstream_cx_rx_bytes_total")),
+        downstream_cx_tx_bytes_total: server.stats.counter(&s("downstream_cx_tx_bytes_total")),
+        idle_timeout: server.stats.counter(&s("idle_timeout")),
+    };
+    stats.downstream_cx_total.inc();
+    let name = cluster_name(tcp, conn);
+    let Some(cluster) = server.clusters.get(&name) else {
+        tracing::debug!(target: "filter", connection = conn, "Cluster not found {name} and no on demand cluster set.");
+        stats.downstream_cx_no_route.inc();
+        return;
+    };
+    tracing::debug!(target: "filter", connection = conn, "Creating connection to cluster {name}");
+    let attempts = tcp
+        .max_connect_attempts
+        .as_ref()
+        .map_or(1, |v| v.value.max(1));
+    let mut upstream = None;
+    for attempt in 1..=attempts {
+        let id = server.next_connection_id();
+        match cluster.connect(original_destination, conn, id).await {
+            Ok(u) => {
+                tracing::debug!(target: "filter", connection = conn, "TCP:onUpstreamEvent(), requestedServerName: ");
+                upstream = Some((u, id));
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(target: "filter", connection = conn, "upstream connection attempt {attempt} of {attempts} to cluster {name}: {e}");
+                if matches!(
+                    e,
+                    crate::cluster::ConnectError::NotImplemented(_)
+                        | crate::cluster::ConnectError::Overflow
+                        | crate::cluster::ConnectError::NoHealthyHost
+                ) {
+                    break;
+                }
+            }
+        }
+    }
+    let Some((mut up, up_id)) = upstream else {
+        return;
+    };
+    // Envoy's default tcp_proxy idle timeout is an hour; zero turns it off.
+    let idle = tcp
+        .idle_timeout
+        .as_ref()
+        .map_or(Some(Duration::from_secs(3600)), |d| {
+            let d = Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
+            (!d.is_zero()).then_some(d)
+        });
+    let (rx, tx, idled) = relay(&mut downstream, &mut up.stream, idle).await;
+    stats.downstream_cx_rx_bytes_total.add(rx);
+    stats.downstream_cx_tx_bytes_total.add(tx);
+    up.cluster.stats.upstream_cx_tx_bytes_total.add(rx);
+    up.cluster.stats.upstream_cx_rx_bytes_total.add(tx);
+    if idled {
+        stats.idle_timeout.inc();
+        tracing::debug!(target: "filter", connection = conn, "Session timed out");
+    }
+    tracing::debug!(target: "connection", connection = up_id, "closing socket: 0");
+}
+
+/// Copies both ways, half-closing each side when the other finishes sending; returns the bytes
+/// received from and sent to the downstream, and whether the idle timeout ended it.
+async fn relay(
+    down: &mut TcpStream,
+    up: &mut TcpStream,
+    idle: Option<Duration>,
+) -> (u64, u64, bool) {
+    let (mut dr, mut dw) = down.split();
+    let (mut ur, mut uw) = up.split();
+    let mut b1 = vec![0u8; 16 * 1024];
+    let mut b2 = vec![0u8; 16 * 1024];
+    let (mut rx, mut tx) = (0u64, 0u64);
+    let (mut down_open, mut up_open) = (true, true);
+    let far = Duration::from_secs(365 * 24 * 3600);
+    let sleep = tokio::time::sleep(idle.unwrap_or(far));
+    tokio::pin!(sleep);
+    while down_open || up_open {
+        tokio::select! {
+            r = dr.read(&mut b1), if down_open => match r {
+                Ok(0) | Err(_) => { down_open = false; let _ = uw.shutdown().await; }
+                Ok(n) => {
+                    rx += n as u64;
+                    if uw.write_all(&b1[..n]).await.is_err() { break; }
+                }
+            },
+            r = ur.read(&mut b2), if up_open => match r {
+                Ok(0) | Err(_) => { up_open = false; let _ = dw.shutdown().await; }
+                Ok(n) => {
+                    tx += n as u64;
+                    if dw.write_all(&b2[..n]).await.is_err() { break; }
+                }
+            },
+            _ = &mut sleep => return (rx, tx, true),
+        }
+        sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + idle.unwrap_or(far));
+    }
+    (rx, tx, false)
+}
