@@ -20,8 +20,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// An upstream that answers each connection with its name and the bytes it received, after the
-/// client half-closes.
+/// An upstream that answers with its name, then echoes what it reads until the client closes.
 fn upstream(name: &'static str) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -29,11 +28,20 @@ fn upstream(name: &'static str) -> u16 {
         for c in l.incoming() {
             let Ok(mut c) = c else { continue };
             std::thread::spawn(move || {
-                let mut got = vec![];
-                let _ = c.read_to_end(&mut got);
+                let mut buf = vec![0u8; 64 * 1024];
                 let mut reply = format!("{name}:").into_bytes();
-                reply.extend(got);
-                let _ = c.write_all(&reply);
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            reply.extend(&buf[..n]);
+                            if c.write_all(&reply).is_err() {
+                                return;
+                            }
+                            reply.clear();
+                        }
+                    }
+                }
             });
         }
     });
@@ -150,14 +158,31 @@ impl Proxy {
     }
 }
 
-/// Sends bytes, half-closes, and returns everything the proxy sent back.
+/// Sends bytes, waits for the answer, half-closes, and returns everything the proxy sent back
+/// (nothing when it closed the connection). A client that half-closes while listener filters
+/// still look is closed, as Envoy does, so the answer comes first.
 fn exchange(port: u16, bytes: &[u8]) -> String {
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.write_all(bytes).unwrap();
-    c.shutdown(Shutdown::Write).unwrap();
-    let mut out = vec![];
-    let _ = c.read_to_end(&mut out);
+    let mut out = vec![0u8; 64 * 1024];
+    let n = c.read(&mut out).unwrap_or(0);
+    out.truncate(n);
+    if n > 0 {
+        // The answer may come in pieces: read until the upstream echoed it all.
+        while out.len() < bytes.len() + 2 {
+            let mut more = [0u8; 4096];
+            match c.read(&mut more) {
+                Ok(0) | Err(_) => break,
+                Ok(m) => out.extend(&more[..m]),
+            }
+            if out.ends_with(bytes) {
+                break;
+            }
+        }
+        c.shutdown(Shutdown::Write).unwrap();
+        let _ = c.read_to_end(&mut out);
+    }
     String::from_utf8_lossy(&out).into_owned()
 }
 

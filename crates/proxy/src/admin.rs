@@ -134,10 +134,9 @@ fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Reply {
             ),
         ),
         "/ready" => {
-            if *server.draining.borrow() {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=UTF-8", "DRAINING\n")
-            } else {
-                text("LIVE\n")
+            match state(server) {
+                "LIVE" => text("LIVE\n"),
+                s => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=UTF-8", format!("{s}\n")),
             }
         }
         "/server_info" => json_reply(&server_info(server)),
@@ -199,6 +198,17 @@ fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Reply {
             "text/plain; charset=UTF-8",
             format!("invalid path. admin commands are:\n  /clusters\n  /config_dump\n  /listeners\n  /logging\n  /ready\n  /server_info\n  /stats\n  /stats/prometheus\n  /quitquitquit\n(pilotfish: {path} is not an admin path)\n"),
         ),
+    }
+}
+
+/// Envoy's server states, as `/ready` and `/server_info` report them.
+fn state(server: &Server) -> &'static str {
+    if *server.draining.borrow() {
+        "DRAINING"
+    } else if server.live.load(Ordering::Relaxed) {
+        "LIVE"
+    } else {
+        "PRE_INITIALIZING"
     }
 }
 
@@ -381,11 +391,7 @@ fn clusters(server: &Server, as_json: bool) -> Reply {
             ] {
                 out.push_str(&format!("{n}::{a}::{k}::{v}\n"));
             }
-            let health = match h.health.as_str() {
-                "UNKNOWN" | "HEALTHY" => "healthy".to_string(),
-                "DEGRADED" => "/degraded_eds_health".to_string(),
-                _ => "/failed_eds_health".to_string(),
-            };
+            let health = h.health_flags();
             out.push_str(&format!("{n}::{a}::hostname::\n"));
             out.push_str(&format!("{n}::{a}::health_flags::{health}\n"));
             out.push_str(&format!("{n}::{a}::weight::{}\n", h.weight));

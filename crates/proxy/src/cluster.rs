@@ -39,9 +39,85 @@ pub struct Host {
 }
 
 impl Host {
-    /// Envoy routes to hosts whose EDS status is unknown, healthy or degraded.
+    /// Healthy for load balancing: EDS status unknown or healthy.
     pub fn healthy(&self) -> bool {
-        matches!(self.health.as_str(), "UNKNOWN" | "HEALTHY" | "DEGRADED")
+        matches!(self.health.as_str(), "UNKNOWN" | "HEALTHY")
+    }
+
+    /// The `health_flags` of `/clusters`.
+    pub fn health_flags(&self) -> &'static str {
+        match self.health.as_str() {
+            "UNKNOWN" | "HEALTHY" => "healthy",
+            "DRAINING" => "/eds_status_draining",
+            "DEGRADED" => "/degraded_eds_health",
+            _ => "/failed_eds_health",
+        }
+    }
+}
+
+/// Envoy's default overprovisioning factor (1.4) and healthy panic threshold (50%).
+const OVERPROVISIONING: u64 = 140;
+const PANIC_THRESHOLD: u64 = 50;
+
+/// The hosts Envoy's load balancer picks from: the priority level chosen by the priority load
+/// (each level's health, overprovisioned by 1.4, spilling what it lacks to the next), and within
+/// it the healthy hosts, or all of them when under the panic threshold.
+pub fn eligible(hosts: &[Arc<Host>], random: u64) -> Vec<Arc<Host>> {
+    let mut levels: std::collections::BTreeMap<u32, Vec<&Arc<Host>>> = Default::default();
+    for h in hosts {
+        levels.entry(h.priority).or_default().push(h);
+    }
+    let Some((&first, _)) = levels.iter().next() else {
+        return vec![];
+    };
+    let health: Vec<(u32, u64)> = levels
+        .iter()
+        .map(|(p, hs)| {
+            let healthy = hs.iter().filter(|h| h.healthy()).count() as u64;
+            (*p, (OVERPROVISIONING * healthy / hs.len() as u64).min(100))
+        })
+        .collect();
+    let total: u64 = health.iter().map(|(_, h)| h).sum::<u64>().min(100);
+    let level = if total == 0 {
+        first
+    } else {
+        let mut remaining = 100u64;
+        let mut loads = vec![];
+        for (p, h) in &health {
+            let load = (h * 100 / total).min(remaining);
+            remaining -= load;
+            loads.push((*p, load));
+        }
+        // Rounding leftovers go to the first level with load.
+        if remaining > 0 {
+            if let Some(l) = loads.iter_mut().find(|(_, l)| *l > 0) {
+                l.1 += remaining;
+            }
+        }
+        let mut pick = random % 100;
+        loads
+            .iter()
+            .find(|(_, l)| {
+                if pick < *l {
+                    true
+                } else {
+                    pick -= l;
+                    false
+                }
+            })
+            .map_or(first, |(p, _)| *p)
+    };
+    let hs = &levels[&level];
+    let healthy: Vec<Arc<Host>> = hs
+        .iter()
+        .filter(|h| h.healthy())
+        .map(|h| (*h).clone())
+        .collect();
+    let panic = total == 0 || (healthy.len() as u64 * 100) < PANIC_THRESHOLD * hs.len() as u64;
+    if panic {
+        hs.iter().map(|h| (*h).clone()).collect()
+    } else {
+        healthy
     }
 }
 
@@ -210,15 +286,10 @@ impl Cluster {
             hosts.push(h.clone());
             return Some(h);
         }
-        let level = hosts
-            .iter()
-            .filter(|h| h.healthy())
-            .map(|h| h.priority)
-            .min()?;
-        let candidates: Vec<&Arc<Host>> = hosts
-            .iter()
-            .filter(|h| h.healthy() && h.priority == level)
-            .collect();
+        let candidates = eligible(&hosts, crate::random(conn));
+        if candidates.is_empty() {
+            return None;
+        }
         let i = self.rr.fetch_add(1, Ordering::Relaxed) % candidates.len();
         Some(candidates[i].clone())
     }

@@ -24,6 +24,20 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing_subscriber::layer::SubscriberExt;
 
+/// A random number good enough to spread load (weighted clusters, priority levels): mixed from
+/// a seed and the clock.
+pub fn random(seed: u64) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos() as u64;
+    let mut x = seed ^ t ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
 /// Sets up Envoy's log: the level for every component, then the per-component overrides
 /// (`upstream:debug,connection:trace`).
 pub fn init_log(options: &Options) -> Result<(), String> {
@@ -174,6 +188,7 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     for (name, l) in server::bind_listeners(&server) {
         tokio::spawn(server::accept_loop(server.clone(), name, l));
     }
+    server.live.store(true, Ordering::Relaxed);
     tracing::info!(target: "main", "starting main dispatch loop");
     let mut shutdown = server.shutdown.subscribe();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

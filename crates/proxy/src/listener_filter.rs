@@ -133,6 +133,11 @@ async fn peek_until<T>(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(FilterError::Timeout);
         }
+        // Envoy's listener filter buffer closes the connection when the peer has closed its
+        // side, whatever it sent before (real Envoy shows it): so does pilotfish.
+        if peer_closed(stream) {
+            return Err(FilterError::Closed);
+        }
         let n = match deadline {
             Some(d) => tokio::time::timeout_at(d, stream.peek(&mut buf))
                 .await

@@ -42,6 +42,8 @@ pub struct Server {
     /// Listeners actually bound: (name, address).
     pub bound: std::sync::Mutex<Vec<(String, SocketAddr)>>,
     pub healthcheck_failed: AtomicBool,
+    /// Listeners are up: `/ready` answers LIVE from then on.
+    pub live: AtomicBool,
     pub shutdown: watch::Sender<bool>,
     pub draining: watch::Sender<bool>,
     pub active_connections: AtomicU64,
@@ -51,6 +53,20 @@ impl Server {
     pub fn new(set: ResourceSet, options: Options) -> Arc<Server> {
         let stats = Store::default();
         let clusters = ClusterManager::new(&set, &stats);
+        // Envoy creates a listener's counters with the listener, so they read 0 before use.
+        for l in &set.listeners {
+            let scope = listener_scope(&l.value);
+            for c in [
+                "downstream_cx_total",
+                "downstream_cx_destroy",
+                "no_filter_chain_match",
+                "downstream_listener_filter_remote_close",
+                "downstream_pre_cx_timeout",
+            ] {
+                stats.counter(&format!("{scope}.{c}"));
+            }
+            stats.gauge(&format!("{scope}.downstream_cx_active"));
+        }
         Arc::new(Server {
             set,
             clusters,
@@ -60,6 +76,7 @@ impl Server {
             next_id: AtomicU64::new(0),
             bound: Default::default(),
             healthcheck_failed: AtomicBool::new(false),
+            live: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
             draining: watch::channel(false).0,
             active_connections: AtomicU64::new(0),
@@ -179,6 +196,17 @@ pub async fn accept_loop(server: Arc<Server>, name: String, listener: TcpListene
     }
 }
 
+fn listener_filter_failed(server: &Server, l: &Listener, e: &listener_filter::FilterError) {
+    let stat = match e {
+        listener_filter::FilterError::Timeout => "downstream_pre_cx_timeout",
+        listener_filter::FilterError::Closed => "downstream_listener_filter_remote_close",
+    };
+    server
+        .stats
+        .counter(&format!("{}.{stat}", listener_scope(l)))
+        .inc();
+}
+
 /// One downstream connection, from accept to close.
 async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer: SocketAddr) {
     let conn = server.next_connection_id();
@@ -193,6 +221,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
     let found = match listener_filter::run(l, &stream, socket_local, conn).await {
         Ok(f) => f,
         Err(e) => {
+            listener_filter_failed(server, l, &e);
             tracing::debug!(target: "conn_handler", connection = conn, "listener filter: {e:?}: closing connection from {peer}");
             return;
         }
@@ -224,6 +253,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
                         found = f;
                     }
                     Err(e) => {
+                        listener_filter_failed(server, l, &e);
                         tracing::debug!(target: "conn_handler", connection = conn, "listener filter: {e:?}: closing connection from {peer}");
                         return;
                     }

@@ -19,7 +19,7 @@ fn cluster_name(tcp: &TcpProxy, conn: u64) -> String {
             if total == 0 {
                 return String::new();
             }
-            let mut pick = random(conn) % total;
+            let mut pick = crate::random(conn) % total;
             for c in &w.clusters {
                 if pick < c.weight as u64 {
                     return c.name.clone();
@@ -30,19 +30,6 @@ fn cluster_name(tcp: &TcpProxy, conn: u64) -> String {
         }
         None => String::new(),
     }
-}
-
-/// A random number good enough to spread connections over weighted clusters.
-fn random(seed: u64) -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos() as u64;
-    let mut x = seed ^ t ^ 0x9e37_79b9_7f4a_7c15;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x
 }
 
 struct TcpStats {

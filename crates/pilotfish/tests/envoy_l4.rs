@@ -1,0 +1,521 @@
+//! L4 conformance against real Envoy: each scenario's bootstrap runs in Envoy 1.40 and in
+//! `pilotfish -c`, the same connections go through both, and the answers must be the same: which
+//! upstream got the bytes (each upstream answers with its name), whether the connection was
+//! closed without an answer, the core counters, and for some scenarios the `/clusters` host list.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An upstream that answers with its name and echoes what it reads, and closes after the client
+/// does.
+fn upstream(name: &'static str, ip: &str) -> u16 {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut first = true;
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            // The name once, then an echo: however the bytes are split.
+                            let mut reply = if first {
+                                format!("{name}:").into_bytes()
+                            } else {
+                                vec![]
+                            };
+                            first = false;
+                            reply.extend(&buf[..n]);
+                            if c.write_all(&reply).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+struct Upstreams {
+    u: [u16; 3],
+    v6: u16,
+    /// Nothing listens here: connections are refused.
+    refused: u16,
+}
+
+enum Step {
+    /// Connect (from this source address), send, wait for the first answer, half-close, read the
+    /// answer to the end.
+    Send {
+        from: &'static str,
+        payload: Vec<u8>,
+    },
+    /// Connect, send and half-close at once (before the listener filters are done).
+    SendClose {
+        payload: &'static [u8],
+    },
+    /// Connect, send, wait for the answer, and keep the connection open.
+    Open {
+        payload: &'static [u8],
+    },
+    /// Send on every open connection after the given idle pause; see who still answers.
+    Idle {
+        ms: u64,
+    },
+    CloseAll,
+}
+
+struct Scenario {
+    name: &'static str,
+    /// The static_resources block; {L} listener port, {U0} {U1} {U2} upstream ports, {V6} the IPv6
+    /// upstream, {R} a refused port.
+    resources: String,
+    steps: Vec<Step>,
+    /// Stats compared after the steps ({L} is replaced by the listener's stat scope).
+    stats: &'static [&'static str],
+    clusters: bool,
+}
+
+fn send(s: &'static [u8]) -> Step {
+    Step::Send {
+        from: "127.0.0.1",
+        payload: s.to_vec(),
+    }
+}
+
+fn send_from(from: &'static str, s: &'static [u8]) -> Step {
+    Step::Send {
+        from,
+        payload: s.to_vec(),
+    }
+}
+
+fn tp(cluster: &str) -> String {
+    format!("{{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: tp, cluster: {cluster} }} }}")
+}
+
+fn cluster(name: &str, ports: &[&str], extra: &str) -> String {
+    let eps: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }} }}"))
+        .collect();
+    format!("  - {{ name: {name}, type: STATIC, connect_timeout: 1s{extra}, load_assignment: {{ cluster_name: {name}, endpoints: [{{ lb_endpoints: [{}] }}] }} }}\n", eps.join(", "))
+}
+
+fn listener(filters: &str, chains: &str) -> String {
+    format!("static_resources:\n  listeners:\n  - name: l\n    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{L}} }} }}\n{filters}    filter_chains:\n{chains}  clusters:\n")
+}
+
+fn one_chain(cluster_name: &str) -> String {
+    listener("", &format!("    - filters: [{}]\n", tp(cluster_name)))
+}
+
+const TLS_INSPECTOR: &str = "    listener_filters: [{ name: envoy.filters.listener.tls_inspector, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector } }]\n";
+const BOTH_INSPECTORS: &str = "    listener_filters:\n    - { name: envoy.filters.listener.tls_inspector, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector } }\n    - { name: envoy.filters.listener.http_inspector, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector } }\n";
+
+fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
+    let mut ext = vec![];
+    if !sni.is_empty() {
+        let n = sni.len();
+        ext.extend([0, 0]);
+        ext.extend(((n + 5) as u16).to_be_bytes());
+        ext.extend(((n + 3) as u16).to_be_bytes());
+        ext.push(0);
+        ext.extend((n as u16).to_be_bytes());
+        ext.extend(sni.as_bytes());
+    }
+    if !alpn.is_empty() {
+        let list: Vec<u8> = alpn
+            .iter()
+            .flat_map(|p| std::iter::once(p.len() as u8).chain(p.bytes()))
+            .collect();
+        ext.extend([0, 16]);
+        ext.extend(((list.len() + 2) as u16).to_be_bytes());
+        ext.extend((list.len() as u16).to_be_bytes());
+        ext.extend(list);
+    }
+    let mut body = vec![3, 3];
+    body.extend([5u8; 32]);
+    body.extend([0, 0, 4, 0xc0, 0x2f, 0x13, 1, 1, 0]);
+    body.extend((ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let mut hs = vec![1, 0];
+    hs.extend((body.len() as u16).to_be_bytes());
+    hs.extend(body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend((hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
+}
+
+fn hello(sni: &str, alpn: &[&str]) -> Step {
+    Step::Send {
+        from: "127.0.0.1",
+        payload: client_hello(sni, alpn),
+    }
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let chain = |m: &str, c: &str| {
+        format!(
+            "    - {{ filter_chain_match: {m}, filters: [{}] }}\n",
+            tp(c)
+        )
+    };
+    let three = cluster("c", &["{U0}", "{U1}", "{U2}"], "");
+    let counters: &[&str] = &[
+        "cluster.c.upstream_cx_total",
+        "cluster.c.upstream_cx_connect_fail",
+        "tcp.tp.downstream_cx_total",
+        "{L}.downstream_cx_total",
+        "{L}.no_filter_chain_match",
+    ];
+    let sni_chains = format!(
+        "{}{}{}",
+        chain("{ server_names: [a.example.com] }", "a"),
+        chain("{ server_names: [\"*.example.com\"] }", "b"),
+        chain("{ transport_protocol: raw_buffer }", "c")
+    );
+    let abc = format!(
+        "{}{}{}",
+        cluster("a", &["{U0}"], ""),
+        cluster("b", &["{U1}"], ""),
+        cluster("c", &["{U2}"], "")
+    );
+    vec![
+        Scenario { name: "one host", resources: format!("{}{}", one_chain("c"), cluster("c", &["{U0}"], "")), steps: vec![send(b"x"), send(b"y")], stats: counters, clusters: true },
+        Scenario { name: "round robin", resources: format!("{}{three}", one_chain("c")), steps: (0..6).map(|_| send(b"rr")).collect(), stats: counters, clusters: true },
+        Scenario { name: "refused host", resources: format!("{}{}", one_chain("c"), cluster("c", &["{R}"], "")), steps: vec![send(b"x")], stats: counters, clusters: true },
+        Scenario { name: "max_connect_attempts", resources: format!("{}{}", listener("", &format!("    - filters: [{{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: tp, cluster: c, max_connect_attempts: 2 }} }}]\n")), cluster("c", &["{R}", "{R}"], "")), steps: vec![send(b"x")], stats: counters, clusters: true },
+        Scenario { name: "weighted clusters 1000000:1", resources: format!("{}{}{}", listener("", &format!("    - filters: [{{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: tp, weighted_clusters: {{ clusters: [{{ name: a, weight: 1000000 }}, {{ name: b, weight: 1 }}] }} }} }}]\n")), cluster("a", &["{U0}"], ""), cluster("b", &["{U1}"], "")), steps: vec![send(b"w"), send(b"w"), send(b"w")], stats: &["cluster.a.upstream_cx_total", "cluster.b.upstream_cx_total"], clusters: false },
+        Scenario { name: "priorities: P0 unhealthy goes to P1", resources: format!("{}  - {{ name: c, type: STATIC, connect_timeout: 1s, load_assignment: {{ cluster_name: c, endpoints: [{{ priority: 0, lb_endpoints: [{{ health_status: UNHEALTHY, endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{U0}} }} }} }} }}] }}, {{ priority: 1, locality: {{ region: r2, zone: z2 }}, lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{U1}} }} }} }} }}] }}] }} }}\n", one_chain("c")), steps: vec![send(b"p"), send(b"p")], stats: counters, clusters: true },
+        Scenario { name: "draining and degraded hosts", resources: format!("{}  - {{ name: c, type: STATIC, connect_timeout: 1s, load_assignment: {{ cluster_name: c, endpoints: [{{ lb_endpoints: [{{ health_status: DRAINING, endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{U0}} }} }} }} }}, {{ health_status: HEALTHY, endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{U1}} }} }} }} }}] }}] }} }}\n", one_chain("c")), steps: vec![send(b"d"), send(b"d")], stats: counters, clusters: true },
+        Scenario { name: "all hosts unhealthy", resources: format!("{}  - {{ name: c, type: STATIC, connect_timeout: 1s, load_assignment: {{ cluster_name: c, endpoints: [{{ lb_endpoints: [{{ health_status: UNHEALTHY, endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{U0}} }} }} }} }}] }}] }} }}\n", one_chain("c")), steps: vec![send(b"u")], stats: &["cluster.c.upstream_cx_total", "cluster.c.upstream_cx_none_healthy"], clusters: true },
+        Scenario { name: "unknown cluster", resources: format!("{}{}", one_chain("missing"), cluster("c", &["{U0}"], "")), steps: vec![send(b"x")], stats: &["tcp.tp.downstream_cx_no_route", "tcp.tp.downstream_cx_total"], clusters: false },
+        Scenario { name: "SNI exact", resources: format!("{}{abc}", listener(TLS_INSPECTOR, &sni_chains)), steps: vec![hello("a.example.com", &[])], stats: &["cluster.a.upstream_cx_total"], clusters: false },
+        Scenario { name: "SNI wildcard", resources: format!("{}{abc}", listener(TLS_INSPECTOR, &sni_chains)), steps: vec![hello("x.y.example.com", &[]), hello("example.com", &[])], stats: &["cluster.b.upstream_cx_total", "{L}.no_filter_chain_match"], clusters: false },
+        Scenario { name: "plaintext to raw_buffer chain", resources: format!("{}{abc}", listener(TLS_INSPECTOR, &sni_chains)), steps: vec![send(b"plain")], stats: &["cluster.c.upstream_cx_total"], clusters: false },
+        Scenario { name: "TLS without SNI, default chain", resources: format!("{}    default_filter_chain: {{ filters: [{}] }}\n  clusters:\n{abc}", listener(TLS_INSPECTOR, &sni_chains).trim_end_matches("  clusters:\n"), tp("c")), steps: vec![hello("", &["h2"])], stats: &["cluster.c.upstream_cx_total"], clusters: false },
+        Scenario { name: "ALPN", resources: format!("{}{abc}", listener(TLS_INSPECTOR, &format!("{}{}", chain("{ application_protocols: [h2] }", "a"), chain("{ application_protocols: [http/1.1] }", "b")))), steps: vec![hello("s", &["h2", "http/1.1"]), hello("s", &["http/1.1"]), hello("s", &["istio"])], stats: &["cluster.a.upstream_cx_total", "cluster.b.upstream_cx_total"], clusters: false },
+        Scenario { name: "http_inspector HTTP/1.1 and h2c", resources: format!("{}{abc}", listener(BOTH_INSPECTORS, &format!("{}{}{}", chain("{ application_protocols: [http/1.1] }", "a"), chain("{ application_protocols: [h2c] }", "b"), chain("{}", "c")))), steps: vec![send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"), send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), send(b"HELLO there\r\n")], stats: &["cluster.a.upstream_cx_total", "cluster.b.upstream_cx_total", "cluster.c.upstream_cx_total"], clusters: false },
+        Scenario { name: "http_inspector disabled by port", resources: format!("{}{abc}", listener("    listener_filters:\n    - { name: envoy.filters.listener.http_inspector, filter_disabled: { destination_port_range: { start: 1, end: 65535 } }, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector } }\n", &format!("{}{}", chain("{ application_protocols: [http/1.1] }", "a"), chain("{}", "c")))), steps: vec![send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")], stats: &["cluster.a.upstream_cx_total", "cluster.c.upstream_cx_total"], clusters: false },
+        Scenario { name: "source prefix ranges", resources: format!("{}{abc}", listener("", &format!("{}{}", chain("{ source_prefix_ranges: [{ address_prefix: 127.0.0.2, prefix_len: 32 }] }", "a"), chain("{ source_prefix_ranges: [{ address_prefix: 127.0.0.0, prefix_len: 8 }] }", "b")))), steps: vec![send_from("127.0.0.2", b"s"), send_from("127.0.0.3", b"s"), send(b"s")], stats: &["cluster.a.upstream_cx_total", "cluster.b.upstream_cx_total"], clusters: false },
+        Scenario { name: "direct source prefix", resources: format!("{}{abc}", listener("", &format!("{}{}", chain("{ direct_source_prefix_ranges: [{ address_prefix: 127.0.0.4, prefix_len: 32 }] }", "a"), chain("{}", "c")))), steps: vec![send_from("127.0.0.4", b"d"), send(b"d")], stats: &["cluster.a.upstream_cx_total", "cluster.c.upstream_cx_total"], clusters: false },
+        Scenario { name: "source type", resources: format!("{}{abc}", listener("", &format!("{}{}", chain("{ source_type: SAME_IP_OR_LOOPBACK }", "a"), chain("{ source_type: EXTERNAL }", "b")))), steps: vec![send(b"t"), send_from("127.0.0.5", b"t")], stats: &["cluster.a.upstream_cx_total", "cluster.b.upstream_cx_total"], clusters: false },
+        Scenario { name: "destination port mismatch closes", resources: format!("{}{abc}", listener("", &chain("{ destination_port: 1 }", "a"))), steps: vec![send(b"p")], stats: &["{L}.no_filter_chain_match", "{L}.downstream_cx_total"], clusters: false },
+        Scenario { name: "destination prefix ranges", resources: format!("{}{abc}", listener("", &format!("{}{}", chain("{ prefix_ranges: [{ address_prefix: 127.0.0.0, prefix_len: 8 }] }", "a"), chain("{ prefix_ranges: [{ address_prefix: 127.0.0.1, prefix_len: 32 }] }", "b")))), steps: vec![send(b"p")], stats: &["cluster.a.upstream_cx_total", "cluster.b.upstream_cx_total"], clusters: false },
+        Scenario { name: "filter_chain_matcher by SNI", resources: format!("{}    filter_chain_matcher:\n      matcher_tree:\n        input: {{ name: sni, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.ServerNameInput }} }}\n        exact_match_map: {{ map: {{ a.example.com: {{ action: {{ name: x, typed_config: {{ \"@type\": type.googleapis.com/google.protobuf.StringValue, value: fa }} }} }} }} }}\n      on_no_match: {{ action: {{ name: x, typed_config: {{ \"@type\": type.googleapis.com/google.protobuf.StringValue, value: fc }} }} }}\n  clusters:\n{abc}", listener(TLS_INSPECTOR, &format!("    - {{ name: fa, filters: [{}] }}\n    - {{ name: fc, filters: [{}] }}\n", tp("a"), tp("c"))).trim_end_matches("  clusters:\n")), steps: vec![hello("a.example.com", &[]), hello("b.example.com", &[]), send(b"plain")], stats: &["cluster.a.upstream_cx_total", "cluster.c.upstream_cx_total"], clusters: false },
+        Scenario { name: "circuit breaker max_connections", resources: format!("{}{}", one_chain("c"), cluster("c", &["{U0}"], ", circuit_breakers: { thresholds: [{ max_connections: 1 }] }")), steps: vec![Step::Open { payload: b"held" }, send(b"over"), Step::CloseAll], stats: &["cluster.c.upstream_cx_total", "cluster.c.upstream_cx_overflow"], clusters: false },
+        Scenario { name: "idle timeout", resources: format!("{}{}", listener("", &format!("    - filters: [{{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: tp, cluster: c, idle_timeout: 0.5s }} }}]\n")), cluster("c", &["{U0}"], "")), steps: vec![Step::Open { payload: b"a" }, Step::Idle { ms: 1200 }, Step::CloseAll], stats: &["tcp.tp.idle_timeout"], clusters: false },
+        Scenario { name: "half close and a large payload", resources: format!("{}{}", one_chain("c"), cluster("c", &["{U0}"], "")), steps: vec![Step::Send { from: "127.0.0.1", payload: (0..300_000u32).map(|i| (i % 251) as u8).collect() }], stats: &["tcp.tp.downstream_cx_rx_bytes_total"], clusters: false },
+        Scenario { name: "client closes during listener filters", resources: format!("{}{abc}", listener(BOTH_INSPECTORS, &chain("{}", "c"))), steps: vec![Step::SendClose { payload: b"GET / HTTP/1.1\r\n\r\n" }], stats: &["cluster.c.upstream_cx_total", "{L}.downstream_listener_filter_remote_close"], clusters: false },
+        Scenario { name: "IPv6", resources: "static_resources:\n  listeners:\n  - name: l\n    address: { socket_address: { address: \"::1\", port_value: {L} } }\n    filter_chains: [{ filters: [TP] }]\n  clusters:\n  - { name: c, type: STATIC, connect_timeout: 1s, load_assignment: { cluster_name: c, endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: \"::1\", port_value: {V6} } } } }] }] } }\n".replace("TP", &tp("c")), steps: vec![Step::Send { from: "::1", payload: b"six".to_vec() }], stats: &["cluster.c.upstream_cx_total"], clusters: true },
+    ]
+}
+
+struct Running {
+    child: Child,
+    admin: u16,
+    listen: u16,
+    v6: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn admin_get(admin: u16, path: &str) -> String {
+    admin_request(admin, "GET", path).1
+}
+
+fn start(
+    bin: &Path,
+    is_envoy: bool,
+    resources: &str,
+    up: &Upstreams,
+    dir: &Path,
+    tag: &str,
+) -> Running {
+    let (admin, listen) = (free_port(), free_port());
+    let text = resources
+        .replace("{L}", &listen.to_string())
+        .replace("{U0}", &up.u[0].to_string())
+        .replace("{U1}", &up.u[1].to_string())
+        .replace("{U2}", &up.u[2].to_string())
+        .replace("{V6}", &up.v6.to_string())
+        .replace("{R}", &up.refused.to_string());
+    let file = dir.join(format!("{tag}.yaml"));
+    std::fs::write(&file, format!("admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}\n{text}")).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{tag}.log"))).unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "-c",
+        file.to_str().unwrap(),
+        "--concurrency",
+        "1",
+        "-l",
+        "debug",
+    ]);
+    if is_envoy {
+        cmd.arg("--disable-hot-restart");
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let mut r = Running {
+        child,
+        admin,
+        listen,
+        v6: text.contains("\"::1\", port_value: "),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(s)) = r.child.try_wait() {
+            panic!(
+                "{tag} exited ({s}): {}",
+                std::fs::read_to_string(dir.join(format!("{tag}.log"))).unwrap_or_default()
+            );
+        }
+        // Both answer LIVE only once their listeners are up.
+        if TcpStream::connect(("127.0.0.1", admin)).is_ok()
+            && admin_get(admin, "/ready") == "LIVE\n"
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{tag} not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r
+}
+
+fn connect(r: &Running, from: &str) -> TcpStream {
+    let ip: std::net::IpAddr = from.parse().unwrap();
+    let target: SocketAddr = if r.v6 {
+        format!("[::1]:{}", r.listen)
+    } else {
+        format!("127.0.0.1:{}", r.listen)
+    }
+    .parse()
+    .unwrap();
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    socket.bind(&SocketAddr::new(ip, 0).into()).unwrap();
+    socket.connect(&target.into()).unwrap();
+    let s: TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn outcome(bytes: Vec<u8>) -> String {
+    if bytes.is_empty() {
+        "closed".into()
+    } else if bytes.len() > 64 {
+        format!(
+            "{} bytes, starting {:?}",
+            bytes.len(),
+            String::from_utf8_lossy(&bytes[..16])
+        )
+    } else {
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// Runs the steps; returns what each connection saw (upstream answers sorted for round robin,
+/// whose starting host is Envoy's own choice).
+fn run_steps(r: &Running, steps: &[Step]) -> Vec<String> {
+    let mut seen = vec![];
+    let mut open: Vec<TcpStream> = vec![];
+    for s in steps {
+        match s {
+            Step::Send { from, payload } => {
+                let mut c = connect(r, from);
+                let _ = c.write_all(payload);
+                let mut out = vec![0u8; 64 * 1024];
+                let n = c.read(&mut out).unwrap_or(0);
+                out.truncate(n);
+                if n > 0 {
+                    let _ = c.shutdown(Shutdown::Write);
+                    let _ = c.read_to_end(&mut out);
+                }
+                seen.push(outcome(out));
+            }
+            Step::SendClose { payload } => {
+                let mut c = connect(r, "127.0.0.1");
+                let _ = c.write_all(payload);
+                let _ = c.shutdown(Shutdown::Write);
+                let mut out = vec![];
+                let _ = c.read_to_end(&mut out);
+                seen.push(outcome(out));
+            }
+            Step::Open { payload } => {
+                let mut c = connect(r, "127.0.0.1");
+                c.write_all(payload).unwrap();
+                let mut buf = [0u8; 256];
+                let n = c.read(&mut buf).unwrap_or(0);
+                seen.push(format!("open: {}", outcome(buf[..n].to_vec())));
+                open.push(c);
+            }
+            Step::Idle { ms } => {
+                std::thread::sleep(Duration::from_millis(*ms));
+                for c in &mut open {
+                    let _ = c.write_all(b"again");
+                    let mut buf = [0u8; 256];
+                    let n = c.read(&mut buf).unwrap_or(0);
+                    seen.push(format!("after idle: {}", outcome(buf[..n].to_vec())));
+                }
+            }
+            Step::CloseAll => open.clear(),
+        }
+    }
+    // Let counters settle (connection teardown is asynchronous in both).
+    std::thread::sleep(Duration::from_millis(300));
+    seen
+}
+
+fn stat_values(r: &Running, names: &[&str]) -> BTreeMap<String, String> {
+    let text = admin_get(r.admin, "/stats");
+    let scope = if r.v6 {
+        format!("listener.[__1]_{}", r.listen)
+    } else {
+        format!("listener.127.0.0.1_{}", r.listen)
+    };
+    names
+        .iter()
+        .map(|n| {
+            let full = n.replace("{L}", &scope);
+            let v = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{full}: ")))
+                .unwrap_or("(absent)")
+                .to_string();
+            (n.to_string(), v)
+        })
+        .collect()
+}
+
+/// `/clusters` host lines, ports replaced so both runs compare.
+fn host_lines(r: &Running, up: &Upstreams) -> Vec<String> {
+    let mut ports: Vec<(u16, &str)> = vec![
+        (up.u[0], "U0"),
+        (up.u[1], "U1"),
+        (up.u[2], "U2"),
+        (up.v6, "V6"),
+        (up.refused, "R"),
+    ];
+    ports.sort();
+    admin_get(r.admin, "/clusters")
+        .lines()
+        .filter(|l| {
+            l.matches("::").count() == 3 && (l.contains("127.0.0.1:") || l.contains("[::1]:"))
+        })
+        .filter(|l| {
+            [
+                "cx_total",
+                "cx_connect_fail",
+                "health_flags",
+                "weight",
+                "region",
+                "zone",
+                "priority",
+            ]
+            .iter()
+            .any(|k| l.contains(&format!("::{k}::")))
+        })
+        .map(|l| {
+            let mut l = l.to_string();
+            for (p, n) in &ports {
+                l = l.replace(&format!(":{p}::"), &format!(":{n}::"));
+            }
+            l
+        })
+        .collect()
+}
+
+#[test]
+fn pilotfish_carries_bytes_as_envoy_does() {
+    let Some(envoy) = envoy("envoy l4") else {
+        return;
+    };
+    let up = Upstreams {
+        u: [
+            upstream("u0", "127.0.0.1"),
+            upstream("u1", "127.0.0.1"),
+            upstream("u2", "127.0.0.1"),
+        ],
+        v6: upstream("v6", "::1"),
+        refused: free_port(),
+    };
+    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-l4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
+    let mut failures = vec![];
+    let all = scenarios();
+    for (i, s) in all.iter().enumerate() {
+        let mut results = vec![];
+        for (bin, is_envoy, tag) in [
+            (envoy.as_path(), true, "envoy"),
+            (pilotfish, false, "pilotfish"),
+        ] {
+            let r = start(
+                bin,
+                is_envoy,
+                &s.resources,
+                &up,
+                &dir,
+                &format!("{i}-{tag}"),
+            );
+            let mut seen = run_steps(&r, &s.steps);
+            if s.name == "round robin" {
+                seen.sort();
+            }
+            let stats = stat_values(&r, s.stats);
+            let hosts = if s.clusters {
+                host_lines(&r, &up)
+            } else {
+                vec![]
+            };
+            results.push((seen, stats, hosts));
+        }
+        let (e, p) = (&results[0], &results[1]);
+        if e != p {
+            failures.push(format!(
+                "scenario {i} '{}':\n  envoy:     {:?}\n  pilotfish: {:?}",
+                s.name, e, p
+            ));
+        }
+    }
+    assert!(all.len() >= 25);
+    assert!(
+        failures.is_empty(),
+        "{} of {} scenarios differ (configs and logs in {}):\n{}",
+        failures.len(),
+        all.len(),
+        dir.display(),
+        failures.join("\n")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
