@@ -78,9 +78,8 @@ pub fn eligible(hosts: &[Arc<Host>], random: u64) -> Vec<Arc<Host>> {
         })
         .collect();
     let total: u64 = health.iter().map(|(_, h)| h).sum::<u64>().min(100);
-    let level = if total == 0 {
-        first
-    } else {
+    // No healthy host anywhere: everything goes to the first level, in panic.
+    let level = if let Some(total) = std::num::NonZeroU64::new(total) {
         let mut remaining = 100u64;
         let mut loads = vec![];
         for (p, h) in &health {
@@ -106,6 +105,8 @@ pub fn eligible(hosts: &[Arc<Host>], random: u64) -> Vec<Arc<Host>> {
                 }
             })
             .map_or(first, |(p, _)| *p)
+    } else {
+        first
     };
     let hs = &levels[&level];
     let healthy: Vec<Arc<Host>> = hs
