@@ -182,7 +182,7 @@ pub fn admin_request(port: u16, method: &str, path: &str) -> (u16, String) {
         .unwrap_or(0);
     let chunked = head
         .lines()
-        .any(|l| l.to_ascii_lowercase() == "transfer-encoding: chunked");
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
     if !chunked {
         return (status, body.to_string());
     }
