@@ -5,7 +5,10 @@
 //! timeout, `upstream_bind_config` source address) with Envoy's counters per cluster and host.
 
 use crate::stats::{Stat, Store};
+use crate::transport_socket::{self, UpstreamTls};
 use pilotfish_api::pb::envoy::config::cluster::v3::Cluster as ClusterConfig;
+use pilotfish_api::pb::envoy::config::core::v3::{transport_socket::ConfigType, TransportSocket};
+use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
 use pilotfish_config::resources::ResourceSet;
 use pilotfish_decide::cluster::{hosts, UpstreamTransport};
 use std::collections::HashMap;
@@ -13,7 +16,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpSocket;
+
+/// A connection's byte stream, plaintext or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Counters Envoy keeps per host and shows in `/clusters`.
 #[derive(Debug, Default)]
@@ -145,6 +153,9 @@ pub struct Cluster {
     rr: AtomicUsize,
     pub stats: ClusterStats,
     config: ClusterConfig,
+    /// Upstream TLS per transport socket (`default` or a transport_socket_matches name), built
+    /// once; an error is said at start-up and closes the connections that need it.
+    tls: HashMap<String, Result<Arc<UpstreamTls>, String>>,
 }
 
 /// Why no upstream connection was made.
@@ -154,8 +165,7 @@ pub enum ConnectError {
     Overflow,
     Timeout(String),
     Failed(String, std::io::Error),
-    /// What pilotfish cannot do yet (upstream TLS), said, never skipped.
-    NotImplemented(String),
+    Tls(String),
 }
 
 impl std::fmt::Display for ConnectError {
@@ -165,7 +175,7 @@ impl std::fmt::Display for ConnectError {
             ConnectError::Overflow => write!(f, "max_connections reached (circuit breaker)"),
             ConnectError::Timeout(h) => write!(f, "connect to {h} timed out"),
             ConnectError::Failed(h, e) => write!(f, "connect to {h} failed: {e}"),
-            ConnectError::NotImplemented(w) => write!(f, "{w} is not implemented yet"),
+            ConnectError::Tls(e) => write!(f, "TLS: {e}"),
         }
     }
 }
@@ -182,6 +192,13 @@ fn duration(
     d.map_or(default, |d| {
         Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
     })
+}
+
+fn upstream_tls_context(ts: &TransportSocket) -> Option<UpstreamTlsContext> {
+    match &ts.config_type {
+        Some(ConfigType::TypedConfig(any)) => pilotfish_config::model::unpack(any),
+        _ => None,
+    }
 }
 
 fn make_host(h: &pilotfish_decide::cluster::Host) -> Arc<Host> {
@@ -212,7 +229,7 @@ impl ClusterManager {
                 .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
                 .and_then(|t| t.max_connections.as_ref())
                 .map_or(1024, |v| v.value as u64);
-            let cluster = Cluster {
+            let mut cluster = Cluster {
                 name: r.name.clone(),
                 kind: d.kind.clone(),
                 connect_timeout: duration(c.connect_timeout.as_ref(), Duration::from_secs(5)),
@@ -232,7 +249,25 @@ impl ClusterManager {
                     upstream_cx_destroy: stats.counter(&s("upstream_cx_destroy")),
                 },
                 config: c.clone(),
+                tls: HashMap::new(),
             };
+            let mut tls = HashMap::new();
+            let sockets = std::iter::once(("default".to_string(), c.transport_socket.as_ref()))
+                .chain(
+                    c.transport_socket_matches
+                        .iter()
+                        .map(|m| (m.name.clone(), m.transport_socket.as_ref())),
+                );
+            for (name, socket) in sockets {
+                if let Some(ctx) = socket.and_then(upstream_tls_context) {
+                    let built = transport_socket::upstream(set, &ctx).map(Arc::new);
+                    if let Err(e) = &built {
+                        tracing::warn!(target: "config", "cluster '{}': upstream TLS ({name}): {e}: connections that need it are closed", r.name);
+                    }
+                    tls.insert(name, built);
+                }
+            }
+            cluster.tls = tls;
             by_name.insert(r.name.clone(), clusters.len());
             clusters.push(Arc::new(cluster));
         }
@@ -247,7 +282,7 @@ impl ClusterManager {
 /// An upstream connection; dropping it gives its slot back to the circuit breaker and the
 /// host's and cluster's active counts.
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: Box<dyn Io>,
     pub host: Arc<Host>,
     pub cluster: Arc<Cluster>,
 }
@@ -310,12 +345,11 @@ impl Cluster {
             self.stats.upstream_cx_none_healthy.inc();
             return Err(ConnectError::NoHealthyHost);
         };
-        if host.transport.socket.ends_with(".tls") {
-            return Err(ConnectError::NotImplemented(format!(
-                "upstream TLS (transport_socket_matches '{}')",
-                host.transport.matched
-            )));
-        }
+        let tls = match self.tls.get(&host.transport.matched) {
+            Some(Ok(t)) => Some(t.clone()),
+            Some(Err(e)) => return Err(ConnectError::Tls(e.clone())),
+            None => None,
+        };
         let addr = match host.address.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => match tokio::net::lookup_host(host.address.as_str()).await {
@@ -363,6 +397,25 @@ impl Cluster {
         };
         let _ = stream.set_nodelay(true);
         tracing::debug!(target: "connection", connection = upstream_id, "connected");
+        let stream: Box<dyn Io> = match tls {
+            Some(t) => {
+                let connector = tokio_rustls::TlsConnector::from(t.config.clone());
+                match tokio::time::timeout(
+                    self.connect_timeout,
+                    connector.connect(t.server_name.clone(), stream),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => {
+                        tracing::debug!(target: "connection", connection = upstream_id, "TLS handshake complete");
+                        Box::new(s)
+                    }
+                    Ok(Err(e)) => return Err(fail(ConnectError::Tls(e.to_string()))),
+                    Err(_) => return Err(fail(ConnectError::Tls("handshake timed out".into()))),
+                }
+            }
+            None => Box::new(stream),
+        };
         self.stats.upstream_cx_active.inc();
         host.stats.cx_active.fetch_add(1, Ordering::Relaxed);
         Ok(Upstream {

@@ -14,6 +14,7 @@ pub mod log;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
+pub mod transport_socket;
 
 pub use server::Options;
 
@@ -84,13 +85,6 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
             .iter()
             .chain(&l.value.default_filter_chain)
         {
-            if let Some(ts) = &fc.transport_socket {
-                if !ts.name.ends_with("raw_buffer") {
-                    *gaps
-                        .entry("downstream TLS transport socket (connections to such chains are closed)".into())
-                        .or_default() += 1;
-                }
-            }
             for f in &fc.filters {
                 let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
                     continue;
@@ -117,22 +111,6 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
                     .entry(format!("listener filter '{}' (passed over)", f.name))
                     .or_default() += 1;
             }
-        }
-    }
-    for c in &cfg.resources.clusters {
-        let v = &c.value;
-        if v.transport_socket
-            .as_ref()
-            .is_some_and(|t| t.name.ends_with(".tls"))
-            || v.transport_socket_matches.iter().any(|m| {
-                m.transport_socket
-                    .as_ref()
-                    .is_some_and(|t| t.name.ends_with(".tls"))
-            })
-        {
-            *gaps
-                .entry("upstream TLS (connections to TLS hosts are closed)".into())
-                .or_default() += 1;
         }
     }
     gaps.into_iter().map(|(g, n)| format!("{g}: {n}")).collect()

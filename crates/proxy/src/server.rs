@@ -3,8 +3,9 @@
 //! hand-off, filter chain selection and the network filters — every decision the shared one from
 //! `pilotfish_decide`.
 
-use crate::cluster::ClusterManager;
+use crate::cluster::{ClusterManager, Io};
 use crate::stats::Store;
+use crate::transport_socket::{check_sans, DownstreamTls};
 use crate::{listener_filter, tcp_proxy};
 use pilotfish_api::pb::envoy::config::listener::v3::{filter, Listener};
 use pilotfish_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
@@ -47,6 +48,9 @@ pub struct Server {
     pub shutdown: watch::Sender<bool>,
     pub draining: watch::Sender<bool>,
     pub active_connections: AtomicU64,
+    /// Downstream TLS per (listener, filter chain index or `default`), built at start-up.
+    pub downstream_tls:
+        std::collections::HashMap<(String, String), Result<Arc<DownstreamTls>, String>>,
 }
 
 impl Server {
@@ -67,7 +71,37 @@ impl Server {
             }
             stats.gauge(&format!("{scope}.downstream_cx_active"));
         }
+        let mut downstream_tls = std::collections::HashMap::new();
+        for l in &set.listeners {
+            let chains = l
+                .value
+                .filter_chains
+                .iter()
+                .enumerate()
+                .map(|(i, fc)| (i.to_string(), fc))
+                .chain(
+                    l.value
+                        .default_filter_chain
+                        .iter()
+                        .map(|fc| ("default".to_string(), fc)),
+                );
+            for (key, fc) in chains {
+                let Some(ctx) = fc
+                    .transport_socket
+                    .as_ref()
+                    .and_then(downstream_tls_context)
+                else {
+                    continue;
+                };
+                let built = crate::transport_socket::downstream(&set, &ctx).map(Arc::new);
+                if let Err(e) = &built {
+                    tracing::warn!(target: "config", "listener '{}' filter chain {key}: TLS: {e}: connections to this chain are closed", l.name);
+                }
+                downstream_tls.insert((l.name.clone(), key), built);
+            }
+        }
         Arc::new(Server {
+            downstream_tls,
             set,
             clusters,
             stats,
@@ -86,6 +120,20 @@ impl Server {
     /// Connection ids, shared by downstream and upstream connections as Envoy's are.
     pub fn next_connection_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn downstream_tls_context(
+    ts: &pilotfish_api::pb::envoy::config::core::v3::TransportSocket,
+) -> Option<pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext>
+{
+    match &ts.config_type {
+        Some(
+            pilotfish_api::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                any,
+            ),
+        ) => unpack(any),
+        _ => None,
     }
 }
 
@@ -291,15 +339,25 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         _ => "default_filter_chain".into(),
     };
     tracing::trace!(target: "conn_handler", connection = conn, "filter chain {chain_name}");
-    if fc
-        .transport_socket
-        .as_ref()
-        .is_some_and(|t| !t.name.ends_with("raw_buffer"))
-    {
-        tracing::warn!(target: "connection", connection = conn, "filter chain {chain_name}: downstream transport socket '{}' is not implemented yet: closing", fc.transport_socket.as_ref().unwrap().name);
-        active.dec();
-        return;
-    }
+    let chain_key = match selected {
+        Selected::Chain(i) => i.to_string(),
+        _ => "default".into(),
+    };
+    let stream: Box<dyn Io> = match server.downstream_tls.get(&(l.name.clone(), chain_key)) {
+        None => Box::new(stream),
+        Some(Err(e)) => {
+            tracing::debug!(target: "connection", connection = conn, "filter chain {chain_name}: TLS context unusable ({e}): closing");
+            finish(server, &scope, &active, conn);
+            return;
+        }
+        Some(Ok(tls)) => match handshake(server, &scope, tls, stream, conn).await {
+            Some(s) => s,
+            None => {
+                finish(server, &scope, &active, conn);
+                return;
+            }
+        },
+    };
     for f in &fc.filters {
         let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
             continue;
@@ -314,10 +372,48 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             break;
         }
     }
+    finish(server, &scope, &active, conn);
+}
+
+fn finish(server: &Server, scope: &str, active: &crate::stats::Stat, conn: u64) {
     active.dec();
     server
         .stats
         .counter(&format!("{scope}.downstream_cx_destroy"))
         .inc();
     tracing::debug!(target: "connection", connection = conn, "closing socket: 0");
+}
+
+/// The downstream TLS handshake, then the peer certificate's SANs against the validation
+/// context; None (the connection closes) when either fails, counted as Envoy counts it.
+async fn handshake(
+    server: &Server,
+    scope: &str,
+    tls: &DownstreamTls,
+    stream: TcpStream,
+    conn: u64,
+) -> Option<Box<dyn Io>> {
+    let count = |n: &str| server.stats.counter(&format!("{scope}.ssl.{n}")).inc();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+    let s = match acceptor.accept(stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            count("connection_error");
+            tracing::debug!(target: "connection", connection = conn, "TLS error: {e}");
+            return None;
+        }
+    };
+    let (_, session) = s.get_ref();
+    let leaf = session.peer_certificates().and_then(|c| c.first());
+    if leaf.is_none() {
+        count("no_certificate");
+    }
+    if let Err(e) = check_sans(&tls.san_matchers, leaf) {
+        count("fail_verify_san");
+        tracing::debug!(target: "connection", connection = conn, "TLS error: {e}");
+        return None;
+    }
+    count("handshake");
+    tracing::debug!(target: "connection", connection = conn, "handshake complete");
+    Some(Box::new(s))
 }

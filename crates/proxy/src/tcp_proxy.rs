@@ -8,8 +8,7 @@ use pilotfish_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 fn cluster_name(tcp: &TcpProxy, conn: u64) -> String {
     match &tcp.cluster_specifier {
@@ -40,10 +39,10 @@ struct TcpStats {
     idle_timeout: Arc<Stat>,
 }
 
-pub async fn run(
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     server: &Server,
     tcp: &TcpProxy,
-    mut downstream: TcpStream,
+    mut downstream: S,
     original_destination: SocketAddr,
     conn: u64,
 ) {
@@ -80,8 +79,7 @@ pub async fn run(
                 tracing::debug!(target: "filter", connection = conn, "upstream connection attempt {attempt} of {attempts} to cluster {name}: {e}");
                 if matches!(
                     e,
-                    crate::cluster::ConnectError::NotImplemented(_)
-                        | crate::cluster::ConnectError::Overflow
+                    crate::cluster::ConnectError::Overflow
                         | crate::cluster::ConnectError::NoHealthyHost
                 ) {
                     break;
@@ -114,13 +112,13 @@ pub async fn run(
 
 /// Copies both ways, half-closing each side when the other finishes sending; returns the bytes
 /// received from and sent to the downstream, and whether the idle timeout ended it.
-async fn relay(
-    down: &mut TcpStream,
-    up: &mut TcpStream,
+async fn relay<D: AsyncRead + AsyncWrite + Unpin, U: AsyncRead + AsyncWrite + Unpin>(
+    down: &mut D,
+    up: &mut U,
     idle: Option<Duration>,
 ) -> (u64, u64, bool) {
-    let (mut dr, mut dw) = down.split();
-    let (mut ur, mut uw) = up.split();
+    let (mut dr, mut dw) = tokio::io::split(down);
+    let (mut ur, mut uw) = tokio::io::split(up);
     let mut b1 = vec![0u8; 16 * 1024];
     let mut b2 = vec![0u8; 16 * 1024];
     let (mut rx, mut tx) = (0u64, 0u64);

@@ -1,0 +1,434 @@
+//! TLS through `pilotfish -c`: downstream termination with client certificates (a SPIFFE SAN
+//! accepted, another refused, an untrusted CA and a missing certificate refused), certificates
+//! from a file, inline and from an SDS secret; upstream TLS with SNI, ALPN, a client
+//! certificate and SAN verification of the server; and Istio's transport_socket_matches picking
+//! mTLS or plaintext per endpoint by its `tlsMode` metadata.
+
+mod common;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Pki {
+    ca_pem: String,
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+struct Leaf {
+    cert: String,
+    key: String,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = p.self_signed(&ca_key).unwrap();
+        Pki {
+            ca_pem: ca.pem(),
+            ca,
+            ca_key,
+        }
+    }
+
+    fn leaf(&self, dns: &[&str], uri: &str) -> Leaf {
+        let mut p =
+            CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.subject_alt_names
+            .push(SanType::URI(uri.try_into().unwrap()));
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(pem: &str) -> Arc<rustls::RootCertStore> {
+    let mut r = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        r.add(c.unwrap()).unwrap();
+    }
+    Arc::new(r)
+}
+
+fn chain(l: &Leaf) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    (
+        CertificateDer::pem_slice_iter(l.cert.as_bytes())
+            .map(|c| c.unwrap())
+            .collect(),
+        PrivateKeyDer::from_pem_slice(l.key.as_bytes()).unwrap(),
+    )
+}
+
+/// A TLS client to `port`, trusting `ca` for `server.example`, with an optional certificate;
+/// sends `msg` and returns what came back, or the error that ended it.
+fn tls_client(
+    port: u16,
+    ca: &str,
+    client: Option<&Leaf>,
+    alpn: &[&str],
+    msg: &str,
+) -> Result<String, String> {
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(ca));
+    let mut config = match client {
+        Some(l) => {
+            let (c, k) = chain(l);
+            b.with_client_auth_cert(c, k).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let conn = rustls::ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from("server.example").unwrap(),
+    )
+    .unwrap();
+    let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    s.write_all(msg.as_bytes()).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Err("closed".into());
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A plaintext upstream: answers with its name and what it read.
+fn plain_upstream(name: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let n = c.read(&mut buf).unwrap_or(0);
+                let _ = write!(c, "{name}:{}", String::from_utf8_lossy(&buf[..n]));
+            });
+        }
+    });
+    port
+}
+
+/// A TLS upstream that requires a client certificate from `ca` and answers with the SNI, ALPN
+/// and client certificate SAN it saw.
+fn tls_upstream(leaf: &Leaf, ca: &str, expect_uri: &'static str) -> u16 {
+    let (c, k) = chain(leaf);
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca), provider())
+            .build()
+            .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(c, k)
+        .unwrap();
+    config.alpn_protocols = vec![b"istio-peer-exchange".to_vec(), b"istio".to_vec()];
+    let config = Arc::new(config);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for sock in l.incoming() {
+            let Ok(sock) = sock else { continue };
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, sock);
+                let mut buf = [0u8; 4096];
+                let Ok(n) = s.read(&mut buf) else { return };
+                let sni = s.conn.server_name().unwrap_or("").to_string();
+                let alpn =
+                    String::from_utf8_lossy(s.conn.alpn_protocol().unwrap_or(b"")).into_owned();
+                let has_san = s
+                    .conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .is_some_and(|c| {
+                        c.as_ref()
+                            .windows(expect_uri.len())
+                            .any(|w| w == expect_uri.as_bytes())
+                    });
+                let _ = write!(
+                    s,
+                    "tls upstream: sni={sni} alpn={alpn} client_san={has_san} got={}",
+                    String::from_utf8_lossy(&buf[..n])
+                );
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            });
+        }
+    });
+    port
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proxy {
+    child: Child,
+    admin: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start(name: &str, dir: PathBuf, resources: &str) -> Proxy {
+    let admin = free_port();
+    let file = dir.join("bootstrap.yaml");
+    std::fs::write(&file, format!("admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}\n{resources}")).unwrap();
+    let log = dir.join("pilotfish.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_pilotfish"))
+        .args([
+            "-c",
+            file.to_str().unwrap(),
+            "-l",
+            "debug",
+            "--concurrency",
+            "2",
+            "--log-path",
+            log.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut p = Proxy { child, admin, dir };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::admin_request(admin, "GET", "/ready").0 != 200 {
+        if let Ok(Some(s)) = p.child.try_wait() {
+            panic!(
+                "{name}: pilotfish exited ({s}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "{name}: not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+fn indent(pem: &str, spaces: usize) -> String {
+    pem.lines()
+        .map(|l| format!("{}{l}\n", " ".repeat(spaces)))
+        .collect()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pilotfish-tls-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn downstream_mtls_accepts_the_right_san_and_refuses_the_rest() {
+    let pki = Pki::new("mesh ca");
+    let other = Pki::new("another ca");
+    let server = pki.leaf(
+        &["server.example"],
+        "spiffe://cluster.local/ns/mark/sa/fortio-server",
+    );
+    let good = pki.leaf(&[], "spiffe://cluster.local/ns/mark/sa/default");
+    let wrong_san = pki.leaf(&[], "spiffe://elsewhere.local/ns/x/sa/y");
+    let untrusted = other.leaf(&[], "spiffe://cluster.local/ns/mark/sa/default");
+    let up = plain_upstream("app");
+    let port = free_port();
+    let dir = temp_dir("down");
+    // The server certificate from files through an SDS secret, the CA inline.
+    std::fs::write(dir.join("cert.pem"), &server.cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &server.key).unwrap();
+    let resources = format!(
+        r#"static_resources:
+  secrets:
+  - name: default
+    tls_certificate:
+      certificate_chain: {{ filename: {cert} }}
+      private_key: {{ filename: {key} }}
+  listeners:
+  - name: inbound
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    listener_filters: [{{ name: envoy.filters.listener.tls_inspector, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector }} }}]
+    filter_chains:
+    - filter_chain_match: {{ transport_protocol: tls }}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            alpn_protocols: [h2, http/1.1]
+            tls_certificate_sds_secret_configs: [{{ name: default }}]
+            validation_context:
+              match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ prefix: "spiffe://cluster.local/" }} }}]
+              trusted_ca:
+                inline_string: |
+{ca}
+      filters: [{{ name: envoy.filters.network.tcp_proxy, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: in, cluster: app }} }}]
+  clusters:
+  - {{ name: app, type: STATIC, load_assignment: {{ cluster_name: app, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {up} }} }} }} }}] }}] }} }}
+"#,
+        cert = dir.join("cert.pem").display(),
+        key = dir.join("key.pem").display(),
+        ca = indent(&pki.ca_pem, 18),
+    );
+    let p = start("down", dir, &resources);
+    // The right SAN: TLS terminated, the app gets plaintext.
+    assert_eq!(
+        tls_client(port, &pki.ca_pem, Some(&good), &["h2"], "hello").as_deref(),
+        Ok("app:hello")
+    );
+    // A SAN outside the matcher: the handshake completes, then the connection is closed.
+    assert!(tls_client(port, &pki.ca_pem, Some(&wrong_san), &[], "x").is_err());
+    // A certificate from another CA, and none at all: refused in the handshake.
+    assert!(tls_client(port, &pki.ca_pem, Some(&untrusted), &[], "x").is_err());
+    assert!(tls_client(port, &pki.ca_pem, None, &[], "x").is_err());
+    let (_, stats) = common::admin_request(
+        p.admin,
+        "GET",
+        &format!("/stats?filter=listener.127.0.0.1_{port}.ssl"),
+    );
+    for line in [
+        "ssl.handshake: 1",
+        "ssl.fail_verify_san: 1",
+        "ssl.connection_error: 2",
+    ] {
+        assert!(stats.contains(line), "{line} not in\n{stats}");
+    }
+}
+
+#[test]
+fn upstream_tls_by_transport_socket_match_with_sni_alpn_and_client_certificate() {
+    let pki = Pki::new("mesh ca");
+    let upstream_cert = pki.leaf(
+        &["server.example"],
+        "spiffe://cluster.local/ns/mark/sa/fortio-server",
+    );
+    let client = pki.leaf(&[], "spiffe://cluster.local/ns/mark/sa/default");
+    let tls_up = tls_upstream(
+        &upstream_cert,
+        &pki.ca_pem,
+        "spiffe://cluster.local/ns/mark/sa/default",
+    );
+    let plain = plain_upstream("plain");
+    let (port, port_bad) = (free_port(), free_port());
+    let dir = temp_dir("up");
+    let ctx = |san: &str| {
+        format!(
+            r#"
+        transport_socket:
+          name: envoy.transport_sockets.tls
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+            sni: outbound_.8080_._.fortio-server.mark.svc.cluster.local
+            common_tls_context:
+              alpn_protocols: [istio-peer-exchange, istio]
+              tls_certificates:
+              - certificate_chain: {{ inline_string: "{cert}" }}
+                private_key: {{ inline_string: "{key}" }}
+              combined_validation_context:
+                default_validation_context:
+                  match_subject_alt_names: [{{ exact: "{san}" }}]
+                validation_context_sds_secret_config: {{ name: ROOTCA }}"#,
+            cert = client.cert.replace('\n', "\\n"),
+            key = client.key.replace('\n', "\\n"),
+        )
+    };
+    let cluster = |name: &str, san: &str| {
+        format!(
+            r#"
+  - name: {name}
+    type: STATIC
+    transport_socket_matches:
+    - name: tlsMode-istio
+      match: {{ tlsMode: istio }}{}
+    - name: tlsMode-disabled
+      match: {{}}
+      transport_socket: {{ name: envoy.transport_sockets.raw_buffer, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer }} }}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {tls_up} }} }} }}
+          metadata: {{ filter_metadata: {{ envoy.transport_socket_match: {{ tlsMode: istio }} }} }}
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {plain} }} }} }}
+          metadata: {{ filter_metadata: {{ envoy.transport_socket_match: {{ tlsMode: disabled }} }} }}"#,
+            ctx(san).replace("\n        ", "\n      ")
+        )
+    };
+    let listener = |name: &str, port: u16, cluster: &str| {
+        format!(
+            "  - {{ name: {name}, address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}, filter_chains: [{{ filters: [{{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {name}, cluster: {cluster} }} }}] }}] }}\n"
+        )
+    };
+    let resources = format!(
+        "static_resources:\n  secrets:\n  - name: ROOTCA\n    validation_context:\n      trusted_ca:\n        inline_string: |\n{}  listeners:\n{}{}  clusters:{}{}\n",
+        indent(&pki.ca_pem, 10),
+        listener("out", port, "mesh"),
+        listener("out_bad", port_bad, "mesh_wrong_san"),
+        cluster("mesh", "spiffe://cluster.local/ns/mark/sa/fortio-server"),
+        cluster("mesh_wrong_san", "spiffe://cluster.local/ns/mark/sa/somebody-else"),
+    );
+    let p = start("up", dir, &resources);
+    let ask = |port: u16| -> String {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"hi").unwrap();
+        let mut r = BufReader::new(c);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let mut rest = String::new();
+        let _ = r.read_to_string(&mut rest);
+        line + &rest
+    };
+    // Round robin over the two endpoints: one gets mTLS, the other plaintext.
+    let mut answers = [ask(port), ask(port)];
+    answers.sort();
+    assert_eq!(answers[0], "plain:hi");
+    assert_eq!(
+        answers[1],
+        "tls upstream: sni=outbound_.8080_._.fortio-server.mark.svc.cluster.local alpn=istio-peer-exchange client_san=true got=hi"
+    );
+    // The server's SAN is not the one expected: the TLS endpoint's connection fails, the
+    // plaintext one still works.
+    let mut answers = [ask(port_bad), ask(port_bad)];
+    answers.sort();
+    assert_eq!(answers, ["".to_string(), "plain:hi".to_string()]);
+    let (_, stats) = common::admin_request(
+        p.admin,
+        "GET",
+        "/stats?filter=cluster.mesh_wrong_san.upstream_cx_connect_fail",
+    );
+    assert!(stats.contains("upstream_cx_connect_fail: 1"), "{stats}");
+}
