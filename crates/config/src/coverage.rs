@@ -148,7 +148,20 @@ const FIELDS: &[(&str, &[&str])] = &[
             "validation_context_sds_secret_config",
             "combined_validation_context",
             "alpn_protocols",
+            "tls_params",
         ],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
+        &[
+            "tls_minimum_protocol_version",
+            "tls_maximum_protocol_version",
+            "cipher_suites",
+        ],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext",
+        &["default_validation_context", "validation_context_sds_secret_config"],
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig",

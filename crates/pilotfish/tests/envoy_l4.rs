@@ -4,6 +4,7 @@
 //! closed without an answer, the core counters, and for some scenarios the `/clusters` host list.
 
 mod common;
+use common::tls::{tls_client, tls_upstream, Leaf, Pki};
 use common::*;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -60,9 +61,23 @@ struct Upstreams {
     v6: u16,
     /// Nothing listens here: connections are refused.
     refused: u16,
+    /// A TLS upstream requiring a client certificate, and the PKI of the TLS scenarios, whose
+    /// files the configurations name ({CA}, {SCERT}, {SKEY}, {CCERT}, {CKEY}).
+    tls: u16,
+    pki: Pki,
+    good: Leaf,
+    wrong_san: Leaf,
+    untrusted: Leaf,
+    files: Vec<(&'static str, String)>,
 }
 
 enum Step {
+    /// A TLS client (trusting the test CA for server.example), with the named certificate
+    /// (`good`, `wrong_san`, `untrusted`, or none): what came back, or `refused`.
+    Tls {
+        cert: Option<&'static str>,
+        payload: &'static str,
+    },
     /// Connect (from this source address), send, wait for the first answer, half-close, read the
     /// answer to the end.
     Send {
@@ -251,6 +266,50 @@ const SNI_MATCHER: &str = r#"    filter_chain_matcher:
 "#;
 
 const HTTP_INSPECTOR_DISABLED: &str = "    listener_filters:\n    - { name: envoy.filters.listener.http_inspector, filter_disabled: { destination_port_range: { start: 1, end: 65535 } }, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector } }\n";
+
+/// A TLS filter chain to cluster `c`: the server certificate and CA from files, SPIFFE SANs of
+/// the mesh accepted.
+fn downstream_mtls(require: bool) -> String {
+    format!(
+        r#"    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: {require}
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificates: [{{ certificate_chain: {{ filename: "{{SCERT}}" }}, private_key: {{ filename: "{{SKEY}}" }} }}]
+            validation_context:
+              trusted_ca: {{ filename: "{{CA}}" }}
+              match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ prefix: "spiffe://cluster.local/" }} }}]
+      filters: [{}]
+"#,
+        tp("c")
+    )
+}
+
+/// A cluster reaching the TLS upstream with Istio's upstream TLS shape.
+fn upstream_tls_cluster(name: &str, san: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: outbound_.8080_._.fortio-server.mark.svc.cluster.local
+        common_tls_context:
+          alpn_protocols: [istio-peer-exchange, istio]
+          tls_params: {{ tls_maximum_protocol_version: TLSv1_3 }}
+          tls_certificates: [{{ certificate_chain: {{ filename: "{{CCERT}}" }}, private_key: {{ filename: "{{CKEY}}" }} }}]
+          validation_context:
+            trusted_ca: {{ filename: "{{CA}}" }}
+            match_subject_alt_names: [{{ exact: "{san}" }}]
+    load_assignment: {{ cluster_name: {name}, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{T}} }} }} }} }}] }}] }}
+"#
+    )
+}
 
 fn scenarios() -> Vec<Scenario> {
     let c0 = cluster("c", &["{U0}"], "");
@@ -470,6 +529,39 @@ fn scenarios() -> Vec<Scenario> {
             &["cluster.c.upstream_cx_total", "{L}.downstream_listener_filter_remote_close"],
             false,
         ),
+        sc(
+            "TLS termination with client certificates",
+            format!("{}{c0}", listener("", &downstream_mtls(true))),
+            vec![
+                Step::Tls { cert: Some("good"), payload: "hello" },
+                Step::Tls { cert: Some("wrong_san"), payload: "x" },
+                Step::Tls { cert: Some("untrusted"), payload: "x" },
+                Step::Tls { cert: None, payload: "x" },
+            ],
+            &["cluster.c.upstream_cx_total", "{L}.ssl.handshake", "{L}.ssl.fail_verify_san"],
+            false,
+        ),
+        sc(
+            "TLS termination, client certificate optional",
+            format!("{}{c0}", listener("", &downstream_mtls(false))),
+            vec![Step::Tls { cert: None, payload: "anon" }, Step::Tls { cert: Some("good"), payload: "known" }],
+            &["cluster.c.upstream_cx_total", "{L}.ssl.handshake", "{L}.ssl.no_certificate"],
+            false,
+        ),
+        sc(
+            "upstream TLS: SNI, ALPN, client certificate, server SAN",
+            format!("{}{}", one_chain("t"), upstream_tls_cluster("t", "spiffe://cluster.local/ns/mark/sa/fortio-server")),
+            vec![send(b"hi")],
+            &["cluster.t.upstream_cx_total", "cluster.t.upstream_cx_connect_fail"],
+            false,
+        ),
+        sc(
+            "upstream TLS: the server's SAN is not the expected one",
+            format!("{}{}", one_chain("t"), upstream_tls_cluster("t", "spiffe://cluster.local/ns/mark/sa/other")),
+            vec![send(b"hi")],
+            &["cluster.t.upstream_cx_total"],
+            false,
+        ),
         sc("IPv6", ipv6, vec![Step::Send { from: "::1", payload: b"six".to_vec() }], &["cluster.c.upstream_cx_total"], true),
     ]
 }
@@ -501,13 +593,18 @@ fn start(
     tag: &str,
 ) -> Running {
     let (admin, listen) = (free_port(), free_port());
-    let text = resources
+    let mut text = resources.to_string();
+    for (k, v) in &up.files {
+        text = text.replace(k, v);
+    }
+    let text = text
         .replace("{L}", &listen.to_string())
         .replace("{U0}", &up.u[0].to_string())
         .replace("{U1}", &up.u[1].to_string())
         .replace("{U2}", &up.u[2].to_string())
         .replace("{V6}", &up.v6.to_string())
-        .replace("{R}", &up.refused.to_string());
+        .replace("{R}", &up.refused.to_string())
+        .replace("{T}", &up.tls.to_string());
     let file = dir.join(format!("{tag}.yaml"));
     std::fs::write(&file, format!("admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}\n{text}")).unwrap();
     let log = std::fs::File::create(dir.join(format!("{tag}.log"))).unwrap();
@@ -588,7 +685,7 @@ fn outcome(bytes: Vec<u8>) -> String {
 
 /// Runs the steps; returns what each connection saw (upstream answers sorted for round robin,
 /// whose starting host is Envoy's own choice).
-fn run_steps(r: &Running, steps: &[Step]) -> Vec<String> {
+fn run_steps(r: &Running, steps: &[Step], up: &Upstreams) -> Vec<String> {
     let mut seen = vec![];
     let mut open: Vec<TcpStream> = vec![];
     for s in steps {
@@ -604,6 +701,16 @@ fn run_steps(r: &Running, steps: &[Step]) -> Vec<String> {
                     let _ = c.read_to_end(&mut out);
                 }
                 seen.push(outcome(out));
+            }
+            Step::Tls { cert, payload } => {
+                let leaf = match cert {
+                    Some("good") => Some(&up.good),
+                    Some("wrong_san") => Some(&up.wrong_san),
+                    Some("untrusted") => Some(&up.untrusted),
+                    _ => None,
+                };
+                let got = tls_client(r.listen, &up.pki.ca_pem, leaf, &["h2"], payload);
+                seen.push(got.unwrap_or_else(|_| "refused".into()));
             }
             Step::SendClose { payload } => {
                 let mut c = connect(r, "127.0.0.1");
@@ -702,6 +809,28 @@ fn pilotfish_carries_bytes_as_envoy_does() {
     let Some(envoy) = envoy("envoy l4") else {
         return;
     };
+    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-l4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = Pki::new("mesh ca");
+    let server = pki.leaf(
+        &["server.example"],
+        "spiffe://cluster.local/ns/mark/sa/fortio-server",
+    );
+    let good = pki.leaf(&[], "spiffe://cluster.local/ns/mark/sa/default");
+    let wrong_san = pki.leaf(&[], "spiffe://elsewhere.local/ns/x/sa/y");
+    let untrusted = Pki::new("another ca").leaf(&[], "spiffe://cluster.local/ns/mark/sa/default");
+    let mut files = vec![];
+    for (key, name, text) in [
+        ("{CA}", "ca.pem", &pki.ca_pem),
+        ("{SCERT}", "server.pem", &server.cert),
+        ("{SKEY}", "server.key", &server.key),
+        ("{CCERT}", "client.pem", &good.cert),
+        ("{CKEY}", "client.key", &good.key),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        files.push((key, path.display().to_string()));
+    }
     let up = Upstreams {
         u: [
             upstream("u0", "127.0.0.1"),
@@ -710,9 +839,17 @@ fn pilotfish_carries_bytes_as_envoy_does() {
         ],
         v6: upstream("v6", "::1"),
         refused: free_port(),
+        tls: tls_upstream(
+            &server,
+            &pki.ca_pem,
+            "spiffe://cluster.local/ns/mark/sa/default",
+        ),
+        pki,
+        good,
+        wrong_san,
+        untrusted,
+        files,
     };
-    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-l4-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
     let mut failures = vec![];
     let mut answered = 0;
@@ -731,7 +868,7 @@ fn pilotfish_carries_bytes_as_envoy_does() {
                 &dir,
                 &format!("{i}-{tag}"),
             );
-            let mut seen = run_steps(&r, &s.steps);
+            let mut seen = run_steps(&r, &s.steps, &up);
             if s.name == "round robin" {
                 seen.sort();
             }

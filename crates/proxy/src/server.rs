@@ -98,6 +98,16 @@ impl Server {
                     tracing::warn!(target: "config", "listener '{}' filter chain {key}: TLS: {e}: connections to this chain are closed", l.name);
                 }
                 downstream_tls.insert((l.name.clone(), key), built);
+                let scope = listener_scope(&l.value);
+                for c in [
+                    "handshake",
+                    "connection_error",
+                    "no_certificate",
+                    "fail_verify_san",
+                    "fail_verify_error",
+                ] {
+                    stats.counter(&format!("{scope}.ssl.{c}"));
+                }
             }
         }
         Arc::new(Server {
@@ -343,27 +353,26 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         Selected::Chain(i) => i.to_string(),
         _ => "default".into(),
     };
-    let stream: Box<dyn Io> = match server.downstream_tls.get(&(l.name.clone(), chain_key)) {
-        None => Box::new(stream),
-        Some(Err(e)) => {
-            tracing::debug!(target: "connection", connection = conn, "filter chain {chain_name}: TLS context unusable ({e}): closing");
-            finish(server, &scope, &active, conn);
-            return;
+    let tls = server.downstream_tls.get(&(l.name.clone(), chain_key));
+    if let Some(Err(e)) = tls {
+        tracing::debug!(target: "connection", connection = conn, "filter chain {chain_name}: TLS context unusable ({e}): closing");
+        finish(server, &scope, &active, conn);
+        return;
+    }
+    // The transport socket gets ready (a TLS handshake) while the network filters start, as in
+    // Envoy: tcp_proxy connects upstream meanwhile.
+    let ready = async {
+        match tls {
+            Some(Ok(tls)) => handshake(server, &scope, tls, stream, conn).await,
+            _ => Some(Box::new(stream) as Box<dyn Io>),
         }
-        Some(Ok(tls)) => match handshake(server, &scope, tls, stream, conn).await {
-            Some(s) => s,
-            None => {
-                finish(server, &scope, &active, conn);
-                return;
-            }
-        },
     };
     for f in &fc.filters {
         let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
             continue;
         };
         if let Some(tcp) = unpack::<TcpProxy>(any) {
-            tcp_proxy::run(server, &tcp, stream, local, conn).await;
+            tcp_proxy::run(server, &tcp, ready, local, conn).await;
             break;
         }
         let ty = pilotfish_config::model::effective_type_url(any);

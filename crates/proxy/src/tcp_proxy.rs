@@ -39,13 +39,19 @@ struct TcpStats {
     idle_timeout: Arc<Stat>,
 }
 
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+/// Runs tcp_proxy for a new connection. As in Envoy, the upstream connection starts at once,
+/// while the downstream transport socket (a TLS handshake) is still getting ready: `downstream`
+/// resolves to the ready stream, or None when its handshake failed.
+pub async fn run<S, F>(
     server: &Server,
     tcp: &TcpProxy,
-    mut downstream: S,
+    downstream: F,
     original_destination: SocketAddr,
     conn: u64,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: std::future::Future<Output = Option<S>>,
+{
     let s = |n: &str| format!("tcp.{}.{n}", tcp.stat_prefix);
     let stats = TcpStats {
         downstream_cx_total: server.stats.counter(&s("downstream_cx_total")),
@@ -66,6 +72,42 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         .max_connect_attempts
         .as_ref()
         .map_or(1, |v| v.value.max(1));
+    let (upstream, downstream) = tokio::join!(
+        connect(server, cluster, &name, attempts, original_destination, conn),
+        downstream
+    );
+    let (Some((mut up, up_id)), Some(mut downstream)) = (upstream, downstream) else {
+        return;
+    };
+    // Envoy's default tcp_proxy idle timeout is an hour; zero turns it off.
+    let idle = tcp
+        .idle_timeout
+        .as_ref()
+        .map_or(Some(Duration::from_secs(3600)), |d| {
+            let d = Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
+            (!d.is_zero()).then_some(d)
+        });
+    let (rx, tx, idled) = relay(&mut downstream, &mut up.stream, idle).await;
+    stats.downstream_cx_rx_bytes_total.add(rx);
+    stats.downstream_cx_tx_bytes_total.add(tx);
+    up.cluster.stats.upstream_cx_tx_bytes_total.add(rx);
+    up.cluster.stats.upstream_cx_rx_bytes_total.add(tx);
+    if idled {
+        stats.idle_timeout.inc();
+        tracing::debug!(target: "filter", connection = conn, "Session timed out");
+    }
+    tracing::debug!(target: "connection", connection = up_id, "closing socket: 0");
+}
+
+/// Up to `attempts` upstream connections, each to the host the load balancer picks.
+async fn connect(
+    server: &Server,
+    cluster: &Arc<crate::cluster::Cluster>,
+    name: &str,
+    attempts: u32,
+    original_destination: SocketAddr,
+    conn: u64,
+) -> Option<(crate::cluster::Upstream, u64)> {
     let mut upstream = None;
     for attempt in 1..=attempts {
         let id = server.next_connection_id();
@@ -87,27 +129,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    let Some((mut up, up_id)) = upstream else {
-        return;
-    };
-    // Envoy's default tcp_proxy idle timeout is an hour; zero turns it off.
-    let idle = tcp
-        .idle_timeout
-        .as_ref()
-        .map_or(Some(Duration::from_secs(3600)), |d| {
-            let d = Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
-            (!d.is_zero()).then_some(d)
-        });
-    let (rx, tx, idled) = relay(&mut downstream, &mut up.stream, idle).await;
-    stats.downstream_cx_rx_bytes_total.add(rx);
-    stats.downstream_cx_tx_bytes_total.add(tx);
-    up.cluster.stats.upstream_cx_tx_bytes_total.add(rx);
-    up.cluster.stats.upstream_cx_rx_bytes_total.add(tx);
-    if idled {
-        stats.idle_timeout.inc();
-        tracing::debug!(target: "filter", connection = conn, "Session timed out");
-    }
-    tracing::debug!(target: "connection", connection = up_id, "closing socket: 0");
+    upstream
 }
 
 /// Copies both ways, half-closing each side when the other finishes sending; returns the bytes

@@ -323,7 +323,7 @@ pub fn downstream(set: &ResourceSet, ctx: &DownstreamTlsContext) -> Result<Downs
         .with_protocol_versions(&versions(common.tls_params.as_ref(), TlsProtocol::TlSv13)?)
         .map_err(|e| e.to_string())?;
     let v = validation(set, &common)?;
-    let require = ctx
+    let mut require = ctx
         .require_client_certificate
         .as_ref()
         .is_some_and(|b| b.value);
@@ -331,6 +331,9 @@ pub fn downstream(set: &ResourceSet, ctx: &DownstreamTlsContext) -> Result<Downs
     let builder = match &v {
         Some(v) => {
             san_matchers = self::san_matchers(v)?;
+            // Envoy requires a client certificate whenever it has SANs to check in it, whatever
+            // require_client_certificate says.
+            require |= !san_matchers.is_empty();
             match roots(v)? {
                 Some(store) => {
                     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(

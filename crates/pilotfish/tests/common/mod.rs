@@ -2,6 +2,8 @@
 //! run the built `pilotfish`, and how to get a real Envoy to compare with.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
