@@ -229,6 +229,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "connect_timeout",
             "upstream_bind_config",
             "circuit_breakers",
+            "lb_policy",
         ],
     ),
     ("envoy.config.core.v3.BindConfig", &["source_address"]),

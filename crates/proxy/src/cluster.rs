@@ -63,6 +63,26 @@ impl Host {
     }
 }
 
+/// How a host is picked among the eligible ones. RING_HASH and MAGLEV (consistent hashing) are
+/// not implemented yet: named at start-up, and round robin used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+impl LbPolicy {
+    fn of(c: &ClusterConfig) -> LbPolicy {
+        use pilotfish_api::pb::envoy::config::cluster::v3::cluster::LbPolicy as P;
+        match P::try_from(c.lb_policy).unwrap_or(P::RoundRobin) {
+            P::LeastRequest => LbPolicy::LeastRequest,
+            P::Random => LbPolicy::Random,
+            _ => LbPolicy::RoundRobin,
+        }
+    }
+}
+
 /// Envoy's default overprovisioning factor (1.4) and healthy panic threshold (50%).
 const OVERPROVISIONING: u64 = 140;
 const PANIC_THRESHOLD: u64 = 50;
@@ -149,6 +169,7 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     pub source_address: Option<IpAddr>,
     pub max_connections: u64,
+    pub lb_policy: LbPolicy,
     pub hosts: Mutex<Vec<Arc<Host>>>,
     rr: AtomicUsize,
     pub stats: ClusterStats,
@@ -235,6 +256,7 @@ impl ClusterManager {
                 connect_timeout: duration(c.connect_timeout.as_ref(), Duration::from_secs(5)),
                 source_address: d.source_address.as_deref().and_then(|a| a.parse().ok()),
                 max_connections,
+                lb_policy: LbPolicy::of(c),
                 hosts: Mutex::new(d.hosts.iter().map(make_host).collect()),
                 rr: AtomicUsize::new(0),
                 stats: ClusterStats {
@@ -326,7 +348,22 @@ impl Cluster {
         if candidates.is_empty() {
             return None;
         }
-        let i = self.rr.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        let n = candidates.len();
+        let i = match self.lb_policy {
+            LbPolicy::RoundRobin => self.rr.fetch_add(1, Ordering::Relaxed) % n,
+            LbPolicy::Random => (crate::random(conn ^ 0x5bd1) % n as u64) as usize,
+            // Power of two choices: the less loaded of two random hosts.
+            LbPolicy::LeastRequest => {
+                let a = (crate::random(conn) % n as u64) as usize;
+                let b = (crate::random(conn.rotate_left(17) ^ 0xa5a5) % n as u64) as usize;
+                let load = |i: usize| candidates[i].stats.cx_active.load(Ordering::Relaxed);
+                if load(b) < load(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
         Some(candidates[i].clone())
     }
 
@@ -423,5 +460,64 @@ impl Cluster {
             host,
             cluster: self.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(port: u16, priority: u32, health: &str) -> Arc<Host> {
+        Arc::new(Host {
+            address: format!("127.0.0.1:{port}"),
+            priority,
+            region: String::new(),
+            zone: String::new(),
+            sub_zone: String::new(),
+            health: health.into(),
+            weight: 1,
+            transport: UpstreamTransport {
+                matched: "default".into(),
+                socket: "envoy.transport_sockets.raw_buffer".into(),
+                sni: None,
+                alpn: vec![],
+            },
+            stats: HostStats::default(),
+        })
+    }
+
+    fn ports(hs: &[Arc<Host>]) -> Vec<String> {
+        hs.iter().map(|h| h.address.clone()).collect()
+    }
+
+    #[test]
+    fn priority_load_spills_over_and_panics_like_envoy() {
+        // P0 fully healthy takes everything.
+        let hs = vec![host(1, 0, "HEALTHY"), host(2, 1, "HEALTHY")];
+        for r in 0..100 {
+            assert_eq!(ports(&eligible(&hs, r)), ["127.0.0.1:1"]);
+        }
+        // P0 half healthy: 70% (0.5 x 1.4) stays in P0, 30% spills to P1; no panic at 50%.
+        let hs = vec![
+            host(1, 0, "HEALTHY"),
+            host(2, 0, "UNHEALTHY"),
+            host(3, 1, "HEALTHY"),
+        ];
+        let to_p0 = (0..100)
+            .filter(|r| eligible(&hs, *r)[0].priority == 0)
+            .count();
+        assert_eq!(to_p0, 70);
+        assert_eq!(ports(&eligible(&hs, 0)), ["127.0.0.1:1"]);
+        // One of three healthy: under the 50% panic threshold, all three are used.
+        let hs = vec![
+            host(1, 0, "HEALTHY"),
+            host(2, 0, "UNHEALTHY"),
+            host(3, 0, "DRAINING"),
+        ];
+        assert_eq!(eligible(&hs, 0).len(), 3);
+        // Nothing healthy anywhere: P0 in panic.
+        let hs = vec![host(1, 0, "UNHEALTHY"), host(2, 1, "UNHEALTHY")];
+        assert_eq!(ports(&eligible(&hs, 0)), ["127.0.0.1:1"]);
+        assert!(eligible(&[], 0).is_empty());
     }
 }

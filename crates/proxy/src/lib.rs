@@ -113,6 +113,21 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
             }
         }
     }
+    for c in &cfg.resources.clusters {
+        use pilotfish_api::pb::envoy::config::cluster::v3::cluster::LbPolicy as P;
+        if let Ok(p @ (P::RingHash | P::Maglev | P::LoadBalancingPolicyConfig)) =
+            P::try_from(c.value.lb_policy)
+        {
+            *gaps
+                .entry(format!("lb_policy {} (round robin used)", p.as_str_name()))
+                .or_default() += 1;
+        }
+        if c.value.load_balancing_policy.is_some() {
+            *gaps
+                .entry("load_balancing_policy (round robin used)".into())
+                .or_default() += 1;
+        }
+    }
     gaps.into_iter().map(|(g, n)| format!("{g}: {n}")).collect()
 }
 
