@@ -11,99 +11,12 @@
 //! Needs root, `ip` and `iptables-restore`; says so and skips without them (CI must run it).
 
 mod common;
+use common::netns::*;
 use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs `f` on a thread inside the namespace: sockets it makes live there for good.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on this thread only, with a namespace file we hold open.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}");
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
-/// A server that answers what it first reads with its name and the peer it saw.
-fn serve(listener: TcpListener, name: &'static str) {
-    std::thread::spawn(move || {
-        for c in listener.incoming() {
-            let Ok(mut c) = c else { continue };
-            let peer = c.peer_addr().unwrap();
-            std::thread::spawn(move || {
-                let mut got = [0u8; 1024];
-                let n = c.read(&mut got).unwrap_or(0);
-                let _ = write!(
-                    c,
-                    "{name} saw {peer}: {}",
-                    String::from_utf8_lossy(&got[..n])
-                );
-            });
-        }
-    });
-}
-
-struct Namespaces {
-    pod: String,
-    peer: String,
-    proxy: Option<Child>,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        if let Some(mut p) = self.proxy.take() {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.pod])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.peer])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn can_run() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tools = ["ip", "iptables-restore", "setpriv"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if root && tools {
-        return true;
-    }
-    assert!(
-        !in_ci(),
-        "the interception test needs root, ip, iptables-restore and setpriv under CI=true"
-    );
-    eprintln!(
-        "SKIP intercept: needs root and ip, iptables-restore, setpriv (apt-get install iptables)"
-    );
-    false
-}
 
 fn admin_get(ns: &str, path: &str) -> (u16, String) {
     let path = path.to_string();
@@ -159,58 +72,9 @@ fn the_seed_sidecar_intercepts_inbound_and_outbound() {
         return;
     }
     let seed = shared.join("corpus/istio-1.14-sidecar-fortio-server.config_dump.yaml");
-    let id = std::process::id() % 100_000;
-    let dir = std::env::temp_dir().join(format!("pilotfish-intercept-{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    sh(&["chmod", "0777", dir.to_str().unwrap()]);
-    let mut ns = Namespaces {
-        pod: format!("pf-pod-{id}"),
-        peer: format!("pf-peer-{id}"),
-        proxy: None,
-        dir: dir.clone(),
-    };
-    let (vp, vc) = (format!("pfp{id}"), format!("pfc{id}"));
-    let (pod, peer) = (ns.pod.clone(), ns.peer.clone());
-    sh(&["ip", "netns", "add", &pod]);
-    sh(&["ip", "netns", "add", &peer]);
-    sh(&[
-        "ip", "link", "add", &vp, "type", "veth", "peer", "name", &vc,
-    ]);
-    sh(&["ip", "link", "set", &vp, "netns", &pod]);
-    sh(&["ip", "link", "set", &vc, "netns", &peer]);
-    for (n, cmd) in [
-        (&pod, vec!["ip", "link", "set", "lo", "up"]),
-        (
-            &pod,
-            vec!["ip", "addr", "add", "172.21.206.230/24", "dev", &vp],
-        ),
-        (&pod, vec!["ip", "link", "set", &vp, "up"]),
-        (
-            &pod,
-            vec!["ip", "route", "add", "default", "via", "172.21.206.228"],
-        ),
-        (&peer, vec!["ip", "link", "set", "lo", "up"]),
-        (
-            &peer,
-            vec!["ip", "addr", "add", "172.21.206.228/24", "dev", &vc],
-        ),
-        (
-            &peer,
-            vec!["ip", "addr", "add", "172.30.207.152/32", "dev", "lo"],
-        ),
-        (&peer, vec!["ip", "link", "set", &vc, "up"]),
-    ] {
-        let mut full = vec!["ip", "netns", "exec", n.as_str()];
-        full.extend(cmd);
-        sh(&full);
-    }
-    let rules = shared.join("envoy-reference/istio-init.iptables.rules");
-    let status = Command::new("ip")
-        .args(["netns", "exec", &pod, "iptables-restore"])
-        .stdin(std::fs::File::open(&rules).unwrap())
-        .status()
-        .unwrap();
-    assert!(status.success(), "iptables-restore in the pod namespace");
+    let ns = setup_pod("intercept", &shared);
+    let (pod, peer, dir) = (ns.pod.clone(), ns.peer.clone(), ns.dir.clone());
+    let mut ns = ns;
 
     // The pod's app on 9999, the metrics-server endpoint in the peer namespace.
     serve(

@@ -343,7 +343,8 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         .inc();
     let active = server.stats.gauge(&format!("{scope}.downstream_cx_active"));
     active.inc();
-    tracing::debug!(target: "conn_handler", connection = conn, "new connection from {peer}");
+    let new_connection =
+        || tracing::debug!(target: "conn_handler", connection = conn, "new connection from {peer}");
     let chain_name = match selected {
         Selected::Chain(i) => filter_chain::chain_label(l, i),
         _ => "default_filter_chain".into(),
@@ -372,11 +373,13 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             continue;
         };
         if let Some(tcp) = unpack::<TcpProxy>(any) {
-            tcp_proxy::run(server, &tcp, ready, local, conn).await;
-            break;
+            tcp_proxy::run(server, &tcp, ready, local, conn, new_connection).await;
+            finish(server, &scope, &active, conn);
+            return;
         }
         let ty = pilotfish_config::model::effective_type_url(any);
         if ty.ends_with("HttpConnectionManager") {
+            new_connection();
             tracing::warn!(target: "connection", connection = conn, "filter chain {chain_name}: http_connection_manager is not implemented yet: closing");
             break;
         }

@@ -5,8 +5,10 @@
 use crate::server::Server;
 use crate::stats::Stat;
 use pilotfish_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -48,9 +50,10 @@ pub async fn run<S, F>(
     downstream: F,
     original_destination: SocketAddr,
     conn: u64,
+    started: impl FnOnce(),
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: std::future::Future<Output = Option<S>>,
+    F: Future<Output = Option<S>>,
 {
     let s = |n: &str| format!("tcp.{}.{n}", tcp.stat_prefix);
     let stats = TcpStats {
@@ -65,6 +68,7 @@ pub async fn run<S, F>(
     let Some(cluster) = server.clusters.get(&name) else {
         tracing::debug!(target: "filter", connection = conn, "Cluster not found {name} and no on demand cluster set.");
         stats.downstream_cx_no_route.inc();
+        started();
         return;
     };
     tracing::debug!(target: "filter", connection = conn, "Creating connection to cluster {name}");
@@ -72,10 +76,25 @@ pub async fn run<S, F>(
         .max_connect_attempts
         .as_ref()
         .map_or(1, |v| v.value.max(1));
-    let (upstream, downstream) = tokio::join!(
-        connect(server, cluster, &name, attempts, original_destination, conn),
-        downstream
-    );
+    let mut connecting = std::pin::pin!(connect(
+        server,
+        cluster,
+        &name,
+        attempts,
+        original_destination,
+        conn
+    ));
+    // One poll runs the connection's start (host picked or created, "connecting"): Envoy logs
+    // those before it logs the new downstream connection.
+    let first = std::future::poll_fn(|cx| Poll::Ready(connecting.as_mut().poll(cx))).await;
+    started();
+    let upstream = async {
+        match first {
+            Poll::Ready(v) => v,
+            Poll::Pending => connecting.await,
+        }
+    };
+    let (upstream, downstream) = tokio::join!(upstream, downstream);
     let (Some((mut up, up_id)), Some(mut downstream)) = (upstream, downstream) else {
         return;
     };

@@ -2,6 +2,7 @@
 //! run the built `pilotfish`, and how to get a real Envoy to compare with.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
