@@ -230,8 +230,27 @@ const FIELDS: &[(&str, &[&str])] = &[
             "upstream_bind_config",
             "circuit_breakers",
             "lb_policy",
+            "health_checks",
         ],
     ),
+    (
+        "envoy.config.core.v3.HealthCheck",
+        &[
+            "timeout",
+            "interval",
+            "unhealthy_threshold",
+            "healthy_threshold",
+            "no_traffic_interval",
+            "tcp_health_check",
+            "http_health_check",
+        ],
+    ),
+    ("envoy.config.core.v3.HealthCheck.TcpHealthCheck", &["send", "receive"]),
+    (
+        "envoy.config.core.v3.HealthCheck.HttpHealthCheck",
+        &["host", "path", "expected_statuses"],
+    ),
+    ("envoy.config.core.v3.HealthCheck.Payload", &["text", "binary"]),
     ("envoy.config.core.v3.BindConfig", &["source_address"]),
     ("envoy.config.cluster.v3.CircuitBreakers", &["thresholds"]),
     (

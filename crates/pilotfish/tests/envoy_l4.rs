@@ -56,9 +56,50 @@ fn upstream(name: &'static str, ip: &str) -> u16 {
     port
 }
 
+/// An upstream that answers health checks over HTTP/1.1 (`/healthz` 200, `/sick` 503) and
+/// otherwise answers like the others, with its name.
+fn http_upstream(name: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let Ok(n) = c.read(&mut buf) else { return };
+                let got = &buf[..n];
+                let status = if got.starts_with(b"GET /healthz ") {
+                    Some("200 OK")
+                } else if got.starts_with(b"GET /sick ") {
+                    Some("503 Service Unavailable")
+                } else {
+                    None
+                };
+                match status {
+                    Some(s) => {
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 {s}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        );
+                    }
+                    None => {
+                        let mut reply = format!("{name}:").into_bytes();
+                        reply.extend(got);
+                        let _ = c.write_all(&reply);
+                        let _ = c.read(&mut buf);
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
 struct Upstreams {
     u: [u16; 3],
     v6: u16,
+    /// Answers HTTP health checks.
+    h: u16,
     /// Nothing listens here: connections are refused.
     refused: u16,
     /// A TLS upstream requiring a client certificate, and the PKI of the TLS scenarios, whose
@@ -87,6 +128,10 @@ enum Step {
     /// Connect, send and half-close at once (before the listener filters are done).
     SendClose {
         payload: &'static [u8],
+    },
+    /// Let time pass (health checks run).
+    Sleep {
+        ms: u64,
     },
     /// Connect, send, wait for the answer, and keep the connection open.
     Open {
@@ -309,6 +354,11 @@ fn upstream_tls_cluster(name: &str, san: &str) -> String {
     load_assignment: {{ cluster_name: {name}, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{T}} }} }} }} }}] }}] }}
 "#
     )
+}
+
+/// Active health checking every 200 ms (with or without traffic), one result deciding.
+fn hc(checker: &str) -> String {
+    format!(", health_checks: [{{ timeout: 0.5s, interval: 0.2s, no_traffic_interval: 0.2s, unhealthy_threshold: 1, healthy_threshold: 1, {checker} }}]")
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -562,6 +612,31 @@ fn scenarios() -> Vec<Scenario> {
             &["cluster.t.upstream_cx_total"],
             false,
         ),
+        sc(
+            "TCP health check fails a refused host",
+            format!("{}{}", one_chain("c"), cluster("c", &["{U0}", "{R}"], &hc("tcp_health_check: {}"))),
+            vec![Step::Sleep { ms: 1000 }, send(b"h"), send(b"h"), send(b"h")],
+            &["cluster.c.upstream_cx_total", "cluster.c.upstream_cx_connect_fail", "cluster.c.health_check.healthy"],
+            true,
+        ),
+        sc(
+            "HTTP health check by status",
+            format!("{}{}", one_chain("c"), cluster("c", &["{H}", "{U0}"], &hc("http_health_check: { path: /healthz }"))),
+            vec![Step::Sleep { ms: 1000 }, send(b"h"), send(b"h")],
+            &["cluster.c.upstream_cx_total", "cluster.c.health_check.success", "cluster.c.health_check.healthy"],
+            true,
+        ),
+        sc(
+            "HTTP health check with expected statuses",
+            format!(
+                "{}{}",
+                one_chain("c"),
+                cluster("c", &["{H}"], &hc("http_health_check: { path: /sick, expected_statuses: [{ start: 503, end: 504 }] }"))
+            ),
+            vec![Step::Sleep { ms: 1000 }, send(b"h")],
+            &["cluster.c.upstream_cx_total", "cluster.c.health_check.healthy"],
+            true,
+        ),
         sc("IPv6", ipv6, vec![Step::Send { from: "::1", payload: b"six".to_vec() }], &["cluster.c.upstream_cx_total"], true),
     ]
 }
@@ -604,7 +679,8 @@ fn start(
         .replace("{U2}", &up.u[2].to_string())
         .replace("{V6}", &up.v6.to_string())
         .replace("{R}", &up.refused.to_string())
-        .replace("{T}", &up.tls.to_string());
+        .replace("{T}", &up.tls.to_string())
+        .replace("{H}", &up.h.to_string());
     let file = dir.join(format!("{tag}.yaml"));
     std::fs::write(&file, format!("admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}\n{text}")).unwrap();
     let log = std::fs::File::create(dir.join(format!("{tag}.log"))).unwrap();
@@ -712,6 +788,7 @@ fn run_steps(r: &Running, steps: &[Step], up: &Upstreams) -> Vec<String> {
                 let got = tls_client(r.listen, &up.pki.ca_pem, leaf, &["h2"], payload);
                 seen.push(got.unwrap_or_else(|_| "refused".into()));
             }
+            Step::Sleep { ms } => std::thread::sleep(Duration::from_millis(*ms)),
             Step::SendClose { payload } => {
                 let mut c = connect(r, "127.0.0.1");
                 let _ = c.write_all(payload);
@@ -838,6 +915,7 @@ fn pilotfish_carries_bytes_as_envoy_does() {
             upstream("u2", "127.0.0.1"),
         ],
         v6: upstream("v6", "::1"),
+        h: http_upstream("h"),
         refused: free_port(),
         tls: tls_upstream(
             &server,

@@ -13,7 +13,7 @@ use pilotfish_config::resources::ResourceSet;
 use pilotfish_decide::cluster::{hosts, UpstreamTransport};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -44,21 +44,41 @@ pub struct Host {
     pub weight: u32,
     pub transport: UpstreamTransport,
     pub stats: HostStats,
+    /// Active health checking: failed (FAILED_ACTIVE_HC), and not checked yet
+    /// (PENDING_ACTIVE_HC). A host of a health-checked cluster starts with both.
+    pub active_hc_failed: AtomicBool,
+    pub active_hc_pending: AtomicBool,
 }
 
 impl Host {
-    /// Healthy for load balancing: EDS status unknown or healthy.
+    /// Healthy for load balancing: EDS status unknown or healthy, and not failed by active
+    /// health checking.
     pub fn healthy(&self) -> bool {
         matches!(self.health.as_str(), "UNKNOWN" | "HEALTHY")
+            && !self.active_hc_failed.load(Ordering::Relaxed)
     }
 
-    /// The `health_flags` of `/clusters`.
-    pub fn health_flags(&self) -> &'static str {
+    /// The `health_flags` of `/clusters`, in Envoy's order.
+    pub fn health_flags(&self) -> String {
+        let mut flags = String::new();
+        if self.active_hc_failed.load(Ordering::Relaxed) {
+            flags.push_str("/failed_active_hc");
+        }
         match self.health.as_str() {
-            "UNKNOWN" | "HEALTHY" => "healthy",
-            "DRAINING" => "/eds_status_draining",
-            "DEGRADED" => "/degraded_eds_health",
-            _ => "/failed_eds_health",
+            "UNHEALTHY" | "TIMEOUT" => flags.push_str("/failed_eds_health"),
+            "DEGRADED" => flags.push_str("/degraded_eds_health"),
+            _ => {}
+        }
+        if self.active_hc_pending.load(Ordering::Relaxed) {
+            flags.push_str("/pending_active_hc");
+        }
+        if self.health == "DRAINING" {
+            flags.push_str("/eds_status_draining");
+        }
+        if flags.is_empty() {
+            "healthy".into()
+        } else {
+            flags
         }
     }
 }
@@ -173,7 +193,7 @@ pub struct Cluster {
     pub hosts: Mutex<Vec<Arc<Host>>>,
     rr: AtomicUsize,
     pub stats: ClusterStats,
-    config: ClusterConfig,
+    pub config: ClusterConfig,
     /// Upstream TLS per transport socket (`default` or a transport_socket_matches name), built
     /// once; an error is said at start-up and closes the connections that need it.
     tls: HashMap<String, Result<Arc<UpstreamTls>, String>>,
@@ -222,7 +242,7 @@ fn upstream_tls_context(ts: &TransportSocket) -> Option<UpstreamTlsContext> {
     }
 }
 
-fn make_host(h: &pilotfish_decide::cluster::Host) -> Arc<Host> {
+fn make_host(h: &pilotfish_decide::cluster::Host, checked: bool) -> Arc<Host> {
     Arc::new(Host {
         address: h.address.clone(),
         priority: h.priority,
@@ -233,6 +253,8 @@ fn make_host(h: &pilotfish_decide::cluster::Host) -> Arc<Host> {
         weight: h.weight.unwrap_or(1),
         transport: h.transport.clone(),
         stats: HostStats::default(),
+        active_hc_failed: AtomicBool::new(checked),
+        active_hc_pending: AtomicBool::new(checked),
     })
 }
 
@@ -257,7 +279,12 @@ impl ClusterManager {
                 source_address: d.source_address.as_deref().and_then(|a| a.parse().ok()),
                 max_connections,
                 lb_policy: LbPolicy::of(c),
-                hosts: Mutex::new(d.hosts.iter().map(make_host).collect()),
+                hosts: Mutex::new(
+                    d.hosts
+                        .iter()
+                        .map(|h| make_host(h, !c.health_checks.is_empty()))
+                        .collect(),
+                ),
                 rr: AtomicUsize::new(0),
                 stats: ClusterStats {
                     upstream_cx_total: stats.counter(&s("upstream_cx_total")),
@@ -339,6 +366,8 @@ impl Cluster {
                 weight: 1,
                 transport,
                 stats: HostStats::default(),
+                active_hc_failed: AtomicBool::new(false),
+                active_hc_pending: AtomicBool::new(false),
             });
             tracing::debug!(target: "upstream", connection = conn, "Created host {}{addr} {addr}.", self.name);
             hosts.push(h.clone());
@@ -483,6 +512,8 @@ mod tests {
                 alpn: vec![],
             },
             stats: HostStats::default(),
+            active_hc_failed: AtomicBool::new(false),
+            active_hc_pending: AtomicBool::new(false),
         })
     }
 

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod health_check;
 pub mod listener_filter;
 pub mod log;
 pub mod server;
@@ -122,6 +123,13 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
                 .entry(format!("lb_policy {} (round robin used)", p.as_str_name()))
                 .or_default() += 1;
         }
+        for hc in &c.value.health_checks {
+            if let Some(what) = crate::health_check::unsupported(hc) {
+                *gaps
+                    .entry(format!("{what} (hosts stay unhealthy until checked)"))
+                    .or_default() += 1;
+            }
+        }
         if c.value.load_balancing_policy.is_some() {
             *gaps
                 .entry("load_balancing_policy (round robin used)".into())
@@ -177,6 +185,9 @@ async fn serve(cfg: Config, options: Options) -> u8 {
                 return 1;
             }
         }
+    }
+    for c in &server.clusters.clusters {
+        crate::health_check::start(c, &server.stats);
     }
     for (name, l) in server::bind_listeners(&server) {
         tokio::spawn(server::accept_loop(server.clone(), name, l));
