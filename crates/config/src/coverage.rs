@@ -231,6 +231,23 @@ const FIELDS: &[(&str, &[&str])] = &[
             "circuit_breakers",
             "lb_policy",
             "health_checks",
+            "outlier_detection",
+        ],
+    ),
+    (
+        "envoy.config.cluster.v3.OutlierDetection",
+        &[
+            "consecutive_5xx",
+            "enforcing_consecutive_5xx",
+            "consecutive_gateway_failure",
+            "enforcing_consecutive_gateway_failure",
+            "split_external_local_origin_errors",
+            "consecutive_local_origin_failure",
+            "enforcing_consecutive_local_origin_failure",
+            "interval",
+            "base_ejection_time",
+            "max_ejection_time",
+            "max_ejection_percent",
         ],
     ),
     (

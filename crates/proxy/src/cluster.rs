@@ -48,6 +48,9 @@ pub struct Host {
     /// (PENDING_ACTIVE_HC). A host of a health-checked cluster starts with both.
     pub active_hc_failed: AtomicBool,
     pub active_hc_pending: AtomicBool,
+    /// Ejected by outlier detection (FAILED_OUTLIER_CHECK), and the detector's counts.
+    pub ejected: AtomicBool,
+    pub outlier: crate::outlier::Standing,
 }
 
 impl Host {
@@ -56,6 +59,11 @@ impl Host {
     pub fn healthy(&self) -> bool {
         matches!(self.health.as_str(), "UNKNOWN" | "HEALTHY")
             && !self.active_hc_failed.load(Ordering::Relaxed)
+            && !self.ejected()
+    }
+
+    pub fn ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed)
     }
 
     /// The `health_flags` of `/clusters`, in Envoy's order.
@@ -63,6 +71,9 @@ impl Host {
         let mut flags = String::new();
         if self.active_hc_failed.load(Ordering::Relaxed) {
             flags.push_str("/failed_active_hc");
+        }
+        if self.ejected() {
+            flags.push_str("/failed_outlier_check");
         }
         match self.health.as_str() {
             "UNHEALTHY" | "TIMEOUT" => flags.push_str("/failed_eds_health"),
@@ -194,6 +205,7 @@ pub struct Cluster {
     rr: AtomicUsize,
     pub stats: ClusterStats,
     pub config: ClusterConfig,
+    pub outlier: Option<crate::outlier::Detector>,
     /// Upstream TLS per transport socket (`default` or a transport_socket_matches name), built
     /// once; an error is said at start-up and closes the connections that need it.
     tls: HashMap<String, Result<Arc<UpstreamTls>, String>>,
@@ -255,6 +267,8 @@ fn make_host(h: &pilotfish_decide::cluster::Host, checked: bool) -> Arc<Host> {
         stats: HostStats::default(),
         active_hc_failed: AtomicBool::new(checked),
         active_hc_pending: AtomicBool::new(checked),
+        ejected: AtomicBool::new(false),
+        outlier: Default::default(),
     })
 }
 
@@ -298,6 +312,10 @@ impl ClusterManager {
                     upstream_cx_destroy: stats.counter(&s("upstream_cx_destroy")),
                 },
                 config: c.clone(),
+                outlier: c
+                    .outlier_detection
+                    .as_ref()
+                    .map(|o| crate::outlier::Detector::new(&r.name, o, stats)),
                 tls: HashMap::new(),
             };
             let mut tls = HashMap::new();
@@ -368,6 +386,8 @@ impl Cluster {
                 stats: HostStats::default(),
                 active_hc_failed: AtomicBool::new(false),
                 active_hc_pending: AtomicBool::new(false),
+                ejected: AtomicBool::new(false),
+                outlier: Default::default(),
             });
             tracing::debug!(target: "upstream", connection = conn, "Created host {}{addr} {addr}.", self.name);
             hosts.push(h.clone());
@@ -451,6 +471,10 @@ impl Cluster {
         let fail = |e: ConnectError| {
             self.stats.upstream_cx_connect_fail.inc();
             host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+            if let Some(d) = &self.outlier {
+                let hosts = self.hosts.lock().unwrap().clone();
+                d.connect_failure(&host, &hosts, conn);
+            }
             e
         };
         let stream = match tokio::time::timeout(self.connect_timeout, socket.connect(addr)).await {
@@ -463,6 +487,9 @@ impl Cluster {
         };
         let _ = stream.set_nodelay(true);
         tracing::debug!(target: "connection", connection = upstream_id, "connected");
+        if let Some(d) = &self.outlier {
+            d.success(&host);
+        }
         let stream: Box<dyn Io> = match tls {
             Some(t) => {
                 let connector = tokio_rustls::TlsConnector::from(t.config.clone());
@@ -514,6 +541,8 @@ mod tests {
             stats: HostStats::default(),
             active_hc_failed: AtomicBool::new(false),
             active_hc_pending: AtomicBool::new(false),
+            ejected: AtomicBool::new(false),
+            outlier: Default::default(),
         })
     }
 

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod health_check;
 pub mod listener_filter;
 pub mod log;
+pub mod outlier;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
@@ -188,6 +189,7 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     }
     for c in &server.clusters.clusters {
         crate::health_check::start(c, &server.stats);
+        crate::outlier::start(c);
     }
     for (name, l) in server::bind_listeners(&server) {
         tokio::spawn(server::accept_loop(server.clone(), name, l));
