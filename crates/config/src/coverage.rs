@@ -128,7 +128,19 @@ const FIELDS: &[(&str, &[&str])] = &[
             "weighted_clusters",
             "idle_timeout",
             "max_connect_attempts",
+            "access_log",
         ],
+    ),
+    ("envoy.config.accesslog.v3.AccessLog", &["name", "typed_config"]),
+    (
+        "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        &["path", "log_format", "format", "json_format", "typed_json_format"],
+    ),
+    ("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", &["log_format"]),
+    ("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", &["log_format"]),
+    (
+        "envoy.config.core.v3.SubstitutionFormatString",
+        &["text_format", "text_format_source", "json_format"],
     ),
     ("envoy.extensions.filters.http.router.v3.Router", &[]),
     (
@@ -321,6 +333,9 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
+    "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+    "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+    "envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
     // filter_chain_matcher inputs, its IP matcher, and its action (the chain's name).
     "envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput",
     "envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput",

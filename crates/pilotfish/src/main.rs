@@ -57,6 +57,9 @@ struct ServeArgs {
     /// Accepted for Envoy compatibility (pilotfish has no hot restart).
     #[arg(long)]
     disable_hot_restart: bool,
+    /// Accepted for Envoy compatibility: pilotfish writes access log lines as they happen.
+    #[arg(long)]
+    file_flush_interval_msec: Option<u64>,
 }
 
 #[derive(Subcommand)]

@@ -356,6 +356,11 @@ fn upstream_tls_cluster(name: &str, san: &str) -> String {
     )
 }
 
+/// A file access log at the run's own path, with this log_format.
+fn file_log(log_format: &str) -> String {
+    format!("{{ name: envoy.access_loggers.file, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{{ACCESS_LOG}}\", log_format: {{ {log_format} }} }} }}")
+}
+
 /// Active health checking every 200 ms (with or without traffic), one result deciding.
 fn hc(checker: &str) -> String {
     format!(", health_checks: [{{ timeout: 0.5s, interval: 0.2s, no_traffic_interval: 0.2s, unhealthy_threshold: 1, healthy_threshold: 1, {checker} }}]")
@@ -660,12 +665,35 @@ fn scenarios() -> Vec<Scenario> {
             &["cluster.c.upstream_cx_connect_fail", "cluster.c.outlier_detection.ejections_enforced_total"],
             true,
         ),
+        sc(
+            "access log, text format",
+            format!(
+                "{}{c0}{}",
+                listener("", &chain_with(&format!("cluster: c, access_log: [{}]", file_log("text_format_source: { inline_string: \"%UPSTREAM_CLUSTER% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %REQUESTED_SERVER_NAME% %RESPONSE_CODE% %PROTOCOL% %UPSTREAM_HOST%\\n\" }")))),
+                cluster("r", &["{R}"], "")
+            ),
+            vec![send(b"hello"), send(b"again!")],
+            &[],
+            false,
+        ),
+        sc(
+            "access log, JSON format, upstream failure",
+            format!(
+                "{}{}",
+                listener("", &chain_with(&format!("cluster: c, access_log: [{}]", file_log("json_format: { cluster: \"%UPSTREAM_CLUSTER%\", flags: \"%RESPONSE_FLAGS%\", rx: \"%BYTES_RECEIVED%\", code: \"%RESPONSE_CODE%\", host: \"%UPSTREAM_HOST%\" }")))),
+                cluster("c", &["{R}"], "")
+            ),
+            vec![send(b"x")],
+            &[],
+            false,
+        ),
         sc("IPv6", ipv6, vec![Step::Send { from: "::1", payload: b"six".to_vec() }], &["cluster.c.upstream_cx_total"], true),
     ]
 }
 
 struct Running {
     child: Child,
+    access_log: std::path::PathBuf,
     admin: u16,
     listen: u16,
     v6: bool,
@@ -704,6 +732,8 @@ fn start(
         .replace("{R}", &up.refused.to_string())
         .replace("{T}", &up.tls.to_string())
         .replace("{H}", &up.h.to_string());
+    let access_log = dir.join(format!("{tag}.access.log"));
+    let text = text.replace("{ACCESS_LOG}", &access_log.display().to_string());
     let file = dir.join(format!("{tag}.yaml"));
     std::fs::write(&file, format!("admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}\n{text}")).unwrap();
     let log = std::fs::File::create(dir.join(format!("{tag}.log"))).unwrap();
@@ -715,6 +745,8 @@ fn start(
         "1",
         "-l",
         "debug",
+        "--file-flush-interval-msec",
+        "50",
     ]);
     if is_envoy {
         cmd.arg("--disable-hot-restart");
@@ -722,6 +754,7 @@ fn start(
     let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
     let mut r = Running {
         child,
+        access_log,
         admin,
         listen,
         v6: text.contains("\"::1\", port_value: "),
@@ -970,6 +1003,12 @@ fn pilotfish_carries_bytes_as_envoy_does() {
                 &format!("{i}-{tag}"),
             );
             let mut seen = run_steps(&r, &s.steps, &up);
+            // Access log lines, once Envoy has flushed them.
+            std::thread::sleep(Duration::from_millis(200));
+            let log = std::fs::read_to_string(&r.access_log).unwrap_or_default();
+            let mut lines: Vec<String> = log.lines().map(|l| format!("log: {l}")).collect();
+            lines.sort();
+            seen.extend(lines);
             // Envoy's round robin starts where it likes: compare what each got, not the order.
             if s.name == "round robin" || s.name.starts_with("outlier") {
                 seen.sort();

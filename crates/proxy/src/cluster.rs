@@ -218,7 +218,20 @@ pub enum ConnectError {
     Overflow,
     Timeout(String),
     Failed(String, std::io::Error),
-    Tls(String),
+    /// The host, and what went wrong in its TLS.
+    Tls(String, String),
+}
+
+impl ConnectError {
+    /// The host the failed attempt went to, when there was one (UPSTREAM_HOST).
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            ConnectError::Timeout(h) | ConnectError::Failed(h, _) | ConnectError::Tls(h, _) => {
+                Some(h)
+            }
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for ConnectError {
@@ -228,7 +241,7 @@ impl std::fmt::Display for ConnectError {
             ConnectError::Overflow => write!(f, "max_connections reached (circuit breaker)"),
             ConnectError::Timeout(h) => write!(f, "connect to {h} timed out"),
             ConnectError::Failed(h, e) => write!(f, "connect to {h} failed: {e}"),
-            ConnectError::Tls(e) => write!(f, "TLS: {e}"),
+            ConnectError::Tls(h, e) => write!(f, "TLS to {h}: {e}"),
         }
     }
 }
@@ -350,6 +363,8 @@ impl ClusterManager {
 /// host's and cluster's active counts.
 pub struct Upstream {
     pub stream: Box<dyn Io>,
+    /// The upstream connection's own address (UPSTREAM_LOCAL_ADDRESS).
+    pub local: Option<SocketAddr>,
     pub host: Arc<Host>,
     pub cluster: Arc<Cluster>,
 }
@@ -433,7 +448,7 @@ impl Cluster {
         };
         let tls = match self.tls.get(&host.transport.matched) {
             Some(Ok(t)) => Some(t.clone()),
-            Some(Err(e)) => return Err(ConnectError::Tls(e.clone())),
+            Some(Err(e)) => return Err(ConnectError::Tls(host.address.clone(), e.clone())),
             None => None,
         };
         let addr = match host.address.parse::<SocketAddr>() {
@@ -486,6 +501,7 @@ impl Cluster {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         tracing::debug!(target: "connection", connection = upstream_id, "connected");
         if let Some(d) = &self.outlier {
             d.success(&host);
@@ -503,8 +519,15 @@ impl Cluster {
                         tracing::debug!(target: "connection", connection = upstream_id, "TLS handshake complete");
                         Box::new(s)
                     }
-                    Ok(Err(e)) => return Err(fail(ConnectError::Tls(e.to_string()))),
-                    Err(_) => return Err(fail(ConnectError::Tls("handshake timed out".into()))),
+                    Ok(Err(e)) => {
+                        return Err(fail(ConnectError::Tls(addr.to_string(), e.to_string())))
+                    }
+                    Err(_) => {
+                        return Err(fail(ConnectError::Tls(
+                            addr.to_string(),
+                            "handshake timed out".into(),
+                        )))
+                    }
                 }
             }
             None => Box::new(stream),
@@ -513,6 +536,7 @@ impl Cluster {
         host.stats.cx_active.fetch_add(1, Ordering::Relaxed);
         Ok(Upstream {
             stream,
+            local,
             host,
             cluster: self.clone(),
         })

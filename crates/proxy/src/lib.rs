@@ -7,6 +7,7 @@
 //! network filter ([`tcp_proxy`]) -> [`cluster`]; [`server`] owns the runtime, [`admin`] the admin
 //! API, [`log`] and [`stats`] what Envoy prints and counts.
 
+pub mod access_log;
 pub mod admin;
 pub mod cluster;
 pub mod health_check;

@@ -48,6 +48,10 @@ pub struct Server {
     pub shutdown: watch::Sender<bool>,
     pub draining: watch::Sender<bool>,
     pub active_connections: AtomicU64,
+    /// tcp_proxy access logs, built once per distinct configuration (files opened once).
+    access_logs: std::sync::Mutex<
+        std::collections::HashMap<Vec<u8>, Arc<Vec<crate::access_log::AccessLog>>>,
+    >,
     /// Downstream TLS per (listener, filter chain index or `default`), built at start-up.
     pub downstream_tls:
         std::collections::HashMap<(String, String), Result<Arc<DownstreamTls>, String>>,
@@ -110,7 +114,8 @@ impl Server {
                 }
             }
         }
-        Arc::new(Server {
+        let server = Arc::new(Server {
+            access_logs: Default::default(),
             downstream_tls,
             set,
             clusters,
@@ -124,7 +129,46 @@ impl Server {
             shutdown: watch::channel(false).0,
             draining: watch::channel(false).0,
             active_connections: AtomicU64::new(0),
-        })
+        });
+        // Build every tcp_proxy's access logs now, so their problems are said at start-up.
+        for l in &server.set.listeners {
+            for fc in l
+                .value
+                .filter_chains
+                .iter()
+                .chain(&l.value.default_filter_chain)
+            {
+                for f in &fc.filters {
+                    if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type {
+                        if let Some(tcp) = unpack::<TcpProxy>(any) {
+                            server.access_logs(&tcp);
+                        }
+                    }
+                }
+            }
+        }
+        server
+    }
+
+    /// The access logs of a tcp_proxy configuration, built on first use.
+    pub fn access_logs(&self, tcp: &TcpProxy) -> Arc<Vec<crate::access_log::AccessLog>> {
+        use prost::Message;
+        let key: Vec<u8> = tcp
+            .access_log
+            .iter()
+            .flat_map(|a| a.encode_to_vec())
+            .collect();
+        let mut cache = self.access_logs.lock().unwrap();
+        cache
+            .entry(key)
+            .or_insert_with(|| {
+                let (logs, warnings) = crate::access_log::build(&tcp.access_log);
+                for w in warnings {
+                    tracing::warn!(target: "config", "tcp_proxy '{}': {w}", tcp.stat_prefix);
+                }
+                Arc::new(logs)
+            })
+            .clone()
     }
 
     /// Connection ids, shared by downstream and upstream connections as Envoy's are.
@@ -373,7 +417,12 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             continue;
         };
         if let Some(tcp) = unpack::<TcpProxy>(any) {
-            tcp_proxy::run(server, &tcp, ready, local, conn, new_connection).await;
+            let info = tcp_proxy::Downstream {
+                remote: peer,
+                local,
+                server_name: found.server_name.clone(),
+            };
+            tcp_proxy::run(server, &tcp, ready, &info, conn, new_connection).await;
             finish(server, &scope, &active, conn);
             return;
         }

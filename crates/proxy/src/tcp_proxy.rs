@@ -44,11 +44,19 @@ struct TcpStats {
 /// Runs tcp_proxy for a new connection. As in Envoy, the upstream connection starts at once,
 /// while the downstream transport socket (a TLS handshake) is still getting ready: `downstream`
 /// resolves to the ready stream, or None when its handshake failed.
+/// The downstream connection, as access logs describe it.
+pub struct Downstream {
+    pub remote: SocketAddr,
+    /// The destination (restored by original_dst).
+    pub local: SocketAddr,
+    pub server_name: Option<String>,
+}
+
 pub async fn run<S, F>(
     server: &Server,
     tcp: &TcpProxy,
     downstream: F,
-    original_destination: SocketAddr,
+    info: &Downstream,
     conn: u64,
     started: impl FnOnce(),
 ) where
@@ -64,11 +72,37 @@ pub async fn run<S, F>(
         idle_timeout: server.stats.counter(&s("idle_timeout")),
     };
     stats.downstream_cx_total.inc();
+    let start = std::time::SystemTime::now();
+    let began = std::time::Instant::now();
+    let original_destination = info.local;
     let name = cluster_name(tcp, conn);
+    let mut entry = crate::access_log::Entry {
+        start,
+        duration: Duration::ZERO,
+        bytes_received: 0,
+        bytes_sent: 0,
+        downstream_remote: info.remote,
+        downstream_local: info.local,
+        upstream_host: None,
+        upstream_local: None,
+        upstream_cluster: name.clone(),
+        flags: vec![],
+        server_name: info.server_name.clone(),
+        connection_id: conn,
+    };
+    let logs = server.access_logs(tcp);
+    let log = |mut e: crate::access_log::Entry| {
+        e.duration = began.elapsed();
+        for l in logs.iter() {
+            l.write(&e);
+        }
+    };
     let Some(cluster) = server.clusters.get(&name) else {
         tracing::debug!(target: "filter", connection = conn, "Cluster not found {name} and no on demand cluster set.");
         stats.downstream_cx_no_route.inc();
         started();
+        entry.flags.push("NR");
+        log(entry);
         return;
     };
     tracing::debug!(target: "filter", connection = conn, "Creating connection to cluster {name}");
@@ -95,7 +129,24 @@ pub async fn run<S, F>(
         }
     };
     let (upstream, downstream) = tokio::join!(upstream, downstream);
-    let (Some((mut up, up_id)), Some(mut downstream)) = (upstream, downstream) else {
+    let (mut up, up_id) = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            entry.upstream_host = e.as_ref().and_then(|e| e.host()).map(str::to_string);
+            match e {
+                Some(crate::cluster::ConnectError::Overflow) => entry.flags.push("UO"),
+                Some(crate::cluster::ConnectError::NoHealthyHost) => entry.flags.push("UH"),
+                // Connect attempts used up: Envoy flags the failure and the exhausted retries.
+                _ => entry.flags.extend(["UF", "URX"]),
+            }
+            log(entry);
+            return;
+        }
+    };
+    entry.upstream_host = Some(up.host.address.clone());
+    entry.upstream_local = up.local;
+    let Some(mut downstream) = downstream else {
+        log(entry);
         return;
     };
     // Envoy's default tcp_proxy idle timeout is an hour; zero turns it off.
@@ -115,6 +166,9 @@ pub async fn run<S, F>(
         stats.idle_timeout.inc();
         tracing::debug!(target: "filter", connection = conn, "Session timed out");
     }
+    entry.bytes_received = rx;
+    entry.bytes_sent = tx;
+    log(entry);
     tracing::debug!(target: "connection", connection = up_id, "closing socket: 0");
 }
 
@@ -126,29 +180,30 @@ async fn connect(
     attempts: u32,
     original_destination: SocketAddr,
     conn: u64,
-) -> Option<(crate::cluster::Upstream, u64)> {
-    let mut upstream = None;
+) -> Result<(crate::cluster::Upstream, u64), Option<crate::cluster::ConnectError>> {
+    let mut last = None;
     for attempt in 1..=attempts {
         let id = server.next_connection_id();
         match cluster.connect(original_destination, conn, id).await {
             Ok(u) => {
                 tracing::debug!(target: "filter", connection = conn, "TCP:onUpstreamEvent(), requestedServerName: ");
-                upstream = Some((u, id));
-                break;
+                return Ok((u, id));
             }
             Err(e) => {
                 tracing::debug!(target: "filter", connection = conn, "upstream connection attempt {attempt} of {attempts} to cluster {name}: {e}");
-                if matches!(
+                let stop = matches!(
                     e,
                     crate::cluster::ConnectError::Overflow
                         | crate::cluster::ConnectError::NoHealthyHost
-                ) {
+                );
+                last = Some(e);
+                if stop {
                     break;
                 }
             }
         }
     }
-    upstream
+    Err(last)
 }
 
 /// Copies both ways, half-closing each side when the other finishes sending; returns the bytes

@@ -1,0 +1,449 @@
+//! tcp_proxy access logs: the file, stdout and stderr loggers, with Envoy's substitution format
+//! strings (`text_format`, `text_format_source`, `json_format`, and the deprecated `format` /
+//! `json_format` of the file logger) and the command operators a TCP connection has values for.
+//! An operator pilotfish does not know is named at start-up and printed as `-`.
+
+use crate::log::timestamp;
+use pilotfish_api::pb::envoy::config::accesslog::v3::{access_log, AccessLog as AccessLogConfig};
+use pilotfish_api::pb::envoy::config::core::v3::{
+    data_source, substitution_format_string, SubstitutionFormatString,
+};
+use pilotfish_api::pb::envoy::extensions::access_loggers::file::v3::{
+    file_access_log, FileAccessLog,
+};
+use pilotfish_api::pb::envoy::extensions::access_loggers::stream::v3::{
+    stderr_access_log, stdout_access_log, StderrAccessLog, StdoutAccessLog,
+};
+use pilotfish_api::pb::google::protobuf::{value::Kind, Struct};
+use pilotfish_config::model::unpack;
+use serde_json::Value;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// What one connection leaves for its access log.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub downstream_remote: SocketAddr,
+    pub downstream_local: SocketAddr,
+    pub upstream_host: Option<String>,
+    pub upstream_local: Option<SocketAddr>,
+    pub upstream_cluster: String,
+    /// Envoy's response flags: UF, UO, UH, NR; empty for none.
+    pub flags: Vec<&'static str>,
+    pub server_name: Option<String>,
+    pub connection_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Text(String),
+    /// An operator, with its argument and the length to truncate to.
+    Op(String, Option<String>, Option<usize>),
+}
+
+enum Format {
+    Text(Vec<Piece>),
+    Json(Vec<(String, Vec<Piece>)>),
+}
+
+enum Sink {
+    File(Mutex<std::fs::File>),
+    Stdout,
+    Stderr,
+}
+
+pub struct AccessLog {
+    sink: Sink,
+    format: Format,
+}
+
+/// Envoy's default format (the HTTP one: a TCP connection has `-` for the request parts).
+const DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+
+const KNOWN: &[&str] = &[
+    "START_TIME",
+    "DURATION",
+    "BYTES_RECEIVED",
+    "BYTES_SENT",
+    "DOWNSTREAM_REMOTE_ADDRESS",
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT",
+    "DOWNSTREAM_LOCAL_ADDRESS",
+    "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT",
+    "DOWNSTREAM_LOCAL_PORT",
+    "DOWNSTREAM_REMOTE_PORT",
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS",
+    "UPSTREAM_HOST",
+    "UPSTREAM_CLUSTER",
+    "UPSTREAM_LOCAL_ADDRESS",
+    "RESPONSE_FLAGS",
+    "RESPONSE_CODE",
+    "REQUESTED_SERVER_NAME",
+    "CONNECTION_ID",
+    "PROTOCOL",
+    "REQ",
+    "RESP",
+    "TRAILER",
+    "ROUTE_NAME",
+    "UPSTREAM_TRANSPORT_FAILURE_REASON",
+    "HOSTNAME",
+];
+
+fn parse(format: &str, unknown: &mut Vec<String>) -> Vec<Piece> {
+    let mut out = vec![];
+    let mut text = String::new();
+    let mut rest = format;
+    while let Some(i) = rest.find('%') {
+        text.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        // `%%` is a literal percent sign.
+        if let Some(stripped) = after.strip_prefix('%') {
+            text.push('%');
+            rest = stripped;
+            continue;
+        }
+        let Some(end) = after.find('%') else {
+            text.push_str(&rest[i..]);
+            rest = "";
+            break;
+        };
+        let mut op = &after[..end];
+        rest = &after[end + 1..];
+        // A length after the closing parenthesis (or after the name): `OP(arg):N`.
+        let mut max = None;
+        if let Some((head, n)) = op.rsplit_once(':') {
+            if let Ok(n) = n.parse::<usize>() {
+                if !head.contains('(') || head.ends_with(')') {
+                    max = Some(n);
+                    op = head;
+                }
+            }
+        }
+        let (name, arg) = match op.split_once('(') {
+            Some((n, a)) => (n, Some(a.trim_end_matches(')').to_string())),
+            None => (op, None),
+        };
+        if !text.is_empty() {
+            out.push(Piece::Text(std::mem::take(&mut text)));
+        }
+        if !KNOWN.contains(&name) && !unknown.iter().any(|u| u == name) {
+            unknown.push(name.to_string());
+        }
+        out.push(Piece::Op(name.to_string(), arg, max));
+    }
+    text.push_str(rest);
+    if !text.is_empty() {
+        out.push(Piece::Text(text));
+    }
+    out
+}
+
+fn json_format(
+    s: &Struct,
+    prefix: &str,
+    unknown: &mut Vec<String>,
+    out: &mut Vec<(String, Vec<Piece>)>,
+) {
+    let mut keys: Vec<&String> = s.fields.keys().collect();
+    keys.sort();
+    for k in keys {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match &s.fields[k].kind {
+            Some(Kind::StringValue(v)) => out.push((path, parse(v, unknown))),
+            Some(Kind::StructValue(inner)) => json_format(inner, &path, unknown, out),
+            Some(other) => out.push((path, vec![Piece::Text(pb_scalar(other))])),
+            None => {}
+        }
+    }
+}
+
+fn pb_scalar(k: &Kind) -> String {
+    match k {
+        Kind::NumberValue(n) => n.to_string(),
+        Kind::BoolValue(b) => b.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn substitution(f: &SubstitutionFormatString, unknown: &mut Vec<String>) -> Result<Format, String> {
+    // text_format is deprecated in favour of text_format_source, and still read, as Envoy does.
+    #[allow(deprecated)]
+    Ok(match &f.format {
+        Some(substitution_format_string::Format::TextFormat(t)) => Format::Text(parse(t, unknown)),
+        Some(substitution_format_string::Format::TextFormatSource(ds)) => {
+            let text = match &ds.specifier {
+                Some(data_source::Specifier::InlineString(s)) => s.clone(),
+                Some(data_source::Specifier::InlineBytes(b)) => {
+                    String::from_utf8_lossy(b).into_owned()
+                }
+                Some(data_source::Specifier::Filename(p)) => std::fs::read_to_string(p)
+                    .map_err(|e| format!("text_format_source {p}: {e}"))?,
+                _ => return Err("text_format_source: only inline or file sources".into()),
+            };
+            Format::Text(parse(&text, unknown))
+        }
+        Some(substitution_format_string::Format::JsonFormat(s)) => {
+            let mut fields = vec![];
+            json_format(s, "", unknown, &mut fields);
+            Format::Json(fields)
+        }
+        None => Format::Text(parse(DEFAULT_FORMAT, unknown)),
+    })
+}
+
+/// Builds a connection's access logs; what they use that pilotfish lacks comes back as warnings.
+pub fn build(configs: &[AccessLogConfig]) -> (Vec<AccessLog>, Vec<String>) {
+    let mut logs = vec![];
+    let mut warnings = vec![];
+    for c in configs {
+        if c.filter.is_some() {
+            warnings.push(format!(
+                "access log '{}': filters are not implemented; every connection is logged",
+                c.name
+            ));
+        }
+        let Some(access_log::ConfigType::TypedConfig(any)) = &c.config_type else {
+            continue;
+        };
+        let mut unknown = vec![];
+        let built = if let Some(f) = unpack::<FileAccessLog>(any) {
+            #[allow(deprecated)]
+            let format = match &f.access_log_format {
+                Some(file_access_log::AccessLogFormat::Format(t)) => {
+                    Ok(Format::Text(parse(t, &mut unknown)))
+                }
+                Some(file_access_log::AccessLogFormat::JsonFormat(s))
+                | Some(file_access_log::AccessLogFormat::TypedJsonFormat(s)) => {
+                    let mut fields = vec![];
+                    json_format(s, "", &mut unknown, &mut fields);
+                    Ok(Format::Json(fields))
+                }
+                Some(file_access_log::AccessLogFormat::LogFormat(l)) => {
+                    substitution(l, &mut unknown)
+                }
+                None => Ok(Format::Text(parse(DEFAULT_FORMAT, &mut unknown))),
+            };
+            let sink = match f.path.as_str() {
+                "/dev/stdout" => Ok(Sink::Stdout),
+                "/dev/stderr" => Ok(Sink::Stderr),
+                p => std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map(|f| Sink::File(Mutex::new(f)))
+                    .map_err(|e| format!("access log {p}: {e}")),
+            };
+            format.and_then(|format| sink.map(|sink| AccessLog { sink, format }))
+        } else if let Some(s) = unpack::<StdoutAccessLog>(any) {
+            match &s.access_log_format {
+                Some(stdout_access_log::AccessLogFormat::LogFormat(l)) => {
+                    substitution(l, &mut unknown)
+                }
+                None => Ok(Format::Text(parse(DEFAULT_FORMAT, &mut unknown))),
+            }
+            .map(|format| AccessLog {
+                sink: Sink::Stdout,
+                format,
+            })
+        } else if let Some(s) = unpack::<StderrAccessLog>(any) {
+            match &s.access_log_format {
+                Some(stderr_access_log::AccessLogFormat::LogFormat(l)) => {
+                    substitution(l, &mut unknown)
+                }
+                None => Ok(Format::Text(parse(DEFAULT_FORMAT, &mut unknown))),
+            }
+            .map(|format| AccessLog {
+                sink: Sink::Stderr,
+                format,
+            })
+        } else {
+            Err(format!(
+                "access log '{}': this logger is not implemented",
+                c.name
+            ))
+        };
+        for u in unknown {
+            warnings.push(format!(
+                "access log '{}': command operator %{u}% is not implemented (printed as -)",
+                c.name
+            ));
+        }
+        match built {
+            Ok(l) => logs.push(l),
+            Err(e) => warnings.push(e),
+        }
+    }
+    (logs, warnings)
+}
+
+/// An operator's value for the entry: None prints as `-` (and `null` in JSON).
+fn value(e: &Entry, name: &str, arg: Option<&str>) -> Option<Value> {
+    let without_port = |a: SocketAddr| a.ip().to_string();
+    Some(match name {
+        "START_TIME" => {
+            let t = timestamp(e.start);
+            match arg {
+                // Envoy's default: ISO 8601 in UTC with milliseconds.
+                None | Some("") => Value::from(format!("{}Z", t.replacen(' ', "T", 1))),
+                Some(f) => Value::from(strftime(f, &t)),
+            }
+        }
+        "DURATION" => Value::from(e.duration.as_millis() as u64),
+        "BYTES_RECEIVED" => Value::from(e.bytes_received),
+        "BYTES_SENT" => Value::from(e.bytes_sent),
+        "DOWNSTREAM_REMOTE_ADDRESS" | "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => {
+            Value::from(e.downstream_remote.to_string())
+        }
+        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Value::from(without_port(e.downstream_remote)),
+        "DOWNSTREAM_REMOTE_PORT" => Value::from(e.downstream_remote.port()),
+        "DOWNSTREAM_LOCAL_ADDRESS" => Value::from(e.downstream_local.to_string()),
+        "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Value::from(without_port(e.downstream_local)),
+        "DOWNSTREAM_LOCAL_PORT" => Value::from(e.downstream_local.port()),
+        "UPSTREAM_HOST" => Value::from(e.upstream_host.clone()?),
+        "UPSTREAM_CLUSTER" => Value::from(e.upstream_cluster.clone())
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(Value::from)?,
+        "UPSTREAM_LOCAL_ADDRESS" => Value::from(e.upstream_local?.to_string()),
+        "RESPONSE_FLAGS" => {
+            if e.flags.is_empty() {
+                return None;
+            }
+            Value::from(e.flags.join(","))
+        }
+        "RESPONSE_CODE" => Value::from(0),
+        "REQUESTED_SERVER_NAME" => Value::from(e.server_name.clone()?),
+        "CONNECTION_ID" => Value::from(e.connection_id),
+        "HOSTNAME" => Value::from(
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()?
+                .trim()
+                .to_string(),
+        ),
+        _ => return None,
+    })
+}
+
+/// The `%Y-%m-%dT%H:%M:%S.%3f%z` style formats of START_TIME, from `YYYY-mm-dd HH:MM:SS.mmm`.
+fn strftime(f: &str, t: &str) -> String {
+    let (date, time) = t.split_once(' ').unwrap_or((t, ""));
+    let d: Vec<&str> = date.split('-').collect();
+    let (hms, ms) = time.split_once('.').unwrap_or((time, "000"));
+    let h: Vec<&str> = hms.split(':').collect();
+    let get = |v: &Vec<&str>, i: usize| v.get(i).copied().unwrap_or("").to_string();
+    f.replace("%Y", &get(&d, 0))
+        .replace("%m", &get(&d, 1))
+        .replace("%d", &get(&d, 2))
+        .replace("%H", &get(&h, 0))
+        .replace("%M", &get(&h, 1))
+        .replace("%S", &get(&h, 2))
+        .replace("%3f", ms)
+        .replace("%z", "+0000")
+}
+
+fn render(pieces: &[Piece], e: &Entry) -> (String, Option<Value>) {
+    // A JSON value that is a single operator keeps its type (numbers stay numbers).
+    if let [Piece::Op(name, arg, None)] = pieces {
+        let v = value(e, name, arg.as_deref());
+        let text = match &v {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => "-".into(),
+        };
+        return (text, Some(v.unwrap_or(Value::Null)));
+    }
+    let mut out = String::new();
+    for p in pieces {
+        match p {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Op(name, arg, max) => {
+                let mut s = match value(e, name, arg.as_deref()) {
+                    Some(Value::String(s)) => s,
+                    Some(v) => v.to_string(),
+                    None => "-".into(),
+                };
+                if let Some(m) = max {
+                    s = s.chars().take(*m).collect();
+                }
+                out.push_str(&s);
+            }
+        }
+    }
+    (out, None)
+}
+
+impl AccessLog {
+    pub fn write(&self, e: &Entry) {
+        let line = match &self.format {
+            Format::Text(p) => render(p, e).0,
+            Format::Json(fields) => {
+                let mut obj = serde_json::Map::new();
+                for (k, p) in fields {
+                    let (text, typed) = render(p, e);
+                    let v = typed.unwrap_or(Value::String(text));
+                    // Nested keys (a.b) become nested objects.
+                    let mut target = &mut obj;
+                    let parts: Vec<&str> = k.split('.').collect();
+                    for part in &parts[..parts.len() - 1] {
+                        target = target
+                            .entry(part.to_string())
+                            .or_insert_with(|| Value::Object(Default::default()))
+                            .as_object_mut()
+                            .unwrap();
+                    }
+                    target.insert(parts[parts.len() - 1].to_string(), v);
+                }
+                format!("{}\n", Value::Object(obj))
+            }
+        };
+        match &self.sink {
+            Sink::File(f) => {
+                if let Ok(mut f) = f.lock() {
+                    let _ = f.write_all(line.as_bytes());
+                }
+            }
+            Sink::Stdout => {
+                let _ = std::io::stdout().write_all(line.as_bytes());
+            }
+            Sink::Stderr => {
+                let _ = std::io::stderr().write_all(line.as_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_strings_parse_like_envoys() {
+        let mut unknown = vec![];
+        let p = parse(
+            "[%START_TIME%] %REQ(:PATH):10% 100%% %NOPE% end\n",
+            &mut unknown,
+        );
+        assert_eq!(
+            p,
+            vec![
+                Piece::Text("[".into()),
+                Piece::Op("START_TIME".into(), None, None),
+                Piece::Text("] ".into()),
+                Piece::Op("REQ".into(), Some(":PATH".into()), Some(10)),
+                Piece::Text(" 100% ".into()),
+                Piece::Op("NOPE".into(), None, None),
+                Piece::Text(" end\n".into()),
+            ]
+        );
+        assert_eq!(unknown, ["NOPE"]);
+    }
+}
