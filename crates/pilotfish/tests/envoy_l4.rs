@@ -687,6 +687,16 @@ fn scenarios() -> Vec<Scenario> {
             &[],
             false,
         ),
+        sc(
+            "STRICT_DNS and LOGICAL_DNS clusters",
+            format!(
+                "{}  - {{ name: c, type: STRICT_DNS, connect_timeout: 1s, load_assignment: {{ cluster_name: c, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {{U0}} }} }} }} }}] }}] }} }}\n  - {{ name: l, type: LOGICAL_DNS, dns_lookup_family: V4_ONLY, connect_timeout: 1s, load_assignment: {{ cluster_name: l, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {{U1}} }} }} }} }}] }}] }} }}\n",
+                listener("", &[chain("{ destination_port: 1 }", "l"), chain("{}", "c")].concat())
+            ),
+            vec![send(b"dns"), send(b"dns")],
+            &["cluster.c.upstream_cx_total"],
+            true,
+        ),
         sc("IPv6", ipv6, vec![Step::Send { from: "::1", payload: b"six".to_vec() }], &["cluster.c.upstream_cx_total"], true),
     ]
 }
@@ -909,10 +919,11 @@ fn host_lines(r: &Running, up: &Upstreams) -> Vec<String> {
         (up.refused, "R"),
     ];
     ports.sort();
-    admin_get(r.admin, "/clusters")
+    // Envoy lists clusters in no particular order: compare the lines sorted.
+    let mut lines: Vec<String> = admin_get(r.admin, "/clusters")
         .lines()
         .filter(|l| {
-            l.matches("::").count() == 3 && (l.contains("127.0.0.1:") || l.contains("[::1]:"))
+            l.matches("::").count() >= 3 && (l.contains("127.0.0.1:") || l.contains("[::1]:"))
         })
         .filter(|l| {
             [
@@ -923,6 +934,7 @@ fn host_lines(r: &Running, up: &Upstreams) -> Vec<String> {
                 "region",
                 "zone",
                 "priority",
+                "hostname",
             ]
             .iter()
             .any(|k| l.contains(&format!("::{k}::")))
@@ -934,7 +946,9 @@ fn host_lines(r: &Running, up: &Upstreams) -> Vec<String> {
             }
             l
         })
-        .collect()
+        .collect();
+    lines.sort();
+    lines
 }
 
 #[test]

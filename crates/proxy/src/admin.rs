@@ -392,7 +392,7 @@ fn clusters(server: &Server, as_json: bool) -> Reply {
                 out.push_str(&format!("{n}::{a}::{k}::{v}\n"));
             }
             let health = h.health_flags();
-            out.push_str(&format!("{n}::{a}::hostname::\n"));
+            out.push_str(&format!("{n}::{a}::hostname::{}\n", h.hostname));
             out.push_str(&format!("{n}::{a}::health_flags::{health}\n"));
             out.push_str(&format!("{n}::{a}::weight::{}\n", h.weight));
             out.push_str(&format!("{n}::{a}::region::{}\n", h.region));

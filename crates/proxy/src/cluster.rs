@@ -33,8 +33,10 @@ pub struct HostStats {
 
 #[derive(Debug)]
 pub struct Host {
-    /// As configured: `10.0.0.1:80`, or `name:port` for DNS clusters.
+    /// `ip:port` (for a DNS cluster's template, `name:port` as configured).
     pub address: String,
+    /// The name a DNS cluster's host was resolved from (`/clusters` hostname).
+    pub hostname: String,
     pub priority: u32,
     pub region: String,
     pub zone: String,
@@ -54,6 +56,26 @@ pub struct Host {
 }
 
 impl Host {
+    /// A copy of this (DNS template) host at a resolved address.
+    pub fn resolved_as(&self, address: String, hostname: &str) -> Host {
+        Host {
+            address,
+            hostname: hostname.to_string(),
+            priority: self.priority,
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            sub_zone: self.sub_zone.clone(),
+            health: self.health.clone(),
+            weight: self.weight,
+            transport: self.transport.clone(),
+            stats: HostStats::default(),
+            active_hc_failed: AtomicBool::new(self.active_hc_failed.load(Ordering::Relaxed)),
+            active_hc_pending: AtomicBool::new(self.active_hc_pending.load(Ordering::Relaxed)),
+            ejected: AtomicBool::new(false),
+            outlier: Default::default(),
+        }
+    }
+
     /// Healthy for load balancing: EDS status unknown or healthy, and not failed by active
     /// health checking.
     pub fn healthy(&self) -> bool {
@@ -206,6 +228,8 @@ pub struct Cluster {
     pub stats: ClusterStats,
     pub config: ClusterConfig,
     pub outlier: Option<crate::outlier::Detector>,
+    /// For STRICT_DNS and LOGICAL_DNS: the configured endpoints, resolved into `hosts`.
+    pub dns_templates: Vec<Arc<Host>>,
     /// Upstream TLS per transport socket (`default` or a transport_socket_matches name), built
     /// once; an error is said at start-up and closes the connections that need it.
     tls: HashMap<String, Result<Arc<UpstreamTls>, String>>,
@@ -270,6 +294,7 @@ fn upstream_tls_context(ts: &TransportSocket) -> Option<UpstreamTlsContext> {
 fn make_host(h: &pilotfish_decide::cluster::Host, checked: bool) -> Arc<Host> {
     Arc::new(Host {
         address: h.address.clone(),
+        hostname: String::new(),
         priority: h.priority,
         region: h.region.clone(),
         zone: h.zone.clone(),
@@ -330,7 +355,11 @@ impl ClusterManager {
                     .as_ref()
                     .map(|o| crate::outlier::Detector::new(&r.name, o, stats)),
                 tls: HashMap::new(),
+                dns_templates: vec![],
             };
+            if crate::dns::is_dns(&cluster) {
+                cluster.dns_templates = std::mem::take(&mut *cluster.hosts.lock().unwrap());
+            }
             let mut tls = HashMap::new();
             let sockets = std::iter::once(("default".to_string(), c.transport_socket.as_ref()))
                 .chain(
@@ -391,6 +420,7 @@ impl Cluster {
                 pilotfish_decide::cluster::transport_for(&self.config, None, &mut vec![]);
             let h = Arc::new(Host {
                 address: addr.clone(),
+                hostname: String::new(),
                 priority: 0,
                 region: String::new(),
                 zone: String::new(),
@@ -550,6 +580,7 @@ mod tests {
     fn host(port: u16, priority: u32, health: &str) -> Arc<Host> {
         Arc::new(Host {
             address: format!("127.0.0.1:{port}"),
+            hostname: String::new(),
             priority,
             region: String::new(),
             zone: String::new(),

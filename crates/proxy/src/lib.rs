@@ -10,6 +10,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod cluster;
+pub mod dns;
 pub mod health_check;
 pub mod listener_filter;
 pub mod log;
@@ -187,6 +188,10 @@ async fn serve(cfg: Config, options: Options) -> u8 {
                 return 1;
             }
         }
+    }
+    // DNS clusters resolve before the listeners start, as Envoy's cluster initialization does.
+    for c in &server.clusters.clusters {
+        crate::dns::start(c).await;
     }
     for c in &server.clusters.clusters {
         crate::health_check::start(c, &server.stats);

@@ -173,6 +173,10 @@ pub fn tls_upstream(leaf: &Leaf, ca: &str, expect_uri: &'static str) -> u16 {
                 );
                 s.conn.send_close_notify();
                 let _ = s.flush();
+                // Read to the end before closing: closing with unread bytes would reset the
+                // connection and could discard the answer on its way.
+                let mut rest = [0u8; 1024];
+                while matches!(s.read(&mut rest), Ok(n) if n > 0) {}
             });
         }
     });
