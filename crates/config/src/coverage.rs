@@ -244,6 +244,9 @@ const FIELDS: &[(&str, &[&str])] = &[
             "lb_policy",
             "health_checks",
             "outlier_detection",
+            "cleanup_interval",
+            "dns_lookup_family",
+            "dns_refresh_rate",
         ],
     ),
     (

@@ -2,7 +2,8 @@
 //! Istio-style inbound listener (iptables redirect to 15006, original_dst, tls_inspector, the TLS
 //! filter chain, tcp_proxy to an ORIGINAL_DST cluster bound to 127.0.0.6), run by real Envoy and
 //! by pilotfish in the same network namespaces: the events Envoy logs for it appear in
-//! pilotfish's log in the same order, each line carrying the connection's id.
+//! pilotfish's log in the same order, each line carrying the connection's id. Both then clean
+//! the host the connection created out of the cluster once `cleanup_interval` passes unused.
 
 mod common;
 use common::netns::*;
@@ -76,6 +77,7 @@ static_resources:
     type: ORIGINAL_DST
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 1s
+    cleanup_interval: 0.5s
     upstream_bind_config: {{ source_address: {{ address: 127.0.0.6, port_value: 0 }} }}
 "#,
         cert = f("server.pem"),
@@ -144,6 +146,8 @@ fn run(
                 let _ = std::io::copy(&mut b2, &mut a2);
             });
             let _ = std::io::copy(&mut a, &mut b);
+            // The client is done: pass its close on, so the proxy's connection ends.
+            let _ = b.shutdown(std::net::Shutdown::Write);
         });
         tls_client(port, &ca, Some(&client), &[], "ping")
     });
@@ -153,6 +157,33 @@ fn run(
         "{got:?}\n{}",
         std::fs::read_to_string(log).unwrap_or_default()
     );
+    // The host made for the connection is in /clusters, then cleaned up once unused.
+    let clusters = || {
+        let pod = pod.to_string();
+        in_netns(&pod, || admin_request(15000, "GET", "/clusters").1)
+    };
+    let host_line = "inbound|9999||::172.21.206.230:9999::cx_total::1";
+    assert!(
+        clusters().contains(host_line),
+        "{}: no host after the connection:\n{}",
+        bin.display(),
+        clusters()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while clusters().contains("inbound|9999||::172.21.206.230:9999::") {
+        assert!(
+            Instant::now() < deadline,
+            "{}: the unused host was not cleaned up:\n{}",
+            bin.display(),
+            clusters()
+                .lines()
+                .filter(|l| l.contains("inbound"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // SIGTERM, so each flushes its log file before it exits.
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -53,6 +53,8 @@ pub struct Host {
     /// Ejected by outlier detection (FAILED_OUTLIER_CHECK), and the detector's counts.
     pub ejected: AtomicBool,
     pub outlier: crate::outlier::Standing,
+    /// ORIGINAL_DST: picked since the last cleanup.
+    pub used: AtomicBool,
 }
 
 impl Host {
@@ -73,6 +75,7 @@ impl Host {
             active_hc_pending: AtomicBool::new(self.active_hc_pending.load(Ordering::Relaxed)),
             ejected: AtomicBool::new(false),
             outlier: Default::default(),
+            used: AtomicBool::new(false),
         }
     }
 
@@ -307,6 +310,7 @@ fn make_host(h: &pilotfish_decide::cluster::Host, checked: bool) -> Arc<Host> {
         active_hc_pending: AtomicBool::new(checked),
         ejected: AtomicBool::new(false),
         outlier: Default::default(),
+        used: AtomicBool::new(false),
     })
 }
 
@@ -414,13 +418,15 @@ impl Cluster {
         if self.kind == "ORIGINAL_DST" {
             let addr = original_destination.to_string();
             if let Some(h) = hosts.iter().find(|h| h.address == addr) {
+                h.used.store(true, Ordering::Relaxed);
                 return Some(h.clone());
             }
             let transport =
                 pilotfish_decide::cluster::transport_for(&self.config, None, &mut vec![]);
             let h = Arc::new(Host {
                 address: addr.clone(),
-                hostname: String::new(),
+                // Envoy names an original destination host by its cluster and address.
+                hostname: format!("{}{addr}", self.name),
                 priority: 0,
                 region: String::new(),
                 zone: String::new(),
@@ -433,6 +439,7 @@ impl Cluster {
                 active_hc_pending: AtomicBool::new(false),
                 ejected: AtomicBool::new(false),
                 outlier: Default::default(),
+                used: AtomicBool::new(true),
             });
             tracing::debug!(target: "upstream", connection = conn, "Created host {}{addr} {addr}.", self.name);
             hosts.push(h.clone());
@@ -459,6 +466,34 @@ impl Cluster {
             }
         };
         Some(candidates[i].clone())
+    }
+
+    /// ORIGINAL_DST's cleanup: every `cleanup_interval` (5 s by default), hosts neither picked
+    /// since the last round nor carrying a connection are removed.
+    pub fn start_cleanup(self: &Arc<Self>) {
+        if self.kind != "ORIGINAL_DST" {
+            return;
+        }
+        let interval = duration(
+            self.config.cleanup_interval.as_ref(),
+            Duration::from_secs(5),
+        );
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let mut hosts = cluster.hosts.lock().unwrap();
+                tracing::trace!(target: "upstream", "Cleaning up stale original dst hosts.");
+                hosts.retain(|h| {
+                    let keep = h.used.swap(false, Ordering::Relaxed)
+                        || h.stats.cx_active.load(Ordering::Relaxed) > 0;
+                    if !keep {
+                        tracing::debug!(target: "upstream", "Removing stale host {}{}.", cluster.name, h.address);
+                    }
+                    keep
+                });
+            }
+        });
     }
 
     /// Connects to a host of this cluster, as Envoy's TCP connection pool does.
@@ -598,6 +633,7 @@ mod tests {
             active_hc_pending: AtomicBool::new(false),
             ejected: AtomicBool::new(false),
             outlier: Default::default(),
+            used: AtomicBool::new(false),
         })
     }
 

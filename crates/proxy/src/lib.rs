@@ -196,6 +196,7 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     for c in &server.clusters.clusters {
         crate::health_check::start(c, &server.stats);
         crate::outlier::start(c);
+        c.start_cleanup();
     }
     for (name, l) in server::bind_listeners(&server) {
         tokio::spawn(server::accept_loop(server.clone(), name, l));
