@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Whether the cluster's hosts come from DNS.
 pub fn is_dns(cluster: &Cluster) -> bool {
     matches!(cluster.kind.as_str(), "STRICT_DNS" | "LOGICAL_DNS")
@@ -53,9 +55,13 @@ pub async fn resolve(cluster: &Cluster) {
                 SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
             ])
         } else {
-            tokio::net::lookup_host((name, port))
-                .await
-                .map(|a| a.collect())
+            // Envoy's resolver gives up after a few seconds too; a name that does not resolve
+            // leaves the cluster without hosts until the next refresh.
+            match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port))).await
+            {
+                Ok(r) => r.map(|a| a.collect()),
+                Err(_) => Err(std::io::Error::other("timed out")),
+            }
         };
         let addrs: Vec<SocketAddr> = match lookup {
             Ok(a) => family(cluster, a),

@@ -155,7 +155,10 @@ pub fn run(cfg: Config, options: Options) -> u8 {
             return 1;
         }
     };
-    runtime.block_on(serve(cfg, options))
+    let code = runtime.block_on(serve(cfg, options));
+    // A name lookup may still be blocking a thread: do not wait for it to exit.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    code
 }
 
 async fn serve(cfg: Config, options: Options) -> u8 {
@@ -190,8 +193,17 @@ async fn serve(cfg: Config, options: Options) -> u8 {
         }
     }
     // DNS clusters resolve before the listeners start, as Envoy's cluster initialization does.
-    for c in &server.clusters.clusters {
-        crate::dns::start(c).await;
+    let resolving: Vec<_> = server
+        .clusters
+        .clusters
+        .iter()
+        .map(|c| {
+            let c = c.clone();
+            tokio::spawn(async move { crate::dns::start(&c).await })
+        })
+        .collect();
+    for r in resolving {
+        let _ = r.await;
     }
     for c in &server.clusters.clusters {
         crate::health_check::start(c, &server.stats);
