@@ -192,32 +192,7 @@ impl Graph {
                     fc.name.clone()
                 }];
                 if let Some(m) = &fc.filter_chain_match {
-                    if let Some(p) = &m.destination_port {
-                        lines.push(format!("port {}", p.value));
-                    }
-                    if !m.prefix_ranges.is_empty() {
-                        lines.push(format!(
-                            "ip {}",
-                            m.prefix_ranges
-                                .iter()
-                                .map(|r| format!(
-                                    "{}/{}",
-                                    r.address_prefix,
-                                    r.prefix_len.as_ref().map_or(0, |v| v.value)
-                                ))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        ));
-                    }
-                    if !m.server_names.is_empty() {
-                        lines.push(format!("sni {}", m.server_names.join(",")));
-                    }
-                    if !m.transport_protocol.is_empty() {
-                        lines.push(format!("transport {}", m.transport_protocol));
-                    }
-                    if !m.application_protocols.is_empty() {
-                        lines.push(format!("alpn {}", m.application_protocols.join(",")));
-                    }
+                    lines.extend(crate::filter_chain::match_parts(m));
                 }
                 if ci == "default" {
                     lines.push("(default_filter_chain)".into());

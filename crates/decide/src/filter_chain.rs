@@ -49,6 +49,69 @@ pub fn chain_label(l: &Listener, i: usize) -> String {
     }
 }
 
+/// A chain's match criteria in Envoy's field names, for people: `destination_port 8080`,
+/// `server_names [a.example.com]`.
+pub fn match_parts(m: &FilterChainMatch) -> Vec<String> {
+    let mut parts = vec![];
+    if let Some(p) = &m.destination_port {
+        parts.push(format!("destination_port {}", p.value));
+    }
+    let cidrs = |rs: &[pilotfish_api::pb::envoy::config::core::v3::CidrRange]| {
+        rs.iter()
+            .map(|r| {
+                format!(
+                    "{}/{}",
+                    r.address_prefix,
+                    r.prefix_len.as_ref().map_or(0, |v| v.value)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !m.prefix_ranges.is_empty() {
+        parts.push(format!("prefix_ranges [{}]", cidrs(&m.prefix_ranges)));
+    }
+    if !m.server_names.is_empty() {
+        parts.push(format!("server_names [{}]", m.server_names.join(", ")));
+    }
+    if !m.transport_protocol.is_empty() {
+        parts.push(format!("transport_protocol {}", m.transport_protocol));
+    }
+    if !m.application_protocols.is_empty() {
+        parts.push(format!(
+            "application_protocols [{}]",
+            m.application_protocols.join(", ")
+        ));
+    }
+    if !m.direct_source_prefix_ranges.is_empty() {
+        parts.push(format!(
+            "direct_source_prefix_ranges [{}]",
+            cidrs(&m.direct_source_prefix_ranges)
+        ));
+    }
+    if m.source_type != 0 {
+        let t = ConnectionSourceType::try_from(m.source_type).map_or("?", |t| t.as_str_name());
+        parts.push(format!("source_type {t}"));
+    }
+    if !m.source_prefix_ranges.is_empty() {
+        parts.push(format!(
+            "source_prefix_ranges [{}]",
+            cidrs(&m.source_prefix_ranges)
+        ));
+    }
+    if !m.source_ports.is_empty() {
+        parts.push(format!(
+            "source_ports [{}]",
+            m.source_ports
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    parts
+}
+
 pub fn chain<'a>(l: &'a Listener, s: &Selected) -> Option<&'a FilterChain> {
     match s {
         Selected::Chain(i) => l.filter_chains.get(*i),

@@ -205,39 +205,11 @@ pub fn trace(set: &ResourceSet, conn: &Connection, entry: &Entry, req: Option<&R
 }
 
 fn match_summary(fc: &FilterChain) -> String {
-    let Some(m) = &fc.filter_chain_match else {
-        return "matches everything".into();
-    };
-    let mut parts = vec![];
-    if let Some(p) = &m.destination_port {
-        parts.push(format!("destination_port {}", p.value));
-    }
-    if !m.prefix_ranges.is_empty() {
-        parts.push(format!(
-            "prefix_ranges [{}]",
-            m.prefix_ranges
-                .iter()
-                .map(|r| format!(
-                    "{}/{}",
-                    r.address_prefix,
-                    r.prefix_len.as_ref().map_or(0, |v| v.value)
-                ))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    if !m.server_names.is_empty() {
-        parts.push(format!("server_names [{}]", m.server_names.join(", ")));
-    }
-    if !m.transport_protocol.is_empty() {
-        parts.push(format!("transport_protocol {}", m.transport_protocol));
-    }
-    if !m.application_protocols.is_empty() {
-        parts.push(format!(
-            "application_protocols [{}]",
-            m.application_protocols.join(", ")
-        ));
-    }
+    let parts = fc
+        .filter_chain_match
+        .as_ref()
+        .map(filter_chain::match_parts)
+        .unwrap_or_default();
     if parts.is_empty() {
         "matches everything".into()
     } else {

@@ -14,33 +14,13 @@ use pilotfish_decide::filter_chain::{self, ChainInput, Selected};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const CONFIGS: usize = 8;
 const CONNECTIONS_PER_CONFIG: usize = 40;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 const SERVER_NAMES: &[&str] = &["a.example.com", "*.example.com", "*.com", "b.example.org"];
 const SNIS: &[&str] = &[
@@ -239,51 +219,6 @@ fn listener(rng: &mut Rng, n: usize, port: u16, source_port: u16) -> Value {
     l
 }
 
-/// A TLS 1.2-style ClientHello carrying SNI and ALPN: what tls_inspector reads (the connection
-/// goes no further, each chain answers in plaintext).
-fn client_hello(sni: Option<&str>, alpn: &[&str]) -> Vec<u8> {
-    fn u16be(n: usize) -> [u8; 2] {
-        (n as u16).to_be_bytes()
-    }
-    let mut ext = vec![];
-    if let Some(name) = sni {
-        let mut list = vec![0u8];
-        list.extend(u16be(name.len()));
-        list.extend(name.as_bytes());
-        let mut body = u16be(list.len()).to_vec();
-        body.extend(list);
-        ext.extend([0, 0]);
-        ext.extend(u16be(body.len()));
-        ext.extend(body);
-    }
-    if !alpn.is_empty() {
-        let mut list = vec![];
-        for p in alpn {
-            list.push(p.len() as u8);
-            list.extend(p.as_bytes());
-        }
-        let mut body = u16be(list.len()).to_vec();
-        body.extend(list);
-        ext.extend([0, 0x10]);
-        ext.extend(u16be(body.len()));
-        ext.extend(body);
-    }
-    let mut hello = vec![3, 3];
-    hello.extend([7u8; 32]);
-    hello.push(0);
-    hello.extend([0, 4, 0xc0, 0x2f, 0x00, 0x9c]);
-    hello.extend([1, 0]);
-    hello.extend(u16be(ext.len()));
-    hello.extend(ext);
-    let mut handshake = vec![1, 0];
-    handshake.extend(u16be(hello.len()));
-    handshake.extend(hello);
-    let mut record = vec![0x16, 3, 1];
-    record.extend(u16be(handshake.len()));
-    record.extend(handshake);
-    record
-}
-
 struct Envoy(Child);
 
 impl Drop for Envoy {
@@ -291,14 +226,6 @@ impl Drop for Envoy {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Envoy running the listener, or its refusal (and what it said).
@@ -409,7 +336,7 @@ fn pilotfish_picks_filter_chains_as_envoy_does() {
                 vec![]
             };
             let payload = if tls {
-                client_hello(sni.as_deref(), &alpn)
+                client_hello(sni.as_deref().unwrap_or(""), &alpn)
             } else {
                 b"plain bytes\r\n".to_vec()
             };

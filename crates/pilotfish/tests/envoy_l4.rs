@@ -13,14 +13,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An upstream that answers with its name and echoes what it reads, and closes after the client
 /// does.
 fn upstream(name: &'static str, ip: &str) -> u16 {
@@ -125,10 +117,6 @@ enum Step {
         from: &'static str,
         payload: Vec<u8>,
     },
-    /// Connect, send and half-close at once (before the listener filters are done).
-    SendClose {
-        payload: &'static [u8],
-    },
     /// Let time pass (health checks run).
     Sleep {
         ms: u64,
@@ -201,41 +189,6 @@ fn one_chain(cluster_name: &str) -> String {
 
 const TLS_INSPECTOR: &str = "    listener_filters: [{ name: envoy.filters.listener.tls_inspector, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector } }]\n";
 const BOTH_INSPECTORS: &str = "    listener_filters:\n    - { name: envoy.filters.listener.tls_inspector, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector } }\n    - { name: envoy.filters.listener.http_inspector, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector } }\n";
-
-fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
-    let mut ext = vec![];
-    if !sni.is_empty() {
-        let n = sni.len();
-        ext.extend([0, 0]);
-        ext.extend(((n + 5) as u16).to_be_bytes());
-        ext.extend(((n + 3) as u16).to_be_bytes());
-        ext.push(0);
-        ext.extend((n as u16).to_be_bytes());
-        ext.extend(sni.as_bytes());
-    }
-    if !alpn.is_empty() {
-        let list: Vec<u8> = alpn
-            .iter()
-            .flat_map(|p| std::iter::once(p.len() as u8).chain(p.bytes()))
-            .collect();
-        ext.extend([0, 16]);
-        ext.extend(((list.len() + 2) as u16).to_be_bytes());
-        ext.extend((list.len() as u16).to_be_bytes());
-        ext.extend(list);
-    }
-    let mut body = vec![3, 3];
-    body.extend([5u8; 32]);
-    body.extend([0, 0, 4, 0xc0, 0x2f, 0x13, 1, 1, 0]);
-    body.extend((ext.len() as u16).to_be_bytes());
-    body.extend(ext);
-    let mut hs = vec![1, 0];
-    hs.extend((body.len() as u16).to_be_bytes());
-    hs.extend(body);
-    let mut rec = vec![0x16, 3, 1];
-    rec.extend((hs.len() as u16).to_be_bytes());
-    rec.extend(hs);
-    rec
-}
 
 fn hello(sni: &str, alpn: &[&str]) -> Step {
     Step::Send {
@@ -366,6 +319,9 @@ fn hc(checker: &str) -> String {
     format!(", health_checks: [{{ timeout: 0.5s, interval: 0.2s, no_traffic_interval: 0.2s, unhealthy_threshold: 1, healthy_threshold: 1, {checker} }}]")
 }
 
+/// Not here: a client that sends and half-closes at once, before the listener filters are done.
+/// Real Envoy closes it mostly, and sometimes serves it, depending on whether it reads the bytes
+/// and the close in one event; pilotfish closes it (downstream_listener_filter_remote_close).
 fn scenarios() -> Vec<Scenario> {
     let c0 = cluster("c", &["{U0}"], "");
     let three = cluster("c", &["{U0}", "{U1}", "{U2}"], "");
@@ -575,13 +531,6 @@ fn scenarios() -> Vec<Scenario> {
             format!("{}{c0}", one_chain("c")),
             vec![Step::Send { from: "127.0.0.1", payload: large }],
             &["tcp.tp.downstream_cx_rx_bytes_total"],
-            false,
-        ),
-        sc(
-            "client closes during listener filters",
-            format!("{}{abc}", listener(BOTH_INSPECTORS, &chain("{}", "c"))),
-            vec![Step::SendClose { payload: b"GET / HTTP/1.1\r\n\r\n" }],
-            &["cluster.c.upstream_cx_total", "{L}.downstream_listener_filter_remote_close"],
             false,
         ),
         sc(
@@ -855,14 +804,6 @@ fn run_steps(r: &Running, steps: &[Step], up: &Upstreams) -> Vec<String> {
                 seen.push(got.unwrap_or_else(|_| "refused".into()));
             }
             Step::Sleep { ms } => std::thread::sleep(Duration::from_millis(*ms)),
-            Step::SendClose { payload } => {
-                let mut c = connect(r, "127.0.0.1");
-                let _ = c.write_all(payload);
-                let _ = c.shutdown(Shutdown::Write);
-                let mut out = vec![];
-                let _ = c.read_to_end(&mut out);
-                seen.push(outcome(out));
-            }
             Step::Open { payload } => {
                 let mut c = connect(r, "127.0.0.1");
                 c.write_all(payload).unwrap();

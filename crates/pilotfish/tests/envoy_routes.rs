@@ -22,27 +22,6 @@ const CLUSTERS: usize = 6;
 const CONFIGS: usize = 4;
 const REQUESTS_PER_CONFIG: usize = 100;
 
-/// xorshift64*: a seeded sequence, so the same seed builds the same configurations and requests.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
-
 /// What the requests can be made of: values that make each matcher match, and some that do not.
 #[derive(Default)]
 struct Vocabulary {
@@ -521,14 +500,6 @@ fn serve_upstream(conn: TcpStream, name: &str) {
             return;
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Envoy(Child);

@@ -170,7 +170,7 @@ fn the_articles_request_lights_up_its_path() {
     );
     // The chain lit is the TLS one, not its plaintext twin of the same name.
     assert!(
-        lit[1].lines.iter().any(|l| l == "transport tls"),
+        lit[1].lines.iter().any(|l| l == "transport_protocol tls"),
         "{:?}",
         lit[1].lines
     );

@@ -5,80 +5,17 @@
 //! mTLS or plaintext per endpoint by its `tlsMode` metadata.
 
 mod common;
+use common::free_port;
+use common::proxy::{temp_dir, Proxy};
 use common::tls::{plain_upstream, tls_client, tls_upstream, Pki};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proxy {
-    child: Child,
-    admin: u16,
-    dir: PathBuf,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start(name: &str, dir: PathBuf, resources: &str) -> Proxy {
-    let admin = free_port();
-    let file = dir.join("bootstrap.yaml");
-    std::fs::write(&file, format!("admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}\n{resources}")).unwrap();
-    let log = dir.join("pilotfish.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_pilotfish"))
-        .args([
-            "-c",
-            file.to_str().unwrap(),
-            "-l",
-            "debug",
-            "--concurrency",
-            "2",
-            "--log-path",
-            log.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut p = Proxy { child, admin, dir };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while common::admin_request(admin, "GET", "/ready").0 != 200 {
-        if let Ok(Some(s)) = p.child.try_wait() {
-            panic!(
-                "{name}: pilotfish exited ({s}): {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        assert!(Instant::now() < deadline, "{name}: not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    p
-}
+use std::net::TcpStream;
+use std::time::Duration;
 
 fn indent(pem: &str, spaces: usize) -> String {
     pem.lines()
         .map(|l| format!("{}{l}\n", " ".repeat(spaces)))
         .collect()
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pilotfish-tls-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
@@ -132,7 +69,7 @@ fn downstream_mtls_accepts_the_right_san_and_refuses_the_rest() {
         key = dir.join("key.pem").display(),
         ca = indent(&pki.ca_pem, 18),
     );
-    let p = start("down", dir, &resources);
+    let p = Proxy::start_in(dir, &resources, &["-l", "debug"]);
     // The right SAN: TLS terminated, the app gets plaintext.
     assert_eq!(
         tls_client(port, &pki.ca_pem, Some(&good), &["h2"], "hello").as_deref(),
@@ -229,7 +166,7 @@ fn upstream_tls_by_transport_socket_match_with_sni_alpn_and_client_certificate()
         cluster("mesh", "spiffe://cluster.local/ns/mark/sa/fortio-server"),
         cluster("mesh_wrong_san", "spiffe://cluster.local/ns/mark/sa/somebody-else"),
     );
-    let p = start("up", dir, &resources);
+    let p = Proxy::start_in(dir, &resources, &["-l", "debug"]);
     let ask = |port: u16| -> String {
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -278,15 +278,6 @@ pub struct ClusterManager {
     by_name: HashMap<String, usize>,
 }
 
-fn duration(
-    d: Option<&pilotfish_api::pb::google::protobuf::Duration>,
-    default: Duration,
-) -> Duration {
-    d.map_or(default, |d| {
-        Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-    })
-}
-
 fn upstream_tls_context(ts: &TransportSocket) -> Option<UpstreamTlsContext> {
     match &ts.config_type {
         Some(ConfigType::TypedConfig(any)) => pilotfish_config::model::unpack(any),
@@ -331,7 +322,10 @@ impl ClusterManager {
             let mut cluster = Cluster {
                 name: r.name.clone(),
                 kind: d.kind.clone(),
-                connect_timeout: duration(c.connect_timeout.as_ref(), Duration::from_secs(5)),
+                connect_timeout: crate::duration(
+                    c.connect_timeout.as_ref(),
+                    Duration::from_secs(5),
+                ),
                 source_address: d.source_address.as_deref().and_then(|a| a.parse().ok()),
                 max_connections,
                 lb_policy: LbPolicy::of(c),
@@ -474,7 +468,7 @@ impl Cluster {
         if self.kind != "ORIGINAL_DST" {
             return;
         }
-        let interval = duration(
+        let interval = crate::duration(
             self.config.cleanup_interval.as_ref(),
             Duration::from_secs(5),
         );

@@ -102,14 +102,11 @@ pub async fn start(cluster: &Arc<Cluster>) {
     // Deprecated in favour of the DNS cluster extension's own field, and still what Envoy reads
     // for a STRICT_DNS or LOGICAL_DNS cluster.
     #[allow(deprecated)]
-    let rate = cluster
-        .config
-        .dns_refresh_rate
-        .as_ref()
-        .map_or(Duration::from_secs(5), |d| {
-            Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-        })
-        .max(Duration::from_millis(1));
+    let rate = crate::duration(
+        cluster.config.dns_refresh_rate.as_ref(),
+        Duration::from_secs(5),
+    )
+    .max(Duration::from_millis(1));
     let cluster = cluster.clone();
     tokio::spawn(async move {
         loop {

@@ -18,15 +18,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn duration(
-    d: Option<&pilotfish_api::pb::google::protobuf::Duration>,
-    default: Duration,
-) -> Duration {
-    d.map_or(default, |d| {
-        Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-    })
-}
-
 struct HcStats {
     attempt: Arc<Stat>,
     success: Arc<Stat>,
@@ -86,9 +77,9 @@ enum Outcome {
 }
 
 async fn session(cluster: Arc<Cluster>, host: Arc<Host>, hc: HealthCheck, st: Arc<HcStats>) {
-    let interval = duration(hc.interval.as_ref(), Duration::from_secs(5));
-    let timeout = duration(hc.timeout.as_ref(), Duration::from_secs(1));
-    let no_traffic = duration(hc.no_traffic_interval.as_ref(), Duration::from_secs(60));
+    let interval = crate::duration(hc.interval.as_ref(), Duration::from_secs(5));
+    let timeout = crate::duration(hc.timeout.as_ref(), Duration::from_secs(1));
+    let no_traffic = crate::duration(hc.no_traffic_interval.as_ref(), Duration::from_secs(60));
     let unhealthy_threshold = hc
         .unhealthy_threshold
         .as_ref()

@@ -29,6 +29,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing_subscriber::layer::SubscriberExt;
 
+/// A protobuf Duration as a std one; unset means the field's Envoy default.
+pub fn duration(
+    d: Option<&pilotfish_api::pb::google::protobuf::Duration>,
+    default: Duration,
+) -> Duration {
+    d.map_or(default, |d| {
+        Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+    })
+}
+
 /// A random number good enough to spread load (weighted clusters, priority levels): mixed from
 /// a seed and the clock.
 pub fn random(seed: u64) -> u64 {

@@ -40,12 +40,7 @@ pub async fn run(
     mut local: SocketAddr,
     conn: u64,
 ) -> Result<Found, FilterError> {
-    let timeout = l
-        .listener_filters_timeout
-        .as_ref()
-        .map_or(Duration::from_secs(15), |d| {
-            Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-        });
+    let timeout = crate::duration(l.listener_filters_timeout.as_ref(), Duration::from_secs(15));
     // A zero timeout means none.
     let deadline = (!timeout.is_zero()).then(|| Instant::now() + timeout);
     let mut found = Found::default();

@@ -13,15 +13,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn duration(
-    d: Option<&pilotfish_api::pb::google::protobuf::Duration>,
-    default: Duration,
-) -> Duration {
-    d.map_or(default, |d| {
-        Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-    })
-}
-
 /// A host's standing with the detector.
 #[derive(Debug, Default)]
 pub struct HostOutlier {
@@ -155,8 +146,8 @@ impl Detector {
                 continue;
             }
             o.ejections += 1;
-            let base = duration(c.base_ejection_time.as_ref(), Duration::from_secs(30));
-            let cap = duration(c.max_ejection_time.as_ref(), Duration::from_secs(300));
+            let base = crate::duration(c.base_ejection_time.as_ref(), Duration::from_secs(30));
+            let cap = crate::duration(c.max_ejection_time.as_ref(), Duration::from_secs(300));
             let time = (base * o.ejections).min(cap.max(base));
             o.ejected_until = Some(Instant::now() + time);
             host.ejected.store(true, Ordering::Relaxed);
@@ -189,7 +180,7 @@ impl Detector {
 /// Runs the detector's `interval` timer for a cluster.
 pub fn start(cluster: &Arc<Cluster>) {
     let Some(d) = &cluster.outlier else { return };
-    let interval = duration(d.cfg.interval.as_ref(), Duration::from_secs(10));
+    let interval = crate::duration(d.cfg.interval.as_ref(), Duration::from_secs(10));
     let cluster = cluster.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(interval);

@@ -150,13 +150,11 @@ pub async fn run<S, F>(
         return;
     };
     // Envoy's default tcp_proxy idle timeout is an hour; zero turns it off.
-    let idle = tcp
-        .idle_timeout
-        .as_ref()
-        .map_or(Some(Duration::from_secs(3600)), |d| {
-            let d = Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
-            (!d.is_zero()).then_some(d)
-        });
+    let idle = Some(crate::duration(
+        tcp.idle_timeout.as_ref(),
+        Duration::from_secs(3600),
+    ))
+    .filter(|d| !d.is_zero());
     let (rx, tx, idled) = relay(&mut downstream, &mut up.stream, idle).await;
     stats.downstream_cx_rx_bytes_total.add(rx);
     stats.downstream_cx_tx_bytes_total.add(tx);

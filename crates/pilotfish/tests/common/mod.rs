@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod proxy;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
@@ -200,4 +201,75 @@ pub fn admin_request(port: u16, method: &str, path: &str) -> (u16, String) {
         rest = after[n..].trim_start_matches("\r\n");
     }
     (status, out)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// xorshift64*: a seeded sequence, so the same seed builds the same configurations and traffic.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// A TLS ClientHello carrying SNI (none when empty) and ALPN: what a tls_inspector reads. Nothing
+/// here speaks TLS further; the tests look at which filter chain took the connection.
+pub fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
+    fn u16be(n: usize) -> [u8; 2] {
+        (n as u16).to_be_bytes()
+    }
+    let mut ext = vec![];
+    if !sni.is_empty() {
+        let mut list = vec![0u8];
+        list.extend(u16be(sni.len()));
+        list.extend(sni.as_bytes());
+        ext.extend([0, 0]);
+        ext.extend(u16be(list.len() + 2));
+        ext.extend(u16be(list.len()));
+        ext.extend(list);
+    }
+    if !alpn.is_empty() {
+        let list: Vec<u8> = alpn
+            .iter()
+            .flat_map(|p| std::iter::once(p.len() as u8).chain(p.bytes()))
+            .collect();
+        ext.extend([0, 16]);
+        ext.extend(u16be(list.len() + 2));
+        ext.extend(u16be(list.len()));
+        ext.extend(list);
+    }
+    let mut hello = vec![3, 3];
+    hello.extend([7u8; 32]);
+    hello.push(0);
+    hello.extend([0, 4, 0xc0, 0x2f, 0x13, 0x01]);
+    hello.extend([1, 0]);
+    hello.extend(u16be(ext.len()));
+    hello.extend(ext);
+    let mut handshake = vec![1, 0];
+    handshake.extend(u16be(hello.len()));
+    handshake.extend(hello);
+    let mut record = vec![0x16, 3, 1];
+    record.extend(u16be(handshake.len()));
+    record.extend(handshake);
+    record
 }
