@@ -143,6 +143,11 @@ const FIELDS: &[(&str, &[&str])] = &[
         &["text_format", "text_format_source", "json_format"],
     ),
     ("envoy.extensions.filters.http.router.v3.Router", &[]),
+    // Listener filters run with their defaults: any field set on them is listed.
+    ("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", &[]),
+    ("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", &[]),
+    ("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", &[]),
+    ("envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol", &[]),
     (
         "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
         &["common_tls_context", "require_client_certificate"],
@@ -330,6 +335,7 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
     "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
     "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
+    "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol",
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
     "envoy.extensions.filters.http.router.v3.Router",

@@ -646,6 +646,30 @@ fn scenarios() -> Vec<Scenario> {
             &["cluster.c.upstream_cx_total"],
             true,
         ),
+        sc(
+            "proxy_protocol header sets the source",
+            format!(
+                "{}{abc}",
+                listener(
+                    "    listener_filters: [{ name: envoy.filters.listener.proxy_protocol, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol } }]\n",
+                    &[
+                        format!(
+                            "    - {{ filter_chain_match: {{ source_prefix_ranges: [{{ address_prefix: 10.0.0.0, prefix_len: 8 }}] }}, filters: [{}] }}\n",
+                            tp_with(&format!("cluster: a, access_log: [{}]", file_log("text_format_source: { inline_string: \"%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %BYTES_RECEIVED%\\n\" }")))
+                        ),
+                        chain("{}", "c"),
+                    ]
+                    .concat()
+                )
+            ),
+            vec![
+                send(b"PROXY TCP4 10.1.2.3 192.0.2.1 5555 80\r\nhi"),
+                send(b"PROXY TCP4 192.0.2.9 192.0.2.1 6666 80\r\nyo"),
+                send(b"no header"),
+            ],
+            &["cluster.a.upstream_cx_total", "cluster.c.upstream_cx_total"],
+            false,
+        ),
         sc("IPv6", ipv6, vec![Step::Send { from: "::1", payload: b"six".to_vec() }], &["cluster.c.upstream_cx_total"], true),
     ]
 }

@@ -120,7 +120,14 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
         }
         for f in &l.value.listener_filters {
             let kind = f.name.trim_start_matches("envoy.filters.listener.");
-            if !["original_dst", "tls_inspector", "http_inspector"].contains(&kind) {
+            if ![
+                "original_dst",
+                "tls_inspector",
+                "http_inspector",
+                "proxy_protocol",
+            ]
+            .contains(&kind)
+            {
                 *gaps
                     .entry(format!("listener filter '{}' (passed over)", f.name))
                     .or_default() += 1;

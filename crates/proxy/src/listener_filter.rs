@@ -19,6 +19,9 @@ pub struct Found {
     pub tls: bool,
     pub server_name: Option<String>,
     pub application_protocols: Vec<String>,
+    /// The client's address a PROXY protocol header gave (the downstream remote address from
+    /// then on; the socket's peer stays the direct source).
+    pub source: Option<SocketAddr>,
 }
 
 /// The biggest ClientHello tls_inspector waits for (Envoy's `max_client_hello_size` default).
@@ -26,6 +29,8 @@ const MAX_CLIENT_HELLO: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub enum FilterError {
+    /// The connection did not start with a valid PROXY protocol header.
+    ProxyProtocol,
     /// `listener_filters_timeout` passed before a filter could decide.
     Timeout,
     /// The client closed before a filter could decide.
@@ -86,6 +91,26 @@ pub async fn run(
                     }
                     Err(e) if continue_on_timeout(l, &e) => {}
                     Err(e) => return Err(e),
+                }
+            }
+            "proxy_protocol" => {
+                tracing::trace!(target: "filter", connection = conn, "proxy_protocol: new connection accepted");
+                match peek_until(stream, deadline, parse_proxy_header).await? {
+                    Some(h) => {
+                        // The header is the proxy's to consume; the rest is the client's.
+                        let mut skip = vec![0u8; h.len];
+                        stream_read_exact(stream, &mut skip).await?;
+                        if let Some((src, dst)) = h.addresses {
+                            tracing::debug!(target: "filter", connection = conn, "proxy_protocol: remote address {src}, local address {dst}");
+                            found.source = Some(src);
+                            local = dst;
+                            found.local = Some(dst);
+                        }
+                    }
+                    None => {
+                        tracing::debug!(target: "filter", connection = conn, "proxy_protocol: no valid PROXY header: closing");
+                        return Err(FilterError::ProxyProtocol);
+                    }
                 }
             }
             "http_inspector" => {
@@ -180,6 +205,99 @@ fn peer_closed(stream: &TcpStream) -> bool {
     // SAFETY: one pollfd we own, zero timeout.
     let r = unsafe { libc::poll(&mut p, 1, 0) };
     r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+}
+
+/// Reads exactly `buf.len()` bytes already known to be there (peeked).
+async fn stream_read_exact(stream: &TcpStream, buf: &mut [u8]) -> Result<(), FilterError> {
+    let mut got = 0;
+    while got < buf.len() {
+        stream.readable().await.map_err(|_| FilterError::Closed)?;
+        match stream.try_read(&mut buf[got..]) {
+            Ok(0) => return Err(FilterError::Closed),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(FilterError::Closed),
+        }
+    }
+    Ok(())
+}
+
+/// A PROXY protocol header (v1 text or v2 binary): its length, and the addresses it carries
+/// (None for UNKNOWN / LOCAL, where the socket's own addresses stand).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProxyHeader {
+    pub len: usize,
+    pub addresses: Option<(SocketAddr, SocketAddr)>,
+}
+
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
+pub fn parse_proxy_header(b: &[u8]) -> Decision<ProxyHeader> {
+    let n = b.len().min(V2_SIGNATURE.len());
+    if b[..n] == V2_SIGNATURE[..n] {
+        if b.len() < 16 {
+            return Decision::NeedMore;
+        }
+        let (ver_cmd, fam) = (b[12], b[13]);
+        let len = 16 + u16::from_be_bytes([b[14], b[15]]) as usize;
+        if ver_cmd >> 4 != 2 {
+            return Decision::No;
+        }
+        if b.len() < len {
+            return Decision::NeedMore;
+        }
+        let a = &b[16..len];
+        let addresses = match (ver_cmd & 0xf, fam >> 4) {
+            (1, 1) if a.len() >= 12 => Some((
+                SocketAddr::from(([a[0], a[1], a[2], a[3]], u16::from_be_bytes([a[8], a[9]]))),
+                SocketAddr::from(([a[4], a[5], a[6], a[7]], u16::from_be_bytes([a[10], a[11]]))),
+            )),
+            (1, 2) if a.len() >= 36 => {
+                let ip = |o: usize| {
+                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&a[o..o + 16]).unwrap())
+                };
+                Some((
+                    SocketAddr::from((ip(0), u16::from_be_bytes([a[32], a[33]]))),
+                    SocketAddr::from((ip(16), u16::from_be_bytes([a[34], a[35]]))),
+                ))
+            }
+            (0, _) | (1, 0) => None,
+            _ => return Decision::No,
+        };
+        return Decision::Done(ProxyHeader { len, addresses });
+    }
+    let prefix = b"PROXY ";
+    let m = b.len().min(prefix.len());
+    if b[..m] != prefix[..m] {
+        return Decision::No;
+    }
+    let Some(end) = b.windows(2).position(|w| w == b"\r\n") else {
+        // A v1 header is at most 107 bytes.
+        return if b.len() > 107 {
+            Decision::No
+        } else {
+            Decision::NeedMore
+        };
+    };
+    let line = String::from_utf8_lossy(&b[..end]);
+    let parts: Vec<&str> = line.split(' ').collect();
+    let addresses = match parts.as_slice() {
+        ["PROXY", "UNKNOWN", ..] => None,
+        ["PROXY", "TCP4" | "TCP6", src, dst, sport, dport] => {
+            let addr = |ip: &str, port: &str| -> Option<SocketAddr> {
+                Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))
+            };
+            match (addr(src, sport), addr(dst, dport)) {
+                (Some(s), Some(d)) => Some((s, d)),
+                _ => return Decision::No,
+            }
+        }
+        _ => return Decision::No,
+    };
+    Decision::Done(ProxyHeader {
+        len: end + 2,
+        addresses,
+    })
 }
 
 pub enum Decision<T> {
@@ -507,6 +625,58 @@ mod tests {
         split.extend(((body.len() - 10) as u16).to_be_bytes());
         split.extend(&body[10..]);
         assert!(matches!(parse_client_hello(&split), Decision::Done(_)));
+    }
+
+    #[test]
+    fn proxy_protocol_headers_v1_and_v2() {
+        let v1 = b"PROXY TCP4 10.1.2.3 127.0.0.1 5555 8080\r\nhello";
+        match parse_proxy_header(v1) {
+            Decision::Done(h) => {
+                assert_eq!(h.len, 41);
+                assert_eq!(
+                    h.addresses,
+                    Some((
+                        "10.1.2.3:5555".parse().unwrap(),
+                        "127.0.0.1:8080".parse().unwrap()
+                    ))
+                );
+            }
+            _ => panic!("v1 not parsed"),
+        }
+        assert!(matches!(
+            parse_proxy_header(b"PROXY TCP4 10.1"),
+            Decision::NeedMore
+        ));
+        assert!(matches!(
+            parse_proxy_header(b"PROXY UNKNOWN\r\n"),
+            Decision::Done(ProxyHeader {
+                len: 15,
+                addresses: None
+            })
+        ));
+        assert!(matches!(
+            parse_proxy_header(b"GET / HTTP/1.1\r\n"),
+            Decision::No
+        ));
+        let mut v2 = V2_SIGNATURE.to_vec();
+        v2.extend([
+            0x21, 0x11, 0, 12, 10, 1, 2, 3, 127, 0, 0, 1, 0x15, 0xb3, 0x1f, 0x90,
+        ]);
+        v2.extend(b"data");
+        match parse_proxy_header(&v2) {
+            Decision::Done(h) => {
+                assert_eq!(h.len, 28);
+                assert_eq!(
+                    h.addresses,
+                    Some((
+                        "10.1.2.3:5555".parse().unwrap(),
+                        "127.0.0.1:8080".parse().unwrap()
+                    ))
+                );
+            }
+            _ => panic!("v2 not parsed"),
+        }
+        assert!(matches!(parse_proxy_header(&v2[..20]), Decision::NeedMore));
     }
 
     #[test]

@@ -302,6 +302,7 @@ fn listener_filter_failed(server: &Server, l: &Listener, e: &listener_filter::Fi
     let stat = match e {
         listener_filter::FilterError::Timeout => "downstream_pre_cx_timeout",
         listener_filter::FilterError::Closed => "downstream_listener_filter_remote_close",
+        listener_filter::FilterError::ProxyProtocol => "downstream_cx_proxy_proto_error",
     };
     server
         .stats
@@ -366,7 +367,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
     let scope = listener_scope(l);
     let input = ChainInput {
         local,
-        source: peer,
+        source: found.source.unwrap_or(peer),
         direct_source: peer,
         server_name: found.server_name.clone(),
         transport_protocol: if found.tls { "tls" } else { "raw_buffer" }.to_string(),
@@ -418,7 +419,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         };
         if let Some(tcp) = unpack::<TcpProxy>(any) {
             let info = tcp_proxy::Downstream {
-                remote: peer,
+                remote: found.source.unwrap_or(peer),
                 local,
                 server_name: found.server_name.clone(),
             };

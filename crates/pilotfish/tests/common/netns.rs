@@ -45,11 +45,9 @@ pub fn serve(listener: TcpListener, name: &'static str) {
             std::thread::spawn(move || {
                 let mut got = [0u8; 1024];
                 let n = c.read(&mut got).unwrap_or(0);
-                let _ = write!(
-                    c,
-                    "{name} saw {peer}: {}",
-                    String::from_utf8_lossy(&got[..n])
-                );
+                // One write, so the answer crosses the proxy in one piece.
+                let answer = format!("{name} saw {peer}: {}", String::from_utf8_lossy(&got[..n]));
+                let _ = c.write_all(answer.as_bytes());
             });
         }
     });

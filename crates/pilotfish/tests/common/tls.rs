@@ -120,7 +120,8 @@ pub fn plain_upstream(name: &'static str) -> u16 {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 let n = c.read(&mut buf).unwrap_or(0);
-                let _ = write!(c, "{name}:{}", String::from_utf8_lossy(&buf[..n]));
+                let answer = format!("{name}:{}", String::from_utf8_lossy(&buf[..n]));
+                let _ = c.write_all(answer.as_bytes());
             });
         }
     });
@@ -166,11 +167,12 @@ pub fn tls_upstream(leaf: &Leaf, ca: &str, expect_uri: &'static str) -> u16 {
                             .windows(expect_uri.len())
                             .any(|w| w == expect_uri.as_bytes())
                     });
-                let _ = write!(
-                    s,
+                // One write, so the answer crosses the proxy in one piece.
+                let answer = format!(
                     "tls upstream: sni={sni} alpn={alpn} client_san={has_san} got={}",
                     String::from_utf8_lossy(&buf[..n])
                 );
+                let _ = s.write_all(answer.as_bytes());
                 s.conn.send_close_notify();
                 let _ = s.flush();
                 // Read to the end before closing: closing with unread bytes would reset the
