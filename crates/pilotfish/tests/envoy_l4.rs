@@ -87,6 +87,59 @@ fn http_upstream(name: &'static str) -> u16 {
     port
 }
 
+/// An upstream that answers like the others (as `late`) while started, and refuses otherwise.
+struct Late {
+    port: u16,
+    running: std::sync::Mutex<Option<std::sync::Arc<std::sync::atomic::AtomicBool>>>,
+}
+
+impl Late {
+    fn new() -> Late {
+        Late {
+            port: free_port(),
+            running: Default::default(),
+        }
+    }
+
+    fn start(&self) {
+        let l = TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        *self.running.lock().unwrap() = Some(stop.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut c) = c else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 4096];
+                    let mut first = true;
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 {
+                            return;
+                        }
+                        let mut reply = if first { b"late:".to_vec() } else { vec![] };
+                        first = false;
+                        reply.extend(&buf[..n]);
+                        if c.write_all(&reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    fn stop(&self) {
+        if let Some(stop) = self.running.lock().unwrap().take() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            // Wake the accept loop so it sees the flag and drops the listener.
+            let _ = TcpStream::connect(("127.0.0.1", self.port));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 struct Upstreams {
     u: [u16; 3],
     v6: u16,
@@ -94,6 +147,8 @@ struct Upstreams {
     h: u16,
     /// Nothing listens here: connections are refused.
     refused: u16,
+    /// An upstream the steps start and stop.
+    late: Late,
     /// A TLS upstream requiring a client certificate, and the PKI of the TLS scenarios, whose
     /// files the configurations name ({CA}, {SCERT}, {SKEY}, {CCERT}, {CKEY}).
     tls: u16,
@@ -121,6 +176,10 @@ enum Step {
     Sleep {
         ms: u64,
     },
+    /// Start the `late` upstream on its port ({LATE}), which refuses connections until then.
+    Listen,
+    /// Stop it again, so the next run starts the same way.
+    Unlisten,
     /// Connect, send, wait for the answer, and keep the connection open.
     Open {
         payload: &'static [u8],
@@ -670,6 +729,38 @@ fn scenarios() -> Vec<Scenario> {
             &["cluster.a.upstream_cx_total", "cluster.c.upstream_cx_total"],
             false,
         ),
+        sc(
+            "health check recovery",
+            format!("{}{}", one_chain("c"), cluster("c", &["{LATE}"], &hc("tcp_health_check: {}"))),
+            vec![
+                Step::Sleep { ms: 600 },
+                send(b"down"),
+                Step::Listen,
+                Step::Sleep { ms: 1000 },
+                send(b"up"),
+                Step::Unlisten,
+            ],
+            &["cluster.c.health_check.healthy", "cluster.c.upstream_cx_total"],
+            true,
+        ),
+        sc(
+            "outlier ejection ends after base_ejection_time",
+            format!(
+                "{}{}",
+                one_chain("c"),
+                cluster(
+                    "c",
+                    &["{U0}", "{R}"],
+                    ", outlier_detection: { consecutive_5xx: 1, max_ejection_percent: 100, base_ejection_time: 1s, interval: 0.3s }"
+                )
+            ),
+            vec![send(b"o"), send(b"o"), send(b"o"), Step::Sleep { ms: 1800 }],
+            &[
+                "cluster.c.outlier_detection.ejections_enforced_total",
+                "cluster.c.outlier_detection.ejections_active",
+            ],
+            true,
+        ),
         sc("IPv6", ipv6, vec![Step::Send { from: "::1", payload: b"six".to_vec() }], &["cluster.c.upstream_cx_total"], true),
     ]
 }
@@ -713,6 +804,7 @@ fn start(
         .replace("{U2}", &up.u[2].to_string())
         .replace("{V6}", &up.v6.to_string())
         .replace("{R}", &up.refused.to_string())
+        .replace("{LATE}", &up.late.port.to_string())
         .replace("{T}", &up.tls.to_string())
         .replace("{H}", &up.h.to_string());
     let access_log = dir.join(format!("{tag}.access.log"));
@@ -828,6 +920,8 @@ fn run_steps(r: &Running, steps: &[Step], up: &Upstreams) -> Vec<String> {
                 seen.push(got.unwrap_or_else(|_| "refused".into()));
             }
             Step::Sleep { ms } => std::thread::sleep(Duration::from_millis(*ms)),
+            Step::Listen => up.late.start(),
+            Step::Unlisten => up.late.stop(),
             Step::Open { payload } => {
                 let mut c = connect(r, "127.0.0.1");
                 c.write_all(payload).unwrap();
@@ -882,6 +976,7 @@ fn host_lines(r: &Running, up: &Upstreams) -> Vec<String> {
         (up.u[2], "U2"),
         (up.v6, "V6"),
         (up.refused, "R"),
+        (up.late.port, "LATE"),
     ];
     ports.sort();
     // Envoy lists clusters in no particular order: compare the lines sorted.
@@ -952,6 +1047,7 @@ fn pilotfish_carries_bytes_as_envoy_does() {
         v6: upstream("v6", "::1"),
         h: http_upstream("h"),
         refused: free_port(),
+        late: Late::new(),
         tls: tls_upstream(
             &server,
             &pki.ca_pem,
