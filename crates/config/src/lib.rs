@@ -92,7 +92,14 @@ pub fn load_message<T: prost::Message + prost::Name + Default>(
     file: &str,
     text: &str,
 ) -> Result<T, ConfigErrors> {
-    let format = Format::detect(file, text);
+    load_message_as(file, text, Format::detect(file, text))
+}
+
+fn load_message_as<T: prost::Message + prost::Name + Default>(
+    file: &str,
+    text: &str,
+    format: Format,
+) -> Result<T, ConfigErrors> {
     let message = parse::parse_as(file, text, format, &T::full_name())?;
     let (findings, _) = validate::check_document(&message);
     if !findings.is_empty() {
@@ -108,6 +115,30 @@ pub fn load_message<T: prost::Message + prost::Name + Default>(
         .map_err(|e| ConfigError::new(file, "", e.to_string()).into())
 }
 
+/// Loads a bootstrap with `--config-yaml` laid over it, as Envoy does: protobuf merge semantics
+/// (set scalars replace, messages merge, repeated fields append).
+pub fn load_with_overlay(file: &str, text: &str, overlay: &str) -> Result<Config, ConfigErrors> {
+    use prost::Message;
+    if DocumentKind::detect(text) != DocumentKind::Bootstrap {
+        return Err(ConfigError::new(
+            file,
+            "",
+            "--config-yaml merges into a bootstrap; this file is a config dump",
+        )
+        .into());
+    }
+    let mut base: Bootstrap = load_message(file, text)?;
+    let over: Bootstrap = load_message_as("--config-yaml", overlay, Format::Yaml)?;
+    base.merge(over.encode_to_vec().as_slice())
+        .map_err(|e| ConfigError::new(file, "", e.to_string()))?;
+    let merged = serde_json::to_string(&output::to_json(&base)).expect("json");
+    load_str(
+        &format!("{file} with --config-yaml"),
+        &merged,
+        Some(DocumentKind::Bootstrap),
+    )
+}
+
 /// Loads `text`; `file` names it in messages. The format follows the name's extension (else the
 /// content); `kind` is detected when not given.
 pub fn load_str(
@@ -115,7 +146,20 @@ pub fn load_str(
     text: &str,
     kind: Option<DocumentKind>,
 ) -> Result<Config, ConfigErrors> {
-    let format = Format::detect(file, text);
+    load_str_as(file, text, kind, Format::detect(file, text))
+}
+
+/// `envoy --config-yaml`: the configuration as a YAML string (JSON being YAML too).
+pub fn load_config_yaml(text: &str) -> Result<Config, ConfigErrors> {
+    load_str_as("--config-yaml", text, None, Format::Yaml)
+}
+
+fn load_str_as(
+    file: &str,
+    text: &str,
+    kind: Option<DocumentKind>,
+    format: Format,
+) -> Result<Config, ConfigErrors> {
     let kind = kind.unwrap_or_else(|| DocumentKind::detect(text));
     let parsed = parse::parse(file, text, format, kind)?;
     let mk = |(path, message): (String, String)| ConfigError::new(file, path, message);

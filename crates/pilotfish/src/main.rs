@@ -365,12 +365,25 @@ fn explain(a: &ExplainArgs) -> ExitCode {
 /// `pilotfish -c FILE`: run the configuration as Envoy would.
 fn serve(a: ServeArgs) -> ExitCode {
     let cfg = match (&a.config_path, &a.config_yaml) {
-        (Some(_), Some(_)) => {
-            eprintln!("error: -c with --config-yaml (Envoy merges the two) is not implemented yet; give one of them");
-            return ExitCode::from(1);
-        }
+        (Some(p), Some(y)) => match std::fs::read_to_string(p) {
+            Ok(text) => {
+                match pilotfish_config::load_with_overlay(&p.display().to_string(), &text, y) {
+                    Ok(c) => Some(c),
+                    Err(errors) => {
+                        for e in &errors.0 {
+                            eprintln!("error: {e}");
+                        }
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", p.display());
+                None
+            }
+        },
         (Some(p), None) => load(p),
-        (None, Some(y)) => match pilotfish_config::load_str("--config-yaml", y, None) {
+        (None, Some(y)) => match pilotfish_config::load_config_yaml(y) {
             Ok(c) => Some(c),
             Err(errors) => {
                 for e in &errors.0 {

@@ -359,3 +359,27 @@ fn sigterm_drains_then_exits() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn config_yaml_merges_over_the_config_file_as_in_envoy() {
+    let (a, b) = (upstream("a"), upstream("b"));
+    let (p1, p2) = (free_port(), free_port());
+    let base = format!(
+        "static_resources:\n  listeners:\n  - {{ name: l1, address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p1} }} }}, filter_chains: [{{ filters: [{}] }}] }}\n  clusters:\n{}",
+        tcp_proxy("one", "c1"),
+        static_cluster("c1", &[a])
+    );
+    // Repeated fields append (a second listener and cluster), as protobuf merging does.
+    let overlay = format!(
+        "{{ static_resources: {{ listeners: [{{ name: l2, address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p2} }} }}, filter_chains: [{{ filters: [{}] }}] }}], clusters: [{{ name: c2, type: STATIC, load_assignment: {{ cluster_name: c2, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {b} }} }} }} }}] }}] }} }}] }} }}",
+        tcp_proxy("two", "c2")
+    );
+    let p = Proxy::start("overlay", &base, &["--config-yaml", &overlay]);
+    let (_, listeners) = p.get("/listeners");
+    assert_eq!(
+        listeners,
+        format!("l1::127.0.0.1:{p1}\nl2::127.0.0.1:{p2}\n")
+    );
+    assert_eq!(exchange(p1, b"x"), "a:x");
+    assert_eq!(exchange(p2, b"y"), "b:y");
+}
