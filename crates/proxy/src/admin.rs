@@ -252,13 +252,6 @@ fn config_dump(
     name_regex: Option<&str>,
     mask: Option<&str>,
 ) -> Reply {
-    if mask.is_some() {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            "text/plain; charset=UTF-8",
-            "pilotfish: config_dump ?mask= is not implemented yet\n",
-        );
-    }
     let name_re = match name_regex.map(regex::Regex::new) {
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => {
@@ -301,6 +294,9 @@ fn config_dump(
                 format!("{field} not found in config dump"),
             );
         }
+        if let Some(m) = mask {
+            items.iter_mut().for_each(|i| apply_mask(i, m));
+        }
         return json_reply(&json!({ "configs": items }));
     }
     if name_re.is_some() {
@@ -314,7 +310,59 @@ fn config_dump(
             }
         }
     }
+    if let Some(m) = mask {
+        for c in configs.iter_mut() {
+            apply_mask(c, m);
+        }
+        // A config the mask leaves empty is left out, as Envoy does.
+        configs.retain(|c| c.as_object().is_some_and(|o| o.len() > 1));
+    }
     json_reply(&dump)
+}
+
+/// Envoy's field mask on a dumped message: only the listed paths (`a,b.c`) are kept, with
+/// `@type`; a path through a list applies to each element.
+fn apply_mask(v: &mut Value, mask: &str) {
+    let paths: Vec<Vec<&str>> = mask
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split('.').collect())
+        .collect();
+    keep(v, &paths);
+}
+
+fn keep(v: &mut Value, paths: &[Vec<&str>]) {
+    match v {
+        Value::Array(items) => items.iter_mut().for_each(|i| keep(i, paths)),
+        Value::Object(o) => {
+            let mut kept = serde_json::Map::new();
+            if let Some(t) = o.remove("@type") {
+                kept.insert("@type".into(), t);
+            }
+            for p in paths {
+                let Some((first, rest)) = p.split_first() else {
+                    continue;
+                };
+                let Some(mut child) = o.get(*first).cloned() else {
+                    continue;
+                };
+                if !rest.is_empty() {
+                    let sub: Vec<Vec<&str>> = paths
+                        .iter()
+                        .filter(|q| q.first() == Some(first) && q.len() > 1)
+                        .map(|q| q[1..].to_vec())
+                        .collect();
+                    // A whole-field path and a sub-path together keep the whole field.
+                    if !paths.iter().any(|q| q.len() == 1 && q[0] == *first) {
+                        keep(&mut child, &sub);
+                    }
+                }
+                kept.insert(first.to_string(), child);
+            }
+            *o = kept;
+        }
+        _ => {}
+    }
 }
 
 fn clusters(server: &Server, as_json: bool) -> Reply {
