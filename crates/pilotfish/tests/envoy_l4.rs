@@ -13,41 +13,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// An upstream that answers with its name and echoes what it reads, and closes after the client
-/// does.
-fn upstream(name: &'static str, ip: &str) -> u16 {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut first = true;
-                loop {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            // The name once, then an echo: however the bytes are split.
-                            let mut reply = if first {
-                                format!("{name}:").into_bytes()
-                            } else {
-                                vec![]
-                            };
-                            first = false;
-                            reply.extend(&buf[..n]);
-                            if c.write_all(&reply).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 /// An upstream that answers health checks over HTTP/1.1 (`/healthz` 200, `/sick` 503) and
 /// otherwise answers like the others, with its name.
 fn http_upstream(name: &'static str) -> u16 {
@@ -1040,11 +1005,11 @@ fn pilotfish_carries_bytes_as_envoy_does() {
     }
     let up = Upstreams {
         u: [
-            upstream("u0", "127.0.0.1"),
-            upstream("u1", "127.0.0.1"),
-            upstream("u2", "127.0.0.1"),
+            upstream_on("u0", "127.0.0.1"),
+            upstream_on("u1", "127.0.0.1"),
+            upstream_on("u2", "127.0.0.1"),
         ],
-        v6: upstream("v6", "::1"),
+        v6: upstream_on("v6", "::1"),
         h: http_upstream("h"),
         refused: free_port(),
         late: Late::new(),

@@ -12,34 +12,6 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// An upstream that answers with its name, then echoes what it reads until the client closes.
-fn upstream(name: &'static str) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut reply = format!("{name}:").into_bytes();
-                loop {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            reply.extend(&buf[..n]);
-                            if c.write_all(&reply).is_err() {
-                                return;
-                            }
-                            reply.clear();
-                        }
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 /// Sends bytes, waits for the answer, half-closes, and returns everything the proxy sent back
 /// (nothing when it closed the connection). A client that half-closes while listener filters
 /// still look is closed, as Envoy does, so the answer comes first.

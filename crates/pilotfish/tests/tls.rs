@@ -7,7 +7,8 @@
 mod common;
 use common::free_port;
 use common::proxy::{temp_dir, Proxy};
-use common::tls::{plain_upstream, tls_client, tls_upstream, Pki};
+use common::tls::{tls_client, tls_upstream, Pki};
+use common::upstream as plain_upstream;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;

@@ -93,12 +93,7 @@ pub fn init_log(options: &Options) -> Result<(), String> {
 fn proxy_gaps(cfg: &Config) -> Vec<String> {
     let mut gaps = std::collections::BTreeMap::<String, usize>::new();
     for l in &cfg.resources.listeners {
-        for fc in l
-            .value
-            .filter_chains
-            .iter()
-            .chain(&l.value.default_filter_chain)
-        {
+        for (_, fc) in server::chains(&l.value) {
             for f in &fc.filters {
                 let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
                     continue;

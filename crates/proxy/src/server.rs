@@ -77,19 +77,7 @@ impl Server {
         }
         let mut downstream_tls = std::collections::HashMap::new();
         for l in &set.listeners {
-            let chains = l
-                .value
-                .filter_chains
-                .iter()
-                .enumerate()
-                .map(|(i, fc)| (i.to_string(), fc))
-                .chain(
-                    l.value
-                        .default_filter_chain
-                        .iter()
-                        .map(|fc| ("default".to_string(), fc)),
-                );
-            for (key, fc) in chains {
+            for (key, fc) in chains(&l.value) {
                 let Some(ctx) = fc
                     .transport_socket
                     .as_ref()
@@ -132,12 +120,7 @@ impl Server {
         });
         // Build every tcp_proxy's access logs now, so their problems are said at start-up.
         for l in &server.set.listeners {
-            for fc in l
-                .value
-                .filter_chains
-                .iter()
-                .chain(&l.value.default_filter_chain)
-            {
+            for (_, fc) in chains(&l.value) {
                 for f in &fc.filters {
                     if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type {
                         if let Some(tcp) = unpack::<TcpProxy>(any) {
@@ -189,6 +172,26 @@ fn downstream_tls_context(
         ) => unpack(any),
         _ => None,
     }
+}
+
+/// A listener's filter chains with their keys (index, or `default` for the default chain).
+pub fn chains(
+    l: &Listener,
+) -> impl Iterator<
+    Item = (
+        String,
+        &pilotfish_api::pb::envoy::config::listener::v3::FilterChain,
+    ),
+> {
+    l.filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, fc)| (i.to_string(), fc))
+        .chain(
+            l.default_filter_chain
+                .iter()
+                .map(|fc| ("default".to_string(), fc)),
+        )
 }
 
 /// The stat scope of a listener: its stat_prefix, or its address as Envoy writes it.

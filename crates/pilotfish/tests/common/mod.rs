@@ -273,3 +273,33 @@ pub fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
     record.extend(handshake);
     record
 }
+
+/// An upstream on `ip` that answers with its name, then echoes what it reads (however the bytes
+/// are split), until the client closes.
+pub fn upstream_on(name: &'static str, ip: &str) -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut reply = format!("{name}:").into_bytes();
+                while let Ok(n @ 1..) = c.read(&mut buf) {
+                    reply.extend(&buf[..n]);
+                    if c.write_all(&reply).is_err() {
+                        return;
+                    }
+                    reply.clear();
+                }
+            });
+        }
+    });
+    port
+}
+
+/// The same on 127.0.0.1.
+pub fn upstream(name: &'static str) -> u16 {
+    upstream_on(name, "127.0.0.1")
+}

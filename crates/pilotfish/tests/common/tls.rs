@@ -110,24 +110,6 @@ pub fn tls_client(
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-/// A plaintext upstream: answers with its name and what it read.
-pub fn plain_upstream(name: &'static str) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let n = c.read(&mut buf).unwrap_or(0);
-                let answer = format!("{name}:{}", String::from_utf8_lossy(&buf[..n]));
-                let _ = c.write_all(answer.as_bytes());
-            });
-        }
-    });
-    port
-}
-
 /// A TLS upstream that requires a client certificate from `ca` and answers with the SNI, ALPN
 /// and client certificate SAN it saw.
 pub fn tls_upstream(leaf: &Leaf, ca: &str, expect_uri: &'static str) -> u16 {
