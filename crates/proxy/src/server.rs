@@ -48,6 +48,9 @@ pub struct Server {
     pub shutdown: watch::Sender<bool>,
     pub draining: watch::Sender<bool>,
     pub active_connections: AtomicU64,
+    /// What each filter chain's network filters end in, per (listener, chain key), built at
+    /// start-up so a connection only looks it up.
+    terminals: std::collections::HashMap<(String, String), Terminal>,
     /// tcp_proxy access logs, built once per distinct configuration (files opened once).
     access_logs: std::sync::Mutex<
         std::collections::HashMap<Vec<u8>, Arc<Vec<crate::access_log::AccessLog>>>,
@@ -103,6 +106,7 @@ impl Server {
             }
         }
         let server = Arc::new(Server {
+            terminals: Default::default(),
             access_logs: Default::default(),
             downstream_tls,
             set,
@@ -118,18 +122,37 @@ impl Server {
             draining: watch::channel(false).0,
             active_connections: AtomicU64::new(0),
         });
-        // Build every tcp_proxy's access logs now, so their problems are said at start-up.
+        // Each chain's terminal filter, its counters and access logs, made now (their problems
+        // are said at start-up).
+        let mut terminals = std::collections::HashMap::new();
         for l in &server.set.listeners {
-            for (_, fc) in chains(&l.value) {
+            for (key, fc) in chains(&l.value) {
+                let mut terminal = Terminal::None;
                 for f in &fc.filters {
-                    if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type {
-                        if let Some(tcp) = unpack::<TcpProxy>(any) {
-                            server.access_logs(&tcp);
-                        }
+                    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                        continue;
+                    };
+                    if let Some(tcp) = unpack::<TcpProxy>(any) {
+                        let logs = server.access_logs(&tcp);
+                        terminal = Terminal::TcpProxy(Arc::new(tcp_proxy::TcpProxyFilter::new(
+                            tcp,
+                            &server.stats,
+                            logs,
+                        )));
+                        break;
+                    }
+                    if pilotfish_config::model::effective_type_url(any)
+                        .ends_with("HttpConnectionManager")
+                    {
+                        terminal = Terminal::Http;
+                        break;
                     }
                 }
+                terminals.insert((l.name.clone(), key), terminal);
             }
         }
+        let mut server = server;
+        Arc::get_mut(&mut server).expect("not shared yet").terminals = terminals;
         server
     }
 
@@ -172,6 +195,15 @@ fn downstream_tls_context(
         ) => unpack(any),
         _ => None,
     }
+}
+
+/// Where a filter chain's network filters lead.
+pub enum Terminal {
+    TcpProxy(Arc<tcp_proxy::TcpProxyFilter>),
+    /// The http_connection_manager, which the proxy does not run yet.
+    Http,
+    /// No terminal filter pilotfish knows.
+    None,
 }
 
 /// A listener's filter chains with their keys (index, or `default` for the default chain).
@@ -377,14 +409,14 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         application_protocols: found.application_protocols.clone(),
     };
     let (selected, _) = filter_chain::select(l, &input);
-    let Some(fc) = filter_chain::chain(l, &selected) else {
+    if filter_chain::chain(l, &selected).is_none() {
         server
             .stats
             .counter(&format!("{scope}.no_filter_chain_match"))
             .inc();
         tracing::debug!(target: "conn_handler", connection = conn, "closing connection from {peer}: no matching filter chain found");
         return;
-    };
+    }
     server
         .stats
         .counter(&format!("{scope}.downstream_cx_total"))
@@ -402,7 +434,8 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         Selected::Chain(i) => i.to_string(),
         _ => "default".into(),
     };
-    let tls = server.downstream_tls.get(&(l.name.clone(), chain_key));
+    let key = (l.name.clone(), chain_key);
+    let tls = server.downstream_tls.get(&key);
     if let Some(Err(e)) = tls {
         tracing::debug!(target: "connection", connection = conn, "filter chain {chain_name}: TLS context unusable ({e}): closing");
         finish(server, &scope, &active, conn);
@@ -416,26 +449,20 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             _ => Some(Box::new(stream) as Box<dyn Io>),
         }
     };
-    for f in &fc.filters {
-        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-            continue;
-        };
-        if let Some(tcp) = unpack::<TcpProxy>(any) {
+    match server.terminals.get(&key) {
+        Some(Terminal::TcpProxy(tcp)) => {
             let info = tcp_proxy::Downstream {
                 remote: found.source.unwrap_or(peer),
                 local,
                 server_name: found.server_name.clone(),
             };
-            tcp_proxy::run(server, &tcp, ready, &info, conn, new_connection).await;
-            finish(server, &scope, &active, conn);
-            return;
+            tcp_proxy::run(server, tcp, ready, &info, conn, new_connection).await;
         }
-        let ty = pilotfish_config::model::effective_type_url(any);
-        if ty.ends_with("HttpConnectionManager") {
+        Some(Terminal::Http) => {
             new_connection();
             tracing::warn!(target: "connection", connection = conn, "filter chain {chain_name}: http_connection_manager is not implemented yet: closing");
-            break;
         }
+        _ => new_connection(),
     }
     finish(server, &scope, &active, conn);
 }

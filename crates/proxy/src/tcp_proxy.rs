@@ -33,6 +33,36 @@ fn cluster_name(tcp: &TcpProxy, conn: u64) -> String {
     }
 }
 
+/// A tcp_proxy filter as configured on one filter chain: built once at start-up, with its
+/// counters and access logs, and shared by the chain's connections.
+pub struct TcpProxyFilter {
+    pub config: TcpProxy,
+    stats: TcpStats,
+    logs: Arc<Vec<crate::access_log::AccessLog>>,
+}
+
+impl TcpProxyFilter {
+    pub fn new(
+        config: TcpProxy,
+        stats: &crate::stats::Store,
+        logs: Arc<Vec<crate::access_log::AccessLog>>,
+    ) -> TcpProxyFilter {
+        let s = |n: &str| format!("tcp.{}.{n}", config.stat_prefix);
+        let stats = TcpStats {
+            downstream_cx_total: stats.counter(&s("downstream_cx_total")),
+            downstream_cx_no_route: stats.counter(&s("downstream_cx_no_route")),
+            downstream_cx_rx_bytes_total: stats.counter(&s("downstream_cx_rx_bytes_total")),
+            downstream_cx_tx_bytes_total: stats.counter(&s("downstream_cx_tx_bytes_total")),
+            idle_timeout: stats.counter(&s("idle_timeout")),
+        };
+        TcpProxyFilter {
+            config,
+            stats,
+            logs,
+        }
+    }
+}
+
 struct TcpStats {
     downstream_cx_total: Arc<Stat>,
     downstream_cx_no_route: Arc<Stat>,
@@ -54,7 +84,7 @@ pub struct Downstream {
 
 pub async fn run<S, F>(
     server: &Server,
-    tcp: &TcpProxy,
+    filter: &TcpProxyFilter,
     downstream: F,
     info: &Downstream,
     conn: u64,
@@ -63,14 +93,7 @@ pub async fn run<S, F>(
     S: AsyncRead + AsyncWrite + Unpin,
     F: Future<Output = Option<S>>,
 {
-    let s = |n: &str| format!("tcp.{}.{n}", tcp.stat_prefix);
-    let stats = TcpStats {
-        downstream_cx_total: server.stats.counter(&s("downstream_cx_total")),
-        downstream_cx_no_route: server.stats.counter(&s("downstream_cx_no_route")),
-        downstream_cx_rx_bytes_total: server.stats.counter(&s("downstream_cx_rx_bytes_total")),
-        downstream_cx_tx_bytes_total: server.stats.counter(&s("downstream_cx_tx_bytes_total")),
-        idle_timeout: server.stats.counter(&s("idle_timeout")),
-    };
+    let (tcp, stats) = (&filter.config, &filter.stats);
     stats.downstream_cx_total.inc();
     let start = std::time::SystemTime::now();
     let began = std::time::Instant::now();
@@ -90,7 +113,7 @@ pub async fn run<S, F>(
         server_name: info.server_name.clone(),
         connection_id: conn,
     };
-    let logs = server.access_logs(tcp);
+    let logs = &filter.logs;
     let log = |mut e: crate::access_log::Entry| {
         e.duration = began.elapsed();
         for l in logs.iter() {
