@@ -40,7 +40,15 @@ const FIELDS: &[(&str, &[&str])] = &[
             "enable_reuse_port",
             "tcp_backlog_size",
             "stat_prefix",
+            "per_connection_buffer_limit_bytes",
+            "connection_balance_config",
         ],
+    ),
+    // Connections are tasks on one work-stealing runtime: they are spread over the workers
+    // as exact_balance asks, whatever the listener says.
+    (
+        "envoy.config.listener.v3.Listener.ConnectionBalanceConfig",
+        &["exact_balance"],
     ),
     // The unified matcher, as filter_chain_matcher uses it: network inputs, string or IP
     // matchers, actions naming a filter chain.
@@ -129,9 +137,36 @@ const FIELDS: &[(&str, &[&str])] = &[
             "idle_timeout",
             "max_connect_attempts",
             "access_log",
+            "hash_policy",
         ],
     ),
-    ("envoy.config.accesslog.v3.AccessLog", &["name", "typed_config"]),
+    // filter_state needs objects other filters set; pilotfish keeps none.
+    ("envoy.type.v3.HashPolicy", &["source_ip"]),
+    (
+        "envoy.config.accesslog.v3.AccessLog",
+        &["name", "typed_config", "filter"],
+    ),
+    // grpc_status_filter and extension_filter are not evaluated.
+    (
+        "envoy.config.accesslog.v3.AccessLogFilter",
+        &[
+            "status_code_filter",
+            "duration_filter",
+            "not_health_check_filter",
+            "traceable_filter",
+            "runtime_filter",
+            "and_filter",
+            "or_filter",
+            "header_filter",
+            "response_flag_filter",
+            "metadata_filter",
+            "log_type_filter",
+        ],
+    ),
+    (
+        "envoy.config.accesslog.v3.RuntimeFilter",
+        &["runtime_key", "percent_sampled", "use_independent_randomness"],
+    ),
     (
         "envoy.extensions.access_loggers.file.v3.FileAccessLog",
         &["path", "log_format", "format", "json_format", "typed_json_format"],
@@ -150,7 +185,13 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol", &[]),
     (
         "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-        &["common_tls_context", "require_client_certificate"],
+        // Session tickets use keys of pilotfish's own: session_ticket_keys are not read.
+        &[
+            "common_tls_context",
+            "require_client_certificate",
+            "disable_stateless_session_resumption",
+            "disable_stateful_session_resumption",
+        ],
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
@@ -174,6 +215,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "tls_minimum_protocol_version",
             "tls_maximum_protocol_version",
             "cipher_suites",
+            "ecdh_curves",
         ],
     ),
     (
@@ -190,7 +232,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",
-        &["certificate_chain", "private_key"],
+        &["certificate_chain", "private_key", "ocsp_staple"],
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
@@ -252,7 +294,34 @@ const FIELDS: &[(&str, &[&str])] = &[
             "cleanup_interval",
             "dns_lookup_family",
             "dns_refresh_rate",
+            "per_connection_buffer_limit_bytes",
+            "ring_hash_lb_config",
+            "maglev_lb_config",
+            "least_request_lb_config",
+            "common_lb_config",
         ],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.RingHashLbConfig",
+        &["minimum_ring_size", "maximum_ring_size", "hash_function"],
+    ),
+    ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", &["table_size"]),
+    (
+        "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
+        &["choice_count", "active_request_bias"],
+    ),
+    ("envoy.config.core.v3.RuntimeDouble", &["default_value", "runtime_key"]),
+    (
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig",
+        &[
+            "healthy_panic_threshold",
+            "locality_weighted_lb_config",
+            "consistent_hashing_lb_config",
+        ],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig",
+        &["use_hostname_for_hashing"],
     ),
     (
         "envoy.config.cluster.v3.OutlierDetection",
@@ -292,7 +361,16 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("envoy.config.cluster.v3.CircuitBreakers", &["thresholds"]),
     (
         "envoy.config.cluster.v3.CircuitBreakers.Thresholds",
-        &["priority", "max_connections"],
+        // max_requests and max_retries bind HTTP streams and retries; TCP connections are
+        // bound by max_connections and max_pending_requests, as in Envoy.
+        &[
+            "priority",
+            "max_connections",
+            "max_pending_requests",
+            "max_requests",
+            "max_retries",
+            "track_remaining",
+        ],
     ),
     (
         "envoy.config.cluster.v3.Cluster.EdsClusterConfig",

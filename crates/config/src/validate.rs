@@ -290,6 +290,33 @@ fn check_ip(
 }
 
 fn check_cluster(c: &Cluster, path: &str, out: &mut Vec<Finding>) {
+    use pilotfish_api::pb::envoy::config::cluster::v3::cluster::LbConfig;
+    match &c.lb_config {
+        Some(LbConfig::MaglevLbConfig(m)) => {
+            if let Some(size) = m.table_size.as_ref().map(|v| v.value) {
+                if size < 2 || (2..).take_while(|d| d * d <= size).any(|d| size % d == 0) {
+                    out.push((
+                        format!("{path}.maglev_lb_config.table_size"),
+                        format!("the table size of maglev must be prime number (got {size})"),
+                    ));
+                }
+            }
+        }
+        Some(LbConfig::RingHashLbConfig(r)) => {
+            let min = r.minimum_ring_size.as_ref().map_or(1024, |v| v.value);
+            let max = r
+                .maximum_ring_size
+                .as_ref()
+                .map_or(8 * 1024 * 1024, |v| v.value);
+            if min > max {
+                out.push((
+                    format!("{path}.ring_hash_lb_config"),
+                    format!("ring hash: minimum_ring_size ({min}) > maximum_ring_size ({max})"),
+                ));
+            }
+        }
+        _ => {}
+    }
     // DNS clusters take host names; every other kind needs IP addresses.
     let kind = crate::model::discovery_name(c);
     if kind == "STRICT_DNS" || kind == "LOGICAL_DNS" {

@@ -36,6 +36,13 @@ pub struct Host {
     pub sub_zone: String,
     pub health: String,
     pub weight: Option<u32>,
+    /// The locality's `load_balancing_weight` (used under `locality_weighted_lb_config`).
+    pub locality_weight: Option<u32>,
+    /// The endpoint's `hostname`.
+    pub hostname: String,
+    /// `envoy.lb` metadata `hash_key`: where consistent hashing places the host instead of
+    /// its address.
+    pub hash_key: Option<String>,
     pub transport: UpstreamTransport,
 }
 
@@ -95,6 +102,9 @@ pub fn hosts(
                     sub_zone: String::new(),
                     health: "HEALTHY".into(),
                     weight: None,
+                    locality_weight: None,
+                    hostname: String::new(),
+                    hash_key: None,
                     transport: transport_for(c, None, &mut reasons),
                 });
             }
@@ -140,6 +150,17 @@ pub fn hosts(
                     health: HealthStatus::try_from(lb.health_status)
                         .map_or("UNKNOWN".into(), |h| h.as_str_name().to_string()),
                     weight: lb.load_balancing_weight.as_ref().map(|w| w.value),
+                    locality_weight: le.load_balancing_weight.as_ref().map(|w| w.value),
+                    hostname: e.hostname.clone(),
+                    hash_key: lb
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.filter_metadata.get("envoy.lb"))
+                        .and_then(|s| s.fields.get("hash_key"))
+                        .and_then(|v| match &v.kind {
+                            Some(Kind::StringValue(k)) if !k.is_empty() => Some(k.clone()),
+                            _ => None,
+                        }),
                     transport,
                 });
             }

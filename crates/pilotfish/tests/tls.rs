@@ -197,3 +197,53 @@ fn upstream_tls_by_transport_socket_match_with_sni_alpn_and_client_certificate()
     );
     assert!(stats.contains("upstream_cx_connect_fail: 1"), "{stats}");
 }
+
+#[test]
+fn downstream_tls_resumes_sessions_and_keeps_to_its_ecdh_curves() {
+    let pki = Pki::new("mesh ca");
+    let server = pki.leaf(&["server.example"], "spiffe://cluster.local/ns/a/sa/b");
+    let up = plain_upstream("app");
+    let (resuming, not_resuming) = (free_port(), free_port());
+    let listener = |name: &str, port: u16, extra: &str| {
+        format!(
+            r#"  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+{extra}          common_tls_context:
+            tls_params: {{ ecdh_curves: [P-384] }}
+            tls_certificates:
+            - certificate_chain: {{ inline_string: "{}" }}
+              private_key: {{ inline_string: "{}" }}
+      filters: [{{ name: envoy.filters.network.tcp_proxy, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: app }} }}]
+"#,
+            server.cert.replace('\n', "\\n"),
+            server.key.replace('\n', "\\n"),
+        )
+    };
+    let resources = format!(
+        "static_resources:\n  listeners:\n{}{}  clusters:\n  - {{ name: app, type: STATIC, load_assignment: {{ cluster_name: app, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {up} }} }} }} }}] }}] }} }}\n",
+        listener("resuming", resuming, ""),
+        listener(
+            "not_resuming",
+            not_resuming,
+            "          disable_stateless_session_resumption: true\n          disable_stateful_session_resumption: true\n"
+        ),
+    );
+    let _p = Proxy::start("resume", &resources, &[]);
+    use common::tls::{tls_client_config, tls_handshake};
+    use rustls::HandshakeKind::{Full, Resumed};
+    // Only P-384 is accepted for the key exchange.
+    let x25519 = tls_client_config(&pki.ca_pem, &["X25519"]);
+    assert!(tls_handshake(resuming, &x25519).is_err());
+    let p384 = tls_client_config(&pki.ca_pem, &["P-384"]);
+    assert_eq!(tls_handshake(resuming, &p384), Ok(Full));
+    assert_eq!(tls_handshake(resuming, &p384), Ok(Resumed));
+    // With both kinds of resumption turned off, every handshake is a full one.
+    let fresh = tls_client_config(&pki.ca_pem, &["P-384"]);
+    assert_eq!(tls_handshake(not_resuming, &fresh), Ok(Full));
+    assert_eq!(tls_handshake(not_resuming, &fresh), Ok(Full));
+}

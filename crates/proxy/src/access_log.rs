@@ -3,6 +3,8 @@
 //! `json_format` of the file logger) and the command operators a TCP connection has values for.
 //! An operator pilotfish does not know is named at start-up and printed as `-`.
 
+mod filter;
+
 use crate::log::timestamp;
 use pilotfish_api::pb::envoy::config::accesslog::v3::{access_log, AccessLog as AccessLogConfig};
 use pilotfish_api::pb::envoy::config::core::v3::{
@@ -38,6 +40,10 @@ pub struct Entry {
     pub flags: Vec<&'static str>,
     pub server_name: Option<String>,
     pub connection_id: u64,
+    /// The HTTP response code; 0 for a TCP connection.
+    pub response_code: u32,
+    /// Envoy's AccessLogType of this entry (TcpConnectionEnd for tcp_proxy's log).
+    pub log_type: i32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +67,7 @@ enum Sink {
 pub struct AccessLog {
     sink: Sink,
     format: Format,
+    filter: Option<filter::Filter>,
 }
 
 /// Envoy's default format (the HTTP one: a TCP connection has `-` for the request parts).
@@ -205,9 +212,14 @@ pub fn build(configs: &[AccessLogConfig]) -> (Vec<AccessLog>, Vec<String>) {
     let mut logs = vec![];
     let mut warnings = vec![];
     for c in configs {
-        if c.filter.is_some() {
+        let mut unsupported = vec![];
+        let filter = c
+            .filter
+            .as_ref()
+            .map(|f| filter::Filter::new(f, "filter", &mut unsupported));
+        for u in unsupported {
             warnings.push(format!(
-                "access log '{}': filters are not implemented; every connection is logged",
+                "access log '{}': {u} is not implemented (lets every entry through)",
                 c.name
             ));
         }
@@ -242,7 +254,13 @@ pub fn build(configs: &[AccessLogConfig]) -> (Vec<AccessLog>, Vec<String>) {
                     .map(|f| Sink::File(Mutex::new(f)))
                     .map_err(|e| format!("access log {p}: {e}")),
             };
-            format.and_then(|format| sink.map(|sink| AccessLog { sink, format }))
+            format.and_then(|format| {
+                sink.map(|sink| AccessLog {
+                    sink,
+                    format,
+                    filter: None,
+                })
+            })
         } else if let Some(s) = unpack::<StdoutAccessLog>(any) {
             match &s.access_log_format {
                 Some(stdout_access_log::AccessLogFormat::LogFormat(l)) => {
@@ -253,6 +271,7 @@ pub fn build(configs: &[AccessLogConfig]) -> (Vec<AccessLog>, Vec<String>) {
             .map(|format| AccessLog {
                 sink: Sink::Stdout,
                 format,
+                filter: None,
             })
         } else if let Some(s) = unpack::<StderrAccessLog>(any) {
             match &s.access_log_format {
@@ -264,6 +283,7 @@ pub fn build(configs: &[AccessLogConfig]) -> (Vec<AccessLog>, Vec<String>) {
             .map(|format| AccessLog {
                 sink: Sink::Stderr,
                 format,
+                filter: None,
             })
         } else {
             Err(format!(
@@ -278,7 +298,7 @@ pub fn build(configs: &[AccessLogConfig]) -> (Vec<AccessLog>, Vec<String>) {
             ));
         }
         match built {
-            Ok(l) => logs.push(l),
+            Ok(l) => logs.push(AccessLog { filter, ..l }),
             Err(e) => warnings.push(e),
         }
     }
@@ -383,6 +403,9 @@ fn render(pieces: &[Piece], e: &Entry) -> (String, Option<Value>) {
 
 impl AccessLog {
     pub fn write(&self, e: &Entry) {
+        if self.filter.as_ref().is_some_and(|f| !f.evaluate(e)) {
+            return;
+        }
         let line = match &self.format {
             Format::Text(p) => render(p, e).0,
             Format::Json(fields) => {

@@ -384,7 +384,9 @@ fn clusters(server: &Server, as_json: bool) -> Reply {
                             "stats": [
                                 {"name": "cx_connect_fail", "value": h.stats.cx_connect_fail.load(Ordering::Relaxed).to_string()},
                                 {"name": "cx_total", "value": h.stats.cx_total.load(Ordering::Relaxed).to_string()},
+                                {"name": "rq_total", "value": h.stats.rq_total.load(Ordering::Relaxed).to_string()},
                                 {"type": "GAUGE", "name": "cx_active", "value": h.stats.cx_active.load(Ordering::Relaxed).to_string()},
+                                {"type": "GAUGE", "name": "rq_active", "value": h.stats.rq_active.load(Ordering::Relaxed).to_string()},
                             ],
                             "health_status": {"eds_health_status": if h.health == "UNKNOWN" { "HEALTHY" } else { h.health.as_str() }},
                             "weight": h.weight,
@@ -402,18 +404,20 @@ fn clusters(server: &Server, as_json: bool) -> Reply {
     for c in &server.clusters.clusters {
         let n = &c.name;
         out.push_str(&format!("{n}::observability_name::{n}\n"));
-        for p in ["default_priority", "high_priority"] {
+        for (p, t) in ["default_priority", "high_priority"]
+            .iter()
+            .zip(&c.thresholds)
+        {
             out.push_str(&format!(
                 "{n}::{p}::max_connections::{}\n",
-                if p == "default_priority" {
-                    c.max_connections
-                } else {
-                    1024
-                }
+                t.max_connections
             ));
-            out.push_str(&format!("{n}::{p}::max_pending_requests::1024\n"));
-            out.push_str(&format!("{n}::{p}::max_requests::1024\n"));
-            out.push_str(&format!("{n}::{p}::max_retries::3\n"));
+            out.push_str(&format!(
+                "{n}::{p}::max_pending_requests::{}\n",
+                t.max_pending_requests
+            ));
+            out.push_str(&format!("{n}::{p}::max_requests::{}\n", t.max_requests));
+            out.push_str(&format!("{n}::{p}::max_retries::{}\n", t.max_retries));
         }
         out.push_str(&format!(
             "{n}::added_via_api::{}\n",
@@ -430,12 +434,12 @@ fn clusters(server: &Server, as_json: bool) -> Reply {
                 ("cx_active", s.cx_active.load(Ordering::Relaxed)),
                 ("cx_connect_fail", s.cx_connect_fail.load(Ordering::Relaxed)),
                 ("cx_total", s.cx_total.load(Ordering::Relaxed)),
-                ("rq_active", 0),
+                ("rq_active", s.rq_active.load(Ordering::Relaxed)),
                 ("rq_error", 0),
                 ("rq_pending_active", 0),
                 ("rq_success", 0),
                 ("rq_timeout", 0),
-                ("rq_total", 0),
+                ("rq_total", s.rq_total.load(Ordering::Relaxed)),
             ] {
                 out.push_str(&format!("{n}::{a}::{k}::{v}\n"));
             }

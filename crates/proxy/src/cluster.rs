@@ -13,7 +13,7 @@ use pilotfish_config::resources::ResourceSet;
 use pilotfish_decide::cluster::{hosts, UpstreamTransport};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -29,6 +29,8 @@ pub struct HostStats {
     pub cx_active: AtomicU64,
     pub cx_total: AtomicU64,
     pub cx_connect_fail: AtomicU64,
+    pub rq_total: AtomicU64,
+    pub rq_active: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -44,6 +46,10 @@ pub struct Host {
     /// EDS health status: UNKNOWN, HEALTHY, UNHEALTHY, DRAINING, TIMEOUT, DEGRADED.
     pub health: String,
     pub weight: u32,
+    /// The locality's weight (locality weighted load balancing).
+    pub locality_weight: Option<u32>,
+    /// `envoy.lb` metadata `hash_key`, placing the host on hash rings instead of its address.
+    pub hash_key: Option<String>,
     pub transport: UpstreamTransport,
     pub stats: HostStats,
     /// Active health checking: failed (FAILED_ACTIVE_HC), and not checked yet
@@ -69,6 +75,8 @@ impl Host {
             sub_zone: self.sub_zone.clone(),
             health: self.health.clone(),
             weight: self.weight,
+            locality_weight: self.locality_weight,
+            hash_key: self.hash_key.clone(),
             transport: self.transport.clone(),
             stats: HostStats::default(),
             active_hc_failed: AtomicBool::new(self.active_hc_failed.load(Ordering::Relaxed)),
@@ -119,93 +127,6 @@ impl Host {
     }
 }
 
-/// How a host is picked among the eligible ones. RING_HASH and MAGLEV (consistent hashing) are
-/// not implemented yet: named at start-up, and round robin used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LbPolicy {
-    RoundRobin,
-    LeastRequest,
-    Random,
-}
-
-impl LbPolicy {
-    fn of(c: &ClusterConfig) -> LbPolicy {
-        use pilotfish_api::pb::envoy::config::cluster::v3::cluster::LbPolicy as P;
-        match P::try_from(c.lb_policy).unwrap_or(P::RoundRobin) {
-            P::LeastRequest => LbPolicy::LeastRequest,
-            P::Random => LbPolicy::Random,
-            _ => LbPolicy::RoundRobin,
-        }
-    }
-}
-
-/// Envoy's default overprovisioning factor (1.4) and healthy panic threshold (50%).
-const OVERPROVISIONING: u64 = 140;
-const PANIC_THRESHOLD: u64 = 50;
-
-/// The hosts Envoy's load balancer picks from: the priority level chosen by the priority load
-/// (each level's health, overprovisioned by 1.4, spilling what it lacks to the next), and within
-/// it the healthy hosts, or all of them when under the panic threshold.
-pub fn eligible(hosts: &[Arc<Host>], random: u64) -> Vec<Arc<Host>> {
-    let mut levels: std::collections::BTreeMap<u32, Vec<&Arc<Host>>> = Default::default();
-    for h in hosts {
-        levels.entry(h.priority).or_default().push(h);
-    }
-    let Some((&first, _)) = levels.iter().next() else {
-        return vec![];
-    };
-    let health: Vec<(u32, u64)> = levels
-        .iter()
-        .map(|(p, hs)| {
-            let healthy = hs.iter().filter(|h| h.healthy()).count() as u64;
-            (*p, (OVERPROVISIONING * healthy / hs.len() as u64).min(100))
-        })
-        .collect();
-    let total: u64 = health.iter().map(|(_, h)| h).sum::<u64>().min(100);
-    // No healthy host anywhere: everything goes to the first level, in panic.
-    let level = if let Some(total) = std::num::NonZeroU64::new(total) {
-        let mut remaining = 100u64;
-        let mut loads = vec![];
-        for (p, h) in &health {
-            let load = (h * 100 / total).min(remaining);
-            remaining -= load;
-            loads.push((*p, load));
-        }
-        // Rounding leftovers go to the first level with load.
-        if remaining > 0 {
-            if let Some(l) = loads.iter_mut().find(|(_, l)| *l > 0) {
-                l.1 += remaining;
-            }
-        }
-        let mut pick = random % 100;
-        loads
-            .iter()
-            .find(|(_, l)| {
-                if pick < *l {
-                    true
-                } else {
-                    pick -= l;
-                    false
-                }
-            })
-            .map_or(first, |(p, _)| *p)
-    } else {
-        first
-    };
-    let hs = &levels[&level];
-    let healthy: Vec<Arc<Host>> = hs
-        .iter()
-        .filter(|h| h.healthy())
-        .map(|h| (*h).clone())
-        .collect();
-    let panic = total == 0 || (healthy.len() as u64 * 100) < PANIC_THRESHOLD * hs.len() as u64;
-    if panic {
-        hs.iter().map(|h| (*h).clone()).collect()
-    } else {
-        healthy
-    }
-}
-
 pub struct ClusterStats {
     pub upstream_cx_total: Arc<Stat>,
     pub upstream_cx_active: Arc<Stat>,
@@ -216,6 +137,53 @@ pub struct ClusterStats {
     pub upstream_cx_rx_bytes_total: Arc<Stat>,
     pub upstream_cx_tx_bytes_total: Arc<Stat>,
     pub upstream_cx_destroy: Arc<Stat>,
+    pub upstream_cx_connect_attempts_exceeded: Arc<Stat>,
+    pub upstream_rq_total: Arc<Stat>,
+    pub upstream_rq_active: Arc<Stat>,
+    pub upstream_rq_pending_total: Arc<Stat>,
+    pub upstream_rq_pending_active: Arc<Stat>,
+    pub upstream_rq_pending_overflow: Arc<Stat>,
+}
+
+/// One priority's circuit breaker thresholds, Envoy's defaults where unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub max_connections: u64,
+    pub max_pending_requests: u64,
+    pub max_requests: u64,
+    pub max_retries: u64,
+}
+
+impl Thresholds {
+    /// DEFAULT (0) and HIGH (1) priority thresholds of a cluster.
+    fn of(c: &ClusterConfig) -> [Thresholds; 2] {
+        [0, 1].map(|priority| {
+            let t = c
+                .circuit_breakers
+                .as_ref()
+                .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == priority));
+            let v = |f: fn(
+                &pilotfish_api::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds,
+            )
+                -> Option<&pilotfish_api::pb::google::protobuf::UInt32Value>,
+                     d: u64| { t.and_then(f).map_or(d, |v| v.value as u64) };
+            Thresholds {
+                max_connections: v(|t| t.max_connections.as_ref(), 1024),
+                max_pending_requests: v(|t| t.max_pending_requests.as_ref(), 1024),
+                max_requests: v(|t| t.max_requests.as_ref(), 1024),
+                max_retries: v(|t| t.max_retries.as_ref(), 3),
+            }
+        })
+    }
+}
+
+/// The circuit breakers' gauges (`circuit_breakers.default.cx_open`, and with
+/// `track_remaining` the `remaining_*` ones), kept current as connections come and go.
+pub struct BreakerStats {
+    cx_open: Arc<Stat>,
+    rq_pending_open: Arc<Stat>,
+    rq_open: Arc<Stat>,
+    remaining: Option<[Arc<Stat>; 3]>,
 }
 
 pub struct Cluster {
@@ -224,10 +192,11 @@ pub struct Cluster {
     pub kind: String,
     pub connect_timeout: Duration,
     pub source_address: Option<IpAddr>,
-    pub max_connections: u64,
-    pub lb_policy: LbPolicy,
+    /// Circuit breaker thresholds, DEFAULT and HIGH priority; connections use DEFAULT.
+    pub thresholds: [Thresholds; 2],
+    breakers: BreakerStats,
+    pub lb: crate::lb::LoadBalancer,
     pub hosts: Mutex<Vec<Arc<Host>>>,
-    rr: AtomicUsize,
     pub stats: ClusterStats,
     pub config: ClusterConfig,
     pub outlier: Option<crate::outlier::Detector>,
@@ -242,7 +211,10 @@ pub struct Cluster {
 #[derive(Debug)]
 pub enum ConnectError {
     NoHealthyHost,
+    /// `max_connections` reached.
     Overflow,
+    /// `max_pending_requests` reached: the pool refuses the attempt.
+    PendingOverflow,
     Timeout(String),
     Failed(String, std::io::Error),
     /// The host, and what went wrong in its TLS.
@@ -266,6 +238,9 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::NoHealthyHost => write!(f, "no healthy host"),
             ConnectError::Overflow => write!(f, "max_connections reached (circuit breaker)"),
+            ConnectError::PendingOverflow => {
+                write!(f, "max_pending_requests reached (circuit breaker)")
+            }
             ConnectError::Timeout(h) => write!(f, "connect to {h} timed out"),
             ConnectError::Failed(h, e) => write!(f, "connect to {h} failed: {e}"),
             ConnectError::Tls(h, e) => write!(f, "TLS to {h}: {e}"),
@@ -288,13 +263,15 @@ fn upstream_tls_context(ts: &TransportSocket) -> Option<UpstreamTlsContext> {
 fn make_host(h: &pilotfish_decide::cluster::Host, checked: bool) -> Arc<Host> {
     Arc::new(Host {
         address: h.address.clone(),
-        hostname: String::new(),
+        hostname: h.hostname.clone(),
         priority: h.priority,
         region: h.region.clone(),
         zone: h.zone.clone(),
         sub_zone: h.sub_zone.clone(),
         health: h.health.clone(),
         weight: h.weight.unwrap_or(1),
+        locality_weight: h.locality_weight,
+        hash_key: h.hash_key.clone(),
         transport: h.transport.clone(),
         stats: HostStats::default(),
         active_hc_failed: AtomicBool::new(checked),
@@ -313,12 +290,35 @@ impl ClusterManager {
             let c = &r.value;
             let d = hosts(set, c, None);
             let s = |n: &str| format!("cluster.{}.{n}", r.name);
-            let max_connections = c
+            let thresholds = Thresholds::of(c);
+            let track_remaining = c
                 .circuit_breakers
                 .as_ref()
                 .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
-                .and_then(|t| t.max_connections.as_ref())
-                .map_or(1024, |v| v.value as u64);
+                .is_some_and(|t| t.track_remaining);
+            let b = |n: &str| stats.gauge(&s(&format!("circuit_breakers.default.{n}")));
+            // HIGH priority carries no connection here: its gauges stay at rest.
+            for n in [
+                "cx_open",
+                "cx_pool_open",
+                "rq_pending_open",
+                "rq_open",
+                "rq_retry_open",
+            ] {
+                stats.gauge(&s(&format!("circuit_breakers.high.{n}")));
+            }
+            let breakers = BreakerStats {
+                cx_open: b("cx_open"),
+                rq_pending_open: b("rq_pending_open"),
+                rq_open: b("rq_open"),
+                remaining: track_remaining
+                    .then(|| [b("remaining_cx"), b("remaining_pending"), b("remaining_rq")]),
+            };
+            b("cx_pool_open");
+            b("rq_retry_open");
+            if track_remaining {
+                b("remaining_retries").set(thresholds[0].max_retries);
+            }
             let mut cluster = Cluster {
                 name: r.name.clone(),
                 kind: d.kind.clone(),
@@ -327,15 +327,15 @@ impl ClusterManager {
                     Duration::from_secs(5),
                 ),
                 source_address: d.source_address.as_deref().and_then(|a| a.parse().ok()),
-                max_connections,
-                lb_policy: LbPolicy::of(c),
+                thresholds,
+                breakers,
+                lb: crate::lb::LoadBalancer::of(c),
                 hosts: Mutex::new(
                     d.hosts
                         .iter()
                         .map(|h| make_host(h, !c.health_checks.is_empty()))
                         .collect(),
                 ),
-                rr: AtomicUsize::new(0),
                 stats: ClusterStats {
                     upstream_cx_total: stats.counter(&s("upstream_cx_total")),
                     upstream_cx_active: stats.gauge(&s("upstream_cx_active")),
@@ -346,6 +346,13 @@ impl ClusterManager {
                     upstream_cx_rx_bytes_total: stats.counter(&s("upstream_cx_rx_bytes_total")),
                     upstream_cx_tx_bytes_total: stats.counter(&s("upstream_cx_tx_bytes_total")),
                     upstream_cx_destroy: stats.counter(&s("upstream_cx_destroy")),
+                    upstream_cx_connect_attempts_exceeded: stats
+                        .counter(&s("upstream_cx_connect_attempts_exceeded")),
+                    upstream_rq_total: stats.counter(&s("upstream_rq_total")),
+                    upstream_rq_active: stats.gauge(&s("upstream_rq_active")),
+                    upstream_rq_pending_total: stats.counter(&s("upstream_rq_pending_total")),
+                    upstream_rq_pending_active: stats.gauge(&s("upstream_rq_pending_active")),
+                    upstream_rq_pending_overflow: stats.counter(&s("upstream_rq_pending_overflow")),
                 },
                 config: c.clone(),
                 outlier: c
@@ -375,6 +382,17 @@ impl ClusterManager {
                 }
             }
             cluster.tls = tls;
+            // As in Envoy, the open gauges move with the counts (they start closed even at a
+            // zero limit) and the remaining ones start at the limits.
+            if let Some(r) = &cluster.breakers.remaining {
+                let t = cluster.thresholds[0];
+                for (g, v) in
+                    r.iter()
+                        .zip([t.max_connections, t.max_pending_requests, t.max_requests])
+                {
+                    g.set(v);
+                }
+            }
             by_name.insert(r.name.clone(), clusters.len());
             clusters.push(Arc::new(cluster));
         }
@@ -384,6 +402,17 @@ impl ClusterManager {
     pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.by_name.get(name).map(|&i| &self.clusters[i])
     }
+}
+
+/// What the load balancer knows about the connection it picks a host for.
+pub struct LbContext {
+    /// The downstream connection's destination (ORIGINAL_DST's host).
+    pub original_destination: SocketAddr,
+    /// The hash policy's hash, for RING_HASH and MAGLEV.
+    pub hash: Option<u64>,
+    pub conn: u64,
+    /// Which connect attempt this is (1 for the first).
+    pub attempt: u32,
 }
 
 /// An upstream connection; dropping it gives its slot back to the circuit breaker and the
@@ -399,18 +428,22 @@ pub struct Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.host.stats.cx_active.fetch_sub(1, Ordering::Relaxed);
+        self.host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
         self.cluster.stats.upstream_cx_active.dec();
+        self.cluster.stats.upstream_rq_active.dec();
         self.cluster.stats.upstream_cx_destroy.inc();
+        self.cluster.update_breakers();
     }
 }
 
 impl Cluster {
     /// The host for the next connection: ORIGINAL_DST's own host for the destination (created on
-    /// first use), otherwise round robin over the first priority level that has healthy hosts.
-    pub fn pick(&self, original_destination: SocketAddr, conn: u64) -> Option<Arc<Host>> {
+    /// first use), otherwise the load balancer's pick.
+    pub fn pick(&self, ctx: &LbContext) -> Option<Arc<Host>> {
+        let conn = ctx.conn;
         let mut hosts = self.hosts.lock().unwrap();
         if self.kind == "ORIGINAL_DST" {
-            let addr = original_destination.to_string();
+            let addr = ctx.original_destination.to_string();
             if let Some(h) = hosts.iter().find(|h| h.address == addr) {
                 h.used.store(true, Ordering::Relaxed);
                 return Some(h.clone());
@@ -427,6 +460,8 @@ impl Cluster {
                 sub_zone: String::new(),
                 health: "HEALTHY".into(),
                 weight: 1,
+                locality_weight: None,
+                hash_key: None,
                 transport,
                 stats: HostStats::default(),
                 active_hc_failed: AtomicBool::new(false),
@@ -439,27 +474,8 @@ impl Cluster {
             hosts.push(h.clone());
             return Some(h);
         }
-        let candidates = eligible(&hosts, crate::random(conn));
-        if candidates.is_empty() {
-            return None;
-        }
-        let n = candidates.len();
-        let i = match self.lb_policy {
-            LbPolicy::RoundRobin => self.rr.fetch_add(1, Ordering::Relaxed) % n,
-            LbPolicy::Random => (crate::random(conn ^ 0x5bd1) % n as u64) as usize,
-            // Power of two choices: the less loaded of two random hosts.
-            LbPolicy::LeastRequest => {
-                let a = (crate::random(conn) % n as u64) as usize;
-                let b = (crate::random(conn.rotate_left(17) ^ 0xa5a5) % n as u64) as usize;
-                let load = |i: usize| candidates[i].stats.cx_active.load(Ordering::Relaxed);
-                if load(b) < load(a) {
-                    b
-                } else {
-                    a
-                }
-            }
-        };
-        Some(candidates[i].clone())
+        let random = crate::random(ctx.conn ^ ((ctx.attempt as u64) << 40));
+        self.lb.choose(&hosts, ctx.hash, random)
     }
 
     /// ORIGINAL_DST's cleanup: every `cleanup_interval` (5 s by default), hosts neither picked
@@ -493,18 +509,63 @@ impl Cluster {
     /// Connects to a host of this cluster, as Envoy's TCP connection pool does.
     pub async fn connect(
         self: &Arc<Self>,
-        original_destination: SocketAddr,
-        conn: u64,
+        ctx: &LbContext,
         upstream_id: u64,
     ) -> Result<Upstream, ConnectError> {
-        if self.stats.upstream_cx_active.get() >= self.max_connections {
+        let conn = ctx.conn;
+        let limits = self.thresholds[0];
+        if self.stats.upstream_cx_active.get() >= limits.max_connections {
             self.stats.upstream_cx_overflow.inc();
             return Err(ConnectError::Overflow);
         }
-        let Some(host) = self.pick(original_destination, conn) else {
+        let Some(host) = self.pick(ctx) else {
             self.stats.upstream_cx_none_healthy.inc();
             return Err(ConnectError::NoHealthyHost);
         };
+        // As in Envoy's connection pool, the attempt waits as a pending request until its
+        // connection is up.
+        if self.stats.upstream_rq_pending_active.get() >= limits.max_pending_requests {
+            self.stats.upstream_rq_pending_overflow.inc();
+            return Err(ConnectError::PendingOverflow);
+        }
+        self.stats.upstream_rq_pending_total.inc();
+        self.stats.upstream_rq_pending_active.inc();
+        self.update_breakers();
+        let result = self.connect_to(host, conn, upstream_id).await;
+        self.stats.upstream_rq_pending_active.dec();
+        if let Ok(u) = &result {
+            self.stats.upstream_rq_total.inc();
+            self.stats.upstream_rq_active.inc();
+            u.host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+            u.host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+        }
+        self.update_breakers();
+        result
+    }
+
+    fn update_breakers(&self) {
+        let l = self.thresholds[0];
+        let b = &self.breakers;
+        let cx = self.stats.upstream_cx_active.get();
+        let pending = self.stats.upstream_rq_pending_active.get();
+        let rq = self.stats.upstream_rq_active.get();
+        b.cx_open.set((cx >= l.max_connections) as u64);
+        b.rq_pending_open
+            .set((pending >= l.max_pending_requests) as u64);
+        b.rq_open.set((rq >= l.max_requests) as u64);
+        if let Some([rcx, rpending, rrq]) = &b.remaining {
+            rcx.set(l.max_connections.saturating_sub(cx));
+            rpending.set(l.max_pending_requests.saturating_sub(pending));
+            rrq.set(l.max_requests.saturating_sub(rq));
+        }
+    }
+
+    async fn connect_to(
+        self: &Arc<Self>,
+        host: Arc<Host>,
+        conn: u64,
+        upstream_id: u64,
+    ) -> Result<Upstream, ConnectError> {
         let tls = match self.tls.get(&host.transport.matched) {
             Some(Ok(t)) => Some(t.clone()),
             Some(Err(e)) => return Err(ConnectError::Tls(host.address.clone(), e.clone())),
@@ -599,70 +660,5 @@ impl Cluster {
             host,
             cluster: self.clone(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn host(port: u16, priority: u32, health: &str) -> Arc<Host> {
-        Arc::new(Host {
-            address: format!("127.0.0.1:{port}"),
-            hostname: String::new(),
-            priority,
-            region: String::new(),
-            zone: String::new(),
-            sub_zone: String::new(),
-            health: health.into(),
-            weight: 1,
-            transport: UpstreamTransport {
-                matched: "default".into(),
-                socket: "envoy.transport_sockets.raw_buffer".into(),
-                sni: None,
-                alpn: vec![],
-            },
-            stats: HostStats::default(),
-            active_hc_failed: AtomicBool::new(false),
-            active_hc_pending: AtomicBool::new(false),
-            ejected: AtomicBool::new(false),
-            outlier: Default::default(),
-            used: AtomicBool::new(false),
-        })
-    }
-
-    fn ports(hs: &[Arc<Host>]) -> Vec<String> {
-        hs.iter().map(|h| h.address.clone()).collect()
-    }
-
-    #[test]
-    fn priority_load_spills_over_and_panics_like_envoy() {
-        // P0 fully healthy takes everything.
-        let hs = vec![host(1, 0, "HEALTHY"), host(2, 1, "HEALTHY")];
-        for r in 0..100 {
-            assert_eq!(ports(&eligible(&hs, r)), ["127.0.0.1:1"]);
-        }
-        // P0 half healthy: 70% (0.5 x 1.4) stays in P0, 30% spills to P1; no panic at 50%.
-        let hs = vec![
-            host(1, 0, "HEALTHY"),
-            host(2, 0, "UNHEALTHY"),
-            host(3, 1, "HEALTHY"),
-        ];
-        let to_p0 = (0..100)
-            .filter(|r| eligible(&hs, *r)[0].priority == 0)
-            .count();
-        assert_eq!(to_p0, 70);
-        assert_eq!(ports(&eligible(&hs, 0)), ["127.0.0.1:1"]);
-        // One of three healthy: under the 50% panic threshold, all three are used.
-        let hs = vec![
-            host(1, 0, "HEALTHY"),
-            host(2, 0, "UNHEALTHY"),
-            host(3, 0, "DRAINING"),
-        ];
-        assert_eq!(eligible(&hs, 0).len(), 3);
-        // Nothing healthy anywhere: P0 in panic.
-        let hs = vec![host(1, 0, "UNHEALTHY"), host(2, 1, "UNHEALTHY")];
-        assert_eq!(ports(&eligible(&hs, 0)), ["127.0.0.1:1"]);
-        assert!(eligible(&[], 0).is_empty());
     }
 }

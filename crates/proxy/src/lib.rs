@@ -12,6 +12,7 @@ pub mod admin;
 pub mod cluster;
 pub mod dns;
 pub mod health_check;
+pub mod lb;
 pub mod listener_filter;
 pub mod log;
 pub mod outlier;
@@ -131,9 +132,7 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
     }
     for c in &cfg.resources.clusters {
         use pilotfish_api::pb::envoy::config::cluster::v3::cluster::LbPolicy as P;
-        if let Ok(p @ (P::RingHash | P::Maglev | P::LoadBalancingPolicyConfig)) =
-            P::try_from(c.value.lb_policy)
-        {
+        if let Ok(p @ P::LoadBalancingPolicyConfig) = P::try_from(c.value.lb_policy) {
             *gaps
                 .entry(format!("lb_policy {} (round robin used)", p.as_str_name()))
                 .or_default() += 1;

@@ -4,7 +4,7 @@
 //! `pilotfish_decide`.
 
 use crate::cluster::{ClusterManager, Io};
-use crate::stats::Store;
+use crate::stats::{Stat, Store};
 use crate::transport_socket::{check_sans, DownstreamTls};
 use crate::{listener_filter, tcp_proxy};
 use pilotfish_api::pb::envoy::config::listener::v3::{filter, Listener};
@@ -55,6 +55,8 @@ pub struct Server {
     access_logs: std::sync::Mutex<
         std::collections::HashMap<Vec<u8>, Arc<Vec<crate::access_log::AccessLog>>>,
     >,
+    /// Each listener's counters, by listener name.
+    listener_stats: std::collections::HashMap<String, ListenerStats>,
     /// Downstream TLS per (listener, filter chain index or `default`), built at start-up.
     pub downstream_tls:
         std::collections::HashMap<(String, String), Result<Arc<DownstreamTls>, String>>,
@@ -65,19 +67,11 @@ impl Server {
         let stats = Store::default();
         let clusters = ClusterManager::new(&set, &stats);
         // Envoy creates a listener's counters with the listener, so they read 0 before use.
-        for l in &set.listeners {
-            let scope = listener_scope(&l.value);
-            for c in [
-                "downstream_cx_total",
-                "downstream_cx_destroy",
-                "no_filter_chain_match",
-                "downstream_listener_filter_remote_close",
-                "downstream_pre_cx_timeout",
-            ] {
-                stats.counter(&format!("{scope}.{c}"));
-            }
-            stats.gauge(&format!("{scope}.downstream_cx_active"));
-        }
+        let listener_stats = set
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), ListenerStats::new(&l.value, &stats)))
+            .collect();
         let mut downstream_tls = std::collections::HashMap::new();
         for l in &set.listeners {
             for (key, fc) in chains(&l.value) {
@@ -93,22 +87,13 @@ impl Server {
                     tracing::warn!(target: "config", "listener '{}' filter chain {key}: TLS: {e}: connections to this chain are closed", l.name);
                 }
                 downstream_tls.insert((l.name.clone(), key), built);
-                let scope = listener_scope(&l.value);
-                for c in [
-                    "handshake",
-                    "connection_error",
-                    "no_certificate",
-                    "fail_verify_san",
-                    "fail_verify_error",
-                ] {
-                    stats.counter(&format!("{scope}.ssl.{c}"));
-                }
             }
         }
         let server = Arc::new(Server {
             terminals: Default::default(),
             access_logs: Default::default(),
             downstream_tls,
+            listener_stats,
             set,
             clusters,
             stats,
@@ -226,6 +211,60 @@ pub fn chains(
         )
 }
 
+/// A listener's counters (`listener.<address>.*`), made with the listener so a connection only
+/// counts.
+struct ListenerStats {
+    scope: String,
+    downstream_cx_total: Arc<Stat>,
+    downstream_cx_destroy: Arc<Stat>,
+    downstream_cx_active: Arc<Stat>,
+    no_filter_chain_match: Arc<Stat>,
+    downstream_listener_filter_remote_close: Arc<Stat>,
+    downstream_pre_cx_timeout: Arc<Stat>,
+    /// Only listeners with TLS chains have them, as in Envoy.
+    ssl: Option<SslStats>,
+}
+
+/// `listener.<address>.ssl.*`: what downstream TLS handshakes came to.
+struct SslStats {
+    handshake: Arc<Stat>,
+    connection_error: Arc<Stat>,
+    no_certificate: Arc<Stat>,
+    fail_verify_san: Arc<Stat>,
+}
+
+impl ListenerStats {
+    fn new(l: &Listener, stats: &Store) -> ListenerStats {
+        let scope = listener_scope(l);
+        let c = |n: &str| stats.counter(&format!("{scope}.{n}"));
+        let has_tls = chains(l).any(|(_, fc)| {
+            fc.transport_socket
+                .as_ref()
+                .and_then(downstream_tls_context)
+                .is_some()
+        });
+        let ssl = has_tls.then(|| {
+            c("ssl.fail_verify_error");
+            SslStats {
+                handshake: c("ssl.handshake"),
+                connection_error: c("ssl.connection_error"),
+                no_certificate: c("ssl.no_certificate"),
+                fail_verify_san: c("ssl.fail_verify_san"),
+            }
+        });
+        ListenerStats {
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_cx_destroy: c("downstream_cx_destroy"),
+            downstream_cx_active: stats.gauge(&format!("{scope}.downstream_cx_active")),
+            no_filter_chain_match: c("no_filter_chain_match"),
+            downstream_listener_filter_remote_close: c("downstream_listener_filter_remote_close"),
+            downstream_pre_cx_timeout: c("downstream_pre_cx_timeout"),
+            ssl,
+            scope,
+        }
+    }
+}
+
 /// The stat scope of a listener: its stat_prefix, or its address as Envoy writes it.
 fn listener_scope(l: &Listener) -> String {
     if !l.stat_prefix.is_empty() {
@@ -334,15 +373,23 @@ pub async fn accept_loop(server: Arc<Server>, name: String, listener: TcpListene
 }
 
 fn listener_filter_failed(server: &Server, l: &Listener, e: &listener_filter::FilterError) {
-    let stat = match e {
-        listener_filter::FilterError::Timeout => "downstream_pre_cx_timeout",
-        listener_filter::FilterError::Closed => "downstream_listener_filter_remote_close",
-        listener_filter::FilterError::ProxyProtocol => "downstream_cx_proxy_proto_error",
+    let Some(stats) = server.listener_stats.get(&l.name) else {
+        return;
     };
-    server
-        .stats
-        .counter(&format!("{}.{stat}", listener_scope(l)))
-        .inc();
+    match e {
+        listener_filter::FilterError::Timeout => stats.downstream_pre_cx_timeout.inc(),
+        listener_filter::FilterError::Closed => stats.downstream_listener_filter_remote_close.inc(),
+        // The proxy_protocol filter's counter appears with its first error.
+        listener_filter::FilterError::ProxyProtocol => server
+            .stats
+            .counter(&format!("{}.downstream_cx_proxy_proto_error", stats.scope))
+            .inc(),
+    }
+}
+
+/// A connection's `per_connection_buffer_limit_bytes` (Envoy's default 1 MiB).
+pub fn buffer_limit(v: Option<&pilotfish_api::pb::google::protobuf::UInt32Value>) -> usize {
+    v.map_or(1024 * 1024, |v| v.value as usize)
 }
 
 /// One downstream connection, from accept to close.
@@ -399,7 +446,9 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             }
         }
     }
-    let scope = listener_scope(l);
+    let Some(stats) = server.listener_stats.get(&l.name) else {
+        return;
+    };
     let input = ChainInput {
         local,
         source: found.source.unwrap_or(peer),
@@ -410,19 +459,12 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
     };
     let (selected, _) = filter_chain::select(l, &input);
     if filter_chain::chain(l, &selected).is_none() {
-        server
-            .stats
-            .counter(&format!("{scope}.no_filter_chain_match"))
-            .inc();
+        stats.no_filter_chain_match.inc();
         tracing::debug!(target: "conn_handler", connection = conn, "closing connection from {peer}: no matching filter chain found");
         return;
     }
-    server
-        .stats
-        .counter(&format!("{scope}.downstream_cx_total"))
-        .inc();
-    let active = server.stats.gauge(&format!("{scope}.downstream_cx_active"));
-    active.inc();
+    stats.downstream_cx_total.inc();
+    stats.downstream_cx_active.inc();
     let new_connection =
         || tracing::debug!(target: "conn_handler", connection = conn, "new connection from {peer}");
     let chain_name = match selected {
@@ -438,14 +480,14 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
     let tls = server.downstream_tls.get(&key);
     if let Some(Err(e)) = tls {
         tracing::debug!(target: "connection", connection = conn, "filter chain {chain_name}: TLS context unusable ({e}): closing");
-        finish(server, &scope, &active, conn);
+        finish(stats, conn);
         return;
     }
     // The transport socket gets ready (a TLS handshake) while the network filters start, as in
     // Envoy: tcp_proxy connects upstream meanwhile.
     let ready = async {
         match tls {
-            Some(Ok(tls)) => handshake(server, &scope, tls, stream, conn).await,
+            Some(Ok(tls)) => handshake(stats.ssl.as_ref(), tls, stream, conn).await,
             _ => Some(Box::new(stream) as Box<dyn Io>),
         }
     };
@@ -455,6 +497,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
                 remote: found.source.unwrap_or(peer),
                 local,
                 server_name: found.server_name.clone(),
+                buffer_limit: buffer_limit(l.per_connection_buffer_limit_bytes.as_ref()),
             };
             tcp_proxy::run(server, tcp, ready, &info, conn, new_connection).await;
         }
@@ -464,33 +507,33 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         }
         _ => new_connection(),
     }
-    finish(server, &scope, &active, conn);
+    finish(stats, conn);
 }
 
-fn finish(server: &Server, scope: &str, active: &crate::stats::Stat, conn: u64) {
-    active.dec();
-    server
-        .stats
-        .counter(&format!("{scope}.downstream_cx_destroy"))
-        .inc();
+fn finish(stats: &ListenerStats, conn: u64) {
+    stats.downstream_cx_active.dec();
+    stats.downstream_cx_destroy.inc();
     tracing::debug!(target: "connection", connection = conn, "closing socket: 0");
 }
 
 /// The downstream TLS handshake, then the peer certificate's SANs against the validation
 /// context; None (the connection closes) when either fails, counted as Envoy counts it.
 async fn handshake(
-    server: &Server,
-    scope: &str,
+    ssl: Option<&SslStats>,
     tls: &DownstreamTls,
     stream: TcpStream,
     conn: u64,
 ) -> Option<Box<dyn Io>> {
-    let count = |n: &str| server.stats.counter(&format!("{scope}.ssl.{n}")).inc();
+    let count = |pick: fn(&SslStats) -> &Arc<Stat>| {
+        if let Some(s) = ssl {
+            pick(s).inc();
+        }
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
     let s = match acceptor.accept(stream).await {
         Ok(s) => s,
         Err(e) => {
-            count("connection_error");
+            count(|s| &s.connection_error);
             tracing::debug!(target: "connection", connection = conn, "TLS error: {e}");
             return None;
         }
@@ -498,14 +541,14 @@ async fn handshake(
     let (_, session) = s.get_ref();
     let leaf = session.peer_certificates().and_then(|c| c.first());
     if leaf.is_none() {
-        count("no_certificate");
+        count(|s| &s.no_certificate);
     }
     if let Err(e) = check_sans(&tls.san_matchers, leaf) {
-        count("fail_verify_san");
+        count(|s| &s.fail_verify_san);
         tracing::debug!(target: "connection", connection = conn, "TLS error: {e}");
         return None;
     }
-    count("handshake");
+    count(|s| &s.handshake);
     tracing::debug!(target: "connection", connection = conn, "handshake complete");
     Some(Box::new(s))
 }

@@ -31,6 +31,9 @@ impl Stat {
     pub fn get(&self) -> u64 {
         self.value.load(Ordering::Relaxed)
     }
+    pub fn set(&self, v: u64) {
+        self.value.store(v, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]

@@ -5,8 +5,10 @@
 use crate::server::Server;
 use crate::stats::Stat;
 use pilotfish_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use pilotfish_api::pb::envoy::r#type::v3::hash_policy::PolicySpecifier as HashPolicy;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -80,6 +82,8 @@ pub struct Downstream {
     /// The destination (restored by original_dst).
     pub local: SocketAddr,
     pub server_name: Option<String>,
+    /// The listener's `per_connection_buffer_limit_bytes`.
+    pub buffer_limit: usize,
 }
 
 pub async fn run<S, F>(
@@ -112,6 +116,9 @@ pub async fn run<S, F>(
         flags: vec![],
         server_name: info.server_name.clone(),
         connection_id: conn,
+        response_code: 0,
+        log_type: pilotfish_api::pb::envoy::data::accesslog::v3::AccessLogType::TcpConnectionEnd
+            as i32,
     };
     let logs = &filter.logs;
     let log = |mut e: crate::access_log::Entry| {
@@ -133,12 +140,22 @@ pub async fn run<S, F>(
         .max_connect_attempts
         .as_ref()
         .map_or(1, |v| v.value.max(1));
+    // Only `source_ip` gives a hash: pilotfish keeps no filter state objects, and Envoy picks
+    // at random when the named object is absent.
+    let hash = tcp
+        .hash_policy
+        .first()
+        .and_then(|p| match p.policy_specifier {
+            Some(HashPolicy::SourceIp(_)) => Some(crate::lb::source_ip_hash(info.remote.ip())),
+            _ => None,
+        });
     let mut connecting = std::pin::pin!(connect(
         server,
         cluster,
         &name,
         attempts,
         original_destination,
+        hash,
         conn
     ));
     // One poll runs the connection's start (host picked or created, "connecting"): Envoy logs
@@ -154,13 +171,20 @@ pub async fn run<S, F>(
     let (upstream, downstream) = tokio::join!(upstream, downstream);
     let (mut up, up_id) = match upstream {
         Ok(u) => u,
-        Err(e) => {
+        Err((e, connect_failed)) => {
             entry.upstream_host = e.as_ref().and_then(|e| e.host()).map(str::to_string);
             match e {
                 Some(crate::cluster::ConnectError::Overflow) => entry.flags.push("UO"),
                 Some(crate::cluster::ConnectError::NoHealthyHost) => entry.flags.push("UH"),
-                // Connect attempts used up: Envoy flags the failure and the exhausted retries.
-                _ => entry.flags.extend(["UF", "URX"]),
+                // Connect attempts used up: Envoy flags a failed connection (a pool refusing
+                // the attempt is not one) and the exhausted retries.
+                _ => {
+                    if connect_failed {
+                        entry.flags.push("UF");
+                    }
+                    entry.flags.push("URX");
+                    cluster.stats.upstream_cx_connect_attempts_exceeded.inc();
+                }
             }
             log(entry);
             return;
@@ -178,7 +202,11 @@ pub async fn run<S, F>(
         Duration::from_secs(3600),
     ))
     .filter(|d| !d.is_zero());
-    let (rx, tx, idled) = relay(&mut downstream, &mut up.stream, idle).await;
+    let limits = (
+        info.buffer_limit,
+        crate::server::buffer_limit(up.cluster.config.per_connection_buffer_limit_bytes.as_ref()),
+    );
+    let (rx, tx, idled) = relay(&mut downstream, &mut up.stream, idle, limits).await;
     stats.downstream_cx_rx_bytes_total.add(rx);
     stats.downstream_cx_tx_bytes_total.add(tx);
     up.cluster.stats.upstream_cx_tx_bytes_total.add(rx);
@@ -200,22 +228,31 @@ async fn connect(
     name: &str,
     attempts: u32,
     original_destination: SocketAddr,
+    hash: Option<u64>,
     conn: u64,
-) -> Result<(crate::cluster::Upstream, u64), Option<crate::cluster::ConnectError>> {
+) -> Result<(crate::cluster::Upstream, u64), (Option<crate::cluster::ConnectError>, bool)> {
+    use crate::cluster::ConnectError;
     let mut last = None;
+    let mut connect_failed = false;
     for attempt in 1..=attempts {
         let id = server.next_connection_id();
-        match cluster.connect(original_destination, conn, id).await {
+        let ctx = crate::cluster::LbContext {
+            original_destination,
+            hash,
+            conn,
+            attempt,
+        };
+        match cluster.connect(&ctx, id).await {
             Ok(u) => {
                 tracing::debug!(target: "filter", connection = conn, "TCP:onUpstreamEvent(), requestedServerName: ");
                 return Ok((u, id));
             }
             Err(e) => {
                 tracing::debug!(target: "filter", connection = conn, "upstream connection attempt {attempt} of {attempts} to cluster {name}: {e}");
-                let stop = matches!(
+                let stop = matches!(e, ConnectError::Overflow | ConnectError::NoHealthyHost);
+                connect_failed |= matches!(
                     e,
-                    crate::cluster::ConnectError::Overflow
-                        | crate::cluster::ConnectError::NoHealthyHost
+                    ConnectError::Timeout(_) | ConnectError::Failed(..) | ConnectError::Tls(..)
                 );
                 last = Some(e);
                 if stop {
@@ -224,46 +261,82 @@ async fn connect(
             }
         }
     }
-    Err(last)
+    Err((last, connect_failed))
 }
 
 /// Copies both ways, half-closing each side when the other finishes sending; returns the bytes
-/// received from and sent to the downstream, and whether the idle timeout ended it.
+/// received from and sent to the downstream, and whether the idle timeout ended it. Each
+/// direction runs on its own, so a peer that stops reading holds back only what flows to it;
+/// what is read from a side and not yet written to the other never exceeds that side's
+/// `per_connection_buffer_limit_bytes` (`limits`: downstream, upstream).
 async fn relay<D: AsyncRead + AsyncWrite + Unpin, U: AsyncRead + AsyncWrite + Unpin>(
     down: &mut D,
     up: &mut U,
     idle: Option<Duration>,
+    limits: (usize, usize),
 ) -> (u64, u64, bool) {
     let (mut dr, mut dw) = tokio::io::split(down);
     let (mut ur, mut uw) = tokio::io::split(up);
-    let mut b1 = vec![0u8; 16 * 1024];
-    let mut b2 = vec![0u8; 16 * 1024];
-    let (mut rx, mut tx) = (0u64, 0u64);
-    let (mut down_open, mut up_open) = (true, true);
-    let far = Duration::from_secs(365 * 24 * 3600);
-    let sleep = tokio::time::sleep(idle.unwrap_or(far));
-    tokio::pin!(sleep);
-    while down_open || up_open {
-        tokio::select! {
-            r = dr.read(&mut b1), if down_open => match r {
-                Ok(0) | Err(_) => { down_open = false; let _ = uw.shutdown().await; }
-                Ok(n) => {
-                    rx += n as u64;
-                    if uw.write_all(&b1[..n]).await.is_err() { break; }
-                }
-            },
-            r = ur.read(&mut b2), if up_open => match r {
-                Ok(0) | Err(_) => { up_open = false; let _ = dw.shutdown().await; }
-                Ok(n) => {
-                    tx += n as u64;
-                    if dw.write_all(&b2[..n]).await.is_err() { break; }
-                }
-            },
-            _ = &mut sleep => return (rx, tx, true),
+    let start = tokio::time::Instant::now();
+    let activity = AtomicU64::new(0);
+    let (rx, tx) = (AtomicU64::new(0), AtomicU64::new(0));
+    let both = async {
+        let d2u = pump(&mut dr, &mut uw, limits.0, start, &activity, &rx);
+        let u2d = pump(&mut ur, &mut dw, limits.1, start, &activity, &tx);
+        tokio::pin!(d2u, u2d);
+        let (mut d2u_done, mut u2d_done) = (false, false);
+        // A failed write ends both directions; a side that finished sending waits for the other.
+        while !(d2u_done && u2d_done) {
+            tokio::select! {
+                ok = &mut d2u, if !d2u_done => { if !ok { return; } d2u_done = true; }
+                ok = &mut u2d, if !u2d_done => { if !ok { return; } u2d_done = true; }
+            }
         }
-        sleep
-            .as_mut()
-            .reset(tokio::time::Instant::now() + idle.unwrap_or(far));
+    };
+    let watchdog = async {
+        let Some(idle) = idle else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            let last = start + Duration::from_millis(activity.load(Ordering::Relaxed));
+            if tokio::time::Instant::now() >= last + idle {
+                return;
+            }
+            tokio::time::sleep_until(last + idle).await;
+        }
+    };
+    let idled = tokio::select! {
+        _ = both => false,
+        _ = watchdog => true,
+    };
+    (rx.into_inner(), tx.into_inner(), idled)
+}
+
+/// One direction: reads at most `limit` bytes (16 KiB at a time) before writing them on.
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    limit: usize,
+    start: tokio::time::Instant,
+    activity: &AtomicU64,
+    bytes: &AtomicU64,
+) -> bool {
+    let mut buf = vec![0u8; limit.clamp(1, 16 * 1024)];
+    let touch = || activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = w.shutdown().await;
+                return true;
+            }
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+                touch();
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return false;
+                }
+                touch();
+            }
+        }
     }
-    (rx, tx, false)
 }

@@ -89,6 +89,26 @@ fn certificate(
     Ok(Some((chain, key)))
 }
 
+/// The certificate's `ocsp_staple` (a DER OCSP response) sent to clients that ask for one;
+/// empty for none.
+fn ocsp_staple(set: &ResourceSet, common: &CommonTlsContext) -> Result<Vec<u8>, String> {
+    let cert = match (
+        common.tls_certificates.first(),
+        common.tls_certificate_sds_secret_configs.first(),
+    ) {
+        (Some(c), _) => c.clone(),
+        (None, Some(s)) => match sds(set, s)? {
+            secret::Type::TlsCertificate(c) => c.clone(),
+            _ => return Ok(vec![]),
+        },
+        _ => return Ok(vec![]),
+    };
+    match &cert.ocsp_staple {
+        Some(ds) => data(Some(ds), "ocsp_staple"),
+        None => Ok(vec![]),
+    }
+}
+
 /// The validation context in effect: inline, from SDS, or Istio's combined form (the default
 /// context's SAN matchers with the SDS secret's trusted CA).
 fn validation(
@@ -311,6 +331,29 @@ fn provider(params: Option<&TlsParameters>) -> Result<Arc<CryptoProvider>, Strin
         }
         p.cipher_suites = suites;
     }
+    let curves = params.map(|p| p.ecdh_curves.clone()).unwrap_or_default();
+    if !curves.is_empty() {
+        use rustls::crypto::ring::kx_group;
+        let mut groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup> = vec![];
+        for c in &curves {
+            for name in c.split(':') {
+                match name {
+                    "X25519" => groups.push(kx_group::X25519),
+                    "P-256" | "prime256v1" => groups.push(kx_group::SECP256R1),
+                    "P-384" | "secp384r1" => groups.push(kx_group::SECP384R1),
+                    other => {
+                        tracing::warn!(target: "config", "ECDH curve '{other}' has no rustls equivalent; left out");
+                    }
+                }
+            }
+        }
+        if groups.is_empty() {
+            return Err(format!(
+                "ecdh_curves {curves:?}: none is available (rustls offers X25519, P-256, P-384)"
+            ));
+        }
+        p.kx_groups = groups;
+    }
     Ok(Arc::new(p))
 }
 
@@ -362,8 +405,22 @@ pub fn downstream(set: &ResourceSet, ctx: &DownstreamTlsContext) -> Result<Downs
         None => builder.with_no_client_auth(),
     };
     let mut config = builder
-        .with_single_cert(chain, key)
+        .with_single_cert_with_ocsp(chain, key, ocsp_staple(set, &common)?)
         .map_err(|e| format!("certificate and key: {e}"))?;
+    // Envoy resumes sessions both ways unless told not to: tickets (stateless) and its
+    // session cache (stateful).
+    use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::downstream_tls_context::SessionTicketKeysType;
+    if !matches!(
+        ctx.session_ticket_keys_type,
+        Some(SessionTicketKeysType::DisableStatelessSessionResumption(
+            true
+        ))
+    ) {
+        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+    }
+    if ctx.disable_stateful_session_resumption {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
     config.alpn_protocols = common
         .alpn_protocols
         .iter()

@@ -166,3 +166,62 @@ pub fn tls_upstream(leaf: &Leaf, ca: &str, expect_uri: &'static str) -> u16 {
     });
     port
 }
+
+/// A TLS client trusting `ca`, without a client certificate, offering only the named key
+/// exchange groups (`X25519`, `P-256`, `P-384`; all when empty), with its own session cache:
+/// connections made with the same config resume sessions when the server lets them.
+#[allow(dead_code)]
+pub fn tls_client_config(ca: &str, groups: &[&str]) -> Arc<rustls::ClientConfig> {
+    use rustls::crypto::ring::kx_group;
+    let mut p = rustls::crypto::ring::default_provider();
+    if !groups.is_empty() {
+        p.kx_groups = groups
+            .iter()
+            .map(|g| match *g {
+                "X25519" => kx_group::X25519,
+                "P-256" => kx_group::SECP256R1,
+                _ => kx_group::SECP384R1,
+            })
+            .collect();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(p))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots(ca))
+            .with_no_client_auth(),
+    )
+}
+
+/// A TLS handshake with the listener on `port`, then one exchange: whether it was a full or a
+/// resumed handshake, or why it failed.
+#[allow(dead_code)]
+pub fn tls_handshake(
+    port: u16,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<rustls::HandshakeKind, String> {
+    let mut conn = rustls::ClientConnection::new(
+        config.clone(),
+        ServerName::try_from("server.example").unwrap(),
+    )
+    .unwrap();
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+    }
+    let mut s = rustls::Stream::new(&mut conn, &mut sock);
+    s.write_all(b"ping").map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Err("closed".into());
+    }
+    // Session tickets may follow the answer: give them a moment to arrive.
+    s.sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let _ = s.read(&mut buf);
+    conn.handshake_kind().ok_or_else(|| "no handshake".into())
+}
