@@ -355,21 +355,21 @@ static_resources:
 
     #[test]
     fn coverage_lists_unimplemented_fields_once_per_kind_with_an_example() {
-        let cfg = load("route_config: { name: r, virtual_hosts: [{ name: v, domains: ['*'], routes: [{ match: { prefix: /a }, route: { cluster: c, timeout: 3s } }, { match: { prefix: / }, route: { cluster: c, timeout: 1s, retry_policy: { num_retries: 2 } } }] }] }").unwrap();
+        let cfg = load("route_config: { name: r, virtual_hosts: [{ name: v, domains: ['*'], routes: [{ match: { prefix: /a }, route: { cluster: c, idle_timeout: 3s } }, { match: { prefix: / }, route: { cluster: c, idle_timeout: 1s, hedge_policy: { hedge_on_per_try_timeout: true } } }] }] }").unwrap();
         let gaps = coverage::gaps(&cfg.resources);
-        let timeout = gaps
+        let idle = gaps
             .iter()
-            .find(|g| g.key == "envoy.config.route.v3.RouteAction.timeout")
+            .find(|g| g.key == "envoy.config.route.v3.RouteAction.idle_timeout")
             .unwrap();
-        assert_eq!(timeout.count, 2);
+        assert_eq!(idle.count, 2);
         assert!(
-            timeout.example.ends_with("routes[0].route.timeout"),
+            idle.example.ends_with("routes[0].route.idle_timeout"),
             "{}",
-            timeout.example
+            idle.example
         );
         assert!(gaps
             .iter()
-            .any(|g| g.key == "envoy.config.route.v3.RouteAction.retry_policy" && g.count == 1));
+            .any(|g| g.key == "envoy.config.route.v3.RouteAction.hedge_policy" && g.count == 1));
         // Implemented fields are not listed; the inline route config is walked once, via its
         // listener, though the resource set also lists it as a static route configuration.
         assert!(!gaps.iter().any(|g| g.key.ends_with("RouteAction.cluster")));

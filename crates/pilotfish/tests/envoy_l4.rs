@@ -4,14 +4,14 @@
 //! closed without an answer, the core counters, and for some scenarios the `/clusters` host list.
 
 mod common;
+use common::side_by_side::{self, Running};
 use common::tls::{tls_client, tls_upstream, Leaf, Pki};
 use common::*;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// An upstream that answers health checks over HTTP/1.1 (`/healthz` 200, `/sick` 503) and
 /// otherwise answers like the others, with its name.
@@ -888,21 +888,6 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-struct Running {
-    child: Child,
-    access_log: std::path::PathBuf,
-    admin: u16,
-    listen: u16,
-    v6: bool,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn admin_get(admin: u16, path: &str) -> String {
     admin_request(admin, "GET", path).1
 }
@@ -915,13 +900,11 @@ fn start(
     dir: &Path,
     tag: &str,
 ) -> Running {
-    let (admin, listen) = (free_port(), free_port());
     let mut text = resources.to_string();
     for (k, v) in &up.files {
         text = text.replace(k, v);
     }
     let text = text
-        .replace("{L}", &listen.to_string())
         .replace("{U0}", &up.u[0].to_string())
         .replace("{U1}", &up.u[1].to_string())
         .replace("{U2}", &up.u[2].to_string())
@@ -930,56 +913,16 @@ fn start(
         .replace("{LATE}", &up.late.port.to_string())
         .replace("{T}", &up.tls.to_string())
         .replace("{H}", &up.h.to_string());
-    let access_log = dir.join(format!("{tag}.access.log"));
-    let text = text.replace("{ACCESS_LOG}", &access_log.display().to_string());
-    let file = dir.join(format!("{tag}.yaml"));
-    std::fs::write(&file, format!("admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}\n{text}")).unwrap();
-    let log = std::fs::File::create(dir.join(format!("{tag}.log"))).unwrap();
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "-c",
-        file.to_str().unwrap(),
-        "--concurrency",
-        "1",
-        "-l",
-        "debug",
-        "--file-flush-interval-msec",
-        "50",
-    ]);
-    if is_envoy {
-        cmd.arg("--disable-hot-restart");
-    }
-    let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
-    let mut r = Running {
-        child,
-        access_log,
-        admin,
-        listen,
-        v6: text.contains("\"::1\", port_value: "),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(s)) = r.child.try_wait() {
-            panic!(
-                "{tag} exited ({s}): {}",
-                std::fs::read_to_string(dir.join(format!("{tag}.log"))).unwrap_or_default()
-            );
-        }
-        // Both answer LIVE only once their listeners are up.
-        if TcpStream::connect(("127.0.0.1", admin)).is_ok()
-            && admin_get(admin, "/ready") == "LIVE\n"
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{tag} not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    r
+    side_by_side::start(bin, is_envoy, &text, dir, tag)
+}
+
+fn is_v6(r: &Running) -> bool {
+    r.text.contains("\"::1\", port_value: ")
 }
 
 fn connect(r: &Running, from: &str) -> TcpStream {
     let ip: std::net::IpAddr = from.parse().unwrap();
-    let target: SocketAddr = if r.v6 {
+    let target: SocketAddr = if is_v6(r) {
         format!("[::1]:{}", r.listen)
     } else {
         format!("127.0.0.1:{}", r.listen)
@@ -1071,24 +1014,12 @@ fn run_steps(r: &Running, steps: &[Step], up: &Upstreams) -> Vec<String> {
 }
 
 fn stat_values(r: &Running, names: &[&str]) -> BTreeMap<String, String> {
-    let text = admin_get(r.admin, "/stats");
-    let scope = if r.v6 {
+    let scope = if is_v6(r) {
         format!("listener.[__1]_{}", r.listen)
     } else {
         format!("listener.127.0.0.1_{}", r.listen)
     };
-    names
-        .iter()
-        .map(|n| {
-            let full = n.replace("{L}", &scope);
-            let v = text
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{full}: ")))
-                .unwrap_or("(absent)")
-                .to_string();
-            (n.to_string(), v)
-        })
-        .collect()
+    side_by_side::stat_values(r.admin, names, |n| n.replace("{L}", &scope))
 }
 
 /// `/clusters` host lines, ports replaced so both runs compare.

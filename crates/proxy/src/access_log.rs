@@ -44,6 +44,60 @@ pub struct Entry {
     pub response_code: u32,
     /// Envoy's AccessLogType of this entry (TcpConnectionEnd for tcp_proxy's log).
     pub log_type: i32,
+    /// What an HTTP stream adds; None for a TCP connection.
+    pub http: Option<Box<HttpEntry>>,
+}
+
+/// An HTTP stream's part of an access log entry.
+#[derive(Debug, Clone, Default)]
+pub struct HttpEntry {
+    pub method: String,
+    /// The request's path as received (before rewrites).
+    pub path: String,
+    pub authority: String,
+    /// `HTTP/1.1`, `HTTP/2`, ...
+    pub protocol: String,
+    /// Request headers as received (lower-case names), response headers as sent.
+    pub request_headers: Vec<(String, String)>,
+    pub response_headers: Vec<(String, String)>,
+    /// RESPONSE_CODE_DETAILS (`via_upstream`, `route_not_found`, ...).
+    pub details: String,
+    pub route_name: String,
+    pub upstream_transport_failure: Option<String>,
+}
+
+impl HttpEntry {
+    /// A request header (`:method`, `:path`, `:authority` and `:scheme` included) for REQ().
+    fn request(&self, name: &str) -> Option<String> {
+        match name {
+            ":method" => Some(self.method.clone()),
+            ":path" => Some(self.path.clone()),
+            ":authority" | "host" => Some(self.authority.clone()),
+            n => self
+                .request_headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone()),
+        }
+    }
+}
+
+/// A header value template (`%DOWNSTREAM_REMOTE_ADDRESS%`, `%REQ(x-foo)%`, plain text), as
+/// route header mutations use them.
+pub struct Template(Vec<Piece>);
+
+impl Template {
+    pub fn new(text: &str) -> Template {
+        Template(parse(text, &mut vec![]))
+    }
+
+    pub fn is_literal(&self) -> bool {
+        self.0.iter().all(|p| matches!(p, Piece::Text(_)))
+    }
+
+    pub fn render(&self, e: &Entry) -> String {
+        render(&self.0, e).0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -334,13 +388,35 @@ fn value(e: &Entry, name: &str, arg: Option<&str>) -> Option<Value> {
             .filter(|s| !s.is_empty())
             .map(Value::from)?,
         "UPSTREAM_LOCAL_ADDRESS" => Value::from(e.upstream_local?.to_string()),
-        "RESPONSE_FLAGS" => {
-            if e.flags.is_empty() {
-                return None;
-            }
-            Value::from(e.flags.join(","))
+        // No flag is `-`, in text and JSON alike.
+        "RESPONSE_FLAGS" if e.flags.is_empty() => Value::from("-"),
+        "RESPONSE_FLAGS" => Value::from(e.flags.join(",")),
+        "RESPONSE_CODE" => Value::from(e.response_code),
+        "RESPONSE_CODE_DETAILS" => Value::from(e.http.as_ref()?.details.clone()),
+        "PROTOCOL" => Value::from(e.http.as_ref()?.protocol.clone()),
+        "ROUTE_NAME" => Value::from(e.http.as_ref()?.route_name.clone())
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(Value::from)?,
+        "UPSTREAM_TRANSPORT_FAILURE_REASON" => {
+            Value::from(e.http.as_ref()?.upstream_transport_failure.clone()?)
         }
-        "RESPONSE_CODE" => Value::from(0),
+        // `REQ(A?B)`: header A, else header B; RESP likewise on the response headers.
+        "REQ" | "RESP" => {
+            let h = e.http.as_ref()?;
+            let arg = arg?.to_ascii_lowercase();
+            let v = arg.split('?').find_map(|n| {
+                if name == "REQ" {
+                    h.request(n)
+                } else {
+                    h.response_headers
+                        .iter()
+                        .find(|(k, _)| k == n)
+                        .map(|(_, v)| v.clone())
+                }
+            });
+            Value::from(v?)
+        }
         "REQUESTED_SERVER_NAME" => Value::from(e.server_name.clone()?),
         "CONNECTION_ID" => Value::from(e.connection_id),
         "HOSTNAME" => Value::from(

@@ -195,6 +195,8 @@ pub struct Cluster {
     /// Circuit breaker thresholds, DEFAULT and HIGH priority; connections use DEFAULT.
     pub thresholds: [Thresholds; 2],
     breakers: BreakerStats,
+    /// Retries under way (the `max_retries` circuit breaker).
+    retries: AtomicU64,
     pub lb: crate::lb::LoadBalancer,
     pub hosts: Mutex<Vec<Arc<Host>>>,
     pub stats: ClusterStats,
@@ -307,6 +309,24 @@ impl ClusterManager {
             ] {
                 stats.gauge(&s(&format!("circuit_breakers.high.{n}")));
             }
+            // Envoy's cluster counters exist from the start, at 0.
+            for n in [
+                "upstream_rq_timeout",
+                "upstream_rq_per_try_timeout",
+                "upstream_rq_completed",
+                "upstream_rq_retry",
+                "upstream_rq_retry_success",
+                "upstream_rq_retry_overflow",
+                "upstream_rq_retry_limit_exceeded",
+                "upstream_rq_cancelled",
+                "upstream_rq_rx_reset",
+                "upstream_rq_tx_reset",
+                "upstream_cx_http1_total",
+                "upstream_cx_http2_total",
+                "upstream_cx_protocol_error",
+            ] {
+                stats.counter(&s(n));
+            }
             let breakers = BreakerStats {
                 cx_open: b("cx_open"),
                 rq_pending_open: b("rq_pending_open"),
@@ -329,6 +349,7 @@ impl ClusterManager {
                 source_address: d.source_address.as_deref().and_then(|a| a.parse().ok()),
                 thresholds,
                 breakers,
+                retries: AtomicU64::new(0),
                 lb: crate::lb::LoadBalancer::of(c),
                 hosts: Mutex::new(
                     d.hosts
@@ -404,6 +425,15 @@ impl ClusterManager {
     }
 }
 
+/// A retry under way, counted against `max_retries` while it lives.
+pub struct RetryGuard<'a>(&'a Cluster);
+
+impl Drop for RetryGuard<'_> {
+    fn drop(&mut self) {
+        self.0.retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What the load balancer knows about the connection it picks a host for.
 pub struct LbContext {
     /// The downstream connection's destination (ORIGINAL_DST's host).
@@ -423,16 +453,54 @@ pub struct Upstream {
     pub local: Option<SocketAddr>,
     pub host: Arc<Host>,
     pub cluster: Arc<Cluster>,
+    /// A TCP pool's connection carries one request (tcp_proxy's stream) for its whole life;
+    /// HTTP counts its requests itself.
+    carries_request: bool,
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.host.stats.cx_active.fetch_sub(1, Ordering::Relaxed);
-        self.host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
         self.cluster.stats.upstream_cx_active.dec();
-        self.cluster.stats.upstream_rq_active.dec();
+        if self.carries_request {
+            self.host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+            self.cluster.stats.upstream_rq_active.dec();
+        }
         self.cluster.stats.upstream_cx_destroy.inc();
         self.cluster.update_breakers();
+    }
+}
+
+// An upstream is its stream: HTTP codecs own it, and dropping them closes and counts it.
+impl AsyncRead for Upstream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -531,9 +599,10 @@ impl Cluster {
         self.stats.upstream_rq_pending_total.inc();
         self.stats.upstream_rq_pending_active.inc();
         self.update_breakers();
-        let result = self.connect_to(host, conn, upstream_id).await;
+        let mut result = self.connect_to(host, conn, upstream_id).await;
         self.stats.upstream_rq_pending_active.dec();
-        if let Ok(u) = &result {
+        if let Ok(u) = &mut result {
+            u.carries_request = true;
             self.stats.upstream_rq_total.inc();
             self.stats.upstream_rq_active.inc();
             u.host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
@@ -541,6 +610,16 @@ impl Cluster {
         }
         self.update_breakers();
         result
+    }
+
+    pub fn retries_active(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// A retry starts; it ends when the guard is dropped.
+    pub fn start_retry(&self) -> RetryGuard<'_> {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        RetryGuard(self)
     }
 
     fn update_breakers(&self) {
@@ -558,6 +637,22 @@ impl Cluster {
             rpending.set(l.max_pending_requests.saturating_sub(pending));
             rrq.set(l.max_requests.saturating_sub(rq));
         }
+    }
+
+    /// A new connection to `host` for an HTTP pool, within `max_connections`.
+    pub async fn connect_host(
+        self: &Arc<Self>,
+        host: Arc<Host>,
+        conn: u64,
+        upstream_id: u64,
+    ) -> Result<Upstream, ConnectError> {
+        if self.stats.upstream_cx_active.get() >= self.thresholds[0].max_connections {
+            self.stats.upstream_cx_overflow.inc();
+            return Err(ConnectError::Overflow);
+        }
+        let result = self.connect_to(host, conn, upstream_id).await;
+        self.update_breakers();
+        result
     }
 
     async fn connect_to(
@@ -659,6 +754,7 @@ impl Cluster {
             local,
             host,
             cluster: self.clone(),
+            carries_request: false,
         })
     }
 }

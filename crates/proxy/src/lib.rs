@@ -12,6 +12,7 @@ pub mod admin;
 pub mod cluster;
 pub mod dns;
 pub mod health_check;
+pub mod http;
 pub mod lb;
 pub mod listener_filter;
 pub mod log;
@@ -101,12 +102,15 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
                 };
                 let ty = effective_type_url(any);
                 if ty.ends_with("HttpConnectionManager") {
-                    *gaps
-                        .entry(
-                            "http_connection_manager (connections to such chains are closed)"
-                                .into(),
-                        )
-                        .or_default() += 1;
+                    let hcm: Option<pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager> =
+                        pilotfish_config::model::unpack(any);
+                    for h in hcm.iter().flat_map(|h| &h.http_filters) {
+                        if h.name != "envoy.filters.http.router" {
+                            *gaps
+                                .entry(format!("HTTP filter '{}' (passed over)", h.name))
+                                .or_default() += 1;
+                        }
+                    }
                 } else if !ty.ends_with("TcpProxy") {
                     *gaps
                         .entry(format!("network filter '{}' (passed over)", f.name))

@@ -55,6 +55,8 @@ pub struct Server {
     access_logs: std::sync::Mutex<
         std::collections::HashMap<Vec<u8>, Arc<Vec<crate::access_log::AccessLog>>>,
     >,
+    /// Upstream HTTP connections kept for reuse.
+    pub http_pools: crate::http::upstream::Pools,
     /// Each listener's counters, by listener name.
     listener_stats: std::collections::HashMap<String, ListenerStats>,
     /// Downstream TLS per (listener, filter chain index or `default`), built at start-up.
@@ -94,6 +96,7 @@ impl Server {
             access_logs: Default::default(),
             downstream_tls,
             listener_stats,
+            http_pools: Default::default(),
             set,
             clusters,
             stats,
@@ -126,10 +129,17 @@ impl Server {
                         )));
                         break;
                     }
-                    if pilotfish_config::model::effective_type_url(any)
-                        .ends_with("HttpConnectionManager")
+                    if let Some(hcm) = unpack::<
+                        pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager,
+                    >(any)
                     {
-                        terminal = Terminal::Http;
+                        terminal = Terminal::Http(Arc::new(
+                            crate::http::HttpConnectionManagerFilter::new(
+                                &server.set,
+                                hcm,
+                                &server.stats,
+                            ),
+                        ));
                         break;
                     }
                 }
@@ -185,8 +195,7 @@ fn downstream_tls_context(
 /// Where a filter chain's network filters lead.
 pub enum Terminal {
     TcpProxy(Arc<tcp_proxy::TcpProxyFilter>),
-    /// The http_connection_manager, which the proxy does not run yet.
-    Http,
+    Http(Arc<crate::http::HttpConnectionManagerFilter>),
     /// No terminal filter pilotfish knows.
     None,
 }
@@ -501,9 +510,17 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             };
             tcp_proxy::run(server, tcp, ready, &info, conn, new_connection).await;
         }
-        Some(Terminal::Http) => {
+        Some(Terminal::Http(hcm)) => {
             new_connection();
-            tracing::warn!(target: "connection", connection = conn, "filter chain {chain_name}: http_connection_manager is not implemented yet: closing");
+            if let Some(io) = ready.await {
+                let info = Arc::new(crate::http::Downstream {
+                    remote: found.source.unwrap_or(peer),
+                    local,
+                    tls: tls.is_some(),
+                    server_name: found.server_name.clone(),
+                });
+                crate::http::serve(server.clone(), hcm.clone(), io, info, conn).await;
+            }
         }
         _ => new_connection(),
     }

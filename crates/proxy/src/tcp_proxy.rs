@@ -119,6 +119,7 @@ pub async fn run<S, F>(
         response_code: 0,
         log_type: pilotfish_api::pb::envoy::data::accesslog::v3::AccessLogType::TcpConnectionEnd
             as i32,
+        http: None,
     };
     let logs = &filter.logs;
     let log = |mut e: crate::access_log::Entry| {

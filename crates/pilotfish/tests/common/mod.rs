@@ -4,6 +4,7 @@
 
 pub mod netns;
 pub mod proxy;
+pub mod side_by_side;
 pub mod tls;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Access log filters (`AccessLog.filter`): which entries a log writes. Each evaluates as Envoy's
-//! does for what a connection has: a TCP connection has no response code (compared as 0), no
-//! request headers, no trace, no dynamic metadata, and ends with the TcpConnectionEnd log type.
+//! does for what a stream has: a TCP connection has no response code (compared as 0) and no
+//! request headers, and ends with the TcpConnectionEnd log type; nothing is traced and no
+//! dynamic metadata is set.
 
 use super::Entry;
 use pilotfish_api::pb::envoy::config::accesslog::v3::{
@@ -142,7 +143,12 @@ impl Filter {
             } => crate::random(e.connection_id) % denominator < *numerator,
             Filter::And(fs) => fs.iter().all(|f| f.evaluate(e)),
             Filter::Or(fs) => fs.iter().any(|f| f.evaluate(e)),
-            Filter::Header(m) => m.matches(None),
+            Filter::Header(m) => m.matches(
+                e.http
+                    .as_ref()
+                    .and_then(|h| h.request(m.name.as_str()))
+                    .as_deref(),
+            ),
             Filter::ResponseFlags(want) => {
                 if want.is_empty() {
                     !e.flags.is_empty()

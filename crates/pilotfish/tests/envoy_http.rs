@@ -1,0 +1,841 @@
+//! HTTP conformance against real Envoy: each scenario's configuration (an http_connection_manager
+//! with the router) runs in Envoy 1.40 and in `pilotfish -c`, the same requests go through both,
+//! and everything a user sees must be the same: status, response headers and body (local replies
+//! included), which upstream answered and the request it saw (method, path, headers), the access
+//! log lines and the named counters. Values unique by nature (request ids, dates, the upstream
+//! service time) are compared by shape.
+
+mod common;
+use common::side_by_side::{self, Running};
+use common::*;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+/// One HTTP/1.1 request as the client writes it.
+#[derive(Clone)]
+struct Req {
+    method: &'static str,
+    path: &'static str,
+    host: &'static str,
+    headers: Vec<(&'static str, &'static str)>,
+    body: &'static str,
+    /// Send on the previous request's connection (keep-alive) instead of a new one.
+    same_connection: bool,
+}
+
+fn get(path: &'static str) -> Req {
+    Req {
+        method: "GET",
+        path,
+        host: "example.com",
+        headers: vec![],
+        body: "",
+        same_connection: false,
+    }
+}
+
+impl Req {
+    fn host(mut self, h: &'static str) -> Req {
+        self.host = h;
+        self
+    }
+    fn header(mut self, k: &'static str, v: &'static str) -> Req {
+        self.headers.push((k, v));
+        self
+    }
+    fn method(mut self, m: &'static str) -> Req {
+        self.method = m;
+        self
+    }
+    fn body(mut self, b: &'static str) -> Req {
+        self.body = b;
+        self
+    }
+    fn again(mut self) -> Req {
+        self.same_connection = true;
+        self
+    }
+}
+
+struct Scenario {
+    name: &'static str,
+    /// static_resources; {L} listener, {U0} {U1} upstreams, {R} a refused port, {ACCESS_LOG}.
+    resources: String,
+    requests: Vec<Req>,
+    stats: &'static [&'static str],
+}
+
+/// A request head and body as the upstream read it.
+struct Seen {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Seen> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = vec![];
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut body = vec![];
+    if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(n, 0);
+        r.read_exact(&mut body).ok()?;
+    } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).ok()?;
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            let mut chunk = vec![0u8; n + 2];
+            r.read_exact(&mut chunk).ok()?;
+            if n == 0 {
+                break;
+            }
+            body.extend(&chunk[..n]);
+        }
+    }
+    Some(Seen {
+        method,
+        path,
+        headers,
+        body,
+    })
+}
+
+/// How many requests each `/flaky/N...` path has had (reset before each proxy's run).
+static FLAKY: std::sync::Mutex<BTreeMap<String, u32>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// An HTTP/1.1 upstream answering as `name`: `/status/N` with status N, `/delay/MS` after MS
+/// milliseconds, `/reset` by closing, `/flaky/N` with 503 to its first N requests (all
+/// upstreams together), anything else with 200 and the request it saw.
+fn http_upstream(name: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().unwrap();
+                let mut r = BufReader::new(c);
+                while let Some(req) = read_request(&mut r) {
+                    if req.path.starts_with("/reset") {
+                        return;
+                    }
+                    if let Some(ms) = req.path.strip_prefix("/delay/") {
+                        let ms: u64 = ms.split(['/', '?']).next().unwrap().parse().unwrap_or(0);
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
+                    let flaky = req.path.strip_prefix("/flaky/").and_then(|n| {
+                        let failures: u32 = n.split(['/', '?']).next()?.parse().ok()?;
+                        let mut seen = FLAKY.lock().unwrap();
+                        let count = seen.entry(req.path.clone()).or_default();
+                        *count += 1;
+                        (*count <= failures).then_some(503u16)
+                    });
+                    let status = flaky
+                        .or_else(|| {
+                            req.path
+                                .strip_prefix("/status/")
+                                .and_then(|s| s.split(['/', '?']).next())
+                                .and_then(|s| s.parse::<u16>().ok())
+                        })
+                        .unwrap_or(200);
+                    let mut headers: Vec<String> = req
+                        .headers
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .collect();
+                    headers.sort();
+                    let body = format!(
+                        "{name} saw {} {}\n{}\nbody: {:?}\n",
+                        req.method,
+                        req.path,
+                        headers.join("\n"),
+                        String::from_utf8_lossy(&req.body)
+                    );
+                    let head = format!(
+                        "HTTP/1.1 {status} Whatever\r\ncontent-type: text/plain\r\nx-upstream: {name}\r\nserver: upstream-server\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if w.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    if req.method != "HEAD" && w.write_all(body.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Reads one response: status line, headers, body (by content-length, chunks, or to close).
+fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> String {
+    let mut status = String::new();
+    if r.read_line(&mut status).unwrap_or(0) == 0 {
+        return "closed".into();
+    }
+    let code = status.split_whitespace().nth(1).unwrap_or("?").to_string();
+    let mut headers = vec![];
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 {
+            break;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut body = vec![];
+    let no_body = head_only || code == "204" || code == "304" || code.starts_with('1');
+    if no_body {
+    } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(n, 0);
+        let _ = r.read_exact(&mut body);
+    } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            if r.read_line(&mut size).unwrap_or(0) == 0 {
+                break;
+            }
+            let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+                break;
+            };
+            let mut chunk = vec![0u8; n + 2];
+            if r.read_exact(&mut chunk).is_err() || n == 0 {
+                break;
+            }
+            body.extend(&chunk[..n]);
+        }
+    } else {
+        let _ = r.read_to_end(&mut body);
+    }
+    let mut shown: Vec<String> = headers
+        .iter()
+        .filter(|(k, _)| k != "date")
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    shown.sort();
+    format!(
+        "{code}\n{}\n\n{}",
+        shown.join("\n"),
+        String::from_utf8_lossy(&body)
+    )
+}
+
+fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
+    let mut out = vec![];
+    let mut conn: Option<BufReader<TcpStream>> = None;
+    for q in requests {
+        if !q.same_connection || conn.is_none() {
+            let s = TcpStream::connect(("127.0.0.1", r.listen)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            conn = Some(BufReader::new(s));
+        }
+        let c = conn.as_mut().unwrap();
+        let mut text = format!("{} {} HTTP/1.1\r\nhost: {}\r\n", q.method, q.path, q.host);
+        for (k, v) in &q.headers {
+            text.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !q.body.is_empty() || q.method == "POST" {
+            text.push_str(&format!("content-length: {}\r\n", q.body.len()));
+        }
+        text.push_str("\r\n");
+        text.push_str(q.body);
+        let _ = c.get_mut().write_all(text.as_bytes());
+        out.push(read_response(c, q.method == "HEAD"));
+    }
+    out
+}
+
+/// Values unique by nature, and ports, replaced by their shape or name.
+fn normalize(s: &str, ports: &[(u16, &str)]) -> String {
+    let uuid =
+        regex::Regex::new(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").unwrap();
+    let service_time = regex::Regex::new(r"x-envoy-upstream-service-time: \d+").unwrap();
+    let mut s = uuid.replace_all(s, "<uuid>").into_owned();
+    s = service_time
+        .replace_all(&s, "x-envoy-upstream-service-time: <ms>")
+        .into_owned();
+    // What is left of a route timeout when a retry starts depends on timing: compared as
+    // "at most" the configured timeout it is left of.
+    let expected = regex::Regex::new(r"x-envoy-expected-rq-timeout-ms: (\d+)").unwrap();
+    s = expected
+        .replace_all(&s, |c: &regex::Captures| {
+            let v: u64 = c[1].parse().unwrap_or(0);
+            match [200u64, 300, 3000, 5000, 15000]
+                .iter()
+                .find(|t| **t >= v && **t - v < 1000)
+            {
+                Some(t) => format!("x-envoy-expected-rq-timeout-ms: <= {t}"),
+                None => c[0].to_string(),
+            }
+        })
+        .into_owned();
+    for (p, n) in ports {
+        s = s.replace(&format!(":{p}"), &format!(":{n}"));
+    }
+    s
+}
+
+const ROUTER: &str = "{ name: envoy.filters.http.router, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } }";
+
+/// A listener whose one chain is an http_connection_manager (`hcm_extra` are more of its
+/// fields) with the route configuration `route_config` (its fields, inline).
+fn hcm(hcm_extra: &str, route_config: &str) -> String {
+    format!(
+        "static_resources:\n  listeners:\n  - name: l\n    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{L}} }} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: h\n{hcm_extra}          route_config: {{ name: r, {route_config} }}\n          http_filters: [{ROUTER}]\n  clusters:\n"
+    )
+}
+
+/// One virtual host for every domain with these routes.
+fn any_host(routes: &str) -> String {
+    format!("virtual_hosts: [{{ name: v, domains: [\"*\"], routes: [{routes}] }}]")
+}
+
+fn to(prefix: &str, cluster: &str) -> String {
+    format!("{{ match: {{ prefix: \"{prefix}\" }}, route: {{ cluster: {cluster} }} }}")
+}
+
+fn cluster(name: &str, ports: &[&str], extra: &str) -> String {
+    let eps: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }} }}"))
+        .collect();
+    format!("  - {{ name: {name}, type: STATIC, connect_timeout: 1s{extra}, load_assignment: {{ cluster_name: {name}, endpoints: [{{ lb_endpoints: [{}] }}] }} }}\n", eps.join(", "))
+}
+
+/// One cluster `c` on U0 behind a catch-all route, with more HCM fields.
+fn simple(hcm_extra: &str) -> String {
+    format!(
+        "{}{}",
+        hcm(hcm_extra, &any_host(&to("/", "c"))),
+        cluster("c", &["{U0}"], "")
+    )
+}
+
+fn file_log(format: &str) -> String {
+    format!("          access_log: [{{ name: envoy.access_loggers.file, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{{ACCESS_LOG}}\", log_format: {{ text_format_source: {{ inline_string: \"{format}\\n\" }} }} }} }}]\n")
+}
+
+fn sc(
+    name: &'static str,
+    resources: String,
+    requests: Vec<Req>,
+    stats: &'static [&'static str],
+) -> Scenario {
+    Scenario {
+        name,
+        resources,
+        requests,
+        stats,
+    }
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let c0 = cluster("c", &["{U0}"], "");
+    vec![
+        sc(
+            "a GET reaches the upstream with Envoy's request headers",
+            simple(""),
+            vec![get("/a/b?x=1").header("user-agent", "test/1").header("accept", "*/*")],
+            &["http.h.downstream_rq_total", "http.h.downstream_rq_2xx", "cluster.c.upstream_rq_200", "cluster.c.upstream_rq_total"],
+        ),
+        sc(
+            "a POST body is forwarded",
+            simple(""),
+            vec![get("/submit").method("POST").body("hello upstream")],
+            &[],
+        ),
+        sc(
+            "keep-alive: three requests on one connection",
+            simple(""),
+            vec![get("/1"), get("/2").again(), get("/3").again()],
+            &["http.h.downstream_cx_total", "http.h.downstream_rq_total", "cluster.c.upstream_cx_total"],
+        ),
+        sc(
+            "HEAD",
+            simple(""),
+            vec![get("/h").method("HEAD")],
+            &[],
+        ),
+        sc(
+            "no route is 404 NR",
+            format!("{}{c0}", hcm("", &any_host(&to("/only", "c")))),
+            vec![get("/elsewhere")],
+            &["http.h.no_route", "http.h.downstream_rq_4xx"],
+        ),
+        sc(
+            "no virtual host is 404",
+            format!("{}{c0}", hcm("", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
+            vec![get("/").host("b.example"), get("/").host("a.example")],
+            &["http.h.no_route"],
+        ),
+        sc(
+            "virtual hosts by domain, port and wildcard",
+            format!(
+                "{}{}{}",
+                hcm("", "virtual_hosts: [{ name: a, domains: [\"a.example\", \"a.example:8080\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: a } }] }, { name: w, domains: [\"*.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: b } }] }]"),
+                cluster("a", &["{U0}"], ""),
+                cluster("b", &["{U1}"], "")
+            ),
+            vec![get("/").host("a.example"), get("/").host("a.example:8080"), get("/").host("x.example"), get("/").host("other")],
+            &[],
+        ),
+        sc(
+            "direct responses",
+            format!(
+                "{}{c0}",
+                hcm("", &any_host("{ match: { path: \"/teapot\" }, direct_response: { status: 418, body: { inline_string: \"short and stout\" } } }, { match: { path: \"/empty\" }, direct_response: { status: 204 } }, { match: { path: \"/ok\" }, direct_response: { status: 200 } }"))
+            ),
+            vec![get("/teapot"), get("/empty"), get("/ok")],
+            &["http.h.rq_direct_response"],
+        ),
+        sc(
+            "redirects",
+            format!(
+                "{}{c0}",
+                hcm("", &any_host("{ match: { prefix: \"/s\" }, redirect: { https_redirect: true } }, { match: { prefix: \"/p\" }, redirect: { path_redirect: \"/new\", response_code: PERMANENT_REDIRECT } }, { match: { prefix: \"/h\" }, redirect: { host_redirect: \"other.example\", port_redirect: 8443, strip_query: true } }, { match: { prefix: \"/r\" }, redirect: { prefix_rewrite: \"/q\" } }"))
+            ),
+            vec![get("/s/x?a=1"), get("/p?keep=1"), get("/h?drop=1"), get("/rest")],
+            &["http.h.rq_redirect"],
+        ),
+        sc(
+            "path rewrites",
+            format!(
+                "{}{c0}",
+                hcm("", &any_host("{ match: { prefix: \"/api/\" }, route: { cluster: c, prefix_rewrite: \"/v2/\" } }, { match: { safe_regex: { regex: \"/users/([0-9]+)/(.*)\" } }, route: { cluster: c, regex_rewrite: { pattern: { regex: \"/users/([0-9]+)/(.*)\" }, substitution: \"/u/\\\\2/\\\\1\" } } }"))
+            ),
+            vec![get("/api/items?x=1"), get("/users/42/profile")],
+            &[],
+        ),
+        sc(
+            "host rewrites",
+            format!(
+                "{}{c0}",
+                hcm("", &any_host("{ match: { prefix: \"/lit\" }, route: { cluster: c, host_rewrite_literal: rewritten.example } }, { match: { prefix: \"/auto\" }, route: { cluster: c, auto_host_rewrite: true } }, { match: { prefix: \"/hdr\" }, route: { cluster: c, host_rewrite_header: x-host } }"))
+            ),
+            vec![get("/lit"), get("/auto"), get("/hdr").header("x-host", "from-header.example")],
+            &[],
+        ),
+        sc(
+            "routes by header, query parameter and method",
+            format!(
+                "{}{}{}",
+                hcm("", &any_host("{ match: { prefix: \"/\", headers: [{ name: x-version, string_match: { exact: v2 } }] }, route: { cluster: b } }, { match: { prefix: \"/\", query_parameters: [{ name: beta, present_match: true }] }, route: { cluster: b } }, { match: { prefix: \"/\", headers: [{ name: \":method\", string_match: { exact: DELETE } }] }, direct_response: { status: 405 } }, { match: { prefix: \"/\" }, route: { cluster: a } }")),
+                cluster("a", &["{U0}"], ""),
+                cluster("b", &["{U1}"], "")
+            ),
+            vec![get("/x").header("x-version", "v2"), get("/x?beta"), get("/x").method("DELETE"), get("/x")],
+            &[],
+        ),
+        sc(
+            "weighted clusters",
+            format!(
+                "{}{}{}",
+                hcm("", &any_host("{ match: { prefix: \"/\" }, route: { weighted_clusters: { clusters: [{ name: a, weight: 1000000 }, { name: b, weight: 1 }] } } }")),
+                cluster("a", &["{U0}"], ""),
+                cluster("b", &["{U1}"], "")
+            ),
+            vec![get("/w"), get("/w")],
+            &["cluster.a.upstream_rq_total"],
+        ),
+        sc(
+            "cluster_header: present and absent",
+            format!(
+                "{}{}",
+                hcm("", &any_host("{ match: { prefix: \"/\" }, route: { cluster_header: x-cluster } }")),
+                cluster("a", &["{U0}"], "")
+            ),
+            vec![get("/").header("x-cluster", "a"), get("/"), get("/").header("x-cluster", "nope")],
+            &["http.h.no_cluster"],
+        ),
+        sc(
+            "request headers added and removed at three levels",
+            format!(
+                "{}{c0}",
+                hcm("", "request_headers_to_add: [{ header: { key: x-rc, value: rc } }, { header: { key: x-all, value: from-rc }, append_action: OVERWRITE_IF_EXISTS_OR_ADD }], request_headers_to_remove: [x-drop-rc], virtual_hosts: [{ name: v, domains: [\"*\"], request_headers_to_add: [{ header: { key: x-vh, value: vh } }, { header: { key: x-all, value: from-vh } }], routes: [{ match: { prefix: \"/\" }, request_headers_to_add: [{ header: { key: x-route, value: route }, append_action: ADD_IF_ABSENT }, { header: { key: x-all, value: from-route } }, { header: { key: x-only-if, value: replaced }, append_action: OVERWRITE_IF_EXISTS }], request_headers_to_remove: [x-drop-route], route: { cluster: c } }] }]")
+            ),
+            vec![
+                get("/").header("x-drop-rc", "1").header("x-drop-route", "1").header("x-route", "client").header("x-only-if", "client"),
+                get("/2"),
+            ],
+            &[],
+        ),
+        sc(
+            "response headers added and removed",
+            format!(
+                "{}{c0}",
+                hcm("", "response_headers_to_add: [{ header: { key: x-rc, value: rc } }], response_headers_to_remove: [x-upstream], virtual_hosts: [{ name: v, domains: [\"*\"], response_headers_to_add: [{ header: { key: x-vh, value: vh } }], routes: [{ match: { prefix: \"/\" }, response_headers_to_add: [{ header: { key: x-route, value: route } }, { header: { key: content-type, value: overwritten }, append_action: OVERWRITE_IF_EXISTS_OR_ADD }], route: { cluster: c } }, { match: { prefix: \"/d\" }, direct_response: { status: 200, body: { inline_string: d } } }] }]")
+            ),
+            vec![get("/")],
+            &[],
+        ),
+        sc(
+            "header values from the stream",
+            format!(
+                "{}{c0}",
+                hcm("", &any_host("{ match: { prefix: \"/\" }, request_headers_to_add: [{ header: { key: x-client, value: \"%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\" } }, { header: { key: x-proto, value: \"%PROTOCOL%\" } }, { header: { key: x-copy, value: \"%REQ(x-source)%\" } }, { header: { key: x-mixed, value: \"ip=%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% done\" } }], route: { cluster: c } }"))
+            ),
+            vec![get("/").header("x-source", "copied")],
+            &[],
+        ),
+        sc(
+            "the upstream's status passes through",
+            simple(""),
+            vec![get("/status/503"), get("/status/404"), get("/status/201")],
+            &["cluster.c.upstream_rq_503", "cluster.c.upstream_rq_5xx", "http.h.downstream_rq_5xx", "http.h.downstream_rq_4xx"],
+        ),
+        sc(
+            "a refused upstream is 503 UF",
+            format!("{}{}", hcm("", &any_host(&to("/", "c"))), cluster("c", &["{R}"], "")),
+            vec![get("/")],
+            &["cluster.c.upstream_cx_connect_fail", "http.h.downstream_rq_5xx"],
+        ),
+        sc(
+            "no healthy upstream is 503 UH",
+            format!(
+                "{}  - {{ name: c, type: STATIC, connect_timeout: 1s, common_lb_config: {{ healthy_panic_threshold: {{ value: 0 }} }}, load_assignment: {{ cluster_name: c, endpoints: [{{ lb_endpoints: [{{ health_status: UNHEALTHY, endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{U0}} }} }} }} }}] }}] }} }}\n",
+                hcm("", &any_host(&to("/", "c")))
+            ),
+            vec![get("/")],
+            &["cluster.c.upstream_cx_none_healthy"],
+        ),
+        sc(
+            "route timeout is 504 UT",
+            format!("{}{c0}", hcm("", &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, timeout: 0.3s } }"))),
+            vec![get("/delay/1500")],
+            &["cluster.c.upstream_rq_timeout", "http.h.downstream_rq_5xx"],
+        ),
+        sc(
+            "x-envoy-upstream-rq-timeout-ms",
+            simple(""),
+            vec![get("/delay/1500").header("x-envoy-upstream-rq-timeout-ms", "300"), get("/fast").header("x-envoy-upstream-rq-timeout-ms", "5000")],
+            &["cluster.c.upstream_rq_timeout"],
+        ),
+        sc(
+            "an internal request's x-envoy headers are honoured",
+            simple("          use_remote_address: true\n          internal_address_config: { cidr_ranges: [{ address_prefix: 127.0.0.0, prefix_len: 8 }] }\n"),
+            vec![
+                get("/delay/1500").header("x-envoy-upstream-rq-timeout-ms", "300"),
+                get("/x").header("x-envoy-internal", "false").header("x-envoy-decorator-operation", "op"),
+            ],
+            &["cluster.c.upstream_rq_timeout"],
+        ),
+        sc(
+            "timeout 0 disables the route timeout",
+            format!("{}{c0}", hcm("", &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, timeout: 0s } }"))),
+            vec![get("/delay/300")],
+            &[],
+        ),
+        sc(
+            "an upstream reset is 503 UC",
+            simple(""),
+            vec![get("/reset")],
+            &["http.h.downstream_rq_5xx"],
+        ),
+        sc(
+            "use_remote_address: x-forwarded-for appended, x-envoy-internal",
+            simple("          use_remote_address: true\n"),
+            vec![get("/").header("x-forwarded-for", "10.1.1.1").header("x-forwarded-proto", "https")],
+            &[],
+        ),
+        sc(
+            "use_remote_address with skip_xff_append",
+            simple("          use_remote_address: true\n          skip_xff_append: true\n"),
+            vec![get("/").header("x-forwarded-for", "10.1.1.1")],
+            &[],
+        ),
+        sc(
+            "without use_remote_address x-forwarded-* pass unchanged",
+            simple(""),
+            vec![get("/").header("x-forwarded-for", "203.0.113.9").header("x-forwarded-proto", "https").header("x-envoy-internal", "true")],
+            &[],
+        ),
+        sc(
+            "a client's x-request-id is kept",
+            simple(""),
+            vec![get("/").header("x-request-id", "my-own-id")],
+            &[],
+        ),
+        sc(
+            "generate_request_id false",
+            simple("          generate_request_id: false\n"),
+            vec![get("/")],
+            &[],
+        ),
+        sc(
+            "server_name and server header transformations",
+            format!(
+                "{}{}",
+                simple("          server_name: istio-envoy\n"),
+                ""
+            ),
+            vec![get("/"), get("/none")],
+            &[],
+        ),
+        sc(
+            "server header passed through",
+            simple("          server_header_transformation: PASS_THROUGH\n"),
+            vec![get("/")],
+            &[],
+        ),
+        sc(
+            "server header appended if absent",
+            simple("          server_header_transformation: APPEND_IF_ABSENT\n          server_name: mine\n"),
+            vec![get("/")],
+            &[],
+        ),
+        sc(
+            "hop-by-hop headers are not forwarded",
+            simple(""),
+            vec![get("/").header("connection", "keep-alive, x-custom").header("keep-alive", "timeout=5").header("te", "trailers").header("proxy-connection", "x")],
+            &[],
+        ),
+        sc(
+            "x-forwarded-client-cert is sanitized by default",
+            simple(""),
+            vec![get("/").header("x-forwarded-client-cert", "By=spiffe://x;URI=spiffe://y")],
+            &[],
+        ),
+        sc(
+            "access log: Envoy's default format",
+            format!("{}{c0}", hcm("          access_log: [{ name: envoy.access_loggers.file, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{ACCESS_LOG}\" } }]\n", &any_host(&to("/", "c")))),
+            vec![get("/logged?q=1").header("user-agent", "agent/1").header("x-forwarded-for", "192.0.2.1").header("x-request-id", "fixed-id")],
+            &[],
+        ),
+        sc(
+            "access log: HTTP command operators",
+            format!(
+                "{}{}",
+                hcm(
+                    &file_log("%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_CLUSTER% %ROUTE_NAME% %REQ(:AUTHORITY)% %RESP(X-UPSTREAM)% %REQ(X-MISSING)%"),
+                    &any_host("{ name: main, match: { prefix: \"/\" }, route: { cluster: c } }, { name: gone, match: { prefix: \"/gone\" }, route: { cluster: r } }")
+                ),
+                [cluster("c", &["{U0}"], ""), cluster("r", &["{R}"], "")].concat()
+            ),
+            vec![get("/a").method("POST").body("12345"), get("/status/500"), get("/none").host("nowhere")],
+            &[],
+        ),
+        sc(
+            "access log: JSON format and a status filter",
+            format!(
+                "{}{c0}",
+                hcm(
+                    "          access_log: [{ name: envoy.access_loggers.file, filter: { status_code_filter: { comparison: { op: GE, value: { default_value: 400, runtime_key: k } } } }, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: \"{ACCESS_LOG}\", log_format: { json_format: { code: \"%RESPONSE_CODE%\", method: \"%REQ(:METHOD)%\", path: \"%REQ(:PATH)%\", flags: \"%RESPONSE_FLAGS%\" } } } }]\n",
+                    &any_host(&to("/", "c"))
+                )
+            ),
+            vec![get("/fine"), get("/status/404"), get("/status/502")],
+            &[],
+        ),
+        sc(
+            "retry on 5xx until the upstream answers",
+            format!("{}{c0}", hcm(&file_log("%RESPONSE_CODE% %RESPONSE_FLAGS%"), "virtual_hosts: [{ name: v, domains: [\"*\"], include_attempt_count_in_response: true, include_request_attempt_count: true, routes: [{ match: { prefix: \"/\" }, route: { cluster: c, retry_policy: { retry_on: 5xx, num_retries: 2 } } }] }]")),
+            vec![get("/flaky/2")],
+            &["cluster.c.upstream_rq_retry", "cluster.c.upstream_rq_retry_success", "cluster.c.upstream_rq_total", "cluster.c.upstream_rq_503"],
+        ),
+        sc(
+            "retries exhausted",
+            format!("{}{c0}", hcm(&file_log("%RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_HOST%"), &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, retry_policy: { retry_on: \"gateway-error\", num_retries: 2, retry_back_off: { base_interval: 0.001s } } } }"))),
+            vec![get("/flaky/5")],
+            &["cluster.c.upstream_rq_retry", "cluster.c.upstream_rq_retry_limit_exceeded", "cluster.c.upstream_rq_total"],
+        ),
+        sc(
+            "retry on connect-failure",
+            format!("{}{}", hcm(&file_log("%RESPONSE_CODE% %RESPONSE_FLAGS%"), &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, retry_policy: { retry_on: connect-failure, num_retries: 3 } } }")), cluster("c", &["{R}"], "")),
+            vec![get("/")],
+            &["cluster.c.upstream_rq_retry", "cluster.c.upstream_cx_connect_fail", "cluster.c.upstream_rq_retry_limit_exceeded"],
+        ),
+        sc(
+            "retriable status codes and 4xx",
+            format!("{}{c0}", hcm(&file_log("%RESPONSE_CODE% %RESPONSE_FLAGS%"), &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, retry_policy: { retry_on: \"retriable-status-codes,retriable-4xx\", retriable_status_codes: [418], num_retries: 1 } } }"))),
+            vec![get("/status/418"), get("/status/409"), get("/status/500")],
+            &["cluster.c.upstream_rq_retry", "cluster.c.upstream_rq_total"],
+        ),
+        sc(
+            "gateway-error does not retry a 500",
+            format!("{}{c0}", hcm("", &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, retry_policy: { retry_on: gateway-error, num_retries: 3 } } }"))),
+            vec![get("/status/500"), get("/status/504")],
+            &["cluster.c.upstream_rq_retry"],
+        ),
+        sc(
+            "retry on reset",
+            format!("{}{c0}", hcm(&file_log("%RESPONSE_CODE% %RESPONSE_FLAGS%"), &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, retry_policy: { retry_on: reset, num_retries: 2 } } }"))),
+            vec![get("/reset")],
+            &["cluster.c.upstream_rq_retry", "cluster.c.upstream_rq_total"],
+        ),
+        sc(
+            "per-try timeout",
+            format!("{}{c0}", hcm(&file_log("%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%"), &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, timeout: 3s, retry_policy: { retry_on: 5xx, num_retries: 1, per_try_timeout: 0.2s } } }"))),
+            vec![get("/delay/600")],
+            &["cluster.c.upstream_rq_retry", "cluster.c.upstream_rq_per_try_timeout", "cluster.c.upstream_rq_timeout"],
+        ),
+        sc(
+            "a virtual host's retry policy",
+            format!("{}{c0}", hcm("", "virtual_hosts: [{ name: v, domains: [\"*\"], retry_policy: { retry_on: 5xx, num_retries: 1 }, routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
+            vec![get("/flaky/1")],
+            &["cluster.c.upstream_rq_retry"],
+        ),
+        sc(
+            "x-envoy-retry-on and x-envoy-max-retries from an internal client",
+            format!("{}{c0}", hcm("          use_remote_address: true\n          internal_address_config: { cidr_ranges: [{ address_prefix: 127.0.0.0, prefix_len: 8 }] }\n", &any_host(&to("/", "c")))),
+            vec![get("/flaky/2").header("x-envoy-retry-on", "5xx").header("x-envoy-max-retries", "3")],
+            &["cluster.c.upstream_rq_retry"],
+        ),
+        sc(
+            "x-envoy-retry-on from an external client is ignored",
+            simple(""),
+            vec![get("/flaky/1").header("x-envoy-retry-on", "5xx")],
+            &["cluster.c.upstream_rq_retry"],
+        ),
+        sc(
+            "a retried POST sends its body again",
+            format!("{}{c0}", hcm("", &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, retry_policy: { retry_on: 5xx, num_retries: 1 } } }"))),
+            vec![get("/flaky/1").method("POST").body("again and again")],
+            &["cluster.c.upstream_rq_retry"],
+        ),
+        sc(
+            "strip_matching_host_port",
+            format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
+            vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],
+            &[],
+        ),
+    ]
+}
+
+#[test]
+fn pilotfish_serves_http_as_envoy_does() {
+    let Some(envoy) = envoy("envoy http") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (u0, u1) = (http_upstream("u0"), http_upstream("u1"));
+    let refused = free_port();
+    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
+    let only = std::env::var("PILOTFISH_HTTP_ONLY").ok();
+    let mut failures = vec![];
+    let all = scenarios();
+    let mut ran = 0;
+    // Times differ between any two runs.
+    let time = regex::Regex::new(r"\[\d{4}-\d\d-\d\dT[0-9:.]+Z\]").unwrap();
+    // So do durations: the default format's %DURATION% and upstream service time.
+    let durations = regex::Regex::new(r#"(" \d{3} \S+ \d+ \d+ )\d+ (\d+|-) ""#).unwrap();
+    for (i, s) in all.iter().enumerate() {
+        if only.as_ref().is_some_and(|o| !s.name.contains(o.as_str())) {
+            continue;
+        }
+        ran += 1;
+        let text = s
+            .resources
+            .replace("{U0}", &u0.to_string())
+            .replace("{U1}", &u1.to_string())
+            .replace("{R}", &refused.to_string());
+        let mut results = vec![];
+        for (bin, is_envoy, tag) in [
+            (envoy.as_path(), true, "envoy"),
+            (pilotfish, false, "pilotfish"),
+        ] {
+            let r = side_by_side::start(bin, is_envoy, &text, &dir, &format!("{i}-{tag}"));
+            FLAKY.lock().unwrap().clear();
+            // Requests may name the listener's port ({L}) in their host.
+            let requests: Vec<Req> = s
+                .requests
+                .iter()
+                .map(|q| {
+                    let mut q = q.clone();
+                    if q.host.contains("{L}") {
+                        q.host = Box::leak(
+                            q.host
+                                .replace("{L}", &r.listen.to_string())
+                                .into_boxed_str(),
+                        );
+                    }
+                    q
+                })
+                .collect();
+            let ports = [(r.listen, "L"), (u0, "U0"), (u1, "U1"), (refused, "R")];
+            let mut seen: Vec<String> = run_requests(&r, &requests)
+                .iter()
+                .map(|o| normalize(o, &ports))
+                .collect();
+            // Access log lines, once flushed.
+            std::thread::sleep(Duration::from_millis(250));
+            let log = std::fs::read_to_string(&r.access_log).unwrap_or_default();
+            let mut lines: Vec<String> = log
+                .lines()
+                .map(|l| {
+                    let l = time.replace_all(l, "[<time>]");
+                    let l = durations.replace_all(&l, |c: &regex::Captures| {
+                        let service = if &c[2] == "-" { "-" } else { "<ms>" };
+                        format!("{}<ms> {service} \"", &c[1])
+                    });
+                    format!("log: {}", normalize(&l, &ports))
+                })
+                .collect();
+            lines.sort();
+            seen.extend(lines);
+            let stats: BTreeMap<String, String> =
+                side_by_side::stat_values(r.admin, s.stats, str::to_string);
+            results.push((seen, stats));
+        }
+        let (e, p) = (&results[0], &results[1]);
+        if only.is_some() {
+            eprintln!("{}: envoy {:#?}", s.name, e);
+        }
+        if e != p {
+            let mut diff = String::new();
+            for (k, (a, b)) in e.0.iter().zip(&p.0).enumerate() {
+                if a != b {
+                    diff.push_str(&format!("  [{k}] envoy:\n{a}\n  [{k}] pilotfish:\n{b}\n"));
+                }
+            }
+            if e.0.len() != p.0.len() {
+                diff.push_str(&format!("  envoy {:?}\n  pilotfish {:?}\n", e.0, p.0));
+            }
+            if e.1 != p.1 {
+                diff.push_str(&format!(
+                    "  stats envoy {:?}\n  stats pilotfish {:?}\n",
+                    e.1, p.1
+                ));
+            }
+            failures.push(format!("scenario {i} '{}':\n{diff}", s.name));
+        }
+    }
+    assert!(ran > 0, "no scenario matched PILOTFISH_HTTP_ONLY");
+    assert!(
+        failures.is_empty(),
+        "{} of {} scenarios differ (configs and logs in {}):\n{}",
+        failures.len(),
+        ran,
+        dir.display(),
+        failures.join("\n")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,929 @@
+//! The `http_connection_manager` network filter: HTTP/1.1 and HTTP/2 (hyper) on a downstream
+//! connection, the request headers Envoy's connection manager sets (x-forwarded-for,
+//! x-forwarded-proto, x-request-id, x-envoy-internal, ...), routing by the shared decision
+//! (`pilotfish_decide::router`), the route's header mutations, local replies with Envoy's status,
+//! body and response flag, the router's forwarding (see `upstream`), its counters and its access
+//! log.
+
+pub mod upstream;
+
+use crate::access_log::{AccessLog, Entry, HttpEntry, Template};
+use crate::server::Server;
+use crate::stats::{Stat, Store};
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use pilotfish_api::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValueOption,
+};
+use pilotfish_api::pb::envoy::config::route::v3::{route, RouteAction};
+use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::{CodecType, RouteSpecifier, ServerHeaderTransformation},
+    HttpConnectionManager,
+};
+use pilotfish_config::resources::ResourceSet;
+use pilotfish_decide::router::{Action, RouteTable};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A body of `bytes` (local replies, direct responses).
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+/// The connection a stream arrived on.
+pub struct Downstream {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    pub server_name: Option<String>,
+}
+
+/// `http.<stat_prefix>.*`
+struct HcmStats {
+    downstream_cx_total: Arc<Stat>,
+    downstream_cx_active: Arc<Stat>,
+    downstream_cx_http1_total: Arc<Stat>,
+    downstream_cx_http2_total: Arc<Stat>,
+    downstream_rq_total: Arc<Stat>,
+    downstream_rq_active: Arc<Stat>,
+    downstream_rq_http1_total: Arc<Stat>,
+    downstream_rq_http2_total: Arc<Stat>,
+    downstream_rq_completed: Arc<Stat>,
+    /// 1xx..5xx
+    downstream_rq_xx: [Arc<Stat>; 5],
+    no_route: Arc<Stat>,
+    no_cluster: Arc<Stat>,
+    rq_direct_response: Arc<Stat>,
+    rq_total: Arc<Stat>,
+}
+
+impl HcmStats {
+    fn new(prefix: &str, stats: &Store) -> HcmStats {
+        let c = |n: &str| stats.counter(&format!("http.{prefix}.{n}"));
+        let g = |n: &str| stats.gauge(&format!("http.{prefix}.{n}"));
+        HcmStats {
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_cx_active: g("downstream_cx_active"),
+            downstream_cx_http1_total: c("downstream_cx_http1_total"),
+            downstream_cx_http2_total: c("downstream_cx_http2_total"),
+            downstream_rq_total: c("downstream_rq_total"),
+            downstream_rq_active: g("downstream_rq_active"),
+            downstream_rq_http1_total: c("downstream_rq_http1_total"),
+            downstream_rq_http2_total: c("downstream_rq_http2_total"),
+            downstream_rq_completed: c("downstream_rq_completed"),
+            downstream_rq_xx: [1, 2, 3, 4, 5].map(|i| c(&format!("downstream_rq_{i}xx"))),
+            no_route: c("no_route"),
+            no_cluster: c("no_cluster"),
+            // Counted only for internal redirects, which pilotfish does not follow.
+            rq_direct_response: {
+                c("rq_redirect");
+                c("rq_direct_response")
+            },
+            rq_total: c("rq_total"),
+        }
+    }
+}
+
+/// An http_connection_manager as configured on one filter chain, built at start-up.
+pub struct HttpConnectionManagerFilter {
+    pub config: HttpConnectionManager,
+    /// The route configuration (inline, or RDS by name from the loaded configuration); None
+    /// when RDS names one the configuration lacks: every request is answered 404.
+    routes: Option<Arc<RouteTable>>,
+    stats: HcmStats,
+    logs: Vec<AccessLog>,
+}
+
+/// The route configuration an http_connection_manager uses.
+pub fn route_configuration(
+    set: &ResourceSet,
+    hcm: &HttpConnectionManager,
+) -> Result<pilotfish_api::pb::envoy::config::route::v3::RouteConfiguration, String> {
+    match &hcm.route_specifier {
+        Some(RouteSpecifier::RouteConfig(rc)) => Ok(rc.clone()),
+        Some(RouteSpecifier::Rds(rds)) => set
+            .route_configs
+            .iter()
+            .find(|r| r.name == rds.route_config_name && !r.origin.is_static())
+            .or_else(|| set.route_config(&rds.route_config_name))
+            .map(|r| r.value.clone())
+            .ok_or_else(|| {
+                format!(
+                    "RDS route configuration '{}' is not in the configuration",
+                    rds.route_config_name
+                )
+            }),
+        _ => Err("no route configuration (scoped routes are not implemented)".into()),
+    }
+}
+
+impl HttpConnectionManagerFilter {
+    pub fn new(set: &ResourceSet, config: HttpConnectionManager, stats: &Store) -> Self {
+        let routes = match route_configuration(set, &config).and_then(|rc| RouteTable::new(&rc)) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                tracing::warn!(target: "config", "http_connection_manager '{}': {e}: requests are answered 404", config.stat_prefix);
+                None
+            }
+        };
+        let (logs, warnings) = crate::access_log::build(&config.access_log);
+        for w in warnings {
+            tracing::warn!(target: "config", "http_connection_manager '{}': {w}", config.stat_prefix);
+        }
+        HttpConnectionManagerFilter {
+            stats: HcmStats::new(&config.stat_prefix, stats),
+            routes,
+            logs,
+            config,
+        }
+    }
+
+    fn server_name(&self) -> &str {
+        if self.config.server_name.is_empty() {
+            "envoy"
+        } else {
+            &self.config.server_name
+        }
+    }
+}
+
+/// Serves the HTTP connection until either side closes it.
+pub async fn serve(
+    server: Arc<Server>,
+    hcm: Arc<HttpConnectionManagerFilter>,
+    io: Box<dyn crate::cluster::Io>,
+    info: Arc<Downstream>,
+    conn: u64,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    hcm.stats.downstream_cx_total.inc();
+    hcm.stats.downstream_cx_active.inc();
+    let svc = {
+        let hcm = hcm.clone();
+        // The codec is known with the first request: count the connection under it then.
+        let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            if !counted.swap(true, Ordering::Relaxed) {
+                if req.version() == hyper::Version::HTTP_2 {
+                    hcm.stats.downstream_cx_http2_total.inc();
+                } else {
+                    hcm.stats.downstream_cx_http1_total.inc();
+                }
+            }
+            let (server, hcm, info) = (server.clone(), hcm.clone(), info.clone());
+            async move {
+                Ok::<_, std::convert::Infallible>(stream(&server, &hcm, &info, req, conn).await)
+            }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    match CodecType::try_from(hcm.config.codec_type).unwrap_or(CodecType::Auto) {
+        CodecType::Http1 => builder = builder.http1_only(),
+        CodecType::Http2 => builder = builder.http2_only(),
+        _ => {}
+    }
+    builder.http1().title_case_headers(false);
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+        tracing::debug!(target: "http", connection = conn, "codec: {e}");
+    }
+    hcm.stats.downstream_cx_active.dec();
+}
+
+/// `strip_matching_host_port` / `strip_any_host_port`: the authority routing sees.
+fn strip_port(c: &HttpConnectionManager, authority: &str, listener_port: u16) -> String {
+    use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::StripPortMode;
+    let Some((host, port)) = authority.rsplit_once(':') else {
+        return authority.to_string();
+    };
+    // An IPv6 literal without a port has colons inside its brackets only.
+    if host.starts_with('[') && !host.ends_with(']') || port.parse::<u16>().is_err() {
+        return authority.to_string();
+    }
+    let any = matches!(
+        c.strip_port_mode,
+        Some(StripPortMode::StripAnyHostPort(true))
+    );
+    if any || (c.strip_matching_host_port && port == listener_port.to_string()) {
+        host.to_string()
+    } else {
+        authority.to_string()
+    }
+}
+
+/// Headers that belong to one connection and never cross the proxy.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+/// The machine's first address of the family that is not loopback: what Envoy appends to
+/// x-forwarded-for for a client on loopback.
+fn local_interface_address(v6: bool) -> Option<IpAddr> {
+    let mut found = None;
+    // SAFETY: getifaddrs fills a list that freeifaddrs releases; entries are only read.
+    unsafe {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut list) != 0 {
+            return None;
+        }
+        let mut p = list;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                let ip = match (*a).sa_family as i32 {
+                    libc::AF_INET if !v6 => {
+                        let s = &*(a as *const libc::sockaddr_in);
+                        Some(IpAddr::from(u32::from_be(s.sin_addr.s_addr).to_be_bytes()))
+                    }
+                    libc::AF_INET6 if v6 => {
+                        let s = &*(a as *const libc::sockaddr_in6);
+                        Some(IpAddr::from(s.sin6_addr.s6_addr))
+                    }
+                    _ => None,
+                };
+                if let Some(ip) = ip.filter(|ip| !ip.is_loopback()) {
+                    found = Some(ip);
+                    break;
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    found
+}
+
+/// x-envoy-* headers only an internal request may carry (Envoy drops them from the others).
+const INTERNAL_ONLY: &[&str] = &[
+    "x-envoy-internal",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// A random version 4 UUID, as Envoy's request ids are.
+fn request_id(seed: u64) -> String {
+    let hi = crate::random(seed);
+    let lo = crate::random(seed.rotate_left(29) ^ 0x51ed);
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&hi.to_be_bytes());
+    b[8..].copy_from_slice(&lo.to_be_bytes());
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn header_list(h: &HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+/// What the connection manager does to request headers before routing (Envoy's
+/// ConnectionManagerUtility::mutateRequestHeaders); returns whether the request is internal.
+fn mutate_request_headers(
+    hcm: &HttpConnectionManagerFilter,
+    info: &Downstream,
+    h: &mut HeaderMap,
+    seed: u64,
+) -> bool {
+    let c = &hcm.config;
+    for name in HOP_BY_HOP {
+        if *name == "te" {
+            // Only `te: trailers` may pass.
+            if h.get("te")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+            {
+                continue;
+            }
+        }
+        h.remove(*name);
+    }
+    let use_remote = c.use_remote_address.as_ref().is_some_and(|v| v.value);
+    let scheme = if info.tls { "https" } else { "http" };
+    // Only what internal_address_config names is internal (Envoy's default since 1.33).
+    let is_internal = |ip: IpAddr| {
+        c.internal_address_config.as_ref().is_some_and(|i| {
+            i.cidr_ranges
+                .iter()
+                .filter_map(pilotfish_decide::matcher::Cidr::new)
+                .any(|r| r.contains(ip))
+        })
+    };
+    let internal = if use_remote {
+        let ip = info.remote.ip();
+        if !c.skip_xff_append {
+            // A client on loopback is recorded as this machine's own address.
+            let appended = if ip.is_loopback() {
+                local_interface_address(ip.is_ipv6()).unwrap_or(ip)
+            } else {
+                ip
+            };
+            let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(v) => format!("{v},{appended}"),
+                None => appended.to_string(),
+            };
+            set_header(h, "x-forwarded-for", &xff);
+        }
+        set_header(h, "x-forwarded-proto", scheme);
+        is_internal(ip)
+    } else {
+        if !h.contains_key("x-forwarded-proto") {
+            set_header(h, "x-forwarded-proto", scheme);
+        }
+        // The trusted client address is the last x-forwarded-for entry (xff_num_trusted_hops 0).
+        let trusted = h
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+                let back = c.xff_num_trusted_hops as usize;
+                parts
+                    .len()
+                    .checked_sub(back + 1)
+                    .and_then(|i| parts[i].parse::<IpAddr>().ok())
+            });
+        trusted.is_some_and(is_internal)
+    };
+    let edge = use_remote && !internal;
+    if internal {
+        set_header(h, "x-envoy-internal", "true");
+    } else {
+        if edge {
+            for n in [
+                "x-envoy-decorator-operation",
+                "x-envoy-downstream-service-cluster",
+                "x-envoy-downstream-service-node",
+            ] {
+                h.remove(n);
+            }
+            set_header(h, "x-envoy-external-address", &info.remote.ip().to_string());
+        }
+        for n in INTERNAL_ONLY {
+            h.remove(*n);
+        }
+    }
+    let generate = c.generate_request_id.as_ref().is_none_or(|v| v.value);
+    if generate && (!h.contains_key("x-request-id") || (edge && !c.preserve_external_request_id)) {
+        set_header(h, "x-request-id", &request_id(seed));
+    }
+    // forward_client_cert_details defaults to SANITIZE: the header is not passed on.
+    if c.forward_client_cert_details == 0 {
+        h.remove("x-forwarded-client-cert");
+    }
+    internal
+}
+
+/// Applies header_value_options (route, virtual host, route configuration levels).
+fn apply_headers(h: &mut HeaderMap, add: &[HeaderValueOption], remove: &[String], entry: &Entry) {
+    for r in remove {
+        h.remove(r.as_str());
+    }
+    for o in add {
+        let Some(hv) = &o.header else { continue };
+        let Ok(name) = HeaderName::from_bytes(hv.key.as_bytes()) else {
+            continue;
+        };
+        let raw = if hv.value.is_empty() {
+            String::from_utf8_lossy(&hv.raw_value).into_owned()
+        } else {
+            hv.value.clone()
+        };
+        let t = Template::new(&raw);
+        let value = if t.is_literal() { raw } else { t.render(entry) };
+        if value.is_empty() && !o.keep_empty_value {
+            continue;
+        }
+        let Ok(value) = HeaderValue::from_str(&value) else {
+            continue;
+        };
+        #[allow(deprecated)]
+        let action = match &o.append {
+            // The deprecated `append` wins when set.
+            Some(a) if a.value => HeaderAppendAction::AppendIfExistsOrAdd,
+            Some(_) => HeaderAppendAction::OverwriteIfExistsOrAdd,
+            None => HeaderAppendAction::try_from(o.append_action)
+                .unwrap_or(HeaderAppendAction::AppendIfExistsOrAdd),
+        };
+        match action {
+            HeaderAppendAction::AppendIfExistsOrAdd => {
+                h.append(name, value);
+            }
+            HeaderAppendAction::AddIfAbsent => {
+                if !h.contains_key(&name) {
+                    h.insert(name, value);
+                }
+            }
+            HeaderAppendAction::OverwriteIfExistsOrAdd => {
+                h.insert(name, value);
+            }
+            HeaderAppendAction::OverwriteIfExists => {
+                if h.contains_key(&name) {
+                    h.insert(name, value);
+                }
+            }
+        }
+    }
+}
+
+/// One level's header mutations (route, virtual host or route configuration).
+struct Mutations<'a> {
+    request_add: &'a [HeaderValueOption],
+    request_remove: &'a [String],
+    response_add: &'a [HeaderValueOption],
+    response_remove: &'a [String],
+}
+
+impl<'a> Mutations<'a> {
+    fn of(
+        request_add: &'a [HeaderValueOption],
+        request_remove: &'a [String],
+        response_add: &'a [HeaderValueOption],
+        response_remove: &'a [String],
+    ) -> Mutations<'a> {
+        Mutations {
+            request_add,
+            request_remove,
+            response_add,
+            response_remove,
+        }
+    }
+}
+
+/// A local reply: Envoy's status and body (text/plain when there is one).
+fn local_reply(status: u16, body: &str) -> Response<Body> {
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if !body.is_empty() {
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("text/plain"));
+    }
+    r.headers_mut().insert(
+        "content-length",
+        HeaderValue::from_str(&body.len().to_string()).unwrap(),
+    );
+    r
+}
+
+/// What became of a stream, for its response headers, counters and access log.
+pub(crate) struct Outcome {
+    response: Response<Body>,
+    flags: Vec<&'static str>,
+    details: String,
+    cluster: String,
+    upstream_host: Option<String>,
+    upstream_local: Option<SocketAddr>,
+    transport_failure: Option<String>,
+}
+
+impl Outcome {
+    fn local(status: u16, body: &str, flag: Option<&'static str>, details: &str) -> Outcome {
+        Outcome {
+            response: local_reply(status, body),
+            flags: flag.into_iter().collect(),
+            details: details.into(),
+            cluster: String::new(),
+            upstream_host: None,
+            upstream_local: None,
+            transport_failure: None,
+        }
+    }
+}
+
+/// One request, from its headers to the response handed to the codec.
+async fn stream(
+    server: &Arc<Server>,
+    hcm: &Arc<HttpConnectionManagerFilter>,
+    info: &Downstream,
+    req: Request<Incoming>,
+    conn: u64,
+) -> Response<Body> {
+    let received = Arc::new(AtomicU64::new(0));
+    let (parts, body) = req.into_parts();
+    let mut req = Request::from_parts(
+        parts,
+        CountedRequest {
+            inner: body,
+            received: received.clone(),
+        }
+        .boxed(),
+    );
+    let start = SystemTime::now();
+    let began = Instant::now();
+    let seed = crate::random(conn ^ began.elapsed().as_nanos() as u64);
+    let stats = &hcm.stats;
+    stats.downstream_rq_total.inc();
+    stats.downstream_rq_active.inc();
+    let http2 = req.version() == hyper::Version::HTTP_2;
+    if http2 {
+        stats.downstream_rq_http2_total.inc();
+    } else {
+        stats.downstream_rq_http1_total.inc();
+    }
+    let protocol = match req.version() {
+        hyper::Version::HTTP_2 => "HTTP/2",
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.as_str().to_string());
+    let method = req.method().as_str().to_string();
+    tracing::debug!(target: "http", connection = conn, "new stream");
+    let authority = strip_port(&hcm.config, &authority, info.local.port());
+    let received_headers = header_list(req.headers());
+    let internal = mutate_request_headers(hcm, info, req.headers_mut(), seed);
+    let mut entry = Entry {
+        start,
+        duration: Duration::ZERO,
+        bytes_received: 0,
+        bytes_sent: 0,
+        downstream_remote: info.remote,
+        downstream_local: info.local,
+        upstream_host: None,
+        upstream_local: None,
+        upstream_cluster: String::new(),
+        flags: vec![],
+        server_name: info.server_name.clone(),
+        connection_id: conn,
+        response_code: 0,
+        log_type: pilotfish_api::pb::envoy::data::accesslog::v3::AccessLogType::DownstreamEnd
+            as i32,
+        http: Some(Box::new(HttpEntry {
+            method: method.clone(),
+            path: path.clone(),
+            authority: authority.clone(),
+            protocol: protocol.into(),
+            request_headers: received_headers,
+            ..Default::default()
+        })),
+    };
+    let scheme = req
+        .headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http")
+        .to_string();
+    let routing = pilotfish_decide::router::Request {
+        authority: authority.clone(),
+        path: path.clone(),
+        method: method.clone(),
+        scheme,
+        headers: header_list(req.headers()),
+        random_value: seed,
+        internal,
+        runtime: pilotfish_decide::router::Runtime::Defaults,
+    };
+    stats.rq_total.inc();
+    let mut route_levels: Vec<Mutations> = vec![];
+    let outcome = match &hcm.routes {
+        None => {
+            stats.no_route.inc();
+            Outcome::local(404, "", Some("NR"), "route_not_found")
+        }
+        Some(table) => {
+            let d = table.route(&routing);
+            let route = match (d.virtual_host_index, d.route_index) {
+                (Some(v), Some(r)) => {
+                    let rc = &table.config;
+                    let vh = &rc.virtual_hosts[v];
+                    let rt = &vh.routes[r];
+                    // Envoy's order: the route's mutations, then the virtual host's, then the
+                    // route configuration's.
+                    route_levels = vec![
+                        Mutations::of(
+                            &rt.request_headers_to_add,
+                            &rt.request_headers_to_remove,
+                            &rt.response_headers_to_add,
+                            &rt.response_headers_to_remove,
+                        ),
+                        Mutations::of(
+                            &vh.request_headers_to_add,
+                            &vh.request_headers_to_remove,
+                            &vh.response_headers_to_add,
+                            &vh.response_headers_to_remove,
+                        ),
+                        Mutations::of(
+                            &rc.request_headers_to_add,
+                            &rc.request_headers_to_remove,
+                            &rc.response_headers_to_add,
+                            &rc.response_headers_to_remove,
+                        ),
+                    ];
+                    if let Some(h) = entry.http.as_mut() {
+                        h.route_name = rt.name.clone();
+                    }
+                    Some(rt.clone())
+                }
+                _ => None,
+            };
+            match d.action {
+                Action::NoRoute => {
+                    stats.no_route.inc();
+                    tracing::debug!(target: "router", connection = conn, "no route match for URL '{path}'");
+                    Outcome::local(404, "", Some("NR"), "route_not_found")
+                }
+                Action::DirectResponse { status, body } => {
+                    stats.rq_direct_response.inc();
+                    let mut o = Outcome::local(status as u16, &body, None, "direct_response");
+                    if body.is_empty() {
+                        o.response.headers_mut().remove("content-length");
+                        o.response
+                            .headers_mut()
+                            .insert("content-length", HeaderValue::from_static("0"));
+                    }
+                    o
+                }
+                Action::Redirect { location, code } => {
+                    let mut o = Outcome::local(code as u16, "", None, "direct_response");
+                    if let Ok(v) = HeaderValue::from_str(&location) {
+                        o.response.headers_mut().insert("location", v);
+                    }
+                    o
+                }
+                Action::Forward {
+                    cluster,
+                    path: new_path,
+                    host,
+                    ..
+                } => {
+                    let action = match route.as_ref().and_then(|r| r.action.as_ref()) {
+                        Some(route::Action::Route(a)) => a.clone(),
+                        _ => RouteAction::default(),
+                    };
+                    let vh = d.virtual_host_index.map(|v| &table.config.virtual_hosts[v]);
+                    let info_for_router = upstream::RouteInfo {
+                        retry_policy: action
+                            .retry_policy
+                            .clone()
+                            .or_else(|| vh.and_then(|v| v.retry_policy.clone())),
+                        include_attempt_count: vh.is_some_and(|v| v.include_request_attempt_count),
+                        include_attempt_count_in_response: vh
+                            .is_some_and(|v| v.include_attempt_count_in_response),
+                        action,
+                    };
+                    match server.clusters.get(&cluster) {
+                        None => {
+                            stats.no_cluster.inc();
+                            tracing::debug!(target: "router", connection = conn, "unknown cluster '{cluster}'");
+                            let mut o = Outcome::local(503, "", Some("NC"), "cluster_not_found");
+                            o.cluster = cluster;
+                            o
+                        }
+                        Some(c) => {
+                            // Envoy keeps what a rewrite replaced.
+                            if new_path != path {
+                                set_header(req.headers_mut(), "x-envoy-original-path", &path);
+                            }
+                            if host != authority {
+                                set_header(req.headers_mut(), "x-envoy-original-host", &authority);
+                            }
+                            for m in &route_levels {
+                                apply_headers(
+                                    req.headers_mut(),
+                                    m.request_add,
+                                    m.request_remove,
+                                    &entry,
+                                );
+                            }
+                            upstream::forward(
+                                server,
+                                c,
+                                req,
+                                &info_for_router,
+                                &new_path,
+                                &host,
+                                info,
+                                http2,
+                                conn,
+                                seed,
+                            )
+                            .await
+                        }
+                    }
+                }
+            }
+        }
+    };
+    finish(hcm, outcome, received, entry, route_levels, began)
+}
+
+/// Response headers (the route's mutations, server, ...), counters and the access log entry,
+/// written when the response body has been sent.
+fn finish(
+    hcm: &Arc<HttpConnectionManagerFilter>,
+    outcome: Outcome,
+    received: Arc<AtomicU64>,
+    mut entry: Entry,
+    route_levels: Vec<Mutations>,
+    began: Instant,
+) -> Response<Body> {
+    let mut response = outcome.response;
+    entry.flags = outcome.flags;
+    entry.upstream_cluster = outcome.cluster;
+    entry.upstream_host = outcome.upstream_host;
+    entry.upstream_local = outcome.upstream_local;
+    if let Some(h) = entry.http.as_mut() {
+        h.details = outcome.details;
+        h.upstream_transport_failure = outcome.transport_failure;
+    }
+    for m in &route_levels {
+        apply_headers(
+            response.headers_mut(),
+            m.response_add,
+            m.response_remove,
+            &entry,
+        );
+    }
+    let h = response.headers_mut();
+    for name in HOP_BY_HOP {
+        h.remove(*name);
+    }
+    match ServerHeaderTransformation::try_from(hcm.config.server_header_transformation)
+        .unwrap_or(ServerHeaderTransformation::Overwrite)
+    {
+        ServerHeaderTransformation::Overwrite => {
+            if let Ok(v) = HeaderValue::from_str(hcm.server_name()) {
+                h.insert("server", v);
+            }
+        }
+        ServerHeaderTransformation::AppendIfAbsent => {
+            if !h.contains_key("server") {
+                if let Ok(v) = HeaderValue::from_str(hcm.server_name()) {
+                    h.insert("server", v);
+                }
+            }
+        }
+        ServerHeaderTransformation::PassThrough => {}
+    }
+    let status = response.status().as_u16();
+    entry.response_code = status as u32;
+    let stats = &hcm.stats;
+    if (1..=5).contains(&(status / 100)) {
+        stats.downstream_rq_xx[(status / 100 - 1) as usize].inc();
+    }
+    if let Some(http) = entry.http.as_mut() {
+        http.response_headers = header_list(response.headers());
+    }
+    let done = DoneGuard {
+        entry: Some(entry),
+        began,
+        received,
+        hcm: hcm.clone(),
+    };
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, Counted::new(body, done).boxed())
+}
+
+/// Ends the stream's accounting when its response body is done (or dropped): counters, and
+/// the access log with the bytes sent and the duration.
+struct DoneGuard {
+    entry: Option<Entry>,
+    began: Instant,
+    /// Request body bytes, counted as the upstream (or nobody) reads them.
+    received: Arc<AtomicU64>,
+    hcm: Arc<HttpConnectionManagerFilter>,
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let stats = &self.hcm.stats;
+        stats.downstream_rq_active.dec();
+        stats.downstream_rq_completed.inc();
+        if let Some(mut e) = self.entry.take() {
+            e.duration = self.began.elapsed();
+            e.bytes_received = self.received.load(Ordering::Relaxed);
+            for l in &self.hcm.logs {
+                l.write(&e);
+            }
+        }
+    }
+}
+
+/// A request body that counts the bytes it yields.
+struct CountedRequest {
+    inner: Incoming,
+    received: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for CountedRequest {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match p {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.received.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                std::task::Poll::Ready(Some(Ok(f)))
+            }
+            std::task::Poll::Ready(Some(Err(e))) => std::task::Poll::Ready(Some(Err(Box::new(e)))),
+            std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that counts the bytes it yields and ends the stream's accounting.
+struct Counted {
+    inner: Body,
+    done: DoneGuard,
+}
+
+impl Counted {
+    fn new(inner: Body, done: DoneGuard) -> Counted {
+        Counted { inner, done }
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(f))) = &p {
+            if let (Some(d), Some(e)) = (f.data_ref(), self.done.entry.as_mut()) {
+                e.bytes_sent += d.len() as u64;
+            }
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,665 @@
+//! The router's upstream side: a host from the cluster's load balancer, a connection from that
+//! host's pool (HTTP/1.1 connections reused once their response is done, one multiplexed
+//! HTTP/2 connection), the request as the upstream sees it (path and host rewritten,
+//! `x-envoy-expected-rq-timeout-ms`), the route timeout, and Envoy's local replies when the
+//! upstream cannot answer.
+
+use super::{Body, BoxError, Downstream, Outcome};
+use crate::cluster::{Cluster, ConnectError, Host, LbContext};
+use crate::server::Server;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pilotfish_api::pb::envoy::config::route::v3::{RetryPolicy, RouteAction};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+enum Sender {
+    Http1(Http1),
+    Http2(Http2),
+}
+
+type Http1 = hyper::client::conn::http1::SendRequest<Body>;
+type Http2 = hyper::client::conn::http2::SendRequest<Body>;
+/// (cluster, host address)
+type HostKey = (String, String);
+
+/// Idle HTTP/1.1 connections and the HTTP/2 connection of each (cluster, host).
+#[derive(Default)]
+pub struct Pools {
+    http1: Mutex<HashMap<HostKey, Vec<Http1>>>,
+    http2: Mutex<HashMap<HostKey, Http2>>,
+}
+
+/// Which protocol the cluster speaks upstream (its HttpProtocolOptions).
+fn upstream_http2(cluster: &Cluster, downstream_http2: bool) -> bool {
+    use pilotfish_api::pb::envoy::extensions::upstreams::http::v3::{
+        http_protocol_options::{explicit_http_config::ProtocolConfig, UpstreamProtocolOptions},
+        HttpProtocolOptions,
+    };
+    let Some(any) = cluster
+        .config
+        .typed_extension_protocol_options
+        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+    else {
+        return false;
+    };
+    let Some(o) = pilotfish_config::model::unpack::<HttpProtocolOptions>(any) else {
+        return false;
+    };
+    match o.upstream_protocol_options {
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
+            matches!(
+                e.protocol_config,
+                Some(ProtocolConfig::Http2ProtocolOptions(_))
+            )
+        }
+        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => downstream_http2,
+        // AUTO picks by ALPN; without upstream TLS that is HTTP/1.1.
+        _ => false,
+    }
+}
+
+/// Why an upstream request got no response, and Envoy's local reply for it.
+fn failure_reply(e: &ConnectError) -> (u16, String, &'static str, &'static str) {
+    match e {
+        ConnectError::NoHealthyHost => (503, "no healthy upstream".into(), "UH", "no_healthy_upstream"),
+        ConnectError::Overflow | ConnectError::PendingOverflow => (
+            503,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow".into(),
+            "UO",
+            "upstream_reset_before_response_started{overflow}",
+        ),
+        ConnectError::Timeout(_) => (
+            503,
+            "upstream connect error or disconnect/reset before headers. reset reason: connection timeout".into(),
+            "UF",
+            "upstream_reset_before_response_started{connection_timeout}",
+        ),
+        ConnectError::Failed(..) => (
+            503,
+            "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".into(),
+            "UF",
+            "upstream_reset_before_response_started{remote_connection_failure}",
+        ),
+        ConnectError::Tls(_, err) => (
+            503,
+            format!("upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error:|{err}"),
+            "UF",
+            "upstream_reset_before_response_started{remote_connection_failure}",
+        ),
+    }
+}
+
+async fn connection(
+    server: &Arc<Server>,
+    cluster: &Arc<Cluster>,
+    host: &Arc<Host>,
+    http2: bool,
+    conn: u64,
+) -> Result<Sender, ConnectError> {
+    let key = (cluster.name.clone(), host.address.clone());
+    if http2 {
+        if let Some(s) = server.http_pools.http2.lock().unwrap().get(&key) {
+            if !s.is_closed() {
+                return Ok(Sender::Http2(s.clone()));
+            }
+        }
+    } else {
+        let mut idle = server.http_pools.http1.lock().unwrap();
+        if let Some(list) = idle.get_mut(&key) {
+            while let Some(s) = list.pop() {
+                if s.is_ready() {
+                    tracing::debug!(target: "pool", connection = conn, "using existing connection");
+                    return Ok(Sender::Http1(s));
+                }
+            }
+        }
+    }
+    let id = server.next_connection_id();
+    tracing::debug!(target: "pool", connection = conn, "creating a new connection (C{id})");
+    let up = cluster.connect_host(host.clone(), conn, id).await?;
+    let io = TokioIo::new(up);
+    let fail = |e: hyper::Error| {
+        ConnectError::Failed(host.address.clone(), std::io::Error::other(e.to_string()))
+    };
+    if http2 {
+        let (sender, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(io)
+            .await
+            .map_err(fail)?;
+        tokio::spawn(async move {
+            let _ = c.await;
+        });
+        server
+            .stats
+            .counter(&format!("cluster.{}.upstream_cx_http2_total", cluster.name))
+            .inc();
+        server
+            .http_pools
+            .http2
+            .lock()
+            .unwrap()
+            .insert(key, sender.clone());
+        Ok(Sender::Http2(sender))
+    } else {
+        let (sender, c) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(fail)?;
+        tokio::spawn(async move {
+            let _ = c.await;
+        });
+        server
+            .stats
+            .counter(&format!("cluster.{}.upstream_cx_http1_total", cluster.name))
+            .inc();
+        Ok(Sender::Http1(sender))
+    }
+}
+
+/// The route's timeout: `timeout` (15 s by default, 0 for none), or what an
+/// `x-envoy-upstream-rq-timeout-ms` header asks.
+fn route_timeout(action: &RouteAction, h: &hyper::HeaderMap) -> Option<Duration> {
+    let from_header = h
+        .get("x-envoy-upstream-rq-timeout-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let t = from_header
+        .unwrap_or_else(|| crate::duration(action.timeout.as_ref(), Duration::from_secs(15)));
+    (!t.is_zero()).then_some(t)
+}
+
+/// What the route asks of the router besides its target.
+pub struct RouteInfo {
+    pub action: RouteAction,
+    /// The route's retry policy, else its virtual host's.
+    pub retry_policy: Option<RetryPolicy>,
+    pub include_attempt_count: bool,
+    pub include_attempt_count_in_response: bool,
+}
+
+/// A retry policy as the router applies it to one request (the `x-envoy-retry-on`,
+/// `x-envoy-max-retries` and `x-envoy-retriable-status-codes` of an internal request
+/// included).
+struct Retries {
+    on: Vec<String>,
+    max: u32,
+    status_codes: Vec<u32>,
+    per_try_timeout: Option<Duration>,
+    base: Duration,
+    max_interval: Duration,
+    previous_hosts: bool,
+    host_selection_attempts: u32,
+}
+
+impl Retries {
+    fn of(policy: Option<&RetryPolicy>, h: &hyper::HeaderMap) -> Retries {
+        let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let mut on: Vec<String> = policy
+            .map(|p| {
+                p.retry_on
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(extra) = header("x-envoy-retry-on") {
+            on.extend(extra.split(',').map(|s| s.trim().to_string()));
+        }
+        on.retain(|s| !s.is_empty());
+        let mut status_codes: Vec<u32> = policy
+            .map(|p| p.retriable_status_codes.clone())
+            .unwrap_or_default();
+        if let Some(extra) = header("x-envoy-retriable-status-codes") {
+            status_codes.extend(
+                extra
+                    .split(',')
+                    .filter_map(|s| s.trim().parse::<u32>().ok()),
+            );
+        }
+        let max = header("x-envoy-max-retries")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                policy
+                    .and_then(|p| p.num_retries.as_ref())
+                    .map_or(1, |v| v.value)
+            });
+        let backoff = policy.and_then(|p| p.retry_back_off.as_ref());
+        let base = crate::duration(
+            backoff.and_then(|b| b.base_interval.as_ref()),
+            Duration::from_millis(25),
+        );
+        Retries {
+            max: if on.is_empty() { 0 } else { max },
+            on,
+            status_codes,
+            per_try_timeout: policy
+                .and_then(|p| p.per_try_timeout.as_ref())
+                .map(|d| crate::duration(Some(d), Duration::ZERO))
+                .filter(|d| !d.is_zero()),
+            base,
+            max_interval: crate::duration(backoff.and_then(|b| b.max_interval.as_ref()), base * 10),
+            previous_hosts: policy.is_some_and(|p| {
+                p.retry_host_predicate
+                    .iter()
+                    .any(|r| r.name.ends_with("previous_hosts"))
+            }),
+            host_selection_attempts: policy
+                .map_or(1, |p| p.host_selection_retry_max_attempts.max(1) as u32),
+        }
+    }
+
+    fn has(&self, what: &str) -> bool {
+        self.on.iter().any(|o| o == what)
+    }
+
+    /// A response worth another attempt.
+    fn retriable_status(&self, status: u16) -> bool {
+        (self.has("5xx") && status >= 500)
+            || (self.has("gateway-error") && matches!(status, 502..=504))
+            || (self.has("retriable-4xx") && status == 409)
+            || (self.has("retriable-status-codes") && self.status_codes.contains(&(status as u32)))
+    }
+
+    /// No response at all: the connection failed (`connect`) or was reset or timed out.
+    fn retriable_failure(&self, connect: bool) -> bool {
+        self.has("5xx")
+            || self.has("gateway-error")
+            || self.has("reset")
+            || (connect && self.has("connect-failure"))
+    }
+
+    /// Envoy's jittered exponential backoff before retry `n` (1 for the first).
+    fn backoff(&self, n: u32, seed: u64) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << n.min(16))
+            .min(self.max_interval)
+            .as_millis() as u64;
+        Duration::from_millis(crate::random(seed ^ n as u64) % ceiling.max(1))
+    }
+}
+
+/// One attempt's end.
+enum Attempt {
+    Response(Response<OnEnd>, Arc<Host>, Instant),
+    ConnectFailed(ConnectError, Option<Arc<Host>>),
+    Reset(Arc<Host>),
+    PerTryTimeout(Arc<Host>),
+}
+
+/// Sends the request to a host of `cluster`, retrying as the route's policy says, and turns the
+/// answer (or its absence) into the stream's outcome.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn forward(
+    server: &Arc<Server>,
+    cluster: &Arc<Cluster>,
+    req: Request<Body>,
+    route: &RouteInfo,
+    path: &str,
+    host_header: &str,
+    info: &Downstream,
+    downstream_http2: bool,
+    conn: u64,
+    seed: u64,
+) -> Outcome {
+    let name = cluster.name.clone();
+    let count = |n: &str| server.stats.counter(&format!("cluster.{name}.{n}")).inc();
+    tracing::debug!(target: "router", connection = conn, "cluster '{name}' match for URL '{path}'");
+    let timeout = route_timeout(&route.action, req.headers());
+    let retries = Retries::of(route.retry_policy.as_ref(), req.headers());
+    let http2 = upstream_http2(cluster, downstream_http2);
+    let (mut parts, body) = req.into_parts();
+    for n in [
+        "x-envoy-upstream-rq-timeout-ms",
+        "x-envoy-retry-on",
+        "x-envoy-max-retries",
+        "x-envoy-retriable-status-codes",
+    ] {
+        parts.headers.remove(n);
+    }
+    if http2 {
+        parts.version = hyper::Version::HTTP_2;
+        parts.headers.remove("host");
+    } else {
+        parts.version = hyper::Version::HTTP_11;
+        parts.uri = path.parse().unwrap_or_default();
+        if let Ok(v) = HeaderValue::from_str(host_header) {
+            parts.headers.insert("host", v);
+        }
+    }
+    // A request that may be retried is buffered, so each attempt can send it again.
+    let mut body = Some(body);
+    let buffered = if retries.max > 0 {
+        match body.take().unwrap().collect().await {
+            Ok(b) => Some(b.to_bytes()),
+            Err(_) => {
+                return Outcome::local(400, "", None, "downstream_remote_disconnect");
+            }
+        }
+    } else {
+        None
+    };
+    let started = tokio::time::Instant::now();
+    let deadline = timeout.map(|t| started + t);
+    let mut tried: Vec<Arc<Host>> = vec![];
+    let mut attempt = 1u32;
+    let mut flags: Vec<&'static str> = vec![];
+    // A retry counts against max_retries from its backoff to its end.
+    let mut retry_guard = None;
+    let result = loop {
+        // The host: the load balancer's pick, avoiding hosts already tried when asked to.
+        let mut host = None;
+        for k in 0..retries.host_selection_attempts.max(1) {
+            let ctx = LbContext {
+                original_destination: info.local,
+                hash: None,
+                conn: seed ^ ((attempt as u64) << 48) ^ k as u64,
+                attempt,
+            };
+            host = cluster.pick(&ctx);
+            if !retries.previous_hosts
+                || !host
+                    .as_ref()
+                    .is_some_and(|h| tried.iter().any(|t| Arc::ptr_eq(t, h)))
+            {
+                break;
+            }
+        }
+        let Some(host) = host else {
+            cluster.stats.upstream_cx_none_healthy.inc();
+            break Attempt::ConnectFailed(ConnectError::NoHealthyHost, None);
+        };
+        tried.push(host.clone());
+        let mut p = parts.clone();
+        if http2 {
+            let scheme = if host.transport.socket.ends_with("tls") {
+                "https"
+            } else {
+                "http"
+            };
+            p.uri = format!("{scheme}://{host_header}{path}")
+                .parse()
+                .unwrap_or_default();
+        }
+        if route.include_attempt_count {
+            p.headers
+                .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+        }
+        // What the upstream is told it has: the per-try timeout, else what is left of the
+        // route's.
+        let expected = match (retries.per_try_timeout, timeout) {
+            (Some(t), _) => Some(t.as_millis() as u64),
+            (None, Some(t)) if attempt == 1 => Some(t.as_millis() as u64),
+            (None, Some(t)) => {
+                Some((t.as_millis() as u64).saturating_sub(started.elapsed().as_millis() as u64))
+            }
+            (None, None) => None,
+        };
+        if let Some(ms) = expected {
+            p.headers
+                .insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(ms));
+        }
+        let b = match &buffered {
+            Some(bytes) => super::full(bytes.clone()),
+            None => body.take().unwrap_or_else(|| super::full(Bytes::new())),
+        };
+        let per_try = retries
+            .per_try_timeout
+            .map(|t| tokio::time::Instant::now() + t);
+        let limit = match (deadline, per_try) {
+            (Some(d), Some(p)) => Some(d.min(p)),
+            (d, p) => d.or(p),
+        };
+        let result = attempt_once(
+            server,
+            cluster,
+            &host,
+            http2,
+            Request::from_parts(p, b),
+            limit,
+            conn,
+        )
+        .await;
+        let global_expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        let retriable = match &result {
+            Attempt::Response(r, ..) => retries.retriable_status(r.status().as_u16()),
+            Attempt::ConnectFailed(ConnectError::Overflow | ConnectError::PendingOverflow, _) => {
+                false
+            }
+            Attempt::ConnectFailed(ConnectError::NoHealthyHost, _) => false,
+            Attempt::ConnectFailed(..) => retries.retriable_failure(true),
+            Attempt::Reset(_) => retries.retriable_failure(false),
+            Attempt::PerTryTimeout(_) => !global_expired && retries.retriable_failure(false),
+        };
+        if matches!(result, Attempt::PerTryTimeout(_)) && !global_expired {
+            count("upstream_rq_per_try_timeout");
+        }
+        if !retriable || global_expired {
+            break result;
+        }
+        if attempt > retries.max {
+            count("upstream_rq_retry_limit_exceeded");
+            flags.push("URX");
+            break result;
+        }
+        if cluster.retries_active() >= cluster.thresholds[0].max_retries {
+            count("upstream_rq_retry_overflow");
+            flags.push("UO");
+            break result;
+        }
+        if let Attempt::ConnectFailed(e, _) = &result {
+            tracing::debug!(target: "router", connection = conn, "upstream attempt {attempt} failed: {e}: retrying");
+        } else {
+            tracing::debug!(target: "router", connection = conn, "performing retry");
+        }
+        drop(result);
+        count("upstream_rq_retry");
+        count("upstream_rq_retry_backoff_exponential");
+        retry_guard = Some(cluster.start_retry());
+        let wait = retries.backoff(attempt, seed);
+        match deadline {
+            Some(d) if tokio::time::Instant::now() + wait >= d => {
+                tokio::time::sleep_until(d).await;
+                break Attempt::PerTryTimeout(host);
+            }
+            _ => tokio::time::sleep(wait).await,
+        }
+        attempt += 1;
+    };
+    drop(retry_guard);
+    let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+    let failure = |status: u16,
+                   body: &str,
+                   flag: &'static str,
+                   details: &str,
+                   host: Option<&Arc<Host>>,
+                   flags: &mut Vec<&'static str>| {
+        // A retried request's reply says so.
+        let body = if attempt > 1 {
+            body.replace(
+                "before headers. reset reason:",
+                "before headers. retried and the latest reset reason:",
+            )
+        } else {
+            body.to_string()
+        };
+        let mut o = Outcome::local(status, &body, None, details);
+        // Flags in the order they were raised: URX before the last attempt's failure.
+        flags.push(flag);
+        o.flags = std::mem::take(flags);
+        o.cluster = name.clone();
+        o.upstream_host = host.map(|h| h.address.clone());
+        o
+    };
+    match result {
+        Attempt::Response(response, host, began) => {
+            if attempt > 1 && !retries.retriable_status(response.status().as_u16()) {
+                count("upstream_rq_retry_success");
+            }
+            let status = response.status().as_u16();
+            tracing::debug!(target: "router", connection = conn, "upstream headers complete: end_stream={}", hyper::body::Body::is_end_stream(response.body()));
+            count(&format!("upstream_rq_{}xx", status / 100));
+            count(&format!("upstream_rq_{status}"));
+            let (mut parts, body) = response.into_parts();
+            if let Ok(v) = HeaderValue::from_str(&began.elapsed().as_millis().to_string()) {
+                parts.headers.insert("x-envoy-upstream-service-time", v);
+            }
+            if route.include_attempt_count_in_response {
+                parts.headers.insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+            }
+            Outcome {
+                response: Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed()),
+                flags,
+                details: "via_upstream".into(),
+                cluster: name,
+                upstream_host: Some(host.address.clone()),
+                upstream_local: None,
+                transport_failure: None,
+            }
+        }
+        Attempt::PerTryTimeout(host) if timed_out => {
+            count("upstream_rq_timeout");
+            tracing::debug!(target: "router", connection = conn, "upstream timeout");
+            failure(504, "upstream request timeout", "UT", "upstream_response_timeout", Some(&host), &mut flags)
+        }
+        Attempt::PerTryTimeout(host) => {
+            failure(504, "upstream request timeout", "UT", "upstream_per_try_timeout", Some(&host), &mut flags)
+        }
+        Attempt::Reset(host) => failure(
+            503,
+            "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            "UC",
+            "upstream_reset_before_response_started{connection_termination}",
+            Some(&host),
+            &mut flags,
+        ),
+        Attempt::ConnectFailed(e, host) => {
+            let (status, body, flag, details) = failure_reply(&e);
+            failure(status, &body, flag, details, host.as_ref(), &mut flags)
+        }
+    }
+}
+
+/// One attempt: a connection from the host's pool, the request, its response headers (within
+/// `limit`).
+async fn attempt_once(
+    server: &Arc<Server>,
+    cluster: &Arc<Cluster>,
+    host: &Arc<Host>,
+    http2: bool,
+    req: Request<Body>,
+    limit: Option<tokio::time::Instant>,
+    conn: u64,
+) -> Attempt {
+    let began = Instant::now();
+    let sender = match connection(server, cluster, host, http2, conn).await {
+        Ok(s) => s,
+        Err(e) => return Attempt::ConnectFailed(e, Some(host.clone())),
+    };
+    cluster.stats.upstream_rq_total.inc();
+    cluster.stats.upstream_rq_active.inc();
+    host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+    host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+    let request_done = {
+        let (cluster, host) = (cluster.clone(), host.clone());
+        move || {
+            cluster.stats.upstream_rq_active.dec();
+            host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        }
+    };
+    let send = async {
+        match sender {
+            Sender::Http1(mut s) => {
+                let r = s.send_request(req).await;
+                (r, Some(s))
+            }
+            Sender::Http2(mut s) => (s.send_request(req).await, None),
+        }
+    };
+    let result = match limit {
+        Some(t) => tokio::time::timeout_at(t, send).await.ok(),
+        None => Some(send.await),
+    };
+    let key = (cluster.name.clone(), host.address.clone());
+    match result {
+        None => {
+            request_done();
+            Attempt::PerTryTimeout(host.clone())
+        }
+        Some((Err(e), _)) => {
+            request_done();
+            tracing::debug!(target: "router", connection = conn, "upstream reset: {e}");
+            Attempt::Reset(host.clone())
+        }
+        Some((Ok(r), sender)) => {
+            server
+                .stats
+                .counter(&format!("cluster.{}.upstream_rq_completed", cluster.name))
+                .inc();
+            // An HTTP/1.1 connection goes back to the pool once this response is done.
+            if let Some(mut s) = sender {
+                let pools = server.clone();
+                tokio::spawn(async move {
+                    if s.ready().await.is_ok() {
+                        pools
+                            .http_pools
+                            .http1
+                            .lock()
+                            .unwrap()
+                            .entry(key)
+                            .or_default()
+                            .push(s);
+                    }
+                });
+            }
+            let (parts, body) = r.into_parts();
+            let body = OnEnd {
+                inner: body,
+                done: Some(Box::new(request_done)),
+            };
+            Attempt::Response(Response::from_parts(parts, body), host.clone(), began)
+        }
+    }
+}
+
+/// A body that runs `done` once, when it ends or is dropped.
+pub struct OnEnd {
+    inner: Incoming,
+    done: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            d();
+        }
+    }
+}
+
+impl hyper::body::Body for OnEnd {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
