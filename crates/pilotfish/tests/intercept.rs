@@ -3,7 +3,9 @@
 //! 172.30.207.152), istio-init's iptables rules in the pod, and `pilotfish -c <the seed dump>`
 //! running there as uid 1337 like istio-proxy. Inbound: a peer's connection to the pod's port
 //! 9999 is redirected to 15006, original_dst restores the destination, the passthrough chain's
-//! ORIGINAL_DST cluster connects to it from 127.0.0.6. Outbound: the app's connection to the
+//! ORIGINAL_DST cluster connects to it from 127.0.0.6; an HTTP request to the app's port 8080
+//! goes through the dump's `0.0.0.0_8080` chain (its http_connection_manager and route) and
+//! comes back with the headers the sidecar adds (`server: istio-envoy`). Outbound: the app's connection to the
 //! metrics-server VIP is redirected to 15001 and handed to the `10.104.76.155_443` listener,
 //! whose EDS cluster reaches the endpoint in plaintext (tlsMode-disabled). The dump's admin
 //! answers /ready and returns its resources from /config_dump.
@@ -85,6 +87,10 @@ fn the_seed_sidecar_intercepts_inbound_and_outbound() {
         in_netns(&peer, || TcpListener::bind("172.30.207.152:4443").unwrap()),
         "metrics-server",
     );
+    serve_http(
+        in_netns(&pod, || TcpListener::bind("0.0.0.0:8080").unwrap()),
+        "fortio",
+    );
 
     let log = dir.join("pilotfish.log");
     let proxy = Command::new("ip")
@@ -154,6 +160,25 @@ fn the_seed_sidecar_intercepts_inbound_and_outbound() {
         "{got}\n{}",
         show()
     );
+    // Inbound HTTP: the app's port 8080, through the dump's 0.0.0.0_8080 chain.
+    let got = exchange(
+        &peer,
+        "172.21.206.230:8080",
+        b"GET /echo HTTP/1.1\r\nhost: fortio-server:8080\r\nuser-agent: netshoot\r\nconnection: close\r\n\r\n",
+    );
+    let (head, body) = got.split_once("\r\n\r\n").unwrap_or((&got, ""));
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{got}\n{}", show());
+    assert!(head.contains("server: istio-envoy"), "{head}");
+    assert!(head.contains("x-envoy-upstream-service-time: "), "{head}");
+    assert!(body.starts_with("fortio saw 127.0.0.6:"), "{body}");
+    for h in [
+        "x-forwarded-proto: http",
+        "x-request-id: ",
+        "user-agent: netshoot",
+        "host: fortio-server:8080",
+    ] {
+        assert!(body.contains(h), "the app did not see {h}:\n{body}");
+    }
     // Outbound: the app's call to the metrics-server VIP, through 15001 and the hand-off.
     let got = exchange(&pod, "10.104.76.155:443", b"hello");
     assert!(

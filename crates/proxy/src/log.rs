@@ -1,7 +1,8 @@
 //! Envoy's log, from `tracing` events: one line per event in Envoy's default format
 //! (`[%Y-%m-%d %T.%e][%t][%l][%n] [%g:%#] %v`), the event's target as Envoy's component name
 //! (`conn_handler`, `filter`, `upstream`, ...), `[C<n>]` before the message of every event about a
-//! connection, and a level per component that `/logging` changes at run time.
+//! connection (`[C<n>][S<n>]` about one of its HTTP streams), and a level per component that
+//! `/logging` changes at run time.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -112,12 +113,15 @@ impl EnvoyLog {
 struct Fields {
     message: String,
     connection: Option<u64>,
+    stream: Option<u64>,
 }
 
 impl Visit for Fields {
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if field.name() == "connection" {
-            self.connection = Some(value);
+        match field.name() {
+            "connection" => self.connection = Some(value),
+            "stream" => self.stream = Some(value),
+            _ => {}
         }
     }
     fn record_str(&mut self, field: &Field, value: &str) {
@@ -161,7 +165,11 @@ impl<S: Subscriber> Layer<S> for EnvoyLog {
         } else {
             "misc"
         };
-        let conn = f.connection.map(|c| format!("[C{c}] ")).unwrap_or_default();
+        let conn = match (f.connection, f.stream) {
+            (Some(c), Some(s)) => format!("[C{c}][S{s}] "),
+            (Some(c), None) => format!("[C{c}] "),
+            _ => String::new(),
+        };
         let line = format!(
             "[{}][{}][{level}][{component}] [{}:{}] {conn}{}\n",
             timestamp(std::time::SystemTime::now()),

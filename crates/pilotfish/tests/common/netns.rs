@@ -53,6 +53,42 @@ pub fn serve(listener: TcpListener, name: &'static str) {
     });
 }
 
+/// An HTTP/1.1 app on `listener`: each request (keep-alive) is answered 200 with
+/// `<name> saw <peer>: <request line>` and the request's headers, one a line.
+pub fn serve_http(listener: TcpListener, name: &'static str) {
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            let Ok(c) = c else { continue };
+            let peer = c.peer_addr().unwrap();
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().unwrap();
+                let mut r = std::io::BufReader::new(c);
+                loop {
+                    let mut head = vec![];
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.trim_end().to_string());
+                    }
+                    let body = format!("{name} saw {peer}: {}\n", head.join("\n"));
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if w.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
 pub struct Namespaces {
     pub pod: String,
     pub peer: String,
@@ -101,7 +137,11 @@ pub fn can_run() -> bool {
 /// The pod and peer namespaces, wired and with istio-init's rules in the pod; None (with a note)
 /// where this machine cannot make them.
 pub fn setup_pod(name: &str, shared: &Path) -> Namespaces {
-    let id = std::process::id() % 100_000;
+    // Unique per test, also for tests of one process running side by side (interface names
+    // stay under 16 characters).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+    let id = (std::process::id() % 100_000) * 10 + n;
     let dir = std::env::temp_dir().join(format!("pilotfish-{name}-{id}"));
     std::fs::create_dir_all(&dir).unwrap();
     sh(&["chmod", "0777", dir.to_str().unwrap()]);

@@ -303,6 +303,23 @@ fn request_id(seed: u64) -> String {
     )
 }
 
+/// Headers as Envoy's debug log shows them: pseudo-headers first, one `'name', 'value'` a line.
+pub(crate) fn dump(pseudo: &[(&str, &str)], h: &HeaderMap) -> String {
+    let mut out = String::new();
+    for (k, v) in pseudo {
+        out.push_str(&format!("'{k}', '{v}'\n"));
+    }
+    // HTTP/1.1's host is the :authority above.
+    for (k, v) in h.iter().filter(|(k, _)| k.as_str() != "host") {
+        out.push_str(&format!(
+            "'{}', '{}'\n",
+            k,
+            String::from_utf8_lossy(v.as_bytes())
+        ));
+    }
+    out
+}
+
 fn header_list(h: &HeaderMap) -> Vec<(String, String)> {
     h.iter()
         .map(|(k, v)| {
@@ -583,6 +600,11 @@ async fn stream(
         .map_or("/".to_string(), |p| p.as_str().to_string());
     let method = req.method().as_str().to_string();
     tracing::debug!(target: "http", connection = conn, "new stream");
+    tracing::debug!(target: "http", connection = conn, stream = seed,
+        "request headers complete (end_stream={}):\n{}",
+        hyper::body::Body::is_end_stream(req.body()),
+        dump(&[(":authority", &authority), (":path", &path), (":method", &method)], req.headers())
+    );
     let authority = strip_port(&hcm.config, &authority, info.local.port());
     let received_headers = header_list(req.headers());
     let internal = mutate_request_headers(hcm, info, req.headers_mut(), seed);
@@ -673,7 +695,7 @@ async fn stream(
             match d.action {
                 Action::NoRoute => {
                     stats.no_route.inc();
-                    tracing::debug!(target: "router", connection = conn, "no route match for URL '{path}'");
+                    tracing::debug!(target: "router", connection = conn, stream = seed, "no route match for URL '{path}'");
                     Outcome::local(404, "", Some("NR"), "route_not_found")
                 }
                 Action::DirectResponse { status, body } => {
@@ -758,7 +780,7 @@ async fn stream(
             }
         }
     };
-    finish(hcm, outcome, received, entry, route_levels, began)
+    finish(hcm, outcome, received, entry, route_levels, began, seed)
 }
 
 /// Response headers (the route's mutations, server, ...), counters and the access log entry,
@@ -770,6 +792,7 @@ fn finish(
     mut entry: Entry,
     route_levels: Vec<Mutations>,
     began: Instant,
+    stream: u64,
 ) -> Response<Body> {
     let mut response = outcome.response;
     entry.flags = outcome.flags;
@@ -818,11 +841,19 @@ fn finish(
     if let Some(http) = entry.http.as_mut() {
         http.response_headers = header_list(response.headers());
     }
+    let conn = entry.connection_id;
+    tracing::debug!(target: "http", connection = conn, stream = stream,
+        "encoding headers via codec (end_stream={}):\n{}",
+        hyper::body::Body::is_end_stream(response.body()),
+        dump(&[(":status", &status.to_string())], response.headers())
+    );
     let done = DoneGuard {
         entry: Some(entry),
         began,
         received,
         hcm: hcm.clone(),
+        conn,
+        stream,
     };
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, Counted::new(body, done).boxed())
@@ -836,10 +867,13 @@ struct DoneGuard {
     /// Request body bytes, counted as the upstream (or nobody) reads them.
     received: Arc<AtomicU64>,
     hcm: Arc<HttpConnectionManagerFilter>,
+    conn: u64,
+    stream: u64,
 }
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
+        tracing::debug!(target: "http", connection = self.conn, stream = self.stream, "Codec completed encoding stream.");
         let stats = &self.hcm.stats;
         stats.downstream_rq_active.dec();
         stats.downstream_rq_completed.inc();

@@ -24,8 +24,9 @@ enum Sender {
     Http2(Http2),
 }
 
-type Http1 = hyper::client::conn::http1::SendRequest<Body>;
-type Http2 = hyper::client::conn::http2::SendRequest<Body>;
+/// A connection's sender, with the connection's id (`[C<n>]` in the log).
+type Http1 = (u64, hyper::client::conn::http1::SendRequest<Body>);
+type Http2 = (u64, hyper::client::conn::http2::SendRequest<Body>);
 /// (cluster, host address)
 type HostKey = (String, String);
 
@@ -102,33 +103,40 @@ async fn connection(
     host: &Arc<Host>,
     http2: bool,
     conn: u64,
+    stream: u64,
 ) -> Result<Sender, ConnectError> {
     let key = (cluster.name.clone(), host.address.clone());
     if http2 {
-        if let Some(s) = server.http_pools.http2.lock().unwrap().get(&key) {
+        if let Some((id, s)) = server.http_pools.http2.lock().unwrap().get(&key) {
             if !s.is_closed() {
-                return Ok(Sender::Http2(s.clone()));
+                tracing::debug!(target: "pool", connection = *id, "using existing fully connected connection");
+                tracing::debug!(target: "pool", connection = *id, "creating stream");
+                return Ok(Sender::Http2((*id, s.clone())));
             }
         }
     } else {
         let mut idle = server.http_pools.http1.lock().unwrap();
         if let Some(list) = idle.get_mut(&key) {
-            while let Some(s) = list.pop() {
+            while let Some((id, s)) = list.pop() {
                 if s.is_ready() {
-                    tracing::debug!(target: "pool", connection = conn, "using existing connection");
-                    return Ok(Sender::Http1(s));
+                    tracing::debug!(target: "pool", connection = id, "using existing fully connected connection");
+                    tracing::debug!(target: "pool", connection = id, "creating stream");
+                    return Ok(Sender::Http1((id, s)));
                 }
             }
         }
     }
+    tracing::debug!(target: "pool", "queueing stream due to no available connections (ready=0 busy=0 connecting=0)");
+    tracing::debug!(target: "pool", "trying to create new connection");
+    tracing::debug!(target: "pool", "creating a new connection (connecting=0)");
     let id = server.next_connection_id();
-    tracing::debug!(target: "pool", connection = conn, "creating a new connection (C{id})");
     let up = cluster.connect_host(host.clone(), conn, id).await?;
     let io = TokioIo::new(up);
     let fail = |e: hyper::Error| {
         ConnectError::Failed(host.address.clone(), std::io::Error::other(e.to_string()))
     };
-    if http2 {
+    let _ = stream;
+    let sender = if http2 {
         let (sender, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(io)
             .await
@@ -145,8 +153,8 @@ async fn connection(
             .http2
             .lock()
             .unwrap()
-            .insert(key, sender.clone());
-        Ok(Sender::Http2(sender))
+            .insert(key, (id, sender.clone()));
+        Sender::Http2((id, sender))
     } else {
         let (sender, c) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
@@ -154,13 +162,17 @@ async fn connection(
             .map_err(fail)?;
         tokio::spawn(async move {
             let _ = c.await;
+            tracing::debug!(target: "connection", connection = id, "closing socket: 0");
         });
         server
             .stats
             .counter(&format!("cluster.{}.upstream_cx_http1_total", cluster.name))
             .inc();
-        Ok(Sender::Http1(sender))
-    }
+        Sender::Http1((id, sender))
+    };
+    tracing::debug!(target: "pool", connection = id, "attaching to next stream");
+    tracing::debug!(target: "pool", connection = id, "creating stream");
+    Ok(sender)
 }
 
 /// The route's timeout: `timeout` (15 s by default, 0 for none), or what an
@@ -312,7 +324,7 @@ pub(super) async fn forward(
 ) -> Outcome {
     let name = cluster.name.clone();
     let count = |n: &str| server.stats.counter(&format!("cluster.{name}.{n}")).inc();
-    tracing::debug!(target: "router", connection = conn, "cluster '{name}' match for URL '{path}'");
+    tracing::debug!(target: "router", connection = conn, stream = seed, "cluster '{name}' match for URL '{path}'");
     let timeout = route_timeout(&route.action, req.headers());
     let retries = Retries::of(route.retry_policy.as_ref(), req.headers());
     let http2 = upstream_http2(cluster, downstream_http2);
@@ -418,6 +430,18 @@ pub(super) async fn forward(
             (Some(d), Some(p)) => Some(d.min(p)),
             (d, p) => d.or(p),
         };
+        tracing::debug!(target: "router", connection = conn, stream = seed,
+            "router decoding headers:\n{}",
+            super::dump(
+                &[
+                    (":authority", host_header),
+                    (":path", path),
+                    (":method", p.method.as_str()),
+                    (":scheme", "http"),
+                ],
+                &p.headers
+            )
+        );
         let result = attempt_once(
             server,
             cluster,
@@ -426,6 +450,7 @@ pub(super) async fn forward(
             Request::from_parts(p, b),
             limit,
             conn,
+            seed,
         )
         .await;
         let global_expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
@@ -505,7 +530,7 @@ pub(super) async fn forward(
                 count("upstream_rq_retry_success");
             }
             let status = response.status().as_u16();
-            tracing::debug!(target: "router", connection = conn, "upstream headers complete: end_stream={}", hyper::body::Body::is_end_stream(response.body()));
+            tracing::debug!(target: "router", connection = conn, stream = seed, "upstream headers complete: end_stream={}", hyper::body::Body::is_end_stream(response.body()));
             count(&format!("upstream_rq_{}xx", status / 100));
             count(&format!("upstream_rq_{status}"));
             let (mut parts, body) = response.into_parts();
@@ -550,6 +575,7 @@ pub(super) async fn forward(
 
 /// One attempt: a connection from the host's pool, the request, its response headers (within
 /// `limit`).
+#[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     server: &Arc<Server>,
     cluster: &Arc<Cluster>,
@@ -558,9 +584,10 @@ async fn attempt_once(
     req: Request<Body>,
     limit: Option<tokio::time::Instant>,
     conn: u64,
+    stream: u64,
 ) -> Attempt {
     let began = Instant::now();
-    let sender = match connection(server, cluster, host, http2, conn).await {
+    let sender = match connection(server, cluster, host, http2, conn, stream).await {
         Ok(s) => s,
         Err(e) => return Attempt::ConnectFailed(e, Some(host.clone())),
     };
@@ -575,13 +602,18 @@ async fn attempt_once(
             host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
         }
     };
+    let upstream_id = match &sender {
+        Sender::Http1((id, _)) | Sender::Http2((id, _)) => *id,
+    };
+    tracing::debug!(target: "router", connection = conn, stream = stream, "pool ready");
+    tracing::debug!(target: "router", "Attached upstream connection [C{upstream_id}] to downstream connection [C{conn}]");
     let send = async {
         match sender {
-            Sender::Http1(mut s) => {
+            Sender::Http1((id, mut s)) => {
                 let r = s.send_request(req).await;
-                (r, Some(s))
+                (r, Some((id, s)))
             }
-            Sender::Http2(mut s) => (s.send_request(req).await, None),
+            Sender::Http2((_, mut s)) => (s.send_request(req).await, None),
         }
     };
     let result = match limit {
@@ -605,7 +637,7 @@ async fn attempt_once(
                 .counter(&format!("cluster.{}.upstream_rq_completed", cluster.name))
                 .inc();
             // An HTTP/1.1 connection goes back to the pool once this response is done.
-            if let Some(mut s) = sender {
+            if let Some((id, mut s)) = sender {
                 let pools = server.clone();
                 tokio::spawn(async move {
                     if s.ready().await.is_ok() {
@@ -616,14 +648,17 @@ async fn attempt_once(
                             .unwrap()
                             .entry(key)
                             .or_default()
-                            .push(s);
+                            .push((id, s));
                     }
                 });
             }
             let (parts, body) = r.into_parts();
             let body = OnEnd {
                 inner: body,
-                done: Some(Box::new(request_done)),
+                done: Some(Box::new(move || {
+                    tracing::debug!(target: "client", connection = upstream_id, "response complete");
+                    request_done();
+                })),
             };
             Attempt::Response(Response::from_parts(parts, body), host.clone(), began)
         }
