@@ -17,8 +17,10 @@ command -v dot >/dev/null || missing+=(graphviz)
 command -v rsvg-convert >/dev/null || missing+=(librsvg2-bin)
 # The interception test runs istio-init's rules in a network namespace.
 command -v iptables-restore >/dev/null || missing+=(iptables)
+# The HTTP/2 conformance scenarios use curl as their client.
+command -v curl >/dev/null || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "== installing ${missing[*]} (for the explain and interception tests)"
+  echo "== installing ${missing[*]} (for the explain, interception and HTTP/2 tests)"
   apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
     { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1; } ||
     echo "   could not install ${missing[*]}: the tests that need them will say so"

@@ -24,6 +24,8 @@ struct Req {
     body: &'static str,
     /// Send on the previous request's connection (keep-alive) instead of a new one.
     same_connection: bool,
+    /// Send as HTTP/2 with prior knowledge (h2c), with curl.
+    h2c: bool,
 }
 
 fn get(path: &'static str) -> Req {
@@ -34,6 +36,7 @@ fn get(path: &'static str) -> Req {
         headers: vec![],
         body: "",
         same_connection: false,
+        h2c: false,
     }
 }
 
@@ -56,6 +59,10 @@ impl Req {
     }
     fn again(mut self) -> Req {
         self.same_connection = true;
+        self
+    }
+    fn h2c(mut self) -> Req {
+        self.h2c = true;
         self
     }
 }
@@ -248,10 +255,111 @@ fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> String {
     )
 }
 
+/// An HTTP/2 request with prior knowledge, by curl; the response in `read_response`'s shape.
+fn curl_h2c(port: u16, q: &Req) -> String {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-s", "-i", "--http2-prior-knowledge", "-X", q.method]);
+    cmd.args(["-H", &format!("host: {}", q.host)]);
+    for (k, v) in &q.headers {
+        cmd.args(["-H", &format!("{k}: {v}")]);
+    }
+    if !q.body.is_empty() {
+        cmd.args(["--data-binary", q.body]);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}{}", q.path));
+    let out = cmd.output().expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .and_then(|s| s.split_whitespace().nth(1))
+        .unwrap_or("closed")
+        .to_string();
+    let mut shown: Vec<String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_string()))
+        .filter(|(k, _)| k != "date")
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    shown.sort();
+    format!("{code}\n{}\n\n{body}", shown.join("\n"))
+}
+
+/// An HTTP/2 (h2c) upstream answering as `name` with the request it saw, its protocol included.
+fn h2c_upstream(name: &'static str) -> u16 {
+    use http_body_util::BodyExt;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let mut headers: Vec<String> = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                                .collect();
+                            headers.sort();
+                            let head = format!(
+                                "{name} saw {:?} {} {} authority={}\n{}",
+                                req.version(),
+                                req.method(),
+                                req.uri().path_and_query().map_or("", |p| p.as_str()),
+                                req.uri()
+                                    .authority()
+                                    .map_or("-".to_string(), |a| a.to_string()),
+                                headers.join("\n")
+                            );
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let text =
+                                format!("{head}\nbody: {:?}\n", String::from_utf8_lossy(&body));
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .header("x-upstream", name)
+                                    .header("content-type", "text/plain")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(text)))
+                                    .unwrap(),
+                            )
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+                });
+            }
+        });
+    });
+    port
+}
+
 fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
     let mut out = vec![];
     let mut conn: Option<BufReader<TcpStream>> = None;
     for q in requests {
+        if q.h2c {
+            out.push(curl_h2c(r.listen, q));
+            continue;
+        }
         if !q.same_connection || conn.is_none() {
             let s = TcpStream::connect(("127.0.0.1", r.listen)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -721,6 +829,36 @@ fn scenarios() -> Vec<Scenario> {
             &["cluster.c.upstream_rq_retry"],
         ),
         sc(
+            "HTTP/2 with prior knowledge to an HTTP/1.1 upstream",
+            simple(""),
+            vec![get("/h2?x=1").h2c().header("x-custom", "yes"), get("/post").h2c().method("POST").body("h2 body"), get("/none").h2c().method("HEAD")],
+            &["http.h.downstream_rq_http2_total", "http.h.downstream_cx_http2_total", "http.h.downstream_rq_2xx"],
+        ),
+        sc(
+            "HTTP/2 local replies",
+            format!("{}{c0}", hcm("", &any_host("{ match: { prefix: \"/d\" }, direct_response: { status: 503, body: { inline_string: nope } } }, { match: { prefix: \"/r\" }, redirect: { path_redirect: /elsewhere } }"))),
+            vec![get("/d").h2c(), get("/r").h2c(), get("/x").h2c()],
+            &[],
+        ),
+        sc(
+            "an HTTP/2 upstream",
+            format!(
+                "{}  - {{ name: c, type: STATIC, connect_timeout: 1s, typed_extension_protocol_options: {{ envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {{ \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {{ http2_protocol_options: {{}} }} }} }}, load_assignment: {{ cluster_name: c, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{H2}} }} }} }} }}] }}] }} }}\n",
+                hcm("", &any_host(&to("/", "c")))
+            ),
+            vec![get("/up2?q=1").header("x-custom", "yes"), get("/post").method("POST").body("to h2"), get("/again").h2c()],
+            &["cluster.c.upstream_cx_http2_total", "cluster.c.upstream_rq_200"],
+        ),
+        sc(
+            "use_downstream_protocol",
+            format!(
+                "{}  - {{ name: c, type: STATIC, connect_timeout: 1s, typed_extension_protocol_options: {{ envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {{ \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, use_downstream_protocol_config: {{}} }} }}, load_assignment: {{ cluster_name: c, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{H2}} }} }} }} }}] }}] }} }}\n",
+                hcm("", &any_host(&to("/", "c")))
+            ),
+            vec![get("/as-h2").h2c()],
+            &["cluster.c.upstream_cx_http2_total"],
+        ),
+        sc(
             "strip_matching_host_port",
             format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
             vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],
@@ -737,6 +875,7 @@ fn pilotfish_serves_http_as_envoy_does() {
     let dir = std::env::temp_dir().join(format!("pilotfish-envoy-http-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (u0, u1) = (http_upstream("u0"), http_upstream("u1"));
+    let h2 = h2c_upstream("h2");
     let refused = free_port();
     let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
     let only = std::env::var("PILOTFISH_HTTP_ONLY").ok();
@@ -756,6 +895,7 @@ fn pilotfish_serves_http_as_envoy_does() {
             .resources
             .replace("{U0}", &u0.to_string())
             .replace("{U1}", &u1.to_string())
+            .replace("{H2}", &h2.to_string())
             .replace("{R}", &refused.to_string());
         let mut results = vec![];
         for (bin, is_envoy, tag) in [
@@ -780,7 +920,13 @@ fn pilotfish_serves_http_as_envoy_does() {
                     q
                 })
                 .collect();
-            let ports = [(r.listen, "L"), (u0, "U0"), (u1, "U1"), (refused, "R")];
+            let ports = [
+                (r.listen, "L"),
+                (u0, "U0"),
+                (u1, "U1"),
+                (h2, "H2"),
+                (refused, "R"),
+            ];
             let mut seen: Vec<String> = run_requests(&r, &requests)
                 .iter()
                 .map(|o| normalize(o, &ports))

@@ -512,14 +512,16 @@ impl<'a> Mutations<'a> {
 fn local_reply(status: u16, body: &str) -> Response<Body> {
     let mut r = Response::new(full(body.to_string()));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    // An empty body has no content-length of its own: HTTP/1.1 says 0, HTTP/2 ends the stream
+    // with the headers.
     if !body.is_empty() {
         r.headers_mut()
             .insert("content-type", HeaderValue::from_static("text/plain"));
+        r.headers_mut().insert(
+            "content-length",
+            HeaderValue::from_str(&body.len().to_string()).unwrap(),
+        );
     }
-    r.headers_mut().insert(
-        "content-length",
-        HeaderValue::from_str(&body.len().to_string()).unwrap(),
-    );
     r
 }
 
@@ -700,13 +702,7 @@ async fn stream(
                 }
                 Action::DirectResponse { status, body } => {
                     stats.rq_direct_response.inc();
-                    let mut o = Outcome::local(status as u16, &body, None, "direct_response");
-                    if body.is_empty() {
-                        o.response.headers_mut().remove("content-length");
-                        o.response
-                            .headers_mut()
-                            .insert("content-length", HeaderValue::from_static("0"));
-                    }
+                    let o = Outcome::local(status as u16, &body, None, "direct_response");
                     o
                 }
                 Action::Redirect { location, code } => {
