@@ -702,8 +702,7 @@ async fn stream(
                 }
                 Action::DirectResponse { status, body } => {
                     stats.rq_direct_response.inc();
-                    let o = Outcome::local(status as u16, &body, None, "direct_response");
-                    o
+                    Outcome::local(status as u16, &body, None, "direct_response")
                 }
                 Action::Redirect { location, code } => {
                     let mut o = Outcome::local(code as u16, "", None, "direct_response");
