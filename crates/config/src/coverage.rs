@@ -129,7 +129,17 @@ const FIELDS: &[(&str, &[&str])] = &[
             "access_log",
             "strip_matching_host_port",
             "strip_any_host_port",
+            "upgrade_configs",
         ],
+    ),
+    // HTTP/1.1 upgrades (websocket and the like); their own filter chains are not implemented.
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",
+        &["upgrade_type", "enabled"],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.UpgradeConfig",
+        &["upgrade_type", "enabled"],
     ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.InternalAddressConfig",
@@ -315,6 +325,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "host_rewrite_header",
             "timeout",
             "retry_policy",
+            "upgrade_configs",
         ],
     ),
     (

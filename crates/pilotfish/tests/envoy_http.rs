@@ -26,6 +26,8 @@ struct Req {
     same_connection: bool,
     /// Send as HTTP/2 with prior knowledge (h2c), with curl.
     h2c: bool,
+    /// After a 101, send these bytes on the upgraded connection and read the answer.
+    upgraded: Option<&'static str>,
 }
 
 fn get(path: &'static str) -> Req {
@@ -37,6 +39,7 @@ fn get(path: &'static str) -> Req {
         body: "",
         same_connection: false,
         h2c: false,
+        upgraded: None,
     }
 }
 
@@ -59,6 +62,16 @@ impl Req {
     }
     fn again(mut self) -> Req {
         self.same_connection = true;
+        self
+    }
+    /// A websocket upgrade, then `payload` on the upgraded connection.
+    fn websocket(mut self, payload: &'static str) -> Req {
+        self.headers.push(("connection", "Upgrade"));
+        self.headers.push(("upgrade", "websocket"));
+        self.headers
+            .push(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="));
+        self.headers.push(("sec-websocket-version", "13"));
+        self.upgraded = Some(payload);
         self
     }
     fn h2c(mut self) -> Req {
@@ -146,6 +159,33 @@ fn http_upstream(name: &'static str) -> u16 {
                 while let Some(req) = read_request(&mut r) {
                     if req.path.starts_with("/reset") {
                         return;
+                    }
+                    if req.headers.iter().any(|(k, _)| k == "upgrade") {
+                        let mut headers: Vec<String> = req
+                            .headers
+                            .iter()
+                            .map(|(k, v)| format!("{k}: {v}"))
+                            .collect();
+                        headers.sort();
+                        let _ = write!(
+                            w,
+                            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nx-saw: {}\r\n\r\n",
+                            headers.join("; ")
+                        );
+                        // Then an echo of whatever comes, in this upstream's name.
+                        let mut buf = [0u8; 1024];
+                        loop {
+                            match r.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    let mut out = format!("{name} echoes ").into_bytes();
+                                    out.extend(&buf[..n]);
+                                    if w.write_all(&out).is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
                     }
                     if let Some(ms) = req.path.strip_prefix("/delay/") {
                         let ms: u64 = ms.split(['/', '?']).next().unwrap().parse().unwrap_or(0);
@@ -376,7 +416,14 @@ fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
         text.push_str("\r\n");
         text.push_str(q.body);
         let _ = c.get_mut().write_all(text.as_bytes());
-        out.push(read_response(c, q.method == "HEAD"));
+        let mut response = read_response(c, q.method == "HEAD");
+        if let (Some(payload), true) = (q.upgraded, response.starts_with("101")) {
+            let _ = c.get_mut().write_all(payload.as_bytes());
+            let mut buf = [0u8; 1024];
+            let n = c.read(&mut buf).unwrap_or(0);
+            response.push_str(&format!("upgraded: {}", String::from_utf8_lossy(&buf[..n])));
+        }
+        out.push(response);
     }
     out
 }
@@ -857,6 +904,24 @@ fn scenarios() -> Vec<Scenario> {
             ),
             vec![get("/as-h2").h2c()],
             &["cluster.c.upstream_cx_http2_total"],
+        ),
+        sc(
+            "a websocket upgrade, configured",
+            simple("          upgrade_configs: [{ upgrade_type: websocket }]\n"),
+            vec![get("/ws").websocket("hello over the upgrade")],
+            &["http.h.downstream_rq_1xx"],
+        ),
+        sc(
+            "a websocket upgrade, not configured",
+            simple(""),
+            vec![get("/ws").websocket("nobody hears")],
+            &["http.h.downstream_rq_4xx"],
+        ),
+        sc(
+            "a websocket upgrade turned off on the route",
+            format!("{}{c0}", hcm("          upgrade_configs: [{ upgrade_type: websocket }]\n", &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, upgrade_configs: [{ upgrade_type: websocket, enabled: false }] } }"))),
+            vec![get("/ws").websocket("nobody hears")],
+            &[],
         ),
         sc(
             "strip_matching_host_port",

@@ -191,7 +191,10 @@ pub async fn serve(
         _ => {}
     }
     builder.http1().title_case_headers(false);
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
         tracing::debug!(target: "http", connection = conn, "codec: {e}");
     }
     hcm.stats.downstream_cx_active.dec();
@@ -216,6 +219,54 @@ fn strip_port(c: &HttpConnectionManager, authority: &str, listener_port: u16) ->
     } else {
         authority.to_string()
     }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`connection: upgrade` and `upgrade:`).
+fn upgrade_of(req: &Request<Incoming>) -> Option<String> {
+    if req.version() != hyper::Version::HTTP_11 {
+        return None;
+    }
+    let h = req.headers();
+    let asks = h
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| h.get("upgrade")?.to_str().ok().map(str::to_ascii_lowercase))
+        .flatten()
+}
+
+/// Whether an upgrade to `kind` is allowed: the route's `upgrade_configs` decide when they name
+/// it, else the connection manager's.
+fn upgrade_allowed(hcm: &HttpConnectionManager, route: Option<&RouteAction>, kind: &str) -> bool {
+    if let Some(u) = route
+        .into_iter()
+        .flat_map(|r| &r.upgrade_configs)
+        .find(|u| u.upgrade_type.eq_ignore_ascii_case(kind))
+    {
+        return u.enabled.as_ref().is_none_or(|v| v.value);
+    }
+    hcm.upgrade_configs
+        .iter()
+        .find(|u| u.upgrade_type.eq_ignore_ascii_case(kind))
+        .is_some_and(|u| u.enabled.as_ref().is_none_or(|v| v.value))
+}
+
+/// Joins an upgraded downstream and upstream (after the 101 is sent) and copies both ways.
+fn splice(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, conn: u64) {
+    tokio::spawn(async move {
+        use hyper_util::rt::TokioIo;
+        match tokio::try_join!(down, up) {
+            Ok((d, u)) => {
+                let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+            }
+            Err(e) => {
+                tracing::debug!(target: "http", connection = conn, "upgrade failed: {e}");
+            }
+        }
+    });
 }
 
 /// Headers that belong to one connection and never cross the proxy.
@@ -344,9 +395,17 @@ fn mutate_request_headers(
     info: &Downstream,
     h: &mut HeaderMap,
     seed: u64,
+    upgrade: bool,
 ) -> bool {
     let c = &hcm.config;
     for name in HOP_BY_HOP {
+        // An upgrade keeps what asks for it: `connection: upgrade` and `upgrade`.
+        if upgrade && *name == "upgrade" {
+            continue;
+        }
+        if upgrade && *name == "connection" {
+            continue;
+        }
         if *name == "te" {
             // Only `te: trailers` may pass.
             if h.get("te")
@@ -559,6 +618,9 @@ async fn stream(
     conn: u64,
 ) -> Response<Body> {
     let received = Arc::new(AtomicU64::new(0));
+    let upgrade = upgrade_of(&req);
+    let mut req = req;
+    let down_upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
     let mut req = Request::from_parts(
         parts,
@@ -609,7 +671,7 @@ async fn stream(
     );
     let authority = strip_port(&hcm.config, &authority, info.local.port());
     let received_headers = header_list(req.headers());
-    let internal = mutate_request_headers(hcm, info, req.headers_mut(), seed);
+    let internal = mutate_request_headers(hcm, info, req.headers_mut(), seed, upgrade.is_some());
     let mut entry = Entry {
         start,
         duration: Duration::ZERO,
@@ -722,6 +784,22 @@ async fn stream(
                         _ => RouteAction::default(),
                     };
                     let vh = d.virtual_host_index.map(|v| &table.config.virtual_hosts[v]);
+                    if let Some(kind) = &upgrade {
+                        if !upgrade_allowed(&hcm.config, Some(&action), kind) {
+                            tracing::debug!(target: "http", connection = conn, stream = seed, "upgrade to {kind} is not configured");
+                            let o = Outcome::local(403, "", None, "upgrade_failed");
+                            return finish(
+                                hcm,
+                                o,
+                                received,
+                                entry,
+                                route_levels,
+                                began,
+                                seed,
+                                None,
+                            );
+                        }
+                    }
                     let info_for_router = upstream::RouteInfo {
                         retry_policy: action
                             .retry_policy
@@ -775,7 +853,22 @@ async fn stream(
             }
         }
     };
-    finish(hcm, outcome, received, entry, route_levels, began, seed)
+    // An accepted upgrade joins the two connections once the 101 has gone out.
+    let mut outcome = outcome;
+    let splice_with = (upgrade.is_some()
+        && outcome.response.status() == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| hyper::upgrade::on(&mut outcome.response))
+        .map(|up| (down_upgrade, up));
+    finish(
+        hcm,
+        outcome,
+        received,
+        entry,
+        route_levels,
+        began,
+        seed,
+        splice_with,
+    )
 }
 
 /// Response headers (the route's mutations, server, ...), counters and the access log entry,
@@ -788,6 +881,7 @@ fn finish(
     route_levels: Vec<Mutations>,
     began: Instant,
     stream: u64,
+    splice_with: Option<(hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade)>,
 ) -> Response<Body> {
     let mut response = outcome.response;
     entry.flags = outcome.flags;
@@ -807,8 +901,14 @@ fn finish(
         );
     }
     let h = response.headers_mut();
-    for name in HOP_BY_HOP {
-        h.remove(*name);
+    if splice_with.is_none() {
+        for name in HOP_BY_HOP {
+            h.remove(*name);
+        }
+    }
+    // A refused upgrade ends the connection, as Envoy's codec does.
+    if details_of(&entry) == "upgrade_failed" {
+        h.insert("connection", HeaderValue::from_static("close"));
     }
     match ServerHeaderTransformation::try_from(hcm.config.server_header_transformation)
         .unwrap_or(ServerHeaderTransformation::Overwrite)
@@ -850,8 +950,15 @@ fn finish(
         conn,
         stream,
     };
+    if let Some((down, up)) = splice_with {
+        splice(down, up, conn);
+    }
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, Counted::new(body, done).boxed())
+}
+
+fn details_of(e: &Entry) -> &str {
+    e.http.as_ref().map_or("", |h| h.details.as_str())
 }
 
 /// Ends the stream's accounting when its response body is done (or dropped): counters, and

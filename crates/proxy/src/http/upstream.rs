@@ -161,7 +161,7 @@ async fn connection(
             .await
             .map_err(fail)?;
         tokio::spawn(async move {
-            let _ = c.await;
+            let _ = c.with_upgrades().await;
             tracing::debug!(target: "connection", connection = id, "closing socket: 0");
         });
         server
@@ -534,8 +534,11 @@ pub(super) async fn forward(
             count(&format!("upstream_rq_{}xx", status / 100));
             count(&format!("upstream_rq_{status}"));
             let (mut parts, body) = response.into_parts();
-            if let Ok(v) = HeaderValue::from_str(&began.elapsed().as_millis().to_string()) {
-                parts.headers.insert("x-envoy-upstream-service-time", v);
+            // An upgrade's 101 carries no service time (the stream goes on).
+            if status != 101 {
+                if let Ok(v) = HeaderValue::from_str(&began.elapsed().as_millis().to_string()) {
+                    parts.headers.insert("x-envoy-upstream-service-time", v);
+                }
             }
             if route.include_attempt_count_in_response {
                 parts.headers.insert("x-envoy-attempt-count", HeaderValue::from(attempt));
