@@ -130,7 +130,13 @@ const FIELDS: &[(&str, &[&str])] = &[
             "strip_matching_host_port",
             "strip_any_host_port",
             "upgrade_configs",
+            "forward_client_cert_details",
+            "set_current_client_cert_details",
         ],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.SetCurrentClientCertDetails",
+        &["subject", "cert", "chain", "dns", "uri"],
     ),
     // HTTP/1.1 upgrades (websocket and the like); their own filter chains are not implemented.
     (

@@ -28,6 +28,8 @@ struct Req {
     h2c: bool,
     /// After a 101, send these bytes on the upgraded connection and read the answer.
     upgraded: Option<&'static str>,
+    /// Over TLS (with curl): (with the client certificate, HTTP/2 by ALPN).
+    tls: Option<(bool, bool)>,
 }
 
 fn get(path: &'static str) -> Req {
@@ -40,6 +42,7 @@ fn get(path: &'static str) -> Req {
         same_connection: false,
         h2c: false,
         upgraded: None,
+        tls: None,
     }
 }
 
@@ -72,6 +75,11 @@ impl Req {
             .push(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="));
         self.headers.push(("sec-websocket-version", "13"));
         self.upgraded = Some(payload);
+        self
+    }
+    /// Over TLS to server.example, with or without the client certificate, by ALPN h2 or not.
+    fn tls(mut self, client_cert: bool, h2: bool) -> Req {
+        self.tls = Some((client_cert, h2));
         self
     }
     fn h2c(mut self) -> Req {
@@ -295,18 +303,42 @@ fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> String {
     )
 }
 
-/// An HTTP/2 request with prior knowledge, by curl; the response in `read_response`'s shape.
-fn curl_h2c(port: u16, q: &Req) -> String {
+/// Where the TLS scenarios' PEM files are: (CA, client certificate, client key).
+static TLS_FILES: std::sync::OnceLock<(String, String, String)> = std::sync::OnceLock::new();
+
+/// A request by curl (HTTP/2 with prior knowledge, or over TLS); the response in
+/// `read_response`'s shape.
+fn curl(port: u16, q: &Req) -> String {
     let mut cmd = std::process::Command::new("curl");
-    cmd.args(["-s", "-i", "--http2-prior-knowledge", "-X", q.method]);
-    cmd.args(["-H", &format!("host: {}", q.host)]);
+    cmd.args(["-s", "-i", "-X", q.method]);
+    let url = match q.tls {
+        Some((client_cert, h2)) => {
+            let (ca, cert, key) = TLS_FILES.get().expect("TLS files written");
+            cmd.args([
+                "--cacert",
+                ca,
+                "--resolve",
+                &format!("server.example:{port}:127.0.0.1"),
+            ]);
+            if client_cert {
+                cmd.args(["--cert", cert, "--key", key]);
+            }
+            cmd.arg(if h2 { "--http2" } else { "--http1.1" });
+            format!("https://server.example:{port}{}", q.path)
+        }
+        None => {
+            cmd.arg("--http2-prior-knowledge");
+            cmd.args(["-H", &format!("host: {}", q.host)]);
+            format!("http://127.0.0.1:{port}{}", q.path)
+        }
+    };
     for (k, v) in &q.headers {
         cmd.args(["-H", &format!("{k}: {v}")]);
     }
     if !q.body.is_empty() {
         cmd.args(["--data-binary", q.body]);
     }
-    cmd.arg(format!("http://127.0.0.1:{port}{}", q.path));
+    cmd.arg(url);
     let out = cmd.output().expect("curl runs");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
@@ -396,8 +428,8 @@ fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
     let mut out = vec![];
     let mut conn: Option<BufReader<TcpStream>> = None;
     for q in requests {
-        if q.h2c {
-            out.push(curl_h2c(r.listen, q));
+        if q.h2c || q.tls.is_some() {
+            out.push(curl(r.listen, q));
             continue;
         }
         if !q.same_connection || conn.is_none() {
@@ -465,6 +497,15 @@ const ROUTER: &str = "{ name: envoy.filters.http.router, typed_config: { \"@type
 fn hcm(hcm_extra: &str, route_config: &str) -> String {
     format!(
         "static_resources:\n  listeners:\n  - name: l\n    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{L}} }} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: h\n{hcm_extra}          route_config: {{ name: r, {route_config} }}\n          http_filters: [{ROUTER}]\n  clusters:\n"
+    )
+}
+
+/// `hcm` with its chain behind TLS (server.example's certificate; client certificates checked
+/// against the test CA when presented).
+fn tls_hcm(hcm_extra: &str, route_config: &str) -> String {
+    hcm(hcm_extra, route_config).replace(
+        "    - filters:\n",
+        "    - transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            alpn_protocols: [h2, http/1.1]\n            tls_certificates: [{ certificate_chain: { filename: \"{SCERT}\" }, private_key: { filename: \"{SKEY}\" } }]\n            validation_context: { trusted_ca: { filename: \"{CA}\" } }\n      filters:\n",
     )
 }
 
@@ -924,6 +965,45 @@ fn scenarios() -> Vec<Scenario> {
             &[],
         ),
         sc(
+            "TLS: x-forwarded-proto https, no client certificate, XFCC dropped",
+            format!("{}{c0}", tls_hcm("          forward_client_cert_details: APPEND_FORWARD\n", &any_host(&to("/", "c")))),
+            vec![get("/secure").tls(false, false).header("x-forwarded-client-cert", "By=spiffe://x;URI=spiffe://y")],
+            &["http.h.downstream_rq_2xx"],
+        ),
+        sc(
+            "XFCC APPEND_FORWARD with subject, URI and DNS (Istio's inbound)",
+            format!("{}{c0}", tls_hcm("          forward_client_cert_details: APPEND_FORWARD\n          set_current_client_cert_details: { subject: true, dns: true, uri: true }\n", &any_host(&to("/", "c")))),
+            vec![get("/xfcc").tls(true, false), get("/xfcc2").tls(true, false).header("x-forwarded-client-cert", "By=spiffe://earlier;URI=spiffe://first")],
+            &[],
+        ),
+        sc(
+            "XFCC SANITIZE_SET with the certificate and chain",
+            format!("{}{c0}", tls_hcm("          forward_client_cert_details: SANITIZE_SET\n          set_current_client_cert_details: { cert: true, chain: true }\n", &any_host(&to("/", "c")))),
+            vec![get("/xfcc").tls(true, false).header("x-forwarded-client-cert", "By=spiffe://dropped")],
+            &[],
+        ),
+        sc(
+            "XFCC FORWARD_ONLY and ALWAYS_FORWARD_ONLY",
+            format!(
+                "{}{c0}",
+                tls_hcm("          forward_client_cert_details: FORWARD_ONLY\n", &any_host(&to("/", "c")))
+            ),
+            vec![get("/a").tls(true, false).header("x-forwarded-client-cert", "By=spiffe://kept"), get("/b").tls(false, false).header("x-forwarded-client-cert", "By=spiffe://gone")],
+            &[],
+        ),
+        sc(
+            "XFCC ALWAYS_FORWARD_ONLY in plaintext",
+            simple("          forward_client_cert_details: ALWAYS_FORWARD_ONLY\n"),
+            vec![get("/").header("x-forwarded-client-cert", "By=spiffe://kept")],
+            &[],
+        ),
+        sc(
+            "HTTP/2 over TLS by ALPN",
+            format!("{}{c0}", tls_hcm("", &any_host(&to("/", "c")))),
+            vec![get("/h2tls").tls(true, true)],
+            &["http.h.downstream_rq_http2_total"],
+        ),
+        sc(
             "strip_matching_host_port",
             format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
             vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],
@@ -941,6 +1021,30 @@ fn pilotfish_serves_http_as_envoy_does() {
     std::fs::create_dir_all(&dir).unwrap();
     let (u0, u1) = (http_upstream("u0"), http_upstream("u1"));
     let h2 = h2c_upstream("h2");
+    let pki = common::tls::Pki::new("mesh ca");
+    let server = pki.leaf(
+        &["server.example"],
+        "spiffe://cluster.local/ns/mark/sa/fortio-server",
+    );
+    let client = pki.leaf(
+        &["client.example"],
+        "spiffe://cluster.local/ns/mark/sa/default",
+    );
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (ca, scert, skey) = (
+        file("ca.pem", &pki.ca_pem),
+        file("server.pem", &server.cert),
+        file("server.key", &server.key),
+    );
+    let _ = TLS_FILES.set((
+        ca.clone(),
+        file("client.pem", &client.cert),
+        file("client.key", &client.key),
+    ));
     let refused = free_port();
     let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
     let only = std::env::var("PILOTFISH_HTTP_ONLY").ok();
@@ -961,6 +1065,9 @@ fn pilotfish_serves_http_as_envoy_does() {
             .replace("{U0}", &u0.to_string())
             .replace("{U1}", &u1.to_string())
             .replace("{H2}", &h2.to_string())
+            .replace("{CA}", &ca)
+            .replace("{SCERT}", &scert)
+            .replace("{SKEY}", &skey)
             .replace("{R}", &refused.to_string());
         let mut results = vec![];
         for (bin, is_envoy, tag) in [

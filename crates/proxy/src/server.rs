@@ -5,7 +5,7 @@
 
 use crate::cluster::{ClusterManager, Io};
 use crate::stats::{Stat, Store};
-use crate::transport_socket::{check_sans, DownstreamTls};
+use crate::transport_socket::{check_sans, DownstreamTls, TlsInfo};
 use crate::{listener_filter, tcp_proxy};
 use pilotfish_api::pb::envoy::config::listener::v3::{filter, Listener};
 use pilotfish_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
@@ -496,8 +496,10 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
     // Envoy: tcp_proxy connects upstream meanwhile.
     let ready = async {
         match tls {
-            Some(Ok(tls)) => handshake(stats.ssl.as_ref(), tls, stream, conn).await,
-            _ => Some(Box::new(stream) as Box<dyn Io>),
+            Some(Ok(tls)) => handshake(stats.ssl.as_ref(), tls, stream, conn)
+                .await
+                .map(|(io, info)| (io, Some(info))),
+            _ => Some((Box::new(stream) as Box<dyn Io>, None)),
         }
     };
     match server.terminals.get(&key) {
@@ -508,15 +510,16 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
                 server_name: found.server_name.clone(),
                 buffer_limit: buffer_limit(l.per_connection_buffer_limit_bytes.as_ref()),
             };
+            let ready = async { ready.await.map(|(io, _)| io) };
             tcp_proxy::run(server, tcp, ready, &info, conn, new_connection).await;
         }
         Some(Terminal::Http(hcm)) => {
             new_connection();
-            if let Some(io) = ready.await {
+            if let Some((io, tls_info)) = ready.await {
                 let info = Arc::new(crate::http::Downstream {
                     remote: found.source.unwrap_or(peer),
                     local,
-                    tls: tls.is_some(),
+                    tls: tls_info,
                     server_name: found.server_name.clone(),
                 });
                 crate::http::serve(server.clone(), hcm.clone(), io, info, conn).await;
@@ -540,7 +543,7 @@ async fn handshake(
     tls: &DownstreamTls,
     stream: TcpStream,
     conn: u64,
-) -> Option<Box<dyn Io>> {
+) -> Option<(Box<dyn Io>, Arc<TlsInfo>)> {
     let count = |pick: fn(&SslStats) -> &Arc<Stat>| {
         if let Some(s) = ssl {
             pick(s).inc();
@@ -567,5 +570,12 @@ async fn handshake(
     }
     count(|s| &s.handshake);
     tracing::debug!(target: "connection", connection = conn, "handshake complete");
-    Some(Box::new(s))
+    let info = TlsInfo {
+        local_uri: tls.local_uri.clone(),
+        peer_chain: session
+            .peer_certificates()
+            .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
+            .unwrap_or_default(),
+    };
+    Some((Box::new(s), Arc::new(info)))
 }

@@ -32,6 +32,71 @@ pub struct SanMatcher {
 pub struct DownstreamTls {
     pub config: Arc<rustls::ServerConfig>,
     pub san_matchers: Vec<SanMatcher>,
+    /// The first URI SAN of this side's certificate (x-forwarded-client-cert's `By`).
+    pub local_uri: Option<String>,
+}
+
+/// What a downstream TLS handshake established, for the HTTP connection manager.
+#[derive(Debug, Default)]
+pub struct TlsInfo {
+    pub local_uri: Option<String>,
+    /// The client's certificate chain (DER), leaf first; empty when it presented none.
+    pub peer_chain: Vec<Vec<u8>>,
+}
+
+/// A certificate's subject (RFC 2253, as OpenSSL prints it) and its URI and DNS SANs.
+pub struct CertFacts {
+    pub subject: String,
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+}
+
+pub fn cert_facts(der: &[u8]) -> CertFacts {
+    let cert = CertificateDer::from(der.to_vec());
+    let sans = sans(&cert);
+    let pick = |t: SanType| -> Vec<String> {
+        sans.iter()
+            .filter(|(k, _)| *k == t)
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let subject = match x509_parser::parse_x509_certificate(der) {
+        Ok((_, c)) => {
+            let mut parts: Vec<String> = c
+                .subject()
+                .iter_rdn()
+                .flat_map(|rdn| rdn.iter())
+                .map(|a| {
+                    let oid = a.attr_type().to_id_string();
+                    // OpenSSL's short names for the attributes certificates use.
+                    let name = match oid.as_str() {
+                        "2.5.4.3" => "CN",
+                        "2.5.4.6" => "C",
+                        "2.5.4.7" => "L",
+                        "2.5.4.8" => "ST",
+                        "2.5.4.9" => "street",
+                        "2.5.4.10" => "O",
+                        "2.5.4.11" => "OU",
+                        "2.5.4.5" => "serialNumber",
+                        "1.2.840.113549.1.9.1" => "emailAddress",
+                        "0.9.2342.19200300.100.1.25" => "DC",
+                        "0.9.2342.19200300.100.1.1" => "UID",
+                        other => other,
+                    };
+                    format!("{name}={}", a.as_str().unwrap_or(""))
+                })
+                .collect();
+            // RFC 2253 lists the most specific part first.
+            parts.reverse();
+            parts.join(",")
+        }
+        Err(_) => String::new(),
+    };
+    CertFacts {
+        subject,
+        uris: pick(SanType::Uri),
+        dns: pick(SanType::Dns),
+    }
 }
 
 pub struct UpstreamTls {
@@ -361,6 +426,7 @@ pub fn downstream(set: &ResourceSet, ctx: &DownstreamTlsContext) -> Result<Downs
     let common = ctx.common_tls_context.clone().unwrap_or_default();
     let (chain, key) = certificate(set, &common)?
         .ok_or("a downstream TLS context needs a certificate (tls_certificates or tls_certificate_sds_secret_configs)")?;
+    let local_uri = cert_facts(chain[0].as_ref()).uris.into_iter().next();
     let provider = provider(common.tls_params.as_ref())?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions(common.tls_params.as_ref(), TlsProtocol::TlSv13)?)
@@ -429,6 +495,7 @@ pub fn downstream(set: &ResourceSet, ctx: &DownstreamTlsContext) -> Result<Downs
     Ok(DownstreamTls {
         config: Arc::new(config),
         san_matchers,
+        local_uri,
     })
 }
 

@@ -42,7 +42,8 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 pub struct Downstream {
     pub remote: SocketAddr,
     pub local: SocketAddr,
-    pub tls: bool,
+    /// What its TLS handshake established; None in plaintext.
+    pub tls: Option<Arc<crate::transport_socket::TlsInfo>>,
     pub server_name: Option<String>,
 }
 
@@ -417,7 +418,7 @@ fn mutate_request_headers(
         h.remove(*name);
     }
     let use_remote = c.use_remote_address.as_ref().is_some_and(|v| v.value);
-    let scheme = if info.tls { "https" } else { "http" };
+    let scheme = if info.tls.is_some() { "https" } else { "http" };
     // Only what internal_address_config names is internal (Envoy's default since 1.33).
     let is_internal = |ip: IpAddr| {
         c.internal_address_config.as_ref().is_some_and(|i| {
@@ -484,11 +485,94 @@ fn mutate_request_headers(
     if generate && (!h.contains_key("x-request-id") || (edge && !c.preserve_external_request_id)) {
         set_header(h, "x-request-id", &request_id(seed));
     }
-    // forward_client_cert_details defaults to SANITIZE: the header is not passed on.
-    if c.forward_client_cert_details == 0 {
-        h.remove("x-forwarded-client-cert");
-    }
+    forward_client_cert(c, info, h);
     internal
+}
+
+/// x-forwarded-client-cert as `forward_client_cert_details` says: dropped (SANITIZE, and any
+/// mode but ALWAYS_FORWARD_ONLY without a client certificate), passed on, or given this hop's
+/// element (`By=<our URI SAN>;Hash=<sha256 of the client's certificate>;...`), appended or alone.
+fn forward_client_cert(c: &HttpConnectionManager, info: &Downstream, h: &mut HeaderMap) {
+    use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::ForwardClientCertDetails as F;
+    const XFCC: &str = "x-forwarded-client-cert";
+    let mode = F::try_from(c.forward_client_cert_details).unwrap_or(F::Sanitize);
+    let peer = info
+        .tls
+        .as_ref()
+        .and_then(|t| t.peer_chain.first().map(|leaf| (t, leaf)));
+    let Some((tls, leaf)) = peer else {
+        if mode != F::AlwaysForwardOnly {
+            h.remove(XFCC);
+        }
+        return;
+    };
+    let element = || {
+        let d = c
+            .set_current_client_cert_details
+            .clone()
+            .unwrap_or_default();
+        let facts = crate::transport_socket::cert_facts(leaf);
+        let mut parts = vec![];
+        if let Some(by) = &tls.local_uri {
+            parts.push(format!("By={by}"));
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
+        let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        parts.push(format!("Hash={hash}"));
+        if d.cert {
+            parts.push(format!(
+                "Cert=\"{}\"",
+                url_encoded_pem(std::slice::from_ref(leaf))
+            ));
+        }
+        if d.chain {
+            parts.push(format!("Chain=\"{}\"", url_encoded_pem(&tls.peer_chain)));
+        }
+        if d.subject.as_ref().is_some_and(|v| v.value) {
+            parts.push(format!("Subject=\"{}\"", facts.subject));
+        }
+        if d.uri {
+            parts.extend(facts.uris.iter().map(|u| format!("URI={u}")));
+        }
+        if d.dns {
+            parts.extend(facts.dns.iter().map(|n| format!("DNS={n}")));
+        }
+        parts.join(";")
+    };
+    match mode {
+        F::Sanitize => {
+            h.remove(XFCC);
+        }
+        F::ForwardOnly | F::AlwaysForwardOnly => {}
+        F::AppendForward => {
+            let value = match h.get(XFCC).and_then(|v| v.to_str().ok()) {
+                Some(old) => format!("{old},{}", element()),
+                None => element(),
+            };
+            set_header(h, XFCC, &value);
+        }
+        F::SanitizeSet => set_header(h, XFCC, &element()),
+    }
+}
+
+/// Certificates as PEM, URL-encoded the way Envoy writes them into x-forwarded-client-cert.
+fn url_encoded_pem(ders: &[Vec<u8>]) -> String {
+    use base64::Engine;
+    let mut pem = String::new();
+    for der in ders {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).unwrap_or(""));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    pem.replace('\n', "%0A")
+        .replace(' ', "%20")
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D")
 }
 
 /// Applies header_value_options (route, virtual host, route configuration levels).
