@@ -507,10 +507,7 @@ fn forward_client_cert(c: &HttpConnectionManager, info: &Downstream, h: &mut Hea
         return;
     };
     let element = || {
-        let d = c
-            .set_current_client_cert_details
-            .clone()
-            .unwrap_or_default();
+        let d = c.set_current_client_cert_details.unwrap_or_default();
         let facts = crate::transport_socket::cert_facts(leaf);
         let mut parts = vec![];
         if let Some(by) = &tls.local_uri {
@@ -957,6 +954,7 @@ async fn stream(
 
 /// Response headers (the route's mutations, server, ...), counters and the access log entry,
 /// written when the response body has been sent.
+#[allow(clippy::too_many_arguments)]
 fn finish(
     hcm: &Arc<HttpConnectionManagerFilter>,
     outcome: Outcome,
