@@ -132,6 +132,9 @@ const FIELDS: &[(&str, &[&str])] = &[
             "upgrade_configs",
             "forward_client_cert_details",
             "set_current_client_cert_details",
+            "normalize_path",
+            "merge_slashes",
+            "path_with_escaped_slashes_action",
         ],
     ),
     (

@@ -1004,6 +1004,39 @@ fn scenarios() -> Vec<Scenario> {
             &["http.h.downstream_rq_http2_total"],
         ),
         sc(
+            "normalize_path and merge_slashes",
+            format!("{}{c0}", hcm("          normalize_path: true\n          merge_slashes: true\n", &any_host("{ match: { prefix: \"/b\" }, direct_response: { status: 200, body: { inline_string: b } } }, { match: { prefix: \"/\" }, route: { cluster: c } }"))),
+            vec![get("/a/./x/../c?q=./.."), get("/a//b///c"), get("/%7Euser/%2fx/%41"), get("/a/%2E%2E/b"), get("/a/..%2F..%2Fb"), get("/../../etc"), get("/x/.."), get("/x/%2e/y")],
+            &[],
+        ),
+        sc(
+            "escaped slashes: reject, redirect, forward",
+            format!(
+                "{}{c0}",
+                hcm("          path_with_escaped_slashes_action: UNESCAPE_AND_FORWARD\n", &any_host(&to("/", "c")))
+            ),
+            vec![get("/a%2Fb%2fc?x=%2F"), get("/a%5Cb")],
+            &[],
+        ),
+        sc(
+            "escaped slashes rejected",
+            simple("          path_with_escaped_slashes_action: REJECT_REQUEST\n"),
+            vec![get("/a%2Fb"), get("/plain")],
+            &["http.h.downstream_rq_4xx"],
+        ),
+        sc(
+            "escaped slashes redirected",
+            simple("          path_with_escaped_slashes_action: UNESCAPE_AND_REDIRECT\n"),
+            vec![get("/a%2Fb?x=1")],
+            &[],
+        ),
+        sc(
+            "without normalize_path the path goes as it came",
+            simple(""),
+            vec![get("/a/./b/../c"), get("/a//b"), get("/%7E")],
+            &[],
+        ),
+        sc(
             "strip_matching_host_port",
             format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
             vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],

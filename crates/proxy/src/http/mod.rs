@@ -5,6 +5,7 @@
 //! body and response flag, the router's forwarding (see `upstream`), its counters and its access
 //! log.
 
+pub mod path;
 pub mod upstream;
 
 use crate::access_log::{AccessLog, Entry, HttpEntry, Template};
@@ -778,6 +779,33 @@ async fn stream(
             ..Default::default()
         })),
     };
+    // The path as normalized is what routing, the upstream and the access log see.
+    let path = match path::normalize(&hcm.config, &path) {
+        path::Normalized::Path(p) => {
+            if let Some(pq) = p.parse::<hyper::http::uri::PathAndQuery>().ok().filter(|_| p != path) {
+                let mut parts = req.uri().clone().into_parts();
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = hyper::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+            if let Some(h) = entry.http.as_mut() {
+                h.path = p.clone();
+            }
+            p
+        }
+        other => {
+            let o = match other {
+                path::Normalized::Redirect(location) => {
+                    let mut o = Outcome::local(307, "", None, "path_normalization_redirect");
+                    set_header(o.response.headers_mut(), "location", &location);
+                    o
+                }
+                _ => Outcome::local(400, "", None, "path_normalization_failed"),
+            };
+            return finish(hcm, o, received, entry, vec![], began, seed, None);
+        }
+    };
     let scheme = req
         .headers()
         .get("x-forwarded-proto")
@@ -988,8 +1016,8 @@ fn finish(
             h.remove(*name);
         }
     }
-    // A refused upgrade ends the connection, as Envoy's codec does.
-    if details_of(&entry) == "upgrade_failed" {
+    // A request the connection manager refuses outright ends the connection, as in Envoy.
+    if ["upgrade_failed", "path_normalization_failed"].contains(&details_of(&entry)) {
         h.insert("connection", HeaderValue::from_static("close"));
     }
     match ServerHeaderTransformation::try_from(hcm.config.server_header_transformation)
