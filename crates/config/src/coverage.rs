@@ -135,6 +135,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "normalize_path",
             "merge_slashes",
             "path_with_escaped_slashes_action",
+            "max_request_headers_kb",
         ],
     ),
     (

@@ -1037,6 +1037,12 @@ fn scenarios() -> Vec<Scenario> {
             &[],
         ),
         sc(
+            "max_request_headers_kb",
+            simple("          max_request_headers_kb: 2\n"),
+            vec![get("/small").header("x-some", "fine"), get("/big").header("x-big", Box::leak("y".repeat(3000).into_boxed_str()))],
+            &["http.h.downstream_rq_4xx"],
+        ),
+        sc(
             "strip_matching_host_port",
             format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
             vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],

@@ -779,6 +779,30 @@ async fn stream(
             ..Default::default()
         })),
     };
+    // Headers beyond max_request_headers_kb (60 KiB by default) are refused with 431.
+    let limit = hcm
+        .config
+        .max_request_headers_kb
+        .as_ref()
+        .map_or(60, |v| v.value as usize)
+        * 1024;
+    let size: usize = method.len()
+        + path.len()
+        + authority.len()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum::<usize>();
+    if size > limit {
+        let o = Outcome::local(
+            431,
+            "Request Header Fields Too Large",
+            None,
+            "request_headers_too_large",
+        );
+        return finish(hcm, o, received, entry, vec![], began, seed, None);
+    }
     // The path as normalized is what routing, the upstream and the access log see.
     let path = match path::normalize(&hcm.config, &path) {
         path::Normalized::Path(p) => {
@@ -1017,7 +1041,13 @@ fn finish(
         }
     }
     // A request the connection manager refuses outright ends the connection, as in Envoy.
-    if ["upgrade_failed", "path_normalization_failed"].contains(&details_of(&entry)) {
+    if [
+        "upgrade_failed",
+        "path_normalization_failed",
+        "request_headers_too_large",
+    ]
+    .contains(&details_of(&entry))
+    {
         h.insert("connection", HeaderValue::from_static("close"));
     }
     match ServerHeaderTransformation::try_from(hcm.config.server_header_transformation)
