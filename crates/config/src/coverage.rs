@@ -336,7 +336,23 @@ const FIELDS: &[(&str, &[&str])] = &[
             "timeout",
             "retry_policy",
             "upgrade_configs",
+            "hash_policy",
         ],
+    ),
+    // Cookies are hashed when present; generating one (ttl) is not implemented.
+    (
+        "envoy.config.route.v3.RouteAction.HashPolicy",
+        &["header", "cookie", "connection_properties", "query_parameter", "terminal"],
+    ),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.Header", &["header_name"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.Cookie", &["name"]),
+    (
+        "envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties",
+        &["source_ip"],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.HashPolicy.QueryParameter",
+        &["name"],
     ),
     (
         "envoy.config.route.v3.RetryPolicy",

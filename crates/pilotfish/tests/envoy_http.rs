@@ -1043,6 +1043,31 @@ fn scenarios() -> Vec<Scenario> {
             &["http.h.downstream_rq_4xx"],
         ),
         sc(
+            "ring hash by header, cookie and query parameter",
+            format!(
+                "{}{}",
+                hcm("", &any_host("{ match: { prefix: \"/h\" }, route: { cluster: c, hash_policy: [{ header: { header_name: x-user } }] } }, { match: { prefix: \"/c\" }, route: { cluster: c, hash_policy: [{ cookie: { name: session } }] } }, { match: { prefix: \"/q\" }, route: { cluster: c, hash_policy: [{ query_parameter: { name: id }, terminal: true }, { header: { header_name: x-user } }] } }, { match: { prefix: \"/both\" }, route: { cluster: c, hash_policy: [{ header: { header_name: x-user } }, { header: { header_name: x-team } }] } }")),
+                cluster("c", &["{U0}", "{U1}"], ", lb_policy: RING_HASH")
+            ),
+            vec![
+                get("/h").header("x-user", "alice"), get("/h").header("x-user", "bob"), get("/h").header("x-user", "carol"), get("/h").header("x-user", "dave"),
+                get("/c").header("cookie", "a=1; session=s1"), get("/c").header("cookie", "session=s2"), get("/c").header("cookie", "session=s3; b=2"),
+                get("/q?id=1").header("x-user", "alice"), get("/q?id=2"), get("/q?id=3"),
+                get("/both").header("x-user", "alice").header("x-team", "t1"), get("/both").header("x-user", "bob").header("x-team", "t2"), get("/both").header("x-user", "erin").header("x-team", "t3"),
+            ],
+            &[],
+        ),
+        sc(
+            "maglev by header",
+            format!(
+                "{}{}",
+                hcm("", &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, hash_policy: [{ header: { header_name: x-user } }] } }")),
+                cluster("c", &["{U0}", "{U1}"], ", lb_policy: MAGLEV")
+            ),
+            vec![get("/m").header("x-user", "alice"), get("/m").header("x-user", "bob"), get("/m").header("x-user", "carol"), get("/m").header("x-user", "dave"), get("/m").header("x-user", "erin")],
+            &[],
+        ),
+        sc(
             "strip_matching_host_port",
             format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
             vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],

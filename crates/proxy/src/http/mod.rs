@@ -625,6 +625,44 @@ fn apply_headers(h: &mut HeaderMap, add: &[HeaderValueOption], remove: &[String]
     }
 }
 
+/// The route's `hash_policy` hash, as Envoy combines its policies: each hash found is XORed into
+/// the previous one rotated left by one; a terminal policy that found one ends the search.
+fn route_hash(
+    action: &RouteAction,
+    req: &pilotfish_decide::router::Request,
+    info: &Downstream,
+) -> Option<u64> {
+    use pilotfish_api::pb::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier as P;
+    let xx = |s: &str| xxhash_rust::xxh64::xxh64(s.as_bytes(), 0);
+    let mut hash: Option<u64> = None;
+    for p in &action.hash_policy {
+        let found = match &p.policy_specifier {
+            Some(P::Header(h)) => req.header(&h.header_name).map(|v| xx(&v)),
+            Some(P::ConnectionProperties(c)) if c.source_ip => {
+                Some(crate::lb::source_ip_hash(info.remote.ip()))
+            }
+            Some(P::QueryParameter(q)) => {
+                pilotfish_decide::matcher::query_param(&req.path, &q.name).map(|v| xx(&v))
+            }
+            Some(P::Cookie(c)) => req.header("cookie").and_then(|cookies| {
+                cookies
+                    .split(';')
+                    .filter_map(|kv| kv.trim().split_once('='))
+                    .find(|(k, _)| *k == c.name)
+                    .map(|(_, v)| xx(v))
+            }),
+            _ => None,
+        };
+        if let Some(n) = found {
+            hash = Some(hash.map_or(0, |h| h.rotate_left(1)) ^ n);
+        }
+        if p.terminal && hash.is_some() {
+            break;
+        }
+    }
+    hash
+}
+
 /// One level's header mutations (route, virtual host or route configuration).
 struct Mutations<'a> {
     request_add: &'a [HeaderValueOption],
@@ -941,6 +979,7 @@ async fn stream(
                         include_attempt_count: vh.is_some_and(|v| v.include_request_attempt_count),
                         include_attempt_count_in_response: vh
                             .is_some_and(|v| v.include_attempt_count_in_response),
+                        hash: route_hash(&action, &routing, info),
                         action,
                     };
                     match server.clusters.get(&cluster) {

@@ -195,6 +195,8 @@ pub struct RouteInfo {
     pub retry_policy: Option<RetryPolicy>,
     pub include_attempt_count: bool,
     pub include_attempt_count_in_response: bool,
+    /// The route's hash_policy hash, for RING_HASH and MAGLEV.
+    pub hash: Option<u64>,
 }
 
 /// A retry policy as the router applies it to one request (the `x-envoy-retry-on`,
@@ -372,7 +374,7 @@ pub(super) async fn forward(
         for k in 0..retries.host_selection_attempts.max(1) {
             let ctx = LbContext {
                 original_destination: info.local,
-                hash: None,
+                hash: route.hash,
                 conn: seed ^ ((attempt as u64) << 48) ^ k as u64,
                 attempt,
             };
