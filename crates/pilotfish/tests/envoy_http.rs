@@ -711,7 +711,7 @@ fn scenarios() -> Vec<Scenario> {
             "a refused upstream is 503 UF",
             format!("{}{}", hcm("", &any_host(&to("/", "c"))), cluster("c", &["{R}"], "")),
             vec![get("/")],
-            &["cluster.c.upstream_cx_connect_fail", "http.h.downstream_rq_5xx"],
+            &["cluster.c.upstream_cx_connect_fail", "http.h.downstream_rq_5xx", "cluster.c.upstream_rq_503", "cluster.c.upstream_rq_completed"],
         ),
         sc(
             "no healthy upstream is 503 UH",
@@ -720,13 +720,13 @@ fn scenarios() -> Vec<Scenario> {
                 hcm("", &any_host(&to("/", "c")))
             ),
             vec![get("/")],
-            &["cluster.c.upstream_cx_none_healthy"],
+            &["cluster.c.upstream_cx_none_healthy", "cluster.c.upstream_rq_503"],
         ),
         sc(
             "route timeout is 504 UT",
             format!("{}{c0}", hcm("", &any_host("{ match: { prefix: \"/\" }, route: { cluster: c, timeout: 0.3s } }"))),
             vec![get("/delay/1500")],
-            &["cluster.c.upstream_rq_timeout", "http.h.downstream_rq_5xx"],
+            &["cluster.c.upstream_rq_timeout", "http.h.downstream_rq_5xx", "cluster.c.upstream_rq_504"],
         ),
         sc(
             "x-envoy-upstream-rq-timeout-ms",
@@ -1066,6 +1066,24 @@ fn scenarios() -> Vec<Scenario> {
             ),
             vec![get("/m").header("x-user", "alice"), get("/m").header("x-user", "bob"), get("/m").header("x-user", "carol"), get("/m").header("x-user", "dave"), get("/m").header("x-user", "erin")],
             &[],
+        ),
+        sc(
+            "circuit breakers: max_pending_requests and max_requests",
+            format!(
+                "{}{}{}",
+                hcm(&file_log("%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%"), &any_host("{ match: { prefix: \"/p\" }, route: { cluster: p } }, { match: { prefix: \"/r\" }, route: { cluster: r } }")),
+                cluster("p", &["{U0}"], ", circuit_breakers: { thresholds: [{ max_pending_requests: 0 }] }"),
+                cluster("r", &["{U0}"], ", circuit_breakers: { thresholds: [{ max_requests: 0 }] }")
+            ),
+            vec![get("/p"), get("/r")],
+            &[
+                "cluster.p.upstream_rq_pending_overflow",
+                "cluster.r.upstream_rq_active_overflow",
+                "cluster.p.upstream_cx_total",
+                "cluster.r.upstream_cx_total",
+                "cluster.p.upstream_rq_503",
+                "cluster.r.upstream_rq_503",
+            ],
         ),
         sc(
             "strip_matching_host_port",

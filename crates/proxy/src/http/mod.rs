@@ -844,7 +844,11 @@ async fn stream(
     // The path as normalized is what routing, the upstream and the access log see.
     let path = match path::normalize(&hcm.config, &path) {
         path::Normalized::Path(p) => {
-            if let Some(pq) = p.parse::<hyper::http::uri::PathAndQuery>().ok().filter(|_| p != path) {
+            if let Some(pq) = p
+                .parse::<hyper::http::uri::PathAndQuery>()
+                .ok()
+                .filter(|_| p != path)
+            {
                 let mut parts = req.uri().clone().into_parts();
                 parts.path_and_query = Some(pq);
                 if let Ok(uri) = hyper::Uri::from_parts(parts) {

@@ -122,7 +122,8 @@ pub fn normalize(c: &HttpConnectionManager, path_and_query: &str) -> Normalized 
         path = merge_slashes(&path);
     }
     if has_escaped_slash(&path) {
-        match Escaped::try_from(c.path_with_escaped_slashes_action).unwrap_or(Escaped::KeepUnchanged)
+        match Escaped::try_from(c.path_with_escaped_slashes_action)
+            .unwrap_or(Escaped::KeepUnchanged)
         {
             Escaped::RejectRequest => return Normalized::Reject,
             Escaped::UnescapeAndRedirect => {
@@ -154,16 +155,28 @@ mod tests {
     fn paths_normalize_as_envoys_do() {
         let c = hcm(true, true, Escaped::KeepUnchanged);
         let p = |s: &str| normalize(&c, s);
-        assert_eq!(p("/a/./x/../c?q=./.."), Normalized::Path("/a/c?q=./..".into()));
+        assert_eq!(
+            p("/a/./x/../c?q=./.."),
+            Normalized::Path("/a/c?q=./..".into())
+        );
         assert_eq!(p("/a//b///c"), Normalized::Path("/a/b/c".into()));
-        assert_eq!(p("/%7Euser/%2fx/%41"), Normalized::Path("/~user/%2fx/A".into()));
+        assert_eq!(
+            p("/%7Euser/%2fx/%41"),
+            Normalized::Path("/~user/%2fx/A".into())
+        );
         assert_eq!(p("/a/%2E%2E/b"), Normalized::Path("/b".into()));
         assert_eq!(p("/../../etc"), Normalized::Path("/etc".into()));
         assert_eq!(p("/x/.."), Normalized::Path("/".into()));
         let c = hcm(false, false, Escaped::UnescapeAndRedirect);
-        assert_eq!(normalize(&c, "/a%2Fb?x=1"), Normalized::Redirect("/a/b?x=1".into()));
+        assert_eq!(
+            normalize(&c, "/a%2Fb?x=1"),
+            Normalized::Redirect("/a/b?x=1".into())
+        );
         let c = hcm(false, false, Escaped::RejectRequest);
         assert_eq!(normalize(&c, "/a%5cb"), Normalized::Reject);
-        assert_eq!(normalize(&c, "/a/b?x=%2F"), Normalized::Path("/a/b?x=%2F".into()));
+        assert_eq!(
+            normalize(&c, "/a/b?x=%2F"),
+            Normalized::Path("/a/b?x=%2F".into())
+        );
     }
 }

@@ -97,6 +97,8 @@ fn failure_reply(e: &ConnectError) -> (u16, String, &'static str, &'static str) 
     }
 }
 
+/// A connection for one request within `max_requests` (checked, as Envoy does, once the
+/// connection is there: refused, it stays in the pool).
 async fn connection(
     server: &Arc<Server>,
     cluster: &Arc<Cluster>,
@@ -105,7 +107,51 @@ async fn connection(
     conn: u64,
     stream: u64,
 ) -> Result<Sender, ConnectError> {
+    let sender = pooled(server, cluster, host, http2, conn, stream).await?;
+    if cluster.stats.upstream_rq_active.get() >= cluster.thresholds[0].max_requests {
+        if let Sender::Http1(s) = sender {
+            let key = (cluster.name.clone(), host.address.clone());
+            server
+                .http_pools
+                .http1
+                .lock()
+                .unwrap()
+                .entry(key)
+                .or_default()
+                .push(s);
+        }
+        server
+            .stats
+            .counter(&format!(
+                "cluster.{}.upstream_rq_active_overflow",
+                cluster.name
+            ))
+            .inc();
+        return Err(ConnectError::Overflow);
+    }
+    Ok(sender)
+}
+
+async fn pooled(
+    server: &Arc<Server>,
+    cluster: &Arc<Cluster>,
+    host: &Arc<Host>,
+    http2: bool,
+    conn: u64,
+    stream: u64,
+) -> Result<Sender, ConnectError> {
     let key = (cluster.name.clone(), host.address.clone());
+    let limits = cluster.thresholds[0];
+    let overflow = || {
+        server
+            .stats
+            .counter(&format!(
+                "cluster.{}.upstream_rq_pending_overflow",
+                cluster.name
+            ))
+            .inc();
+        ConnectError::PendingOverflow
+    };
     if http2 {
         if let Some((id, s)) = server.http_pools.http2.lock().unwrap().get(&key) {
             if !s.is_closed() {
@@ -126,11 +172,19 @@ async fn connection(
             }
         }
     }
+    // A request waiting for its connection is pending: max_pending_requests bounds those.
+    if cluster.stats.upstream_rq_pending_active.get() >= limits.max_pending_requests {
+        return Err(overflow());
+    }
     tracing::debug!(target: "pool", "queueing stream due to no available connections (ready=0 busy=0 connecting=0)");
     tracing::debug!(target: "pool", "trying to create new connection");
     tracing::debug!(target: "pool", "creating a new connection (connecting=0)");
     let id = server.next_connection_id();
-    let up = cluster.connect_host(host.clone(), conn, id).await?;
+    cluster.stats.upstream_rq_pending_total.inc();
+    cluster.stats.upstream_rq_pending_active.inc();
+    let up = cluster.connect_host(host.clone(), conn, id).await;
+    cluster.stats.upstream_rq_pending_active.dec();
+    let up = up?;
     let io = TokioIo::new(up);
     let fail = |e: hyper::Error| {
         ConnectError::Failed(host.address.clone(), std::io::Error::other(e.to_string()))
@@ -518,6 +572,10 @@ pub(super) async fn forward(
         } else {
             body.to_string()
         };
+        // The cluster counts the reply given in its name as it counts its upstream's.
+        count(&format!("upstream_rq_{status}"));
+        count(&format!("upstream_rq_{}xx", status / 100));
+        count("upstream_rq_completed");
         let mut o = Outcome::local(status, &body, None, details);
         // Flags in the order they were raised: URX before the last attempt's failure.
         flags.push(flag);
@@ -573,7 +631,14 @@ pub(super) async fn forward(
         ),
         Attempt::ConnectFailed(e, host) => {
             let (status, body, flag, details) = failure_reply(&e);
-            failure(status, &body, flag, details, host.as_ref(), &mut flags)
+            let mut o = failure(status, &body, flag, details, host.as_ref(), &mut flags);
+            // A circuit breaker's refusal says the cluster is overloaded.
+            if matches!(e, ConnectError::Overflow | ConnectError::PendingOverflow) {
+                o.response
+                    .headers_mut()
+                    .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            }
+            o
         }
     }
 }
