@@ -213,6 +213,18 @@ const FIELDS: &[(&str, &[&str])] = &[
         &["text_format", "text_format_source", "json_format"],
     ),
     ("envoy.extensions.filters.http.router.v3.Router", &[]),
+    (
+        "envoy.extensions.filters.http.fault.v3.HTTPFault",
+        &["delay", "abort", "upstream_cluster", "headers"],
+    ),
+    (
+        "envoy.extensions.filters.http.fault.v3.FaultAbort",
+        &["http_status", "grpc_status", "header_abort", "percentage", "response_body"],
+    ),
+    (
+        "envoy.extensions.filters.common.fault.v3.FaultDelay",
+        &["fixed_delay", "header_delay", "percentage"],
+    ),
     // Listener filters run with their defaults: any field set on them is listed.
     ("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", &[]),
     ("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", &[]),
@@ -295,6 +307,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "name",
             "domains",
             "routes",
+            "typed_per_filter_config",
             "retry_policy",
             "include_request_attempt_count",
             "include_attempt_count_in_response",
@@ -312,6 +325,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "route",
             "redirect",
             "direct_response",
+            "typed_per_filter_config",
             "request_headers_to_add",
             "request_headers_to_remove",
             "response_headers_to_add",
@@ -524,6 +538,7 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
     "envoy.extensions.filters.http.router.v3.Router",
+    "envoy.extensions.filters.http.fault.v3.HTTPFault",
     "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",

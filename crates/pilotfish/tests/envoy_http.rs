@@ -509,6 +509,16 @@ fn tls_hcm(hcm_extra: &str, route_config: &str) -> String {
     )
 }
 
+const FAULT: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+
+/// `hcm` with a fault filter (configured by `fault`) before the router.
+fn with_fault(hcm_extra: &str, route_config: &str, fault: &str) -> String {
+    hcm(hcm_extra, route_config).replace(
+        "          http_filters: [",
+        &format!("          http_filters: [{{ name: envoy.filters.http.fault, typed_config: {{ \"@type\": {FAULT}{fault} }} }}, "),
+    )
+}
+
 /// One virtual host for every domain with these routes.
 fn any_host(routes: &str) -> String {
     format!("virtual_hosts: [{{ name: v, domains: [\"*\"], routes: [{routes}] }}]")
@@ -1084,6 +1094,50 @@ fn scenarios() -> Vec<Scenario> {
                 "cluster.p.upstream_rq_503",
                 "cluster.r.upstream_rq_503",
             ],
+        ),
+        sc(
+            "fault: abort all requests",
+            format!("{}{c0}", with_fault(&file_log("%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%"), &any_host(&to("/", "c")), ", abort: { http_status: 503, percentage: { numerator: 100 } }")),
+            vec![get("/a"), get("/b")],
+            &["http.h.fault.aborts_injected", "cluster.c.upstream_rq_total"],
+        ),
+        sc(
+            "fault: a delay, then the upstream",
+            format!("{}{c0}", with_fault(&file_log("%RESPONSE_CODE% %RESPONSE_FLAGS%"), &any_host(&to("/", "c")), ", delay: { fixed_delay: 0.2s, percentage: { numerator: 100 } }")),
+            vec![get("/slow")],
+            &["http.h.fault.delays_injected"],
+        ),
+        sc(
+            "fault: aborts asked for by header",
+            format!("{}{c0}", with_fault("", &any_host(&to("/", "c")), ", abort: { header_abort: {}, percentage: { numerator: 100 } }")),
+            vec![get("/h").header("x-envoy-fault-abort-request", "429"), get("/h"), get("/h").header("x-envoy-fault-abort-request", "abc")],
+            &["http.h.fault.aborts_injected"],
+        ),
+        sc(
+            "fault: no percentage, no fault",
+            format!("{}{c0}", with_fault("", &any_host(&to("/", "c")), ", abort: { http_status: 500 }")),
+            vec![get("/none")],
+            &["http.h.fault.aborts_injected"],
+        ),
+        sc(
+            "fault: only matching headers and the named cluster",
+            format!(
+                "{}{}{}",
+                with_fault("", &any_host("{ match: { prefix: \"/a\" }, route: { cluster: a } }, { match: { prefix: \"/b\" }, route: { cluster: b } }"), ", upstream_cluster: a, headers: [{ name: x-fault, string_match: { exact: \"yes\" } }], abort: { http_status: 418, percentage: { numerator: 100 } }"),
+                cluster("a", &["{U0}"], ""),
+                cluster("b", &["{U1}"], "")
+            ),
+            vec![get("/a").header("x-fault", "yes"), get("/a"), get("/b").header("x-fault", "yes")],
+            &["http.h.fault.aborts_injected"],
+        ),
+        sc(
+            "fault per route, as Istio configures it",
+            format!(
+                "{}{c0}",
+                with_fault("", &any_host(&format!("{{ match: {{ prefix: \"/faulty\" }}, route: {{ cluster: c }}, typed_per_filter_config: {{ envoy.filters.http.fault: {{ \"@type\": {FAULT}, abort: {{ http_status: 502, percentage: {{ numerator: 100 }} }} }} }} }}, {{ match: {{ prefix: \"/\" }}, route: {{ cluster: c }} }}")), "")
+            ),
+            vec![get("/faulty"), get("/fine")],
+            &["http.h.fault.aborts_injected"],
         ),
         sc(
             "strip_matching_host_port",

@@ -5,6 +5,7 @@
 //! body and response flag, the router's forwarding (see `upstream`), its counters and its access
 //! log.
 
+pub mod fault;
 pub mod path;
 pub mod upstream;
 
@@ -102,6 +103,13 @@ pub struct HttpConnectionManagerFilter {
     routes: Option<Arc<RouteTable>>,
     stats: HcmStats,
     logs: Vec<AccessLog>,
+    /// The fault filter, when the chain has one: its name (for per-route configuration), its
+    /// configuration and counters (aborts_injected, delays_injected).
+    fault: Option<(
+        String,
+        pilotfish_api::pb::envoy::extensions::filters::http::fault::v3::HttpFault,
+        [Arc<Stat>; 2],
+    )>,
 }
 
 /// The route configuration an http_connection_manager uses.
@@ -140,7 +148,17 @@ impl HttpConnectionManagerFilter {
         for w in warnings {
             tracing::warn!(target: "config", "http_connection_manager '{}': {w}", config.stat_prefix);
         }
+        let fault = config.http_filters.iter().find_map(|f| {
+            use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
+            let Some(ConfigType::TypedConfig(any)) = &f.config_type else {
+                return None;
+            };
+            let c = pilotfish_config::model::unpack(any)?;
+            let n = |k: &str| stats.counter(&format!("http.{}.fault.{k}", config.stat_prefix));
+            Some((f.name.clone(), c, [n("aborts_injected"), n("delays_injected")]))
+        });
         HttpConnectionManagerFilter {
+            fault,
             stats: HcmStats::new(&config.stat_prefix, stats),
             routes,
             logs,
@@ -889,6 +907,7 @@ async fn stream(
         runtime: pilotfish_decide::router::Runtime::Defaults,
     };
     stats.rq_total.inc();
+    let mut fault_flags: Vec<&'static str> = vec![];
     let mut route_levels: Vec<Mutations> = vec![];
     let outcome = match &hcm.routes {
         None => {
@@ -931,6 +950,33 @@ async fn stream(
                 }
                 _ => None,
             };
+            // The fault filter comes before the router: it may delay the request or answer it.
+            if let Some((name, own, counters)) = &hcm.fault {
+                let vh = d.virtual_host_index.map(|v| &table.config.virtual_hosts[v]);
+                let config = fault::effective(name, own, route.as_ref(), vh);
+                let cluster = match &d.action {
+                    Action::Forward { cluster, .. } => Some(cluster.as_str()),
+                    _ => None,
+                };
+                let injected = fault::decide(&config, &routing, cluster, seed);
+                if let Some(delay) = injected.delay {
+                    counters[1].inc();
+                    tracing::debug!(target: "filter", connection = conn, stream = seed, "fault: delaying the request {} ms", delay.as_millis());
+                    fault_flags.push("DI");
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some((status, body)) = injected.abort {
+                    counters[0].inc();
+                    let mut o = Outcome::local(status, &body, Some("FI"), "fault_filter_abort");
+                    if let Some(g) = injected.grpc_status {
+                        o = Outcome::local(200, "", Some("FI"), "fault_filter_abort");
+                        set_header(o.response.headers_mut(), "content-type", "application/grpc");
+                        set_header(o.response.headers_mut(), "grpc-status", &g.to_string());
+                    }
+                    o.flags = [fault_flags.clone(), o.flags].concat();
+                    return finish(hcm, o, received, entry, route_levels, began, seed, None);
+                }
+            }
             match d.action {
                 Action::NoRoute => {
                     stats.no_route.inc();
@@ -1031,6 +1077,7 @@ async fn stream(
     };
     // An accepted upgrade joins the two connections once the 101 has gone out.
     let mut outcome = outcome;
+    outcome.flags = [fault_flags, std::mem::take(&mut outcome.flags)].concat();
     let splice_with = (upgrade.is_some()
         && outcome.response.status() == StatusCode::SWITCHING_PROTOCOLS)
         .then(|| hyper::upgrade::on(&mut outcome.response))
