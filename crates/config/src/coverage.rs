@@ -416,12 +416,29 @@ const FIELDS: &[(&str, &[&str])] = &[
             "dns_lookup_family",
             "dns_refresh_rate",
             "per_connection_buffer_limit_bytes",
+            "typed_extension_protocol_options",
             "ring_hash_lb_config",
             "maglev_lb_config",
             "least_request_lb_config",
             "common_lb_config",
         ],
     ),
+    // The upstream HTTP protocol: HTTP/1.1 or HTTP/2, fixed or as downstream; their options
+    // are not read (listed when set).
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        &["explicit_http_config", "use_downstream_protocol_config"],
+    ),
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
+    ),
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
+    ),
+    ("envoy.config.core.v3.Http1ProtocolOptions", &[]),
+    ("envoy.config.core.v3.Http2ProtocolOptions", &[]),
     (
         "envoy.config.cluster.v3.Cluster.RingHashLbConfig",
         &["minimum_ring_size", "maximum_ring_size", "hash_function"],
@@ -539,6 +556,7 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
     "envoy.extensions.filters.http.router.v3.Router",
     "envoy.extensions.filters.http.fault.v3.HTTPFault",
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
