@@ -104,6 +104,39 @@ struct Seen {
     body: Vec<u8>,
 }
 
+impl Seen {
+    /// `name: value` lines, sorted (the order headers cross a proxy in is its own business).
+    fn sorted_headers(&self) -> Vec<String> {
+        let mut h: Vec<String> = self
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        h.sort();
+        h
+    }
+}
+
+/// A chunked body, to its last chunk (or as much as arrives).
+fn read_chunks(r: &mut BufReader<TcpStream>) -> Vec<u8> {
+    let mut body = vec![];
+    loop {
+        let mut size = String::new();
+        if r.read_line(&mut size).unwrap_or(0) == 0 {
+            break;
+        }
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        let mut chunk = vec![0u8; n + 2];
+        if r.read_exact(&mut chunk).is_err() || n == 0 {
+            break;
+        }
+        body.extend(&chunk[..n]);
+    }
+    body
+}
+
 fn read_request(r: &mut BufReader<TcpStream>) -> Option<Seen> {
     let mut line = String::new();
     if r.read_line(&mut line).ok()? == 0 {
@@ -129,17 +162,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Seen> {
         body.resize(n, 0);
         r.read_exact(&mut body).ok()?;
     } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size).ok()?;
-            let n = usize::from_str_radix(size.trim(), 16).ok()?;
-            let mut chunk = vec![0u8; n + 2];
-            r.read_exact(&mut chunk).ok()?;
-            if n == 0 {
-                break;
-            }
-            body.extend(&chunk[..n]);
-        }
+        body = read_chunks(r);
     }
     Some(Seen {
         method,
@@ -168,13 +191,8 @@ fn http_upstream(name: &'static str) -> u16 {
                     if req.path.starts_with("/reset") {
                         return;
                     }
+                    let headers = req.sorted_headers();
                     if req.headers.iter().any(|(k, _)| k == "upgrade") {
-                        let mut headers: Vec<String> = req
-                            .headers
-                            .iter()
-                            .map(|(k, v)| format!("{k}: {v}"))
-                            .collect();
-                        headers.sort();
                         let _ = write!(
                             w,
                             "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nx-saw: {}\r\n\r\n",
@@ -214,12 +232,6 @@ fn http_upstream(name: &'static str) -> u16 {
                                 .and_then(|s| s.parse::<u16>().ok())
                         })
                         .unwrap_or(200);
-                    let mut headers: Vec<String> = req
-                        .headers
-                        .iter()
-                        .map(|(k, v)| format!("{k}: {v}"))
-                        .collect();
-                    headers.sort();
                     let body = format!(
                         "{name} saw {} {}\n{}\nbody: {:?}\n",
                         req.method,
@@ -273,20 +285,7 @@ fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> String {
         body.resize(n, 0);
         let _ = r.read_exact(&mut body);
     } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        loop {
-            let mut size = String::new();
-            if r.read_line(&mut size).unwrap_or(0) == 0 {
-                break;
-            }
-            let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-                break;
-            };
-            let mut chunk = vec![0u8; n + 2];
-            if r.read_exact(&mut chunk).is_err() || n == 0 {
-                break;
-            }
-            body.extend(&chunk[..n]);
-        }
+        body = read_chunks(r);
     } else {
         let _ = r.read_to_end(&mut body);
     }
@@ -529,11 +528,7 @@ fn to(prefix: &str, cluster: &str) -> String {
 }
 
 fn cluster(name: &str, ports: &[&str], extra: &str) -> String {
-    let eps: Vec<String> = ports
-        .iter()
-        .map(|p| format!("{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }} }}"))
-        .collect();
-    format!("  - {{ name: {name}, type: STATIC, connect_timeout: 1s{extra}, load_assignment: {{ cluster_name: {name}, endpoints: [{{ lb_endpoints: [{}] }}] }} }}\n", eps.join(", "))
+    side_by_side::static_cluster(name, ports, extra)
 }
 
 /// One cluster `c` on U0 behind a catch-all route, with more HCM fields.

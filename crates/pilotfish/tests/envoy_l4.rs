@@ -196,11 +196,7 @@ fn chain_with(spec: &str) -> String {
 }
 
 fn cluster(name: &str, ports: &[&str], extra: &str) -> String {
-    let eps: Vec<String> = ports
-        .iter()
-        .map(|p| format!("{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }} }}"))
-        .collect();
-    format!("  - {{ name: {name}, type: STATIC, connect_timeout: 1s{extra}, load_assignment: {{ cluster_name: {name}, endpoints: [{{ lb_endpoints: [{}] }}] }} }}\n", eps.join(", "))
+    side_by_side::static_cluster(name, ports, extra)
 }
 
 /// A STATIC cluster `c` over U0, U1, U2 with the given host weights (and `extra` cluster fields).

@@ -161,22 +161,54 @@ static_resources:
     )
 }
 
+/// The host a story's connection makes in its ORIGINAL_DST cluster, and whether it is cleaned up
+/// once unused.
+struct MadeHost {
+    cluster: &'static str,
+    address: &'static str,
+    cleaned_up: bool,
+}
+
+/// Envoy's log and pilotfish's of the same story: each runs `config` in turn while a client
+/// from `client` sends the traffic.
+fn envoy_then_pilotfish<C>(
+    ns: &Namespaces,
+    envoy: &Path,
+    config: &Path,
+    tag: &str,
+    client: impl Fn() -> C,
+    made: &MadeHost,
+) -> [String; 2]
+where
+    C: FnOnce() -> Result<String, String> + Send + 'static,
+{
+    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
+    [(envoy, true, "envoy"), (pilotfish, false, "pilotfish")].map(|(bin, is_envoy, name)| {
+        let log = ns.dir.join(format!("{name}-{tag}.log"));
+        run(
+            &ns.pod,
+            &ns.peer,
+            (bin, is_envoy),
+            config,
+            &log,
+            client(),
+            made,
+        )
+    })
+}
+
 /// Runs one proxy in the pod namespace, has `client` (run in the peer namespace) send its
-/// traffic, checks the host `cluster` made for `host` (and its clean-up when `cleaned_up`),
-/// returns the proxy's log.
-#[allow(clippy::too_many_arguments)]
+/// traffic, checks the host the cluster made (and its clean-up), returns the proxy's log.
 fn run(
     pod: &str,
     peer: &str,
-    bin: &Path,
+    (bin, is_envoy): (&Path, bool),
     config: &Path,
     log: &Path,
-    is_envoy: bool,
     client: impl FnOnce() -> Result<String, String> + Send + 'static,
-    cluster: &str,
-    host: &str,
-    cleaned_up: bool,
+    made: &MadeHost,
 ) -> String {
+    let (cluster, host, cleaned_up) = (made.cluster, made.address, made.cleaned_up);
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", pod]).arg(bin);
     cmd.args([
@@ -351,28 +383,12 @@ fn one_tls_connection_tells_envoys_story() {
             tls_client(port, &ca, Some(&client), &[], "ping")
         }
     };
-    let mut logs = vec![];
-    for (bin, is_envoy, name) in [
-        (envoy.as_path(), true, "envoy.log"),
-        (
-            Path::new(env!("CARGO_BIN_EXE_pilotfish")),
-            false,
-            "pilotfish.log",
-        ),
-    ] {
-        logs.push(run(
-            &ns.pod,
-            &ns.peer,
-            bin,
-            &config,
-            &ns.dir.join(name),
-            is_envoy,
-            mtls_client(),
-            "inbound|9999||",
-            "172.21.206.230:9999",
-            true,
-        ));
-    }
+    let made = MadeHost {
+        cluster: "inbound|9999||",
+        address: "172.21.206.230:9999",
+        cleaned_up: true,
+    };
+    let logs = envoy_then_pilotfish(&ns, &envoy, &config, "tls", mtls_client, &made);
     same_story(&logs[0], &logs[1], EVENTS, "] [C");
 }
 
@@ -405,28 +421,12 @@ fn one_http_request_tells_envoys_story() {
             })
             .ok_or(out)
     };
-    let mut logs = vec![];
-    for (bin, is_envoy, name) in [
-        (envoy.as_path(), true, "envoy-http.log"),
-        (
-            Path::new(env!("CARGO_BIN_EXE_pilotfish")),
-            false,
-            "pilotfish-http.log",
-        ),
-    ] {
-        logs.push(run(
-            &ns.pod,
-            &ns.peer,
-            bin,
-            &config,
-            &ns.dir.join(name),
-            is_envoy,
-            request,
-            "inbound|8080||",
-            "172.21.206.230:8080",
-            // The pool's idle keep-alive connection keeps the host in use, in both.
-            false,
-        ));
-    }
+    let made = MadeHost {
+        cluster: "inbound|8080||",
+        address: "172.21.206.230:8080",
+        // The pool's idle keep-alive connection keeps the host in use, in both.
+        cleaned_up: false,
+    };
+    let logs = envoy_then_pilotfish(&ns, &envoy, &config, "http", || request, &made);
     same_story(&logs[0], &logs[1], HTTP_EVENTS, "[C");
 }

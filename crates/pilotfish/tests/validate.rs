@@ -191,22 +191,24 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
             && w.as_str().unwrap().contains("redacted")));
     // What pilotfish does not implement yet is listed, with counts and example paths.
     let gaps = j["not_implemented"].as_array().unwrap();
-    let fault = gaps
+    let cors = gaps
         .iter()
-        .find(|g| g["key"] == "envoy.extensions.filters.http.fault.v3.HTTPFault")
-        .expect("fault filter listed");
-    assert_eq!(fault["kind"], "extension");
+        .find(|g| g["key"] == "envoy.extensions.filters.http.cors.v3.Cors")
+        .expect("cors filter listed");
+    assert_eq!(cors["kind"], "extension");
     assert_eq!(
-        fault["names"],
-        serde_json::json!(["envoy.filters.http.fault"])
+        cors["names"],
+        serde_json::json!(["envoy.filters.http.cors"])
     );
-    assert_eq!(fault["count"], 30);
-    assert!(fault["example"]
-        .as_str()
-        .unwrap()
-        .contains(".http_filters["));
-    assert!(gaps.iter().any(
-        |g| g["key"] == "envoy.config.route.v3.RouteAction.retry_policy" && g["kind"] == "field"
+    assert_eq!(cors["count"], 30);
+    assert!(cors["example"].as_str().unwrap().contains(".http_filters["));
+    assert!(gaps.iter().any(|g| g["key"]
+        == "envoy.config.route.v3.RouteAction.max_stream_duration"
+        && g["kind"] == "field"));
+    // What is implemented is not listed: the fault filter, the route's retry policy.
+    assert!(!gaps.iter().any(
+        |g| g["key"] == "envoy.extensions.filters.http.fault.v3.HTTPFault"
+            || g["key"] == "envoy.config.route.v3.RouteAction.retry_policy"
     ));
     // The human summary names the same things.
     let text = stdout(&pilotfish(&["validate", seed.to_str().unwrap()]));
@@ -218,7 +220,7 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
         text.contains("Clusters: 55 (5 static, 50 dynamic)"),
         "{text}"
     );
-    assert!(text.contains("envoy.filters.http.fault"), "{text}");
+    assert!(text.contains("envoy.filters.http.cors"), "{text}");
 }
 
 #[test]

@@ -48,6 +48,36 @@ pub struct Entry {
     pub http: Option<Box<HttpEntry>>,
 }
 
+impl Entry {
+    /// An entry for a connection (downstream remote and local address) or one of its streams,
+    /// before anything happened to it.
+    pub fn new(
+        start: SystemTime,
+        (downstream_remote, downstream_local): (SocketAddr, SocketAddr),
+        server_name: Option<String>,
+        connection_id: u64,
+        log_type: pilotfish_api::pb::envoy::data::accesslog::v3::AccessLogType,
+    ) -> Entry {
+        Entry {
+            start,
+            duration: Duration::ZERO,
+            bytes_received: 0,
+            bytes_sent: 0,
+            downstream_remote,
+            downstream_local,
+            upstream_host: None,
+            upstream_local: None,
+            upstream_cluster: String::new(),
+            flags: vec![],
+            server_name,
+            connection_id,
+            response_code: 0,
+            log_type: log_type as i32,
+            http: None,
+        }
+    }
+}
+
 /// An HTTP stream's part of an access log entry.
 #[derive(Debug, Clone, Default)]
 pub struct HttpEntry {

@@ -103,24 +103,14 @@ pub async fn run<S, F>(
     let began = std::time::Instant::now();
     let original_destination = info.local;
     let name = cluster_name(tcp, conn);
-    let mut entry = crate::access_log::Entry {
+    let mut entry = crate::access_log::Entry::new(
         start,
-        duration: Duration::ZERO,
-        bytes_received: 0,
-        bytes_sent: 0,
-        downstream_remote: info.remote,
-        downstream_local: info.local,
-        upstream_host: None,
-        upstream_local: None,
-        upstream_cluster: name.clone(),
-        flags: vec![],
-        server_name: info.server_name.clone(),
-        connection_id: conn,
-        response_code: 0,
-        log_type: pilotfish_api::pb::envoy::data::accesslog::v3::AccessLogType::TcpConnectionEnd
-            as i32,
-        http: None,
-    };
+        (info.remote, info.local),
+        info.server_name.clone(),
+        conn,
+        pilotfish_api::pb::envoy::data::accesslog::v3::AccessLogType::TcpConnectionEnd,
+    );
+    entry.upstream_cluster = name.clone();
     let logs = &filter.logs;
     let log = |mut e: crate::access_log::Entry| {
         e.duration = began.elapsed();

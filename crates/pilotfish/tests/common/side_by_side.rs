@@ -97,3 +97,13 @@ pub fn stat_values(
         })
         .collect()
 }
+
+/// A STATIC cluster on 127.0.0.1 at these ports (placeholders such as `{U0}` welcome), with
+/// `extra` cluster fields, as a `clusters:` list item.
+pub fn static_cluster(name: &str, ports: &[&str], extra: &str) -> String {
+    let eps: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }} }}"))
+        .collect();
+    format!("  - {{ name: {name}, type: STATIC, connect_timeout: 1s{extra}, load_assignment: {{ cluster_name: {name}, endpoints: [{{ lb_endpoints: [{}] }}] }} }}\n", eps.join(", "))
+}

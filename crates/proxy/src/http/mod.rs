@@ -30,7 +30,7 @@ use pilotfish_decide::router::{Action, RouteTable};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -762,9 +762,10 @@ async fn stream(
     let (parts, body) = req.into_parts();
     let mut req = Request::from_parts(
         parts,
-        CountedRequest {
+        Counting {
             inner: body,
-            received: received.clone(),
+            bytes: received.clone(),
+            _done: None,
         }
         .boxed(),
     );
@@ -810,31 +811,21 @@ async fn stream(
     let authority = strip_port(&hcm.config, &authority, info.local.port());
     let received_headers = header_list(req.headers());
     let internal = mutate_request_headers(hcm, info, req.headers_mut(), seed, upgrade.is_some());
-    let mut entry = Entry {
+    let mut entry = Entry::new(
         start,
-        duration: Duration::ZERO,
-        bytes_received: 0,
-        bytes_sent: 0,
-        downstream_remote: info.remote,
-        downstream_local: info.local,
-        upstream_host: None,
-        upstream_local: None,
-        upstream_cluster: String::new(),
-        flags: vec![],
-        server_name: info.server_name.clone(),
-        connection_id: conn,
-        response_code: 0,
-        log_type: pilotfish_api::pb::envoy::data::accesslog::v3::AccessLogType::DownstreamEnd
-            as i32,
-        http: Some(Box::new(HttpEntry {
-            method: method.clone(),
-            path: path.clone(),
-            authority: authority.clone(),
-            protocol: protocol.into(),
-            request_headers: received_headers,
-            ..Default::default()
-        })),
-    };
+        (info.remote, info.local),
+        info.server_name.clone(),
+        conn,
+        pilotfish_api::pb::envoy::data::accesslog::v3::AccessLogType::DownstreamEnd,
+    );
+    entry.http = Some(Box::new(HttpEntry {
+        method: method.clone(),
+        path: path.clone(),
+        authority: authority.clone(),
+        protocol: protocol.into(),
+        request_headers: received_headers,
+        ..Default::default()
+    }));
     // Headers beyond max_request_headers_kb (60 KiB by default) are refused with 431.
     let limit = hcm
         .config
@@ -1172,10 +1163,12 @@ fn finish(
         hyper::body::Body::is_end_stream(response.body()),
         dump(&[(":status", &status.to_string())], response.headers())
     );
+    let sent = Arc::new(AtomicU64::new(0));
     let done = DoneGuard {
         entry: Some(entry),
         began,
         received,
+        sent: sent.clone(),
         hcm: hcm.clone(),
         conn,
         stream,
@@ -1184,7 +1177,12 @@ fn finish(
         splice(down, up, conn);
     }
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, Counted::new(body, done).boxed())
+    let body = Counting {
+        inner: body,
+        bytes: sent,
+        _done: Some(done),
+    };
+    Response::from_parts(parts, body.boxed())
 }
 
 fn details_of(e: &Entry) -> &str {
@@ -1196,8 +1194,10 @@ fn details_of(e: &Entry) -> &str {
 struct DoneGuard {
     entry: Option<Entry>,
     began: Instant,
-    /// Request body bytes, counted as the upstream (or nobody) reads them.
+    /// Request body bytes, counted as the upstream (or nobody) reads them, and response body
+    /// bytes, as the codec sends them.
     received: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
     hcm: Arc<HttpConnectionManagerFilter>,
     conn: u64,
     stream: u64,
@@ -1212,6 +1212,7 @@ impl Drop for DoneGuard {
         if let Some(mut e) = self.entry.take() {
             e.duration = self.began.elapsed();
             e.bytes_received = self.received.load(Ordering::Relaxed);
+            e.bytes_sent = self.sent.load(Ordering::Relaxed);
             for l in &self.hcm.logs {
                 l.write(&e);
             }
@@ -1219,13 +1220,19 @@ impl Drop for DoneGuard {
     }
 }
 
-/// A request body that counts the bytes it yields.
-struct CountedRequest {
-    inner: Incoming,
-    received: Arc<AtomicU64>,
+/// A body that counts the data bytes it yields (into `bytes`) and, for a response, holds the
+/// stream's accounting until it is done.
+struct Counting<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+    _done: Option<DoneGuard>,
 }
 
-impl hyper::body::Body for CountedRequest {
+impl<B> hyper::body::Body for Counting<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -1233,56 +1240,18 @@ impl hyper::body::Body for CountedRequest {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        let p = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match p {
-            std::task::Poll::Ready(Some(Ok(f))) => {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
-                    self.received.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
-                std::task::Poll::Ready(Some(Ok(f)))
+                Poll::Ready(Some(Ok(f)))
             }
-            std::task::Poll::Ready(Some(Err(e))) => std::task::Poll::Ready(Some(Err(Box::new(e)))),
-            std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
-            std::task::Poll::Pending => std::task::Poll::Pending,
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that counts the bytes it yields and ends the stream's accounting.
-struct Counted {
-    inner: Body,
-    done: DoneGuard,
-}
-
-impl Counted {
-    fn new(inner: Body, done: DoneGuard) -> Counted {
-        Counted { inner, done }
-    }
-}
-
-impl hyper::body::Body for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        let p = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(f))) = &p {
-            if let (Some(d), Some(e)) = (f.data_ref(), self.done.entry.as_mut()) {
-                e.bytes_sent += d.len() as u64;
-            }
-        }
-        p
     }
 
     fn is_end_stream(&self) -> bool {

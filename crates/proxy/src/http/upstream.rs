@@ -37,6 +37,18 @@ pub struct Pools {
     http2: Mutex<HashMap<HostKey, Http2>>,
 }
 
+impl Pools {
+    /// An HTTP/1.1 connection is idle again: the next request to its host may take it.
+    fn release(&self, key: HostKey, sender: Http1) {
+        self.http1
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_default()
+            .push(sender);
+    }
+}
+
 /// Which protocol the cluster speaks upstream (its HttpProtocolOptions).
 fn upstream_http2(cluster: &Cluster, downstream_http2: bool) -> bool {
     use pilotfish_api::pb::envoy::extensions::upstreams::http::v3::{
@@ -105,20 +117,12 @@ async fn connection(
     host: &Arc<Host>,
     http2: bool,
     conn: u64,
-    stream: u64,
 ) -> Result<Sender, ConnectError> {
-    let sender = pooled(server, cluster, host, http2, conn, stream).await?;
+    let sender = pooled(server, cluster, host, http2, conn).await?;
     if cluster.stats.upstream_rq_active.get() >= cluster.thresholds[0].max_requests {
         if let Sender::Http1(s) = sender {
             let key = (cluster.name.clone(), host.address.clone());
-            server
-                .http_pools
-                .http1
-                .lock()
-                .unwrap()
-                .entry(key)
-                .or_default()
-                .push(s);
+            server.http_pools.release(key, s);
         }
         server
             .stats
@@ -132,13 +136,13 @@ async fn connection(
     Ok(sender)
 }
 
+/// An idle connection of the host's pool, else a new one (a pending request meanwhile).
 async fn pooled(
     server: &Arc<Server>,
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
     http2: bool,
     conn: u64,
-    stream: u64,
 ) -> Result<Sender, ConnectError> {
     let key = (cluster.name.clone(), host.address.clone());
     let limits = cluster.thresholds[0];
@@ -189,7 +193,6 @@ async fn pooled(
     let fail = |e: hyper::Error| {
         ConnectError::Failed(host.address.clone(), std::io::Error::other(e.to_string()))
     };
-    let _ = stream;
     let sender = if http2 {
         let (sender, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(io)
@@ -657,7 +660,7 @@ async fn attempt_once(
     stream: u64,
 ) -> Attempt {
     let began = Instant::now();
-    let sender = match connection(server, cluster, host, http2, conn, stream).await {
+    let sender = match connection(server, cluster, host, http2, conn).await {
         Ok(s) => s,
         Err(e) => return Attempt::ConnectFailed(e, Some(host.clone())),
     };
@@ -711,14 +714,7 @@ async fn attempt_once(
                 let pools = server.clone();
                 tokio::spawn(async move {
                     if s.ready().await.is_ok() {
-                        pools
-                            .http_pools
-                            .http1
-                            .lock()
-                            .unwrap()
-                            .entry(key)
-                            .or_default()
-                            .push((id, s));
+                        pools.http_pools.release(key, (id, s));
                     }
                 });
             }
