@@ -217,6 +217,33 @@ const FIELDS: &[(&str, &[&str])] = &[
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
         &["delay", "abort", "upstream_cluster", "headers"],
     ),
+    ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
+    // shadow_enabled, private network access and forwarding unmatched preflights are not
+    // implemented.
+    (
+        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        &[
+            "allow_origin_string_match",
+            "allow_methods",
+            "allow_headers",
+            "expose_headers",
+            "max_age",
+            "allow_credentials",
+            "filter_enabled",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.CorsPolicy",
+        &[
+            "allow_origin_string_match",
+            "allow_methods",
+            "allow_headers",
+            "expose_headers",
+            "max_age",
+            "allow_credentials",
+            "filter_enabled",
+        ],
+    ),
     (
         "envoy.extensions.filters.http.fault.v3.FaultAbort",
         &["http_status", "grpc_status", "header_abort", "percentage", "response_body"],
@@ -311,6 +338,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "retry_policy",
             "include_request_attempt_count",
             "include_attempt_count_in_response",
+            "cors",
             "request_headers_to_add",
             "request_headers_to_remove",
             "response_headers_to_add",
@@ -351,6 +379,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "retry_policy",
             "upgrade_configs",
             "hash_policy",
+            "cors",
         ],
     ),
     // Cookies are hashed when present; generating one (ttl) is not implemented.
@@ -556,6 +585,8 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
     "envoy.extensions.filters.http.router.v3.Router",
     "envoy.extensions.filters.http.fault.v3.HTTPFault",
+    "envoy.extensions.filters.http.cors.v3.Cors",
+    "envoy.extensions.filters.http.cors.v3.CorsPolicy",
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",

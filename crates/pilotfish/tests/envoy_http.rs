@@ -518,6 +518,16 @@ fn with_fault(hcm_extra: &str, route_config: &str, fault: &str) -> String {
     )
 }
 
+/// `hcm` with a CORS filter before the router.
+fn with_cors(route_config: &str) -> String {
+    hcm("", route_config).replace(
+        "          http_filters: [",
+        "          http_filters: [{ name: envoy.filters.http.cors, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors } }, ",
+    )
+}
+
+const CORS_POLICY: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
+
 /// One virtual host for every domain with these routes.
 fn any_host(routes: &str) -> String {
     format!("virtual_hosts: [{{ name: v, domains: [\"*\"], routes: [{routes}] }}]")
@@ -570,7 +580,12 @@ fn scenarios() -> Vec<Scenario> {
         sc(
             "a POST body is forwarded",
             simple(""),
-            vec![get("/submit").method("POST").body("hello upstream")],
+            vec![
+                get("/submit").method("POST").body("hello upstream"),
+                get("/empty").method("PUT"),
+                get("/gone").method("DELETE"),
+                get("/opts").method("OPTIONS"),
+            ],
             &[],
         ),
         sc(
@@ -1133,6 +1148,36 @@ fn scenarios() -> Vec<Scenario> {
             ),
             vec![get("/faulty"), get("/fine")],
             &["http.h.fault.aborts_injected"],
+        ),
+        sc(
+            "CORS: preflight and simple requests by a virtual host's policy",
+            format!(
+                "{}{c0}",
+                with_cors(&format!("virtual_hosts: [{{ name: v, domains: [\"*\"], typed_per_filter_config: {{ envoy.filters.http.cors: {{ \"@type\": {CORS_POLICY}, allow_origin_string_match: [{{ exact: \"https://app.example\" }}, {{ suffix: \".trusted.example\" }}], allow_methods: \"GET,POST\", allow_headers: \"x-custom,content-type\", expose_headers: \"x-upstream\", max_age: \"600\", allow_credentials: true }} }}, routes: [{{ match: {{ prefix: \"/\" }}, route: {{ cluster: c }} }}] }}]"))
+            ),
+            vec![
+                get("/p").method("OPTIONS").header("origin", "https://app.example").header("access-control-request-method", "POST"),
+                get("/s").header("origin", "https://x.trusted.example"),
+                get("/s").header("origin", "https://evil.example"),
+                get("/p").method("OPTIONS").header("origin", "https://evil.example").header("access-control-request-method", "POST"),
+                get("/no-origin"),
+                get("/p").method("OPTIONS").header("origin", "https://app.example"),
+            ],
+            &[],
+        ),
+        sc(
+            "CORS: a route's policy over the virtual host's, and one turned off",
+            format!(
+                "{}{c0}",
+                with_cors(&format!("virtual_hosts: [{{ name: v, domains: [\"*\"], typed_per_filter_config: {{ envoy.filters.http.cors: {{ \"@type\": {CORS_POLICY}, allow_origin_string_match: [{{ prefix: \"https://\" }}], allow_methods: GET }} }}, routes: [{{ match: {{ prefix: \"/route\" }}, typed_per_filter_config: {{ envoy.filters.http.cors: {{ \"@type\": {CORS_POLICY}, allow_origin_string_match: [{{ exact: \"https://only.example\" }}], allow_methods: PUT, max_age: \"5\" }} }}, route: {{ cluster: c }} }}, {{ match: {{ prefix: \"/off\" }}, typed_per_filter_config: {{ envoy.filters.http.cors: {{ \"@type\": {CORS_POLICY}, allow_origin_string_match: [{{ prefix: \"https://\" }}], filter_enabled: {{ default_value: {{ numerator: 0 }}, runtime_key: k }} }} }}, route: {{ cluster: c }} }}, {{ match: {{ prefix: \"/\" }}, route: {{ cluster: c }} }}] }}]"))
+            ),
+            vec![
+                get("/route").method("OPTIONS").header("origin", "https://only.example").header("access-control-request-method", "PUT"),
+                get("/route").method("OPTIONS").header("origin", "https://other.example").header("access-control-request-method", "PUT"),
+                get("/vh").method("OPTIONS").header("origin", "https://other.example").header("access-control-request-method", "GET"),
+                get("/off").header("origin", "https://other.example"),
+            ],
+            &[],
         ),
         sc(
             "strip_matching_host_port",

@@ -191,25 +191,32 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
             && w.as_str().unwrap().contains("redacted")));
     // What pilotfish does not implement yet is listed, with counts and example paths.
     let gaps = j["not_implemented"].as_array().unwrap();
-    let cors = gaps
+    let grpc_stats = gaps
         .iter()
-        .find(|g| g["key"] == "envoy.extensions.filters.http.cors.v3.Cors")
-        .expect("cors filter listed");
-    assert_eq!(cors["kind"], "extension");
+        .find(|g| g["key"] == "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig")
+        .expect("grpc_stats filter listed");
+    assert_eq!(grpc_stats["kind"], "extension");
     assert_eq!(
-        cors["names"],
-        serde_json::json!(["envoy.filters.http.cors"])
+        grpc_stats["names"],
+        serde_json::json!(["envoy.filters.http.grpc_stats"])
     );
-    assert_eq!(cors["count"], 30);
-    assert!(cors["example"].as_str().unwrap().contains(".http_filters["));
+    assert_eq!(grpc_stats["count"], 4);
+    assert!(grpc_stats["example"]
+        .as_str()
+        .unwrap()
+        .contains(".http_filters["));
     assert!(gaps.iter().any(|g| g["key"]
         == "envoy.config.route.v3.RouteAction.max_stream_duration"
         && g["kind"] == "field"));
-    // What is implemented is not listed: the fault filter, the route's retry policy.
-    assert!(!gaps.iter().any(
-        |g| g["key"] == "envoy.extensions.filters.http.fault.v3.HTTPFault"
-            || g["key"] == "envoy.config.route.v3.RouteAction.retry_policy"
-    ));
+    // What is implemented is not listed: the fault and CORS filters, the route's retry policy.
+    let implemented = [
+        "envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "envoy.extensions.filters.http.cors.v3.Cors",
+        "envoy.config.route.v3.RouteAction.retry_policy",
+    ];
+    assert!(!gaps
+        .iter()
+        .any(|g| implemented.contains(&g["key"].as_str().unwrap_or(""))));
     // The human summary names the same things.
     let text = stdout(&pilotfish(&["validate", seed.to_str().unwrap()]));
     assert!(
@@ -220,7 +227,7 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
         text.contains("Clusters: 55 (5 static, 50 dynamic)"),
         "{text}"
     );
-    assert!(text.contains("envoy.filters.http.cors"), "{text}");
+    assert!(text.contains("envoy.filters.http.grpc_stats"), "{text}");
 }
 
 #[test]

@@ -105,7 +105,7 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
                     let hcm: Option<pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager> =
                         pilotfish_config::model::unpack(any);
                     for h in hcm.iter().flat_map(|h| &h.http_filters) {
-                        let fault = matches!(&h.config_type, Some(pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with("HTTPFault"));
+                        let fault = matches!(&h.config_type, Some(pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with("HTTPFault") || a.type_url.ends_with("filters.http.cors.v3.Cors"));
                         if h.name != "envoy.filters.http.router" && !fault {
                             *gaps
                                 .entry(format!("HTTP filter '{}' (passed over)", h.name))

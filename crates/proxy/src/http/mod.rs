@@ -5,6 +5,7 @@
 //! body and response flag, the router's forwarding (see `upstream`), its counters and its access
 //! log.
 
+pub mod cors;
 pub mod fault;
 pub mod path;
 pub mod upstream;
@@ -110,6 +111,8 @@ pub struct HttpConnectionManagerFilter {
         pilotfish_api::pb::envoy::extensions::filters::http::fault::v3::HttpFault,
         [Arc<Stat>; 2],
     )>,
+    /// The CORS filter's name, when the chain has one (its policies are per route).
+    cors: Option<String>,
 }
 
 /// The route configuration an http_connection_manager uses.
@@ -157,7 +160,17 @@ impl HttpConnectionManagerFilter {
             let n = |k: &str| stats.counter(&format!("http.{}.fault.{k}", config.stat_prefix));
             Some((f.name.clone(), c, [n("aborts_injected"), n("delays_injected")]))
         });
+        let cors = config.http_filters.iter().find_map(|f| {
+            use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
+            match &f.config_type {
+                Some(ConfigType::TypedConfig(any)) if any.type_url.ends_with("filters.http.cors.v3.Cors") => {
+                    Some(f.name.clone())
+                }
+                _ => None,
+            }
+        });
         HttpConnectionManagerFilter {
+            cors,
             fault,
             stats: HcmStats::new(&config.stat_prefix, stats),
             routes,
@@ -899,6 +912,7 @@ async fn stream(
     };
     stats.rq_total.inc();
     let mut fault_flags: Vec<&'static str> = vec![];
+    let mut cors_headers: Vec<(&'static str, String)> = vec![];
     let mut route_levels: Vec<Mutations> = vec![];
     let outcome = match &hcm.routes {
         None => {
@@ -966,6 +980,38 @@ async fn stream(
                     }
                     o.flags = [fault_flags.clone(), o.flags].concat();
                     return finish(hcm, o, received, entry, route_levels, began, seed, None);
+                }
+            }
+            // Then CORS: a preflight is answered here; a CORS request's response gets its headers.
+            if let Some(name) = &hcm.cors {
+                let vh = d.virtual_host_index.map(|v| &table.config.virtual_hosts[v]);
+                if let Some(p) = cors::policy(name, route.as_ref(), vh) {
+                    let origin = req.headers().get("origin").and_then(|v| v.to_str().ok());
+                    let preflight = req
+                        .headers()
+                        .get("access-control-request-method")
+                        .is_some_and(|v| !v.is_empty());
+                    match cors::decide(&p, &method, origin, preflight) {
+                        cors::Cors::Preflight(headers) => {
+                            let mut o = Outcome::local(200, "", None, "cors_response");
+                            for (k, v) in headers {
+                                set_header(o.response.headers_mut(), k, &v);
+                            }
+                            o.flags = fault_flags.clone();
+                            return finish(
+                                hcm,
+                                o,
+                                received,
+                                entry,
+                                route_levels,
+                                began,
+                                seed,
+                                None,
+                            );
+                        }
+                        cors::Cors::Simple(headers) => cors_headers = headers,
+                        cors::Cors::No => {}
+                    }
                 }
             }
             match d.action {
@@ -1069,6 +1115,9 @@ async fn stream(
     // An accepted upgrade joins the two connections once the 101 has gone out.
     let mut outcome = outcome;
     outcome.flags = [fault_flags, std::mem::take(&mut outcome.flags)].concat();
+    for (k, v) in cors_headers {
+        set_header(outcome.response.headers_mut(), k, &v);
+    }
     let splice_with = (upgrade.is_some()
         && outcome.response.status() == StatusCode::SWITCHING_PROTOCOLS)
         .then(|| hyper::upgrade::on(&mut outcome.response))

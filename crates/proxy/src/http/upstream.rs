@@ -405,6 +405,25 @@ pub(super) async fn forward(
         if let Ok(v) = HeaderValue::from_str(host_header) {
             parts.headers.insert("host", v);
         }
+        // Envoy's HTTP/1.1 codec says `content-length: 0` for a request without a body, unless
+        // its method expects none.
+        let bodiless = matches!(
+            parts.method,
+            hyper::Method::GET
+                | hyper::Method::HEAD
+                | hyper::Method::DELETE
+                | hyper::Method::TRACE
+                | hyper::Method::CONNECT
+        );
+        if !bodiless
+            && hyper::body::Body::is_end_stream(&body)
+            && !parts.headers.contains_key("content-length")
+            && !parts.headers.contains_key("transfer-encoding")
+        {
+            parts
+                .headers
+                .insert("content-length", HeaderValue::from_static("0"));
+        }
     }
     // A request that may be retried is buffered, so each attempt can send it again.
     let mut body = Some(body);
