@@ -380,7 +380,15 @@ const FIELDS: &[(&str, &[&str])] = &[
             "upgrade_configs",
             "hash_policy",
             "cors",
+            "max_grpc_timeout",
+            "grpc_timeout_offset",
+            "max_stream_duration",
         ],
+    ),
+    // A stream's own duration limit is not implemented (listed when set).
+    (
+        "envoy.config.route.v3.RouteAction.MaxStreamDuration",
+        &["grpc_timeout_header_max", "grpc_timeout_header_offset"],
     ),
     // Cookies are hashed when present; generating one (ttl) is not implemented.
     (

@@ -1180,6 +1180,22 @@ fn scenarios() -> Vec<Scenario> {
             &[],
         ),
         sc(
+            "gRPC: the timeout from grpc-timeout, and gRPC local replies",
+            format!(
+                "{}{c0}",
+                hcm("", &any_host("{ match: { prefix: \"/old\" }, route: { cluster: c, max_grpc_timeout: 0s } }, { match: { prefix: \"/capped\" }, route: { cluster: c, max_stream_duration: { grpc_timeout_header_max: 0.3s } } }, { match: { prefix: \"/new\" }, route: { cluster: c, max_stream_duration: { grpc_timeout_header_max: 0s } } }, { match: { prefix: \"/direct\" }, direct_response: { status: 503, body: { inline_string: closed } } }"))
+            ),
+            vec![
+                get("/old/delay").header("content-type", "application/grpc").header("grpc-timeout", "200m"),
+                get("/new/x").header("content-type", "application/grpc").header("grpc-timeout", "5S"),
+                get("/capped/x").header("content-type", "application/grpc").header("grpc-timeout", "10S"),
+                get("/delay/800").header("content-type", "application/grpc"),
+                get("/nowhere").host("x").header("content-type", "application/grpc"),
+                get("/direct").header("content-type", "application/grpc+proto"),
+            ],
+            &["cluster.c.upstream_rq_timeout"],
+        ),
+        sc(
             "strip_matching_host_port",
             format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
             vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],

@@ -206,7 +206,7 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
         .unwrap()
         .contains(".http_filters["));
     assert!(gaps.iter().any(|g| g["key"]
-        == "envoy.config.route.v3.RouteAction.max_stream_duration"
+        == "envoy.config.route.v3.RouteAction.MaxStreamDuration.max_stream_duration"
         && g["kind"] == "field"));
     // What is implemented is not listed: the fault and CORS filters, the route's retry policy.
     let implemented = [

@@ -94,6 +94,8 @@ pub struct HttpEntry {
     pub details: String,
     pub route_name: String,
     pub upstream_transport_failure: Option<String>,
+    /// A gRPC request (`content-type: application/grpc...`): its local replies are gRPC.
+    pub grpc: bool,
 }
 
 impl HttpEntry {

@@ -744,6 +744,8 @@ pub(crate) struct Outcome {
     upstream_host: Option<String>,
     upstream_local: Option<SocketAddr>,
     transport_failure: Option<String>,
+    /// A local reply's body text (a gRPC request gets it as grpc-message instead).
+    local_text: Option<String>,
 }
 
 impl Outcome {
@@ -756,6 +758,7 @@ impl Outcome {
             upstream_host: None,
             upstream_local: None,
             transport_failure: None,
+            local_text: Some(body.to_string()),
         }
     }
 }
@@ -837,6 +840,11 @@ async fn stream(
         authority: authority.clone(),
         protocol: protocol.into(),
         request_headers: received_headers,
+        grpc: req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc")),
         ..Default::default()
     }));
     // Headers beyond max_request_headers_kb (60 KiB by default) are refused with 431.
@@ -1148,6 +1156,15 @@ fn finish(
     splice_with: Option<(hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade)>,
 ) -> Response<Body> {
     let mut response = outcome.response;
+    // A gRPC request's local reply is gRPC: 200, its status in grpc-status, its text in
+    // grpc-message.
+    if let Some(text) = outcome
+        .local_text
+        .as_deref()
+        .filter(|_| entry.http.as_ref().is_some_and(|h| h.grpc))
+    {
+        response = grpc_local_reply(response, text);
+    }
     entry.flags = outcome.flags;
     entry.upstream_cluster = outcome.cluster;
     entry.upstream_host = outcome.upstream_host;
@@ -1232,6 +1249,38 @@ fn finish(
         _done: Some(done),
     };
     Response::from_parts(parts, body.boxed())
+}
+
+/// Envoy's mapping of a local reply's HTTP status to a gRPC status.
+fn grpc_status_of(http: u16) -> u32 {
+    match http {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+fn grpc_local_reply(r: Response<Body>, text: &str) -> Response<Body> {
+    let status = r.status().as_u16();
+    let (parts, _) = r.into_parts();
+    let mut out = Response::new(full(Bytes::new()));
+    let h = out.headers_mut();
+    for (k, v) in &parts.headers {
+        if k != "content-length" && k != "content-type" {
+            h.insert(k.clone(), v.clone());
+        }
+    }
+    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(grpc_status_of(status)));
+    if !text.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(text) {
+            h.insert("grpc-message", v);
+        }
+    }
+    out
 }
 
 fn details_of(e: &Entry) -> &str {

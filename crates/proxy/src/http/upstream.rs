@@ -241,8 +241,66 @@ fn route_timeout(action: &RouteAction, h: &hyper::HeaderMap) -> Option<Duration>
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
     let t = from_header
+        .or_else(|| grpc_timeout(action, h))
         .unwrap_or_else(|| crate::duration(action.timeout.as_ref(), Duration::from_secs(15)));
     (!t.is_zero()).then_some(t)
+}
+
+/// A gRPC request's timeout when the route takes it from `grpc-timeout`
+/// (`max_stream_duration.grpc_timeout_header_max`, or the older `max_grpc_timeout`): the
+/// header's value less the offset, capped by the maximum (0 is no cap); no header is no limit.
+fn grpc_timeout(action: &RouteAction, h: &hyper::HeaderMap) -> Option<Duration> {
+    let grpc = h
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
+        return None;
+    }
+    #[allow(deprecated)]
+    let (max, offset) = match &action.max_stream_duration {
+        Some(m) if m.grpc_timeout_header_max.is_some() => (
+            m.grpc_timeout_header_max.as_ref(),
+            m.grpc_timeout_header_offset.as_ref(),
+        ),
+        Some(_) => return None,
+        None if action.max_grpc_timeout.is_some() => (
+            action.max_grpc_timeout.as_ref(),
+            action.grpc_timeout_offset.as_ref(),
+        ),
+        None => return None,
+    };
+    let max = crate::duration(max, Duration::ZERO);
+    let mut t = h
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(Duration::ZERO);
+    if let Some(o) = offset {
+        t = t.saturating_sub(crate::duration(Some(o), Duration::ZERO));
+    }
+    if !max.is_zero() && (t.is_zero() || t > max) {
+        t = max;
+    }
+    Some(t)
+}
+
+/// gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// What the route asks of the router besides its target.
@@ -493,9 +551,19 @@ pub(super) async fn forward(
             }
             (None, None) => None,
         };
-        if let Some(ms) = expected {
-            p.headers
-                .insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(ms));
+        // Under max_stream_duration (Envoy's newer timeouts) a gRPC request is told its time
+        // in grpc-timeout instead.
+        match expected {
+            Some(ms) if route.action.max_stream_duration.is_none() => {
+                p.headers
+                    .insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(ms));
+            }
+            Some(ms) if ms > 0 && p.headers.contains_key("grpc-timeout") => {
+                if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
+                    p.headers.insert("grpc-timeout", v);
+                }
+            }
+            _ => {}
         }
         let b = match &buffered {
             Some(bytes) => super::full(bytes.clone()),
@@ -633,6 +701,7 @@ pub(super) async fn forward(
                 upstream_host: Some(host.address.clone()),
                 upstream_local: None,
                 transport_failure: None,
+                local_text: None,
             }
         }
         Attempt::PerTryTimeout(host) if timed_out => {
