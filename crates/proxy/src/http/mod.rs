@@ -788,6 +788,11 @@ async fn stream(
     let start = SystemTime::now();
     let began = Instant::now();
     let seed = crate::random(conn ^ began.elapsed().as_nanos() as u64);
+    let clock = Clock {
+        began,
+        stream: seed,
+        received: received.clone(),
+    };
     let stats = &hcm.stats;
     stats.downstream_rq_total.inc();
     stats.downstream_rq_active.inc();
@@ -869,7 +874,7 @@ async fn stream(
             None,
             "request_headers_too_large",
         );
-        return finish(hcm, o, received, entry, vec![], began, seed, None);
+        return finish(hcm, o, clock, entry, vec![], None);
     }
     // The path as normalized is what routing, the upstream and the access log see.
     let path = match path::normalize(&hcm.config, &path) {
@@ -899,7 +904,7 @@ async fn stream(
                 }
                 _ => Outcome::local(400, "", None, "path_normalization_failed"),
             };
-            return finish(hcm, o, received, entry, vec![], began, seed, None);
+            return finish(hcm, o, clock, entry, vec![], None);
         }
     };
     let scheme = req
@@ -987,7 +992,7 @@ async fn stream(
                         set_header(o.response.headers_mut(), "grpc-status", &g.to_string());
                     }
                     o.flags = [fault_flags.clone(), o.flags].concat();
-                    return finish(hcm, o, received, entry, route_levels, began, seed, None);
+                    return finish(hcm, o, clock, entry, route_levels, None);
                 }
             }
             // Then CORS: a preflight is answered here; a CORS request's response gets its headers.
@@ -1006,16 +1011,7 @@ async fn stream(
                                 set_header(o.response.headers_mut(), k, &v);
                             }
                             o.flags = fault_flags.clone();
-                            return finish(
-                                hcm,
-                                o,
-                                received,
-                                entry,
-                                route_levels,
-                                began,
-                                seed,
-                                None,
-                            );
+                            return finish(hcm, o, clock, entry, route_levels, None);
                         }
                         cors::Cors::Simple(headers) => cors_headers = headers,
                         cors::Cors::No => {}
@@ -1054,16 +1050,7 @@ async fn stream(
                         if !upgrade_allowed(&hcm.config, Some(&action), kind) {
                             tracing::debug!(target: "http", connection = conn, stream = seed, "upgrade to {kind} is not configured");
                             let o = Outcome::local(403, "", None, "upgrade_failed");
-                            return finish(
-                                hcm,
-                                o,
-                                received,
-                                entry,
-                                route_levels,
-                                began,
-                                seed,
-                                None,
-                            );
+                            return finish(hcm, o, clock, entry, route_levels, None);
                         }
                     }
                     let info_for_router = upstream::RouteInfo {
@@ -1130,31 +1117,31 @@ async fn stream(
         && outcome.response.status() == StatusCode::SWITCHING_PROTOCOLS)
         .then(|| hyper::upgrade::on(&mut outcome.response))
         .map(|up| (down_upgrade, up));
-    finish(
-        hcm,
-        outcome,
-        received,
-        entry,
-        route_levels,
-        began,
-        seed,
-        splice_with,
-    )
+    finish(hcm, outcome, clock, entry, route_levels, splice_with)
+}
+
+/// A stream's clock and counts: when it began, its id, the request body bytes read.
+struct Clock {
+    began: Instant,
+    stream: u64,
+    received: Arc<AtomicU64>,
 }
 
 /// Response headers (the route's mutations, server, ...), counters and the access log entry,
 /// written when the response body has been sent.
-#[allow(clippy::too_many_arguments)]
 fn finish(
     hcm: &Arc<HttpConnectionManagerFilter>,
     outcome: Outcome,
-    received: Arc<AtomicU64>,
+    clock: Clock,
     mut entry: Entry,
     route_levels: Vec<Mutations>,
-    began: Instant,
-    stream: u64,
     splice_with: Option<(hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade)>,
 ) -> Response<Body> {
+    let Clock {
+        began,
+        stream,
+        received,
+    } = clock;
     let mut response = outcome.response;
     // A gRPC request's local reply is gRPC: 200, its status in grpc-status, its text in
     // grpc-message.
