@@ -1,8 +1,8 @@
 //! The cluster manager: every cluster of the configuration with its hosts (from the shared
 //! decision `pilotfish_decide::cluster::hosts`: inline, EDS, STRICT_DNS names; ORIGINAL_DST hosts
-//! created on first use), the round-robin load balancer over the highest-priority level with
-//! healthy hosts, the `max_connections` circuit breaker, and upstream connections (connect
-//! timeout, `upstream_bind_config` source address) with Envoy's counters per cluster and host.
+//! created on first use), its load balancer (`lb`), its circuit breakers and their gauges, and
+//! upstream connections (connect timeout, `upstream_bind_config` source address, TLS) with
+//! Envoy's counters per cluster and host.
 
 use crate::stats::{Stat, Store};
 use crate::transport_socket::{self, UpstreamTls};

@@ -1,11 +1,12 @@
-//! pilotfish as a proxy: `pilotfish -c FILE` runs a bootstrap or config dump on Envoy's data path.
-//! This part carries bytes (L4): listeners and their filters, filter chains, `tcp_proxy`, the
-//! cluster manager, the admin API, Envoy's stats and Envoy's log lines. Every matching decision is
-//! the shared one in `pilotfish_decide`; what the proxy cannot run yet is named at start-up.
+//! pilotfish as a proxy: `pilotfish -c FILE` runs a bootstrap or config dump on Envoy's data path:
+//! listeners and their filters, filter chains, `tcp_proxy`, the `http_connection_manager` with its
+//! HTTP filters and the router, the cluster manager and its load balancers, the admin API,
+//! Envoy's stats and Envoy's log lines. Every matching decision is the shared one in
+//! `pilotfish_decide`; what the proxy cannot run yet is named at start-up.
 //!
 //! Modules follow Envoy's data path: [`listener_filter`] -> filter chain (shared decision) ->
-//! network filter ([`tcp_proxy`]) -> [`cluster`]; [`server`] owns the runtime, [`admin`] the admin
-//! API, [`log`] and [`stats`] what Envoy prints and counts.
+//! network filter ([`tcp_proxy`] or [`http`]) -> [`cluster`] and its [`lb`]; [`server`] owns the
+//! runtime, [`admin`] the admin API, [`log`] and [`stats`] what Envoy prints and counts.
 
 pub mod access_log;
 pub mod admin;
