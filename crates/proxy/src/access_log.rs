@@ -123,10 +123,6 @@ impl Template {
         Template(parse(text, &mut vec![]))
     }
 
-    pub fn is_literal(&self) -> bool {
-        self.0.iter().all(|p| matches!(p, Piece::Text(_)))
-    }
-
     pub fn render(&self, e: &Entry) -> String {
         render(&self.0, e).0
     }

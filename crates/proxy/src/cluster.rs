@@ -143,6 +143,30 @@ pub struct ClusterStats {
     pub upstream_rq_pending_total: Arc<Stat>,
     pub upstream_rq_pending_active: Arc<Stat>,
     pub upstream_rq_pending_overflow: Arc<Stat>,
+    pub upstream_rq_completed: Arc<Stat>,
+    /// `upstream_rq_<code>` and `upstream_rq_<N>xx` by response code, made on first use.
+    upstream_rq_codes: Mutex<HashMap<u16, [Arc<Stat>; 2]>>,
+}
+
+impl ClusterStats {
+    /// The response a request ends with (the upstream's, or a local reply given in the
+    /// cluster's name), counted under its code and its class.
+    pub fn response_code(&self, stats: &Store, cluster: &str, status: u16) {
+        let [code, class] = self
+            .upstream_rq_codes
+            .lock()
+            .unwrap()
+            .entry(status)
+            .or_insert_with(|| {
+                [
+                    stats.counter(&format!("cluster.{cluster}.upstream_rq_{status}")),
+                    stats.counter(&format!("cluster.{cluster}.upstream_rq_{}xx", status / 100)),
+                ]
+            })
+            .clone();
+        code.inc();
+        class.inc();
+    }
 }
 
 /// One priority's circuit breaker thresholds, Envoy's defaults where unset.
@@ -313,7 +337,6 @@ impl ClusterManager {
             for n in [
                 "upstream_rq_timeout",
                 "upstream_rq_per_try_timeout",
-                "upstream_rq_completed",
                 "upstream_rq_retry",
                 "upstream_rq_retry_success",
                 "upstream_rq_retry_overflow",
@@ -374,6 +397,8 @@ impl ClusterManager {
                     upstream_rq_pending_total: stats.counter(&s("upstream_rq_pending_total")),
                     upstream_rq_pending_active: stats.gauge(&s("upstream_rq_pending_active")),
                     upstream_rq_pending_overflow: stats.counter(&s("upstream_rq_pending_overflow")),
+                    upstream_rq_completed: stats.counter(&s("upstream_rq_completed")),
+                    upstream_rq_codes: Mutex::default(),
                 },
                 config: c.clone(),
                 outlier: c

@@ -2,7 +2,8 @@
 //! virtual host's) CORS policy allows is a CORS request; its preflight (`OPTIONS` with
 //! `access-control-request-method`) is answered here, and its response gets the
 //! `access-control-allow-origin` family of headers. Policies come from `typed_per_filter_config`
-//! or the older `cors` fields of the route and virtual host.
+//! or the older `cors` fields of the route and virtual host (the route's first; see
+//! `super::PerRoute`).
 
 use pilotfish_api::pb::envoy::config::route::v3::{
     route, CorsPolicy as RoutePolicy, Route, VirtualHost,
@@ -12,13 +13,20 @@ use pilotfish_api::pb::envoy::r#type::matcher::v3::StringMatcher;
 use pilotfish_decide::matcher::CompiledStringMatcher;
 
 pub struct Policy {
-    origins: Vec<StringMatcher>,
+    /// Compiled once; a matcher that does not compile matches nothing.
+    origins: Vec<CompiledStringMatcher>,
     allow_methods: String,
     allow_headers: String,
     expose_headers: String,
     max_age: String,
     allow_credentials: bool,
     enabled: bool,
+}
+
+fn compile(m: &[StringMatcher]) -> Vec<CompiledStringMatcher> {
+    m.iter()
+        .filter_map(|m| CompiledStringMatcher::new(m).ok())
+        .collect()
 }
 
 fn enabled(
@@ -31,7 +39,7 @@ fn enabled(
 impl From<&FilterPolicy> for Policy {
     fn from(p: &FilterPolicy) -> Policy {
         Policy {
-            origins: p.allow_origin_string_match.clone(),
+            origins: compile(&p.allow_origin_string_match),
             allow_methods: p.allow_methods.clone(),
             allow_headers: p.allow_headers.clone(),
             expose_headers: p.expose_headers.clone(),
@@ -46,7 +54,7 @@ impl From<&RoutePolicy> for Policy {
     fn from(p: &RoutePolicy) -> Policy {
         use pilotfish_api::pb::envoy::config::route::v3::cors_policy::EnabledSpecifier;
         Policy {
-            origins: p.allow_origin_string_match.clone(),
+            origins: compile(&p.allow_origin_string_match),
             allow_methods: p.allow_methods.clone(),
             allow_headers: p.allow_headers.clone(),
             expose_headers: p.expose_headers.clone(),
@@ -60,30 +68,33 @@ impl From<&RoutePolicy> for Policy {
     }
 }
 
-/// The policy in effect: the route's, else its virtual host's.
-pub fn policy(
-    filter_name: &str,
-    route: Option<&Route>,
-    vhost: Option<&VirtualHost>,
-) -> Option<Policy> {
-    let typed =
-        |m: &std::collections::HashMap<String, pilotfish_api::pb::google::protobuf::Any>| {
-            m.get(filter_name)
-                .and_then(pilotfish_config::model::unpack::<FilterPolicy>)
-                .map(|p| Policy::from(&p))
+impl Policy {
+    /// A route's policy: its `typed_per_filter_config` for the filter named `name`, else its
+    /// older `cors` field.
+    pub fn of_route(name: &str, r: &Route) -> Option<Policy> {
+        #[allow(deprecated)]
+        let legacy = match &r.action {
+            Some(route::Action::Route(a)) => a.cors.as_ref().map(Policy::from),
+            _ => None,
         };
-    #[allow(deprecated)]
-    let legacy_route = route.and_then(|r| match &r.action {
-        Some(route::Action::Route(a)) => a.cors.as_ref().map(Policy::from),
-        _ => None,
-    });
-    #[allow(deprecated)]
-    let legacy_vhost = vhost.and_then(|v| v.cors.as_ref().map(Policy::from));
-    route
-        .and_then(|r| typed(&r.typed_per_filter_config))
-        .or(legacy_route)
-        .or_else(|| vhost.and_then(|v| typed(&v.typed_per_filter_config)))
-        .or(legacy_vhost)
+        typed(name, &r.typed_per_filter_config).or(legacy)
+    }
+
+    /// A virtual host's policy, likewise.
+    pub fn of_vhost(name: &str, v: &VirtualHost) -> Option<Policy> {
+        #[allow(deprecated)]
+        let legacy = v.cors.as_ref().map(Policy::from);
+        typed(name, &v.typed_per_filter_config).or(legacy)
+    }
+}
+
+fn typed(
+    name: &str,
+    m: &std::collections::HashMap<String, pilotfish_api::pb::google::protobuf::Any>,
+) -> Option<Policy> {
+    m.get(name)
+        .and_then(pilotfish_config::model::unpack::<FilterPolicy>)
+        .map(|p| Policy::from(&p))
 }
 
 /// What the filter does with a request.
@@ -100,10 +111,7 @@ pub fn decide(p: &Policy, method: &str, origin: Option<&str>, preflight_method: 
     let Some(origin) = origin.filter(|o| !o.is_empty()) else {
         return Cors::No;
     };
-    let allowed = p.enabled
-        && p.origins
-            .iter()
-            .any(|m| CompiledStringMatcher::new(m).is_ok_and(|m| m.matches(origin)));
+    let allowed = p.enabled && p.origins.iter().any(|m| m.matches(origin));
     if !allowed {
         return Cors::No;
     }

@@ -2,9 +2,8 @@
 //! requests (fixed, or asked for by `x-envoy-fault-*` headers when the configuration says so),
 //! limited to requests whose headers match and to one upstream cluster when set; a route's or
 //! virtual host's `typed_per_filter_config` replaces the filter's own configuration, as Istio's
-//! fault injection uses it.
+//! fault injection uses it (see `super::PerRoute`).
 
-use pilotfish_api::pb::envoy::config::route::v3::{Route, VirtualHost};
 use pilotfish_api::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier;
 use pilotfish_api::pb::envoy::extensions::filters::http::fault::v3::{
     fault_abort::ErrorType, HttpFault,
@@ -41,34 +40,45 @@ fn header_u64(req: &Request, name: &str) -> Option<u64> {
     req.header(name).and_then(|v| v.trim().parse().ok())
 }
 
-/// The configuration in effect for a route: the route's own, else its virtual host's, else
-/// the filter's.
-pub fn effective<'a>(
-    filter_name: &str,
-    own: &'a HttpFault,
-    route: Option<&Route>,
-    vhost: Option<&VirtualHost>,
-) -> std::borrow::Cow<'a, HttpFault> {
-    let per = |m: &std::collections::HashMap<String, Any>| -> Option<HttpFault> {
-        pilotfish_config::model::unpack(m.get(filter_name)?)
-    };
-    route
-        .and_then(|r| per(&r.typed_per_filter_config))
-        .or_else(|| vhost.and_then(|v| per(&v.typed_per_filter_config)))
-        .map_or(std::borrow::Cow::Borrowed(own), std::borrow::Cow::Owned)
+/// A fault configuration with its header matchers compiled once; None when one does not
+/// compile (the fault then never applies).
+pub struct Fault {
+    config: HttpFault,
+    headers: Option<Vec<CompiledHeaderMatcher>>,
+}
+
+impl Fault {
+    pub fn new(config: HttpFault) -> Fault {
+        let headers = config
+            .headers
+            .iter()
+            .map(CompiledHeaderMatcher::new)
+            .collect::<Result<Vec<_>, _>>()
+            .ok();
+        Fault { config, headers }
+    }
+
+    /// A route's or virtual host's `typed_per_filter_config` for the filter named `name`.
+    pub fn per_filter(name: &str, m: &std::collections::HashMap<String, Any>) -> Option<Fault> {
+        pilotfish_config::model::unpack(m.get(name)?).map(Fault::new)
+    }
 }
 
 /// What to inject into this request, drawing on `random` for the percentages.
-pub fn decide(c: &HttpFault, req: &Request, cluster: Option<&str>, random: u64) -> Injected {
+pub fn decide(f: &Fault, req: &Request, cluster: Option<&str>, random: u64) -> Injected {
     let mut out = Injected::default();
+    let c = &f.config;
     if !c.upstream_cluster.is_empty() && cluster != Some(c.upstream_cluster.as_str()) {
         return out;
     }
-    for h in &c.headers {
-        match CompiledHeaderMatcher::new(h) {
-            Ok(m) if m.matches(req.header(&m.name).as_deref()) => {}
-            _ => return out,
-        }
+    let Some(headers) = &f.headers else {
+        return out;
+    };
+    if !headers
+        .iter()
+        .all(|m| m.matches(req.header(&m.name).as_deref()))
+    {
+        return out;
     }
     // Delay and abort each draw their own share.
     let chosen = |p: (u64, u64), salt: u64| p.1 > 0 && crate::random(random ^ salt) % p.1 < p.0;

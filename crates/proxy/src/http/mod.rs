@@ -104,15 +104,63 @@ pub struct HttpConnectionManagerFilter {
     routes: Option<Arc<RouteTable>>,
     stats: HcmStats,
     logs: Vec<AccessLog>,
-    /// The fault filter, when the chain has one: its name (for per-route configuration), its
-    /// configuration and counters (aborts_injected, delays_injected).
-    fault: Option<(
-        String,
-        pilotfish_api::pb::envoy::extensions::filters::http::fault::v3::HttpFault,
-        [Arc<Stat>; 2],
-    )>,
-    /// The CORS filter's name, when the chain has one (its policies are per route).
-    cors: Option<String>,
+    /// The fault filter, when the chain has one: its configuration per route (the filter's own
+    /// where a route and its virtual host name none) and its counters (aborts_injected,
+    /// delays_injected).
+    fault: Option<FaultFilter>,
+    /// The CORS filter's policies per route, when the chain has the filter.
+    cors: Option<PerRoute<cors::Policy>>,
+}
+
+struct FaultFilter {
+    own: Arc<fault::Fault>,
+    per_route: PerRoute<fault::Fault>,
+    /// aborts_injected, delays_injected
+    counters: [Arc<Stat>; 2],
+}
+
+/// An HTTP filter's per-route configuration, made once with the route table: each virtual host's
+/// own and each route's, a route without one taking its virtual host's.
+struct PerRoute<T> {
+    vhosts: Vec<VhostConfig<T>>,
+}
+
+struct VhostConfig<T> {
+    own: Option<Arc<T>>,
+    routes: Vec<Option<Arc<T>>>,
+}
+
+impl<T> PerRoute<T> {
+    fn new(
+        table: Option<&RouteTable>,
+        of_vhost: impl Fn(&pilotfish_api::pb::envoy::config::route::v3::VirtualHost) -> Option<T>,
+        of_route: impl Fn(&pilotfish_api::pb::envoy::config::route::v3::Route) -> Option<T>,
+    ) -> PerRoute<T> {
+        let vhosts = table
+            .iter()
+            .flat_map(|t| &t.config.virtual_hosts)
+            .map(|vh| {
+                let own = of_vhost(vh).map(Arc::new);
+                let routes = vh
+                    .routes
+                    .iter()
+                    .map(|r| of_route(r).map(Arc::new).or_else(|| own.clone()))
+                    .collect();
+                VhostConfig { own, routes }
+            })
+            .collect();
+        PerRoute { vhosts }
+    }
+
+    /// The configuration for the matched virtual host and route (the virtual host's when no
+    /// route matched).
+    fn get(&self, vhost: Option<usize>, route: Option<usize>) -> Option<&Arc<T>> {
+        let v = self.vhosts.get(vhost?)?;
+        match route {
+            Some(r) => v.routes.get(r)?.as_ref(),
+            None => v.own.as_ref(),
+        }
+    }
 }
 
 /// The route configuration an http_connection_manager uses.
@@ -151,23 +199,39 @@ impl HttpConnectionManagerFilter {
         for w in warnings {
             tracing::warn!(target: "config", "http_connection_manager '{}': {w}", config.stat_prefix);
         }
+        use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
+        let typed = |f: &pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter| match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => Some(any.clone()),
+            _ => None,
+        };
+        let table = routes.as_deref();
         let fault = config.http_filters.iter().find_map(|f| {
-            use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
-            let Some(ConfigType::TypedConfig(any)) = &f.config_type else {
-                return None;
-            };
-            let c = pilotfish_config::model::unpack(any)?;
+            let own = Arc::new(fault::Fault::new(pilotfish_config::model::unpack(&typed(
+                f,
+            )?)?));
+            let name = f.name.as_str();
+            let per_route = PerRoute::new(
+                table,
+                |v| fault::Fault::per_filter(name, &v.typed_per_filter_config),
+                |r| fault::Fault::per_filter(name, &r.typed_per_filter_config),
+            );
             let n = |k: &str| stats.counter(&format!("http.{}.fault.{k}", config.stat_prefix));
-            Some((f.name.clone(), c, [n("aborts_injected"), n("delays_injected")]))
+            Some(FaultFilter {
+                own,
+                per_route,
+                counters: [n("aborts_injected"), n("delays_injected")],
+            })
         });
         let cors = config.http_filters.iter().find_map(|f| {
-            use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
-            match &f.config_type {
-                Some(ConfigType::TypedConfig(any)) if any.type_url.ends_with("filters.http.cors.v3.Cors") => {
-                    Some(f.name.clone())
-                }
-                _ => None,
+            if !typed(f)?.type_url.ends_with("filters.http.cors.v3.Cors") {
+                return None;
             }
+            let name = f.name.as_str();
+            Some(PerRoute::new(
+                table,
+                |v| cors::Policy::of_vhost(name, v),
+                |r| cors::Policy::of_route(name, r),
+            ))
         });
         HttpConnectionManagerFilter {
             cors,
@@ -619,8 +683,12 @@ fn apply_headers(h: &mut HeaderMap, add: &[HeaderValueOption], remove: &[String]
         } else {
             hv.value.clone()
         };
-        let t = Template::new(&raw);
-        let value = if t.is_literal() { raw } else { t.render(entry) };
+        // Only a value with `%` has operators (or `%%`) for the formatter to read.
+        let value = if raw.contains('%') {
+            Template::new(&raw).render(entry)
+        } else {
+            raw
+        };
         if value.is_empty() && !o.keep_empty_value {
             continue;
         }
@@ -964,19 +1032,25 @@ async fn stream(
                     if let Some(h) = entry.http.as_mut() {
                         h.route_name = rt.name.clone();
                     }
-                    Some(rt.clone())
+                    Some(rt)
                 }
                 _ => None,
             };
             // The fault filter comes before the router: it may delay the request or answer it.
-            if let Some((name, own, counters)) = &hcm.fault {
-                let vh = d.virtual_host_index.map(|v| &table.config.virtual_hosts[v]);
-                let config = fault::effective(name, own, route.as_ref(), vh);
+            if let Some(FaultFilter {
+                own,
+                per_route,
+                counters,
+            }) = &hcm.fault
+            {
+                let config = per_route
+                    .get(d.virtual_host_index, d.route_index)
+                    .unwrap_or(own);
                 let cluster = match &d.action {
                     Action::Forward { cluster, .. } => Some(cluster.as_str()),
                     _ => None,
                 };
-                let injected = fault::decide(&config, &routing, cluster, seed);
+                let injected = fault::decide(config, &routing, cluster, seed);
                 if let Some(delay) = injected.delay {
                     counters[1].inc();
                     tracing::debug!(target: "filter", connection = conn, stream = seed, "fault: delaying the request {} ms", delay.as_millis());
@@ -996,15 +1070,14 @@ async fn stream(
                 }
             }
             // Then CORS: a preflight is answered here; a CORS request's response gets its headers.
-            if let Some(name) = &hcm.cors {
-                let vh = d.virtual_host_index.map(|v| &table.config.virtual_hosts[v]);
-                if let Some(p) = cors::policy(name, route.as_ref(), vh) {
+            if let Some(per_route) = &hcm.cors {
+                if let Some(p) = per_route.get(d.virtual_host_index, d.route_index) {
                     let origin = req.headers().get("origin").and_then(|v| v.to_str().ok());
                     let preflight = req
                         .headers()
                         .get("access-control-request-method")
                         .is_some_and(|v| !v.is_empty());
-                    match cors::decide(&p, &method, origin, preflight) {
+                    match cors::decide(p, &method, origin, preflight) {
                         cors::Cors::Preflight(headers) => {
                             let mut o = Outcome::local(200, "", None, "cors_response");
                             for (k, v) in headers {
@@ -1041,13 +1114,19 @@ async fn stream(
                     host,
                     ..
                 } => {
-                    let action = match route.as_ref().and_then(|r| r.action.as_ref()) {
-                        Some(route::Action::Route(a)) => a.clone(),
-                        _ => RouteAction::default(),
+                    // A forwarding decision comes from a route action; the default only stands
+                    // in for the type.
+                    let no_action;
+                    let action = match route.and_then(|r| r.action.as_ref()) {
+                        Some(route::Action::Route(a)) => a,
+                        _ => {
+                            no_action = RouteAction::default();
+                            &no_action
+                        }
                     };
                     let vh = d.virtual_host_index.map(|v| &table.config.virtual_hosts[v]);
                     if let Some(kind) = &upgrade {
-                        if !upgrade_allowed(&hcm.config, Some(&action), kind) {
+                        if !upgrade_allowed(&hcm.config, Some(action), kind) {
                             tracing::debug!(target: "http", connection = conn, stream = seed, "upgrade to {kind} is not configured");
                             let o = Outcome::local(403, "", None, "upgrade_failed");
                             return finish(hcm, o, clock, entry, route_levels, None);
@@ -1056,12 +1135,12 @@ async fn stream(
                     let info_for_router = upstream::RouteInfo {
                         retry_policy: action
                             .retry_policy
-                            .clone()
-                            .or_else(|| vh.and_then(|v| v.retry_policy.clone())),
+                            .as_ref()
+                            .or_else(|| vh.and_then(|v| v.retry_policy.as_ref())),
                         include_attempt_count: vh.is_some_and(|v| v.include_request_attempt_count),
                         include_attempt_count_in_response: vh
                             .is_some_and(|v| v.include_attempt_count_in_response),
-                        hash: route_hash(&action, &routing, info),
+                        hash: route_hash(action, &routing, info),
                         action,
                     };
                     match server.clusters.get(&cluster) {

@@ -304,10 +304,10 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 }
 
 /// What the route asks of the router besides its target.
-pub struct RouteInfo {
-    pub action: RouteAction,
+pub struct RouteInfo<'a> {
+    pub action: &'a RouteAction,
     /// The route's retry policy, else its virtual host's.
-    pub retry_policy: Option<RetryPolicy>,
+    pub retry_policy: Option<&'a RetryPolicy>,
     pub include_attempt_count: bool,
     pub include_attempt_count_in_response: bool,
     /// The route's hash_policy hash, for RING_HASH and MAGLEV.
@@ -431,7 +431,7 @@ pub(super) async fn forward(
     server: &Arc<Server>,
     cluster: &Arc<Cluster>,
     req: Request<Body>,
-    route: &RouteInfo,
+    route: &RouteInfo<'_>,
     path: &str,
     host_header: &str,
     info: &Downstream,
@@ -442,8 +442,8 @@ pub(super) async fn forward(
     let name = cluster.name.clone();
     let count = |n: &str| server.stats.counter(&format!("cluster.{name}.{n}")).inc();
     tracing::debug!(target: "router", connection = conn, stream = seed, "cluster '{name}' match for URL '{path}'");
-    let timeout = route_timeout(&route.action, req.headers());
-    let retries = Retries::of(route.retry_policy.as_ref(), req.headers());
+    let timeout = route_timeout(route.action, req.headers());
+    let retries = Retries::of(route.retry_policy, req.headers());
     let http2 = upstream_http2(cluster, downstream_http2);
     let (mut parts, body) = req.into_parts();
     for n in [
@@ -663,9 +663,8 @@ pub(super) async fn forward(
             body.to_string()
         };
         // The cluster counts the reply given in its name as it counts its upstream's.
-        count(&format!("upstream_rq_{status}"));
-        count(&format!("upstream_rq_{}xx", status / 100));
-        count("upstream_rq_completed");
+        cluster.stats.response_code(&server.stats, &name, status);
+        cluster.stats.upstream_rq_completed.inc();
         let mut o = Outcome::local(status, &body, None, details);
         // Flags in the order they were raised: URX before the last attempt's failure.
         flags.push(flag);
@@ -681,8 +680,7 @@ pub(super) async fn forward(
             }
             let status = response.status().as_u16();
             tracing::debug!(target: "router", connection = conn, stream = seed, "upstream headers complete: end_stream={}", hyper::body::Body::is_end_stream(response.body()));
-            count(&format!("upstream_rq_{}xx", status / 100));
-            count(&format!("upstream_rq_{status}"));
+            cluster.stats.response_code(&server.stats, &name, status);
             let (mut parts, body) = response.into_parts();
             // An upgrade's 101 carries no service time (the stream goes on).
             if status != 101 {
@@ -793,10 +791,7 @@ async fn attempt_once(
             Attempt::Reset(host.clone())
         }
         Some((Ok(r), sender)) => {
-            server
-                .stats
-                .counter(&format!("cluster.{}.upstream_rq_completed", cluster.name))
-                .inc();
+            cluster.stats.upstream_rq_completed.inc();
             // An HTTP/1.1 connection goes back to the pool once this response is done.
             if let Some((id, mut s)) = sender {
                 let pools = server.clone();
