@@ -53,21 +53,40 @@ fn http_upstream(name: &'static str) -> u16 {
 }
 
 /// An upstream that answers like the others (as `late`) while started, and refuses otherwise.
+/// Its port is held all along by a socket bound but not listening (which refuses connections),
+/// so nothing else can take it between runs.
 struct Late {
     port: u16,
+    held: std::sync::Mutex<socket2::Socket>,
     running: std::sync::Mutex<Option<std::sync::Arc<std::sync::atomic::AtomicBool>>>,
+}
+
+/// A socket bound to 127.0.0.1:`port` (0 for any) that may share its port with the listener.
+fn holder(port: u16) -> socket2::Socket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_reuse_port(true).unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    s.bind(&addr.into()).unwrap();
+    s
 }
 
 impl Late {
     fn new() -> Late {
+        let held = holder(0);
+        let port = held.local_addr().unwrap().as_socket().unwrap().port();
         Late {
-            port: free_port(),
+            port,
+            held: std::sync::Mutex::new(held),
             running: Default::default(),
         }
     }
 
     fn start(&self) {
-        let l = TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        // The held socket starts listening; a fresh one holds the port for after `stop`.
+        let l = std::mem::replace(&mut *self.held.lock().unwrap(), holder(self.port));
+        l.listen(128).unwrap();
+        let l: TcpListener = l.into();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         *self.running.lock().unwrap() = Some(stop.clone());
         std::thread::spawn(move || {
