@@ -136,6 +136,22 @@ const FIELDS: &[(&str, &[&str])] = &[
             "merge_slashes",
             "path_with_escaped_slashes_action",
             "max_request_headers_kb",
+            "stream_idle_timeout",
+            "request_timeout",
+            "request_headers_timeout",
+            "drain_timeout",
+            "common_http_protocol_options",
+            "http2_protocol_options",
+        ],
+    ),
+    // The downstream connection's and its streams' limits.
+    (
+        "envoy.config.core.v3.HttpProtocolOptions",
+        &[
+            "idle_timeout",
+            "max_connection_duration",
+            "max_headers_count",
+            "max_stream_duration",
         ],
     ),
     (
@@ -383,12 +399,16 @@ const FIELDS: &[(&str, &[&str])] = &[
             "max_grpc_timeout",
             "grpc_timeout_offset",
             "max_stream_duration",
+            "idle_timeout",
         ],
     ),
-    // A stream's own duration limit is not implemented (listed when set).
     (
         "envoy.config.route.v3.RouteAction.MaxStreamDuration",
-        &["grpc_timeout_header_max", "grpc_timeout_header_offset"],
+        &[
+            "max_stream_duration",
+            "grpc_timeout_header_max",
+            "grpc_timeout_header_offset",
+        ],
     ),
     // Cookies are hashed when present; generating one (ttl) is not implemented.
     (
@@ -475,7 +495,14 @@ const FIELDS: &[(&str, &[&str])] = &[
         &["http_protocol_options", "http2_protocol_options"],
     ),
     ("envoy.config.core.v3.Http1ProtocolOptions", &[]),
-    ("envoy.config.core.v3.Http2ProtocolOptions", &[]),
+    (
+        "envoy.config.core.v3.Http2ProtocolOptions",
+        &[
+            "max_concurrent_streams",
+            "initial_stream_window_size",
+            "initial_connection_window_size",
+        ],
+    ),
     (
         "envoy.config.cluster.v3.Cluster.RingHashLbConfig",
         &["minimum_ring_size", "maximum_ring_size", "hash_function"],
@@ -580,6 +607,16 @@ const FIELDS: &[(&str, &[&str])] = &[
     (
         "envoy.config.endpoint.v3.Endpoint",
         &["address", "hostname"],
+    ),
+];
+
+/// Fields of a message used on both sides of the proxy that pilotfish implements on one side
+/// only: (field, how the path of the side it implements ends).
+const ONLY_WHERE: &[(&str, &str)] = &[
+    // Upstream, one HTTP/2 connection per host carries every stream.
+    (
+        "envoy.config.core.v3.Http2ProtocolOptions.max_concurrent_streams",
+        ".typed_config.http2_protocol_options",
     ),
 ];
 
@@ -712,7 +749,10 @@ fn visit(msg: &DynamicMessage, path: &str, acc: &mut BTreeMap<(u8, String), Gap>
     for (field, value) in msg.fields() {
         let fpath = join(path, field.name());
         if let Some(allowed) = allowed {
-            if !allowed.contains(&field.name()) {
+            let elsewhere = ONLY_WHERE
+                .iter()
+                .any(|(f, end)| *f == field.full_name() && !path.ends_with(end));
+            if !allowed.contains(&field.name()) || elsewhere {
                 record(
                     acc,
                     GapKind::Field,

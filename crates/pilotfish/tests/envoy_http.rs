@@ -30,6 +30,11 @@ struct Req {
     upgraded: Option<&'static str>,
     /// Over TLS (with curl): (with the client certificate, HTTP/2 by ALPN).
     tls: Option<(bool, bool)>,
+    /// Send only part of the request: its headers without their end, or (with a body) the
+    /// body short of its content-length.
+    partial: bool,
+    /// After the response, wait this long (ms) for the proxy to close the connection.
+    closes_within: Option<u64>,
 }
 
 fn get(path: &'static str) -> Req {
@@ -43,6 +48,8 @@ fn get(path: &'static str) -> Req {
         h2c: false,
         upgraded: None,
         tls: None,
+        partial: false,
+        closes_within: None,
     }
 }
 
@@ -84,6 +91,14 @@ impl Req {
     }
     fn h2c(mut self) -> Req {
         self.h2c = true;
+        self
+    }
+    fn partial(mut self) -> Req {
+        self.partial = true;
+        self
+    }
+    fn closes_within(mut self, ms: u64) -> Req {
+        self.closes_within = Some(ms);
         self
     }
 }
@@ -213,6 +228,16 @@ fn http_upstream(name: &'static str) -> u16 {
                             }
                         }
                     }
+                    // Half a body, a pause, the rest.
+                    if let Some(ms) = req.path.strip_prefix("/slow/") {
+                        let ms: u64 = ms.parse().unwrap_or(0);
+                        let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello");
+                        std::thread::sleep(Duration::from_millis(ms));
+                        if w.write_all(b"world").is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     if let Some(ms) = req.path.strip_prefix("/delay/") {
                         let ms: u64 = ms.split(['/', '?']).next().unwrap().parse().unwrap_or(0);
                         std::thread::sleep(Duration::from_millis(ms));
@@ -282,8 +307,8 @@ fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> String {
     let no_body = head_only || code == "204" || code == "304" || code.starts_with('1');
     if no_body {
     } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.resize(n, 0);
-        let _ = r.read_exact(&mut body);
+        // As much of it as arrives: a reset stream ends it short.
+        let _ = r.by_ref().take(n as u64).read_to_end(&mut body);
     } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         body = read_chunks(r);
     } else {
@@ -441,10 +466,14 @@ fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
         for (k, v) in &q.headers {
             text.push_str(&format!("{k}: {v}\r\n"));
         }
+        // A partial request: its body short of what it announces, or its headers unfinished.
+        let short = if q.partial { 10 } else { 0 };
         if !q.body.is_empty() || q.method == "POST" {
-            text.push_str(&format!("content-length: {}\r\n", q.body.len()));
+            text.push_str(&format!("content-length: {}\r\n", q.body.len() + short));
         }
-        text.push_str("\r\n");
+        if !(q.partial && q.body.is_empty()) {
+            text.push_str("\r\n");
+        }
         text.push_str(q.body);
         let _ = c.get_mut().write_all(text.as_bytes());
         let mut response = read_response(c, q.method == "HEAD");
@@ -453,6 +482,16 @@ fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
             let mut buf = [0u8; 1024];
             let n = c.read(&mut buf).unwrap_or(0);
             response.push_str(&format!("upgraded: {}", String::from_utf8_lossy(&buf[..n])));
+        }
+        if let Some(ms) = q.closes_within {
+            let s = c.get_mut();
+            s.set_read_timeout(Some(Duration::from_millis(ms))).unwrap();
+            let mut b = [0u8; 1];
+            response.push_str(match s.read(&mut b) {
+                Ok(0) => "\nthen: closed",
+                Ok(_) => "\nthen: more data",
+                Err(_) => "\nthen: still open",
+            });
         }
         out.push(response);
     }
@@ -488,6 +527,9 @@ fn normalize(s: &str, ports: &[(u16, &str)]) -> String {
     }
     s
 }
+
+/// What the timeout scenarios log of each stream.
+const TIMEOUT_LOG: &str = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %BYTES_SENT% %UPSTREAM_HOST% %UPSTREAM_CLUSTER%";
 
 const ROUTER: &str = "{ name: envoy.filters.http.router, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } }";
 
@@ -1194,6 +1236,59 @@ fn scenarios() -> Vec<Scenario> {
                 get("/direct").header("content-type", "application/grpc+proto"),
             ],
             &["cluster.c.upstream_rq_timeout"],
+        ),
+        sc(
+            "timeouts: stream idle, a route's idle_timeout and max_stream_duration",
+            format!(
+                "{}{c0}",
+                hcm(
+                    &format!("          stream_idle_timeout: 0.5s\n{}", file_log(TIMEOUT_LOG)),
+                    &any_host("{ match: { prefix: \"/r/\" }, route: { cluster: c, prefix_rewrite: \"/\", idle_timeout: 0.25s } }, { match: { prefix: \"/m/\" }, route: { cluster: c, prefix_rewrite: \"/\", max_stream_duration: { max_stream_duration: 0.3s } } }, { match: { prefix: \"/\" }, route: { cluster: c } }")
+                )
+            ),
+            vec![
+                get("/delay/1200"),
+                get("/r/delay/800"),
+                get("/m/delay/800"),
+                get("/slow/1000"),
+                get("/post").method("POST").body("hello").partial(),
+                get("/delay/100"),
+            ],
+            &["http.h.downstream_rq_idle_timeout", "http.h.downstream_rq_max_duration_reached", "http.h.downstream_rq_4xx", "http.h.downstream_rq_5xx"],
+        ),
+        sc(
+            "timeouts: request_timeout, the connection manager's max_stream_duration, a route without it",
+            format!(
+                "{}{c0}",
+                hcm(
+                    &format!("          request_timeout: 0.3s\n          common_http_protocol_options: {{ max_stream_duration: 0.6s }}\n{}", file_log(TIMEOUT_LOG)),
+                    &any_host("{ match: { prefix: \"/z/\" }, route: { cluster: c, prefix_rewrite: \"/\", max_stream_duration: { max_stream_duration: 0s } } }, { match: { prefix: \"/\" }, route: { cluster: c } }")
+                )
+            ),
+            vec![
+                get("/post").method("POST").body("hello").partial(),
+                get("/delay/1200"),
+                get("/z/delay/900"),
+                get("/slow/1000"),
+            ],
+            &["http.h.downstream_rq_timeout", "http.h.downstream_rq_max_duration_reached"],
+        ),
+        sc(
+            "connection limits: request_headers_timeout, max_headers_count, idle_timeout",
+            format!(
+                "{}{c0}",
+                hcm(
+                    &format!("          request_headers_timeout: 0.3s\n          drain_timeout: 0.3s\n          common_http_protocol_options: {{ idle_timeout: 0.5s, max_headers_count: 5 }}\n{}", file_log(TIMEOUT_LOG)),
+                    &any_host(&to("/", "c"))
+                )
+            ),
+            vec![
+                get("/unfinished").partial(),
+                get("/four").header("a", "1").header("b", "2").header("c", "3").header("d", "4"),
+                get("/five").header("a", "1").header("b", "2").header("c", "3").header("d", "4").header("e", "5"),
+                get("/idle").closes_within(4000),
+            ],
+            &["http.h.downstream_rq_header_timeout", "http.h.downstream_cx_idle_timeout", "http.h.downstream_rq_4xx"],
         ),
         sc(
             "strip_matching_host_port",

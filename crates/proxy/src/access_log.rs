@@ -82,12 +82,13 @@ impl Entry {
 #[derive(Debug, Clone, Default)]
 pub struct HttpEntry {
     pub method: String,
-    /// The request's path as received (before rewrites).
+    /// The request's path: as received, then as forwarded (rewritten).
     pub path: String,
     pub authority: String,
     /// `HTTP/1.1`, `HTTP/2`, ...
     pub protocol: String,
-    /// Request headers as received (lower-case names), response headers as sent.
+    /// Request headers as the connection manager and the router left them (lower-case names),
+    /// response headers as sent.
     pub request_headers: Vec<(String, String)>,
     pub response_headers: Vec<(String, String)>,
     /// RESPONSE_CODE_DETAILS (`via_upstream`, `route_not_found`, ...).
@@ -101,10 +102,12 @@ pub struct HttpEntry {
 impl HttpEntry {
     /// A request header (`:method`, `:path`, `:authority` and `:scheme` included) for REQ().
     fn request(&self, name: &str) -> Option<String> {
+        // A stream refused before its headers were read has none of these.
+        let given = |v: &String| (!v.is_empty()).then(|| v.clone());
         match name {
-            ":method" => Some(self.method.clone()),
-            ":path" => Some(self.path.clone()),
-            ":authority" | "host" => Some(self.authority.clone()),
+            ":method" => given(&self.method),
+            ":path" => given(&self.path),
+            ":authority" | "host" => given(&self.authority),
             n => self
                 .request_headers
                 .iter()

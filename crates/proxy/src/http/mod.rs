@@ -8,6 +8,7 @@
 pub mod cors;
 pub mod fault;
 pub mod path;
+pub mod timeouts;
 pub mod upstream;
 
 use crate::access_log::{AccessLog, Entry, HttpEntry, Template};
@@ -67,6 +68,13 @@ struct HcmStats {
     no_cluster: Arc<Stat>,
     rq_direct_response: Arc<Stat>,
     rq_total: Arc<Stat>,
+    downstream_rq_idle_timeout: Arc<Stat>,
+    downstream_rq_max_duration_reached: Arc<Stat>,
+    downstream_rq_timeout: Arc<Stat>,
+    downstream_rq_header_timeout: Arc<Stat>,
+    downstream_rq_too_many_headers: Arc<Stat>,
+    downstream_cx_idle_timeout: Arc<Stat>,
+    downstream_cx_max_duration_reached: Arc<Stat>,
 }
 
 impl HcmStats {
@@ -92,6 +100,13 @@ impl HcmStats {
                 c("rq_direct_response")
             },
             rq_total: c("rq_total"),
+            downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
+            downstream_rq_timeout: c("downstream_rq_timeout"),
+            downstream_rq_header_timeout: c("downstream_rq_header_timeout"),
+            downstream_rq_too_many_headers: c("downstream_rq_too_many_headers"),
+            downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
+            downstream_cx_max_duration_reached: c("downstream_cx_max_duration_reached"),
         }
     }
 }
@@ -110,6 +125,7 @@ pub struct HttpConnectionManagerFilter {
     fault: Option<FaultFilter>,
     /// The CORS filter's policies per route, when the chain has the filter.
     cors: Option<PerRoute<cors::Policy>>,
+    conn_limits: timeouts::ConnLimits,
 }
 
 struct FaultFilter {
@@ -234,6 +250,7 @@ impl HttpConnectionManagerFilter {
             ))
         });
         HttpConnectionManagerFilter {
+            conn_limits: timeouts::ConnLimits::of(&config),
             cors,
             fault,
             stats: HcmStats::new(&config.stat_prefix, stats),
@@ -241,6 +258,15 @@ impl HttpConnectionManagerFilter {
             logs,
             config,
         }
+    }
+
+    /// common_http_protocol_options.max_headers_count, when set.
+    fn max_headers_count(&self) -> Option<usize> {
+        self.config
+            .common_http_protocol_options
+            .as_ref()
+            .and_then(|o| o.max_headers_count.as_ref())
+            .map(|v| v.value as usize)
     }
 
     fn server_name(&self) -> &str {
@@ -252,7 +278,9 @@ impl HttpConnectionManagerFilter {
     }
 }
 
-/// Serves the HTTP connection until either side closes it.
+/// Serves the HTTP connection until either side closes it, or until it has been idle or open
+/// too long: then it is drained (HTTP/2: GOAWAY at once; HTTP/1: closed at the end of the
+/// drain period, when idle) and closed after `drain_timeout`.
 pub async fn serve(
     server: Arc<Server>,
     hcm: Arc<HttpConnectionManagerFilter>,
@@ -263,38 +291,145 @@ pub async fn serve(
     use hyper_util::rt::{TokioExecutor, TokioIo};
     hcm.stats.downstream_cx_total.inc();
     hcm.stats.downstream_cx_active.inc();
+    let streams = timeouts::ConnStreams::new();
+    let http2_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc = {
-        let hcm = hcm.clone();
+        let (hcm, streams, http2_seen, info) = (
+            hcm.clone(),
+            streams.clone(),
+            http2_seen.clone(),
+            info.clone(),
+        );
         // The codec is known with the first request: count the connection under it then.
         let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         hyper::service::service_fn(move |req: Request<Incoming>| {
             if !counted.swap(true, Ordering::Relaxed) {
                 if req.version() == hyper::Version::HTTP_2 {
+                    http2_seen.store(true, Ordering::Relaxed);
                     hcm.stats.downstream_cx_http2_total.inc();
                 } else {
                     hcm.stats.downstream_cx_http1_total.inc();
                 }
             }
+            let slot = streams.open();
             let (server, hcm, info) = (server.clone(), hcm.clone(), info.clone());
             async move {
-                Ok::<_, std::convert::Infallible>(stream(&server, &hcm, &info, req, conn).await)
+                Ok::<_, std::convert::Infallible>(
+                    stream(&server, &hcm, &info, req, conn, slot).await,
+                )
             }
         })
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    match CodecType::try_from(hcm.config.codec_type).unwrap_or(CodecType::Auto) {
+    let codec = CodecType::try_from(hcm.config.codec_type).unwrap_or(CodecType::Auto);
+    match codec {
         CodecType::Http1 => builder = builder.http1_only(),
         CodecType::Http2 => builder = builder.http2_only(),
         _ => {}
     }
     builder.http1().title_case_headers(false);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await
-    {
+    // Envoy's limit is max_headers_count (100 by default); hyper's parser gets room above it so
+    // the connection manager can refuse with Envoy's reply.
+    if let Some(n) = hcm.max_headers_count() {
+        builder.http1().max_headers(n + 16);
+    }
+    http2_options(&mut builder, hcm.config.http2_protocol_options.as_ref());
+    let limits = hcm.conn_limits;
+    let mut header_timeout = None;
+    let io: Box<dyn crate::cluster::Io> = match limits.request_headers {
+        Some(t) if codec != CodecType::Http2 => {
+            let w = timeouts::HeadersTimeout::new(io, streams.clone(), t, hcm.server_name().into());
+            header_timeout = Some(w.fired.clone());
+            Box::new(w)
+        }
+        _ => io,
+    };
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        r = connection.as_mut() => Some(r),
+        why = limits.drain_due(&streams) => {
+            match why {
+                timeouts::Drain::Idle => hcm.stats.downstream_cx_idle_timeout.inc(),
+                timeouts::Drain::MaxDuration => hcm.stats.downstream_cx_max_duration_reached.inc(),
+            }
+            tracing::debug!(target: "connection", connection = conn, "{} reached: draining", match why {
+                timeouts::Drain::Idle => "idle timeout",
+                timeouts::Drain::MaxDuration => "max connection duration",
+            });
+            None
+        }
+    };
+    let result = match result {
+        Some(r) => r,
+        None => {
+            if http2_seen.load(Ordering::Relaxed) {
+                connection.as_mut().graceful_shutdown();
+            } else if let Ok(r) = tokio::time::timeout(limits.drain, connection.as_mut()).await {
+                return done_serving(&hcm, conn, r, header_timeout, &info);
+            }
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(limits.drain, connection.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    done_serving(&hcm, conn, result, header_timeout, &info);
+}
+
+fn done_serving(
+    hcm: &Arc<HttpConnectionManagerFilter>,
+    conn: u64,
+    result: Result<(), BoxError>,
+    header_timeout: Option<Arc<std::sync::atomic::AtomicBool>>,
+    info: &Downstream,
+) {
+    if let Err(e) = result {
         tracing::debug!(target: "http", connection = conn, "codec: {e}");
     }
+    // A request whose headers never completed got Envoy's 408: counted and logged as Envoy does.
+    if header_timeout.is_some_and(|f| f.load(Ordering::Relaxed)) {
+        hcm.stats.downstream_rq_header_timeout.inc();
+        hcm.stats.downstream_rq_xx[3].inc();
+        let mut e = Entry::new(
+            SystemTime::now(),
+            (info.remote, info.local),
+            info.server_name.clone(),
+            conn,
+            pilotfish_api::pb::envoy::data::accesslog::v3::AccessLogType::DownstreamEnd,
+        );
+        e.response_code = 408;
+        e.bytes_sent = "request header timeout".len() as u64;
+        e.http = Some(Box::new(HttpEntry {
+            details: "request_header_timeout".into(),
+            ..Default::default()
+        }));
+        for l in &hcm.logs {
+            l.write(&e);
+        }
+    }
     hcm.stats.downstream_cx_active.dec();
+}
+
+/// The connection manager's HTTP/2 settings (Envoy's defaults where unset: no limit on
+/// concurrent streams; hyper's window sizes, smaller than Envoy's 256 MiB, keep a connection's
+/// buffered data small).
+fn http2_options(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    o: Option<&pilotfish_api::pb::envoy::config::core::v3::Http2ProtocolOptions>,
+) {
+    let mut h2 = builder.http2();
+    let streams = o
+        .and_then(|o| o.max_concurrent_streams.as_ref())
+        .map_or(i32::MAX as u32, |v| v.value);
+    h2.max_concurrent_streams(streams);
+    if let Some(v) = o.and_then(|o| o.initial_stream_window_size.as_ref()) {
+        h2.initial_stream_window_size(v.value);
+    }
+    if let Some(v) = o.and_then(|o| o.initial_connection_window_size.as_ref()) {
+        h2.initial_connection_window_size(v.value);
+    }
 }
 
 /// `strip_matching_host_port` / `strip_any_host_port`: the authority routing sees.
@@ -838,8 +973,13 @@ async fn stream(
     info: &Downstream,
     req: Request<Incoming>,
     conn: u64,
+    slot: timeouts::StreamSlot,
 ) -> Response<Body> {
     let received = Arc::new(AtomicU64::new(0));
+    let activity = Arc::new(timeouts::Activity::new());
+    if hyper::body::Body::is_end_stream(req.body()) {
+        activity.request_complete();
+    }
     let upgrade = upgrade_of(&req);
     let mut req = req;
     let down_upgrade = hyper::upgrade::on(&mut req);
@@ -849,6 +989,8 @@ async fn stream(
         Counting {
             inner: body,
             bytes: received.clone(),
+            activity: Some(activity.clone()),
+            timer: None,
             _done: None,
         }
         .boxed(),
@@ -856,10 +998,13 @@ async fn stream(
     let start = SystemTime::now();
     let began = Instant::now();
     let seed = crate::random(conn ^ began.elapsed().as_nanos() as u64);
-    let clock = Clock {
+    let mut clock = Clock {
         began,
         stream: seed,
         received: received.clone(),
+        activity: activity.clone(),
+        limits: timeouts::Limits::of(&hcm.config, None),
+        _slot: slot,
     };
     let stats = &hcm.stats;
     stats.downstream_rq_total.inc();
@@ -898,8 +1043,14 @@ async fn stream(
         dump(&[(":authority", &authority), (":path", &path), (":method", &method)], req.headers())
     );
     let authority = strip_port(&hcm.config, &authority, info.local.port());
-    let received_headers = header_list(req.headers());
+    // max_headers_count counts the headers as received.
+    let too_many_headers = hcm
+        .max_headers_count()
+        .is_some_and(|n| req.headers().len() > n);
     let internal = mutate_request_headers(hcm, info, req.headers_mut(), seed, upgrade.is_some());
+    // The access log sees the request headers as the connection manager left them (x-request-id,
+    // x-forwarded-for, ...), and, once the router has forwarded it, as the upstream got them.
+    let received_headers = header_list(req.headers());
     let mut entry = Entry::new(
         start,
         (info.remote, info.local),
@@ -941,6 +1092,27 @@ async fn stream(
             "Request Header Fields Too Large",
             None,
             "request_headers_too_large",
+        );
+        return finish(hcm, o, clock, entry, vec![], None);
+    }
+    if too_many_headers {
+        stats.downstream_rq_too_many_headers.inc();
+        // The codec refuses them before the stream has any: the log shows none.
+        if let Some(h) = entry.http.as_mut() {
+            h.path.clear();
+            h.method.clear();
+            h.authority.clear();
+            h.request_headers.clear();
+        }
+        let o = Outcome::local(
+            431,
+            "Request Header Fields Too Large",
+            Some("DPE"),
+            if http2 {
+                "http2.too_many_headers"
+            } else {
+                "http1.too_many_headers"
+            },
         );
         return finish(hcm, o, clock, entry, vec![], None);
     }
@@ -1032,6 +1204,9 @@ async fn stream(
                     if let Some(h) = entry.http.as_mut() {
                         h.route_name = rt.name.clone();
                     }
+                    if let Some(route::Action::Route(a)) = &rt.action {
+                        clock.limits = timeouts::Limits::of(&hcm.config, Some(a));
+                    }
                     Some(rt)
                 }
                 _ => None,
@@ -1055,7 +1230,15 @@ async fn stream(
                     counters[1].inc();
                     tracing::debug!(target: "filter", connection = conn, stream = seed, "fault: delaying the request {} ms", delay.as_millis());
                     fault_flags.push("DI");
-                    tokio::time::sleep(delay).await;
+                    let slept = clock
+                        .limits
+                        .race(&activity, tokio::time::sleep(delay))
+                        .await;
+                    if let Err(expired) = slept {
+                        let mut o = timed_out(hcm, expired, &activity);
+                        o.flags = [fault_flags.clone(), o.flags].concat();
+                        return finish(hcm, o, clock, entry, route_levels, None);
+                    }
                 }
                 if let Some((status, body)) = injected.abort {
                     counters[0].inc();
@@ -1167,7 +1350,13 @@ async fn stream(
                                     &entry,
                                 );
                             }
-                            upstream::forward(
+                            if let Some(h) = entry.http.as_mut() {
+                                h.request_headers = header_list(req.headers());
+                                h.path = new_path.clone();
+                                h.authority = host.clone();
+                            }
+                            let picked = std::sync::Mutex::new(None);
+                            let forwarding = upstream::forward(
                                 server,
                                 c,
                                 req,
@@ -1178,8 +1367,17 @@ async fn stream(
                                 http2,
                                 conn,
                                 seed,
-                            )
-                            .await
+                                &picked,
+                            );
+                            match clock.limits.race(&activity, forwarding).await {
+                                Ok(o) => o,
+                                Err(expired) => {
+                                    let mut o = timed_out(hcm, expired, &activity);
+                                    o.cluster = cluster;
+                                    o.upstream_host = picked.lock().unwrap().take();
+                                    o
+                                }
+                            }
                         }
                     }
                 }
@@ -1199,11 +1397,35 @@ async fn stream(
     finish(hcm, outcome, clock, entry, route_levels, splice_with)
 }
 
-/// A stream's clock and counts: when it began, its id, the request body bytes read.
+/// A stream's timer fired before its response began: Envoy's reply, counted.
+fn timed_out(
+    hcm: &HttpConnectionManagerFilter,
+    expired: timeouts::Expired,
+    activity: &timeouts::Activity,
+) -> Outcome {
+    hcm.count_expired(expired);
+    expired.reply(activity.request_done())
+}
+
+impl HttpConnectionManagerFilter {
+    fn count_expired(&self, expired: timeouts::Expired) {
+        match expired {
+            timeouts::Expired::Idle => self.stats.downstream_rq_idle_timeout.inc(),
+            timeouts::Expired::Duration => self.stats.downstream_rq_max_duration_reached.inc(),
+            timeouts::Expired::Request => self.stats.downstream_rq_timeout.inc(),
+        }
+    }
+}
+
+/// A stream's clock and counts: when it began, its id, the request body bytes read, its
+/// activity and timers, and its place among the connection's open streams.
 struct Clock {
     began: Instant,
     stream: u64,
     received: Arc<AtomicU64>,
+    activity: Arc<timeouts::Activity>,
+    limits: timeouts::Limits,
+    _slot: timeouts::StreamSlot,
 }
 
 /// Response headers (the route's mutations, server, ...), counters and the access log entry,
@@ -1220,6 +1442,9 @@ fn finish(
         began,
         stream,
         received,
+        activity,
+        limits,
+        _slot,
     } = clock;
     let mut response = outcome.response;
     // A gRPC request's local reply is gRPC: 200, its status in grpc-status, its text in
@@ -1247,6 +1472,7 @@ fn finish(
             &entry,
         );
     }
+    let refused_408 = response.status() == StatusCode::REQUEST_TIMEOUT;
     let h = response.headers_mut();
     if splice_with.is_none() {
         for name in HOP_BY_HOP {
@@ -1254,12 +1480,20 @@ fn finish(
         }
     }
     // A request the connection manager refuses outright ends the connection, as in Envoy.
+    let timeout = [
+        "stream_idle_timeout",
+        "max_duration_timeout",
+        "request_overall_timeout",
+    ]
+    .contains(&details_of(&entry));
     if [
         "upgrade_failed",
         "path_normalization_failed",
         "request_headers_too_large",
+        "http1.too_many_headers",
     ]
     .contains(&details_of(&entry))
+        || (timeout && refused_408)
     {
         h.insert("connection", HeaderValue::from_static("close"));
     }
@@ -1304,14 +1538,21 @@ fn finish(
         hcm: hcm.clone(),
         conn,
         stream,
+        _slot,
     };
     if let Some((down, up)) = splice_with {
         splice(down, up, conn);
     }
     let (parts, body) = response.into_parts();
+    // A stream that ended on a timer has no more to time.
+    let timer = (!timeout)
+        .then(|| timeouts::BodyTimer::new(limits, activity.clone()))
+        .flatten();
     let body = Counting {
         inner: body,
         bytes: sent,
+        activity: Some(activity),
+        timer,
         _done: Some(done),
     };
     Response::from_parts(parts, body.boxed())
@@ -1365,6 +1606,8 @@ struct DoneGuard {
     hcm: Arc<HttpConnectionManagerFilter>,
     conn: u64,
     stream: u64,
+    /// The stream stays open on its connection until its response is done.
+    _slot: timeouts::StreamSlot,
 }
 
 impl Drop for DoneGuard {
@@ -1384,11 +1627,14 @@ impl Drop for DoneGuard {
     }
 }
 
-/// A body that counts the data bytes it yields (into `bytes`) and, for a response, holds the
-/// stream's accounting until it is done.
+/// A body that counts the data bytes it yields (into `bytes`) as the stream's activity and, for
+/// a response, holds the stream's accounting until it is done and runs its timers: a timer
+/// that fires resets the stream.
 struct Counting<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
+    activity: Option<Arc<timeouts::Activity>>,
+    timer: Option<timeouts::BodyTimer>,
     _done: Option<DoneGuard>,
 }
 
@@ -1405,16 +1651,45 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         use std::task::Poll;
-        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
-                    self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                if let Some(a) = &this.activity {
+                    a.touch();
+                    // A request body is all in with its last frame.
+                    if this._done.is_none() && this.inner.is_end_stream() {
+                        a.request_complete();
+                    }
                 }
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                if let (Some(a), None) = (&this.activity, &this._done) {
+                    a.request_complete();
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let Some(expired) = this.timer.as_mut().and_then(|t| t.poll_expired(cx)) else {
+                    return Poll::Pending;
+                };
+                this.timer = None;
+                if let Some(done) = &mut this._done {
+                    done.hcm.count_expired(expired);
+                    tracing::debug!(target: "http", connection = done.conn, stream = done.stream, "{}: resetting the stream", expired.details());
+                    if let Some(e) = done.entry.as_mut() {
+                        e.flags.extend(expired.flag());
+                        if let Some(h) = e.http.as_mut() {
+                            h.details = expired.details().into();
+                        }
+                    }
+                }
+                Poll::Ready(Some(Err(expired.details().into())))
+            }
         }
     }
 

@@ -49,20 +49,40 @@ impl Pools {
     }
 }
 
-/// Which protocol the cluster speaks upstream (its HttpProtocolOptions).
-fn upstream_http2(cluster: &Cluster, downstream_http2: bool) -> bool {
-    use pilotfish_api::pb::envoy::extensions::upstreams::http::v3::{
-        http_protocol_options::{explicit_http_config::ProtocolConfig, UpstreamProtocolOptions},
-        HttpProtocolOptions,
-    };
-    let Some(any) = cluster
+/// The cluster's HttpProtocolOptions, when it has them.
+fn protocol_options(
+    cluster: &Cluster,
+) -> Option<pilotfish_api::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions> {
+    let any = cluster
         .config
         .typed_extension_protocol_options
-        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
-    else {
-        return false;
+        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")?;
+    pilotfish_config::model::unpack(any)
+}
+
+/// The HTTP/2 options the cluster sets for its upstream connections.
+fn http2_options(
+    cluster: &Cluster,
+) -> Option<pilotfish_api::pb::envoy::config::core::v3::Http2ProtocolOptions> {
+    use pilotfish_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
     };
-    let Some(o) = pilotfish_config::model::unpack::<HttpProtocolOptions>(any) else {
+    match protocol_options(cluster)?.upstream_protocol_options? {
+        UpstreamProtocolOptions::ExplicitHttpConfig(e) => match e.protocol_config? {
+            ProtocolConfig::Http2ProtocolOptions(o) => Some(o),
+            _ => None,
+        },
+        UpstreamProtocolOptions::UseDownstreamProtocolConfig(u) => u.http2_protocol_options,
+        _ => None,
+    }
+}
+
+/// Which protocol the cluster speaks upstream (its HttpProtocolOptions).
+fn upstream_http2(cluster: &Cluster, downstream_http2: bool) -> bool {
+    use pilotfish_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
+    };
+    let Some(o) = protocol_options(cluster) else {
         return false;
     };
     match o.upstream_protocol_options {
@@ -185,19 +205,25 @@ async fn pooled(
     tracing::debug!(target: "pool", "creating a new connection (connecting=0)");
     let id = server.next_connection_id();
     cluster.stats.upstream_rq_pending_total.inc();
-    cluster.stats.upstream_rq_pending_active.inc();
+    let pending = Active::pending(cluster);
     let up = cluster.connect_host(host.clone(), conn, id).await;
-    cluster.stats.upstream_rq_pending_active.dec();
+    drop(pending);
     let up = up?;
     let io = TokioIo::new(up);
     let fail = |e: hyper::Error| {
         ConnectError::Failed(host.address.clone(), std::io::Error::other(e.to_string()))
     };
     let sender = if http2 {
-        let (sender, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(io)
-            .await
-            .map_err(fail)?;
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        if let Some(o) = http2_options(cluster) {
+            if let Some(v) = o.initial_stream_window_size {
+                builder.initial_stream_window_size(v.value);
+            }
+            if let Some(v) = o.initial_connection_window_size {
+                builder.initial_connection_window_size(v.value);
+            }
+        }
+        let (sender, c) = builder.handshake(io).await.map_err(fail)?;
         tokio::spawn(async move {
             let _ = c.await;
         });
@@ -438,6 +464,7 @@ pub(super) async fn forward(
     downstream_http2: bool,
     conn: u64,
     seed: u64,
+    picked: &std::sync::Mutex<Option<String>>,
 ) -> Outcome {
     let name = cluster.name.clone();
     let count = |n: &str| server.stats.counter(&format!("cluster.{name}.{n}")).inc();
@@ -526,6 +553,7 @@ pub(super) async fn forward(
             break Attempt::ConnectFailed(ConnectError::NoHealthyHost, None);
         };
         tried.push(host.clone());
+        *picked.lock().unwrap() = Some(host.address.clone());
         let mut p = parts.clone();
         if http2 {
             let scheme = if host.transport.socket.ends_with("tls") {
@@ -751,16 +779,8 @@ async fn attempt_once(
         Err(e) => return Attempt::ConnectFailed(e, Some(host.clone())),
     };
     cluster.stats.upstream_rq_total.inc();
-    cluster.stats.upstream_rq_active.inc();
     host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
-    host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
-    let request_done = {
-        let (cluster, host) = (cluster.clone(), host.clone());
-        move || {
-            cluster.stats.upstream_rq_active.dec();
-            host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
-        }
-    };
+    let active = Active::request(cluster, host);
     let upstream_id = match &sender {
         Sender::Http1((id, _)) | Sender::Http2((id, _)) => *id,
     };
@@ -782,11 +802,11 @@ async fn attempt_once(
     let key = (cluster.name.clone(), host.address.clone());
     match result {
         None => {
-            request_done();
+            drop(active);
             Attempt::PerTryTimeout(host.clone())
         }
         Some((Err(e), _)) => {
-            request_done();
+            drop(active);
             tracing::debug!(target: "router", connection = conn, "upstream reset: {e}");
             Attempt::Reset(host.clone())
         }
@@ -806,10 +826,42 @@ async fn attempt_once(
                 inner: body,
                 done: Some(Box::new(move || {
                     tracing::debug!(target: "client", connection = upstream_id, "response complete");
-                    request_done();
+                    drop(active);
                 })),
             };
             Attempt::Response(Response::from_parts(parts, body), host.clone(), began)
+        }
+    }
+}
+
+/// A request counted active (or pending) until it is dropped, also when the stream is given up
+/// half way (a downstream timeout or reset).
+enum Active {
+    Request(Arc<Cluster>, Arc<Host>),
+    Pending(Arc<Cluster>),
+}
+
+impl Active {
+    fn request(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Active {
+        cluster.stats.upstream_rq_active.inc();
+        host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+        Active::Request(cluster.clone(), host.clone())
+    }
+
+    fn pending(cluster: &Arc<Cluster>) -> Active {
+        cluster.stats.upstream_rq_pending_active.inc();
+        Active::Pending(cluster.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        match self {
+            Active::Request(c, h) => {
+                c.stats.upstream_rq_active.dec();
+                h.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+            }
+            Active::Pending(c) => c.stats.upstream_rq_pending_active.dec(),
         }
     }
 }
