@@ -6,7 +6,7 @@
 use crate::model::effective_type_url;
 use crate::resources::ResourceSet;
 use crate::walk::join;
-use pilotfish_api::prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
+use pilotfish_api::prost_reflect::{DynamicMessage, Kind, MapKey, ReflectMessage, Value};
 use pilotfish_api::{descriptor_pool, type_url_message_name};
 use prost::{Message, Name};
 use std::collections::BTreeMap;
@@ -610,16 +610,6 @@ const FIELDS: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Fields of a message used on both sides of the proxy that pilotfish implements on one side
-/// only: (field, how the path of the side it implements ends).
-const ONLY_WHERE: &[(&str, &str)] = &[
-    // Upstream, one HTTP/2 connection per host carries every stream.
-    (
-        "envoy.config.core.v3.Http2ProtocolOptions.max_concurrent_streams",
-        ".typed_config.http2_protocol_options",
-    ),
-];
-
 /// Extension configuration types pilotfish implements.
 const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
@@ -749,10 +739,7 @@ fn visit(msg: &DynamicMessage, path: &str, acc: &mut BTreeMap<(u8, String), Gap>
     for (field, value) in msg.fields() {
         let fpath = join(path, field.name());
         if let Some(allowed) = allowed {
-            let elsewhere = ONLY_WHERE
-                .iter()
-                .any(|(f, end)| *f == field.full_name() && !path.ends_with(end));
-            if !allowed.contains(&field.name()) || elsewhere {
+            if !allowed.contains(&field.name()) {
                 record(
                     acc,
                     GapKind::Field,
@@ -763,9 +750,17 @@ fn visit(msg: &DynamicMessage, path: &str, acc: &mut BTreeMap<(u8, String), Gap>
                 continue;
             }
         }
-        let Kind::Message(m) = field.kind() else {
+        let Kind::Message(mut m) = field.kind() else {
             continue;
         };
+        // A map's values (typed_extension_protocol_options, typed_per_filter_config) are
+        // walked as what they are.
+        if field.is_map() {
+            match m.map_entry_value_field().kind() {
+                Kind::Message(v) => m = v,
+                _ => continue,
+            }
+        }
         let mut each = |v: &Value, p: String| {
             if let Value::Message(inner) = v {
                 if m.full_name() == "google.protobuf.Any" {
@@ -782,9 +777,13 @@ fn visit(msg: &DynamicMessage, path: &str, acc: &mut BTreeMap<(u8, String), Gap>
                 .iter()
                 .enumerate()
                 .for_each(|(i, v)| each(v, format!("{fpath}[{i}]"))),
-            Value::Map(map) => map
-                .iter()
-                .for_each(|(k, v)| each(v, format!("{fpath}[{k:?}]"))),
+            Value::Map(map) => map.iter().for_each(|(k, v)| {
+                let key = match k {
+                    MapKey::String(s) => format!("{s:?}"),
+                    other => format!("{other:?}"),
+                };
+                each(v, format!("{fpath}[{key}]"))
+            }),
             v => each(v, fpath),
         }
     }

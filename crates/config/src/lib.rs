@@ -355,17 +355,17 @@ static_resources:
 
     #[test]
     fn coverage_lists_unimplemented_fields_once_per_kind_with_an_example() {
-        let cfg = load("route_config: { name: r, virtual_hosts: [{ name: v, domains: ['*'], routes: [{ match: { prefix: /a }, route: { cluster: c, idle_timeout: 3s } }, { match: { prefix: / }, route: { cluster: c, idle_timeout: 1s, hedge_policy: { hedge_on_per_try_timeout: true } } }] }] }").unwrap();
+        let cfg = load("route_config: { name: r, virtual_hosts: [{ name: v, domains: ['*'], routes: [{ match: { prefix: /a }, route: { cluster: c, priority: HIGH } }, { match: { prefix: / }, route: { cluster: c, priority: HIGH, hedge_policy: { hedge_on_per_try_timeout: true } } }] }] }").unwrap();
         let gaps = coverage::gaps(&cfg.resources);
-        let idle = gaps
+        let priority = gaps
             .iter()
-            .find(|g| g.key == "envoy.config.route.v3.RouteAction.idle_timeout")
+            .find(|g| g.key == "envoy.config.route.v3.RouteAction.priority")
             .unwrap();
-        assert_eq!(idle.count, 2);
+        assert_eq!(priority.count, 2);
         assert!(
-            idle.example.ends_with("routes[0].route.idle_timeout"),
+            priority.example.ends_with("routes[0].route.priority"),
             "{}",
-            idle.example
+            priority.example
         );
         assert!(gaps
             .iter()
@@ -373,6 +373,29 @@ static_resources:
         // Implemented fields are not listed; the inline route config is walked once, via its
         // listener, though the resource set also lists it as a static route configuration.
         assert!(!gaps.iter().any(|g| g.key.ends_with("RouteAction.cluster")));
+    }
+
+    #[test]
+    fn what_maps_hold_is_walked_too() {
+        // typed_extension_protocol_options: the upstream HTTP options inside are checked.
+        let text = BASE.replace("ROUTES", "route_config: { name: r }").replace(
+            "    type: EDS\n",
+            "    type: EDS\n    typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, common_http_protocol_options: { idle_timeout: 1s }, explicit_http_config: { http2_protocol_options: { max_concurrent_streams: 9 } } } }\n",
+        );
+        let cfg = load_str("t.yaml", &text, None).unwrap();
+        let gaps = coverage::gaps(&cfg.resources);
+        let common = gaps
+            .iter()
+            .find(|g| {
+                g.key
+                    .ends_with("HttpProtocolOptions.common_http_protocol_options")
+            })
+            .expect("listed");
+        assert_eq!(
+            common.example,
+            "static_resources.clusters[0].typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].common_http_protocol_options"
+        );
+        assert!(!gaps.iter().any(|g| g.key.contains("Http2ProtocolOptions")));
     }
 
     #[test]

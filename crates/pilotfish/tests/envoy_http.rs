@@ -403,6 +403,10 @@ fn h2c_upstream(name: &'static str) -> u16 {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| async move {
+                            if let Some(ms) = req.uri().path().strip_prefix("/delay/") {
+                                let ms = ms.parse().unwrap_or(0);
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
                             let mut headers: Vec<String> = req
                                 .headers()
                                 .iter()
@@ -1442,5 +1446,135 @@ fn pilotfish_serves_http_as_envoy_does() {
         dir.display(),
         failures.join("\n")
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// What an HTTP/2 client sees of a connection manager over h2c: the SETTINGS it sends
+/// (max_concurrent_streams), and its stream timers, which reset a stream whose response had
+/// begun instead of closing the connection.
+async fn h2_client_sees(port: u16) -> Vec<String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let mut seen = vec![];
+    for path in ["/delay/1000", "/slow/1000", "/fine"] {
+        let req = hyper::Request::get(format!("http://example.com{path}"))
+            .body(())
+            .unwrap();
+        let (response, _) = client.clone().send_request(req, true).unwrap();
+        let response = tokio::select! {
+            r = response => r,
+            _ = &mut conn => panic!("connection ended"),
+        };
+        let Ok(response) = response else {
+            seen.push(format!("{path}: reset before headers"));
+            continue;
+        };
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut text = vec![];
+        let end = loop {
+            let frame = tokio::select! {
+                d = body.data() => d,
+                _ = &mut conn => break "connection ended".to_string(),
+            };
+            match frame {
+                None => break "end".to_string(),
+                Some(Ok(d)) => {
+                    let _ = body.flow_control().release_capacity(d.len());
+                    text.extend_from_slice(&d);
+                }
+                Some(Err(e)) => break format!("reset ({:?})", e.reason()),
+            }
+        };
+        seen.push(normalize(
+            &format!(
+                "{path}: {status} {:?} {end}",
+                String::from_utf8_lossy(&text)
+            ),
+            &[],
+        ));
+    }
+    // Three streams at once, to a cluster whose upstream connections carry one each.
+    let mut waiting = vec![];
+    for _ in 0..3 {
+        let req = hyper::Request::get("http://example.com/up/delay/300")
+            .body(())
+            .unwrap();
+        waiting.push(client.clone().send_request(req, true).unwrap().0);
+    }
+    let all = async {
+        let mut statuses = vec![];
+        for w in waiting {
+            statuses.push(w.await.map(|r| r.status().as_u16()).unwrap_or(0));
+        }
+        statuses
+    };
+    let statuses = tokio::select! {
+        s = all => s,
+        _ = &mut conn => vec![],
+    };
+    seen.push(format!("concurrent: {statuses:?}"));
+    seen.push(format!(
+        "max_concurrent_streams {}",
+        conn.max_concurrent_send_streams()
+    ));
+    seen
+}
+
+#[test]
+fn http2_settings_and_stream_resets_as_envoy() {
+    let Some(envoy) = envoy("envoy http2") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-h2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let u0 = http_upstream("u0");
+    let h2 = h2c_upstream("h2");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
+    for (name, options) in [
+        ("defaults", ""),
+        (
+            "configured",
+            "          http2_protocol_options: { max_concurrent_streams: 7, initial_stream_window_size: 131072, initial_connection_window_size: 1048576 }\n",
+        ),
+    ] {
+        let text = format!(
+            "{}{}{}",
+            hcm(
+                &format!("          stream_idle_timeout: 0.4s\n{options}"),
+                &any_host(&format!("{{ match: {{ prefix: \"/up/\" }}, route: {{ cluster: h2, prefix_rewrite: \"/\" }} }}, {}", to("/", "c")))
+            ),
+            cluster("c", &["{U0}"], ""),
+            cluster("h2", &["{H2}"], ", typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: { http2_protocol_options: { max_concurrent_streams: 1 } } } }")
+        )
+        .replace("{U0}", &u0.to_string())
+        .replace("{H2}", &h2.to_string());
+        let mut results = vec![];
+        for (bin, is_envoy) in [(envoy.as_path(), true), (pilotfish, false)] {
+            let r = side_by_side::start(bin, is_envoy, &text, &dir, &format!("{name}-{is_envoy}"));
+            let mut seen = rt.block_on(h2_client_sees(r.listen));
+            let stats = side_by_side::stat_values(
+                r.admin,
+                &["cluster.h2.upstream_cx_http2_total", "cluster.h2.upstream_rq_total"],
+                str::to_string,
+            );
+            seen.push(format!("{stats:?}"));
+            results.push(seen);
+        }
+        assert_eq!(results[0], results[1], "{name}: envoy, then pilotfish");
+        assert!(results[1][1].contains("reset"), "{:?}", results[1]);
+        // One stream per upstream connection: three at once took three connections.
+        assert!(
+            results[1]
+                .last()
+                .unwrap()
+                .contains("\"cluster.h2.upstream_cx_http2_total\": \"3\""),
+            "{:?}",
+            results[1]
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -206,13 +206,17 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
         .unwrap()
         .contains(".http_filters["));
     assert!(gaps.iter().any(|g| g["key"]
-        == "envoy.config.route.v3.RouteAction.MaxStreamDuration.max_stream_duration"
+        == "envoy.config.endpoint.v3.ClusterLoadAssignment.policy"
         && g["kind"] == "field"));
-    // What is implemented is not listed: the fault and CORS filters, the route's retry policy.
+    // What is implemented is not listed: the fault and CORS filters, the route's retry policy,
+    // the stream timers, HTTP/2 settings.
     let implemented = [
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
         "envoy.extensions.filters.http.cors.v3.Cors",
         "envoy.config.route.v3.RouteAction.retry_policy",
+        "envoy.config.route.v3.RouteAction.MaxStreamDuration.max_stream_duration",
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.stream_idle_timeout",
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.http2_protocol_options",
     ];
     assert!(!gaps
         .iter()

@@ -231,6 +231,8 @@ pub struct Cluster {
     /// Upstream TLS per transport socket (`default` or a transport_socket_matches name), built
     /// once; an error is said at start-up and closes the connections that need it.
     tls: HashMap<String, Result<Arc<UpstreamTls>, String>>,
+    /// The cluster's HTTP protocol options, read once, when it first carries a request.
+    pub(crate) http: std::sync::OnceLock<crate::http::upstream::UpstreamHttp>,
 }
 
 /// Why no upstream connection was made.
@@ -373,6 +375,7 @@ impl ClusterManager {
                 thresholds,
                 breakers,
                 retries: AtomicU64::new(0),
+                http: std::sync::OnceLock::new(),
                 lb: crate::lb::LoadBalancer::of(c),
                 hosts: Mutex::new(
                     d.hosts

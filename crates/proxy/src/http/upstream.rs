@@ -15,26 +15,53 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pilotfish_api::pb::envoy::config::route::v3::{RetryPolicy, RouteAction};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 enum Sender {
     Http1(Http1),
-    Http2(Http2),
+    /// A connection, and the stream counted open on it.
+    Http2(
+        u64,
+        hyper::client::conn::http2::SendRequest<Body>,
+        OpenStream,
+    ),
 }
 
-/// A connection's sender, with the connection's id (`[C<n>]` in the log).
+/// A connection's sender, with the connection's id (`[C<n>]` in the log); an HTTP/2 one with
+/// the count of its open streams.
 type Http1 = (u64, hyper::client::conn::http1::SendRequest<Body>);
-type Http2 = (u64, hyper::client::conn::http2::SendRequest<Body>);
+type Http2 = (
+    u64,
+    hyper::client::conn::http2::SendRequest<Body>,
+    Arc<AtomicUsize>,
+);
+
+/// A stream counted open on its HTTP/2 connection until dropped.
+struct OpenStream(Arc<AtomicUsize>);
+
+impl OpenStream {
+    fn new(count: &Arc<AtomicUsize>) -> OpenStream {
+        count.fetch_add(1, Ordering::Relaxed);
+        OpenStream(count.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 /// (cluster, host address)
 type HostKey = (String, String);
 
-/// Idle HTTP/1.1 connections and the HTTP/2 connection of each (cluster, host).
+/// Idle HTTP/1.1 connections and the HTTP/2 connections of each (cluster, host): a new HTTP/2
+/// connection only when the others carry max_concurrent_streams each.
 #[derive(Default)]
 pub struct Pools {
     http1: Mutex<HashMap<HostKey, Vec<Http1>>>,
-    http2: Mutex<HashMap<HostKey, Http2>>,
+    http2: Mutex<HashMap<HostKey, Vec<Http2>>>,
 }
 
 impl Pools {
@@ -49,52 +76,65 @@ impl Pools {
     }
 }
 
-/// The cluster's HttpProtocolOptions, when it has them.
-fn protocol_options(
-    cluster: &Cluster,
-) -> Option<pilotfish_api::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions> {
-    let any = cluster
-        .config
-        .typed_extension_protocol_options
-        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")?;
-    pilotfish_config::model::unpack(any)
+/// What a cluster's HttpProtocolOptions say of its upstream connections.
+pub(crate) struct UpstreamHttp {
+    protocol: Protocol,
+    http2: Option<pilotfish_api::pb::envoy::config::core::v3::Http2ProtocolOptions>,
+    /// Streams one HTTP/2 connection carries (Envoy's default: 2^31 - 1).
+    max_streams: usize,
 }
 
-/// The HTTP/2 options the cluster sets for its upstream connections.
-fn http2_options(
-    cluster: &Cluster,
-) -> Option<pilotfish_api::pb::envoy::config::core::v3::Http2ProtocolOptions> {
-    use pilotfish_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
-        explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
-    };
-    match protocol_options(cluster)?.upstream_protocol_options? {
-        UpstreamProtocolOptions::ExplicitHttpConfig(e) => match e.protocol_config? {
-            ProtocolConfig::Http2ProtocolOptions(o) => Some(o),
-            _ => None,
-        },
-        UpstreamProtocolOptions::UseDownstreamProtocolConfig(u) => u.http2_protocol_options,
-        _ => None,
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    AsDownstream,
+}
+
+impl UpstreamHttp {
+    pub(crate) fn of(cluster: &Cluster) -> &UpstreamHttp {
+        cluster.http.get_or_init(|| {
+            use pilotfish_api::pb::envoy::extensions::upstreams::http::v3::{
+                http_protocol_options::{
+                    explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
+                },
+                HttpProtocolOptions,
+            };
+            let o = cluster
+                .config
+                .typed_extension_protocol_options
+                .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+                .and_then(pilotfish_config::model::unpack::<HttpProtocolOptions>);
+            let (protocol, http2) = match o.and_then(|o| o.upstream_protocol_options) {
+                Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
+                    Some(ProtocolConfig::Http2ProtocolOptions(h2)) => (Protocol::Http2, Some(h2)),
+                    _ => (Protocol::Http1, None),
+                },
+                Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(u)) => {
+                    (Protocol::AsDownstream, u.http2_protocol_options)
+                }
+                // AUTO picks by ALPN; without upstream TLS that is HTTP/1.1.
+                _ => (Protocol::Http1, None),
+            };
+            let max_streams = http2
+                .as_ref()
+                .and_then(|o| o.max_concurrent_streams)
+                .map_or(i32::MAX as usize, |v| v.value.max(1) as usize);
+            UpstreamHttp {
+                protocol,
+                http2,
+                max_streams,
+            }
+        })
     }
-}
 
-/// Which protocol the cluster speaks upstream (its HttpProtocolOptions).
-fn upstream_http2(cluster: &Cluster, downstream_http2: bool) -> bool {
-    use pilotfish_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
-        explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
-    };
-    let Some(o) = protocol_options(cluster) else {
-        return false;
-    };
-    match o.upstream_protocol_options {
-        Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
-            matches!(
-                e.protocol_config,
-                Some(ProtocolConfig::Http2ProtocolOptions(_))
-            )
+    /// Whether a request goes upstream over HTTP/2.
+    fn http2(&self, downstream_http2: bool) -> bool {
+        match self.protocol {
+            Protocol::Http2 => true,
+            Protocol::AsDownstream => downstream_http2,
+            Protocol::Http1 => false,
         }
-        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => downstream_http2,
-        // AUTO picks by ALPN; without upstream TLS that is HTTP/1.1.
-        _ => false,
     }
 }
 
@@ -176,12 +216,18 @@ async fn pooled(
             .inc();
         ConnectError::PendingOverflow
     };
+    let options = UpstreamHttp::of(cluster);
     if http2 {
-        if let Some((id, s)) = server.http_pools.http2.lock().unwrap().get(&key) {
-            if !s.is_closed() {
+        let mut pools = server.http_pools.http2.lock().unwrap();
+        if let Some(list) = pools.get_mut(&key) {
+            list.retain(|(_, s, _)| !s.is_closed());
+            let free = list
+                .iter()
+                .find(|(_, _, streams)| streams.load(Ordering::Relaxed) < options.max_streams);
+            if let Some((id, s, streams)) = free {
                 tracing::debug!(target: "pool", connection = *id, "using existing fully connected connection");
                 tracing::debug!(target: "pool", connection = *id, "creating stream");
-                return Ok(Sender::Http2((*id, s.clone())));
+                return Ok(Sender::Http2(*id, s.clone(), OpenStream::new(streams)));
             }
         }
     } else {
@@ -215,7 +261,7 @@ async fn pooled(
     };
     let sender = if http2 {
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-        if let Some(o) = http2_options(cluster) {
+        if let Some(o) = &options.http2 {
             if let Some(v) = o.initial_stream_window_size {
                 builder.initial_stream_window_size(v.value);
             }
@@ -231,13 +277,17 @@ async fn pooled(
             .stats
             .counter(&format!("cluster.{}.upstream_cx_http2_total", cluster.name))
             .inc();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let open = OpenStream::new(&streams);
         server
             .http_pools
             .http2
             .lock()
             .unwrap()
-            .insert(key, (id, sender.clone()));
-        Sender::Http2((id, sender))
+            .entry(key)
+            .or_default()
+            .push((id, sender.clone(), streams));
+        Sender::Http2(id, sender, open)
     } else {
         let (sender, c) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
@@ -471,7 +521,7 @@ pub(super) async fn forward(
     tracing::debug!(target: "router", connection = conn, stream = seed, "cluster '{name}' match for URL '{path}'");
     let timeout = route_timeout(route.action, req.headers());
     let retries = Retries::of(route.retry_policy, req.headers());
-    let http2 = upstream_http2(cluster, downstream_http2);
+    let http2 = UpstreamHttp::of(cluster).http2(downstream_http2);
     let (mut parts, body) = req.into_parts();
     for n in [
         "x-envoy-upstream-rq-timeout-ms",
@@ -782,7 +832,7 @@ async fn attempt_once(
     host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
     let active = Active::request(cluster, host);
     let upstream_id = match &sender {
-        Sender::Http1((id, _)) | Sender::Http2((id, _)) => *id,
+        Sender::Http1((id, _)) | Sender::Http2(id, ..) => *id,
     };
     tracing::debug!(target: "router", connection = conn, stream = stream, "pool ready");
     tracing::debug!(target: "router", "Attached upstream connection [C{upstream_id}] to downstream connection [C{conn}]");
@@ -790,9 +840,9 @@ async fn attempt_once(
         match sender {
             Sender::Http1((id, mut s)) => {
                 let r = s.send_request(req).await;
-                (r, Some((id, s)))
+                (r, Some((id, s)), None)
             }
-            Sender::Http2((_, mut s)) => (s.send_request(req).await, None),
+            Sender::Http2(_, mut s, open) => (s.send_request(req).await, None, Some(open)),
         }
     };
     let result = match limit {
@@ -805,12 +855,12 @@ async fn attempt_once(
             drop(active);
             Attempt::PerTryTimeout(host.clone())
         }
-        Some((Err(e), _)) => {
+        Some((Err(e), ..)) => {
             drop(active);
             tracing::debug!(target: "router", connection = conn, "upstream reset: {e}");
             Attempt::Reset(host.clone())
         }
-        Some((Ok(r), sender)) => {
+        Some((Ok(r), sender, open)) => {
             cluster.stats.upstream_rq_completed.inc();
             // An HTTP/1.1 connection goes back to the pool once this response is done.
             if let Some((id, mut s)) = sender {
@@ -826,7 +876,7 @@ async fn attempt_once(
                 inner: body,
                 done: Some(Box::new(move || {
                     tracing::debug!(target: "client", connection = upstream_id, "response complete");
-                    drop(active);
+                    drop((active, open));
                 })),
             };
             Attempt::Response(Response::from_parts(parts, body), host.clone(), began)
