@@ -16,9 +16,31 @@ use std::collections::BTreeMap;
 const FIELDS: &[(&str, &[&str])] = &[
     (
         "envoy.config.bootstrap.v3.Bootstrap",
-        &["node", "static_resources", "admin"],
+        &["node", "static_resources", "admin", "tracing"],
     ),
     ("envoy.config.bootstrap.v3.Admin", &["address"]),
+    // The tracer connection managers without their own use.
+    ("envoy.config.trace.v3.Tracing", &["http"]),
+    ("envoy.config.trace.v3.Tracing.Http", &["name", "typed_config"]),
+    // B3 propagation; spans are not exported (the collector fields are listed).
+    (
+        "envoy.config.trace.v3.ZipkinConfig",
+        &["trace_id_128bit", "shared_span_context"],
+    ),
+    // Span tags (custom_tags) only matter to exported spans, which pilotfish does not send.
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing",
+        &["client_sampling", "random_sampling", "overall_sampling", "provider"],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.RequestIDExtension",
+        &["typed_config"],
+    ),
+    (
+        "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+        &["pack_trace_reason", "use_request_id_for_trace_sampling"],
+    ),
+    ("envoy.config.route.v3.Decorator", &["operation", "propagate"]),
     (
         "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
         &["listeners", "clusters", "secrets"],
@@ -142,6 +164,8 @@ const FIELDS: &[(&str, &[&str])] = &[
             "drain_timeout",
             "common_http_protocol_options",
             "http2_protocol_options",
+            "tracing",
+            "request_id_extension",
         ],
     ),
     // The downstream connection's and its streams' limits.
@@ -370,6 +394,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "redirect",
             "direct_response",
             "typed_per_filter_config",
+            "decorator",
             "request_headers_to_add",
             "request_headers_to_remove",
             "response_headers_to_add",
@@ -619,6 +644,8 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
     "envoy.extensions.filters.http.router.v3.Router",
+    "envoy.config.trace.v3.ZipkinConfig",
+    "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
     "envoy.extensions.filters.http.fault.v3.HTTPFault",
     "envoy.extensions.filters.http.cors.v3.Cors",
     "envoy.extensions.filters.http.cors.v3.CorsPolicy",

@@ -507,7 +507,31 @@ fn normalize(s: &str, ports: &[(u16, &str)]) -> String {
     let uuid =
         regex::Regex::new(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").unwrap();
     let service_time = regex::Regex::new(r"x-envoy-upstream-service-time: \d+").unwrap();
-    let mut s = uuid.replace_all(s, "<uuid>").into_owned();
+    // Kept of a request id: its 15th character, where Envoy packs the trace reason.
+    let mut s = uuid
+        .replace_all(s, |c: &regex::Captures| format!("<uuid:{}>", &c[0][14..15]))
+        .into_owned();
+    // B3 ids made up by the proxy (the tests' own start with "feed").
+    let b3_id = regex::Regex::new(r"\b[0-9a-f]{16}(?:[0-9a-f]{16})?\b").unwrap();
+    s = s
+        .split('\n')
+        .map(|l| {
+            if l.starts_with("x-b3-") || l.starts_with("b3: ") {
+                b3_id
+                    .replace_all(l, |c: &regex::Captures| {
+                        if c[0].starts_with("feed") {
+                            c[0].to_string()
+                        } else {
+                            format!("<id{}>", c[0].len() * 4)
+                        }
+                    })
+                    .into_owned()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
     s = service_time
         .replace_all(&s, "x-envoy-upstream-service-time: <ms>")
         .into_owned();
@@ -531,6 +555,10 @@ fn normalize(s: &str, ports: &[(u16, &str)]) -> String {
     }
     s
 }
+
+/// Istio's tracing of a sidecar's connection manager, with its Zipkin tracer (whose collector
+/// is never reached).
+const TRACING: &str = "          request_id_extension: { typed_config: { \"@type\": type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig, use_request_id_for_trace_sampling: true } }\n          tracing: { client_sampling: { value: 100 }, random_sampling: { value: 1 }, overall_sampling: { value: 100 }, provider: { name: envoy.tracers.zipkin, typed_config: { \"@type\": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: zipkin, collector_endpoint: /api/v2/spans, trace_id_128bit: true, shared_span_context: false, collector_endpoint_version: HTTP_JSON } } }\n";
 
 /// What the timeout scenarios log of each stream.
 const TIMEOUT_LOG: &str = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %BYTES_SENT% %UPSTREAM_HOST% %UPSTREAM_CLUSTER%";
@@ -1293,6 +1321,51 @@ fn scenarios() -> Vec<Scenario> {
                 get("/idle").closes_within(4000),
             ],
             &["http.h.downstream_rq_header_timeout", "http.h.downstream_cx_idle_timeout", "http.h.downstream_rq_4xx"],
+        ),
+        sc(
+            "tracing (inbound): sampling by x-request-id, B3 continued in its form, the decorator on the response",
+            format!(
+                "{}{c0}{}",
+                hcm(&format!("{TRACING}{}", file_log("%REQ(X-REQUEST-ID)% %REQ(X-B3-SAMPLED)% %RESPONSE_CODE%")), &any_host(&format!("{{ match: {{ prefix: \"/nodec\" }}, route: {{ cluster: c }} }}, {{ match: {{ prefix: \"/\" }}, route: {{ cluster: c }}, decorator: {{ operation: \"fortio-server.mark.svc.cluster.local:8080/*\" }} }}"))),
+                cluster("zipkin", &["{R}"], "")
+            ),
+            vec![
+                get("/a").header("x-request-id", "00000063-1234-4234-8234-123456789012"),
+                get("/a").header("x-request-id", "00000064-1234-4234-8234-123456789012"),
+                get("/a").header("x-b3-traceid", "feed000000000001").header("x-b3-spanid", "feed000000000002").header("x-b3-parentspanid", "feed000000000003").header("x-b3-sampled", "0").header("x-client-trace-id", "z"),
+                get("/a").header("b3", "feedfeedfeedfeed000000000000abcd-feed000000000002-1"),
+                get("/nodec").header("x-request-id", "00000001"),
+                get("/nodec").header("x-request-id", "12345678-1234-b234-8234-123456789012").header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+                get("/a").header("x-b3-sampled", "1").header("x-request-id", "00000064-1234-4234-8234-123456789012"),
+            ],
+            &[],
+        ),
+        sc(
+            "tracing (outbound): the decorator goes upstream unless not propagated; overall sampling",
+            format!(
+                "{}{c0}{}",
+                hcm(&TRACING.replace("random_sampling: { value: 1 }", "random_sampling: { value: 100 }").replace("overall_sampling: { value: 100 }", "overall_sampling: { value: 50 }"), &any_host("{ match: { prefix: \"/noprop\" }, route: { cluster: c }, decorator: { operation: np, propagate: false } }, { match: { prefix: \"/\" }, route: { cluster: c }, decorator: { operation: out-op } }"))
+                    .replace("    filter_chains:\n", "    traffic_direction: OUTBOUND\n    filter_chains:\n"),
+                cluster("zipkin", &["{R}"], "")
+            ),
+            vec![
+                get("/a").header("x-request-id", "00000063-1234-4234-8234-123456789012"),
+                get("/a").header("x-request-id", "00001388-1234-9234-8234-123456789012"),
+                get("/noprop").header("x-request-id", "00000063-1234-4234-8234-123456789012"),
+            ],
+            &[],
+        ),
+        sc(
+            "tracing without a tracer: the sampling decision alone",
+            format!(
+                "{}{c0}",
+                hcm("          tracing: { random_sampling: { value: 1 } }\n", &any_host("{ match: { prefix: \"/\" }, route: { cluster: c }, decorator: { operation: op } }"))
+            ),
+            vec![
+                get("/a").header("x-request-id", "00000063-1234-4234-8234-123456789012"),
+                get("/a").header("x-request-id", "00000064-1234-4234-8234-123456789012").header("x-client-trace-id", "z"),
+            ],
+            &[],
         ),
         sc(
             "strip_matching_host_port",

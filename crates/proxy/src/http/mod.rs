@@ -9,6 +9,7 @@ pub mod cors;
 pub mod fault;
 pub mod path;
 pub mod timeouts;
+pub mod trace;
 pub mod upstream;
 
 use crate::access_log::{AccessLog, Entry, HttpEntry, Template};
@@ -126,6 +127,7 @@ pub struct HttpConnectionManagerFilter {
     /// The CORS filter's policies per route, when the chain has the filter.
     cors: Option<PerRoute<cors::Policy>>,
     conn_limits: timeouts::ConnLimits,
+    tracing: Option<trace::Tracing>,
 }
 
 struct FaultFilter {
@@ -203,7 +205,13 @@ pub fn route_configuration(
 }
 
 impl HttpConnectionManagerFilter {
-    pub fn new(set: &ResourceSet, config: HttpConnectionManager, stats: &Store) -> Self {
+    /// `egress`: on an outbound listener (where the route's decorator goes upstream).
+    pub fn new(
+        set: &ResourceSet,
+        config: HttpConnectionManager,
+        stats: &Store,
+        egress: bool,
+    ) -> Self {
         let routes = match route_configuration(set, &config).and_then(|rc| RouteTable::new(&rc)) {
             Ok(t) => Some(Arc::new(t)),
             Err(e) => {
@@ -251,6 +259,7 @@ impl HttpConnectionManagerFilter {
         });
         HttpConnectionManagerFilter {
             conn_limits: timeouts::ConnLimits::of(&config),
+            tracing: trace::Tracing::of(set, &config, egress),
             cors,
             fault,
             stats: HcmStats::new(&config.stat_prefix, stats),
@@ -1004,6 +1013,7 @@ async fn stream(
         received: received.clone(),
         activity: activity.clone(),
         limits: timeouts::Limits::of(&hcm.config, None),
+        decorator: None,
         _slot: slot,
     };
     let stats = &hcm.stats;
@@ -1048,6 +1058,10 @@ async fn stream(
         .max_headers_count()
         .is_some_and(|n| req.headers().len() > n);
     let internal = mutate_request_headers(hcm, info, req.headers_mut(), seed, upgrade.is_some());
+    let traced = hcm
+        .tracing
+        .as_ref()
+        .is_some_and(|t| t.decide(req.headers_mut(), seed));
     // The access log sees the request headers as the connection manager left them (x-request-id,
     // x-forwarded-for, ...), and, once the router has forwarded it, as the upstream got them.
     let received_headers = header_list(req.headers());
@@ -1207,6 +1221,19 @@ async fn stream(
                     if let Some(route::Action::Route(a)) = &rt.action {
                         clock.limits = timeouts::Limits::of(&hcm.config, Some(a));
                     }
+                    // Under tracing, the route's decorator names the operation: on the
+                    // response (inbound), or to the upstream (outbound).
+                    if let (Some(t), Some(d)) = (&hcm.tracing, &rt.decorator) {
+                        if t.decorator_on_response() {
+                            clock.decorator = Some(d.operation.clone());
+                        } else if d.propagate.as_ref().is_none_or(|p| p.value) {
+                            set_header(
+                                req.headers_mut(),
+                                "x-envoy-decorator-operation",
+                                &d.operation,
+                            );
+                        }
+                    }
                     Some(rt)
                 }
                 _ => None,
@@ -1350,6 +1377,9 @@ async fn stream(
                                     &entry,
                                 );
                             }
+                            if let Some(t) = &hcm.tracing {
+                                t.propagate(req.headers_mut(), traced, seed);
+                            }
                             if let Some(h) = entry.http.as_mut() {
                                 h.request_headers = header_list(req.headers());
                                 h.path = new_path.clone();
@@ -1425,6 +1455,8 @@ struct Clock {
     received: Arc<AtomicU64>,
     activity: Arc<timeouts::Activity>,
     limits: timeouts::Limits,
+    /// The operation an inbound stream's response names (x-envoy-decorator-operation).
+    decorator: Option<String>,
     _slot: timeouts::StreamSlot,
 }
 
@@ -1444,6 +1476,7 @@ fn finish(
         received,
         activity,
         limits,
+        decorator,
         _slot,
     } = clock;
     let mut response = outcome.response;
@@ -1474,6 +1507,9 @@ fn finish(
     }
     let refused_408 = response.status() == StatusCode::REQUEST_TIMEOUT;
     let h = response.headers_mut();
+    if let Some(op) = decorator {
+        set_header(h, "x-envoy-decorator-operation", &op);
+    }
     if splice_with.is_none() {
         for name in HOP_BY_HOP {
             h.remove(*name);
