@@ -1326,7 +1326,7 @@ fn scenarios() -> Vec<Scenario> {
             "tracing (inbound): sampling by x-request-id, B3 continued in its form, the decorator on the response",
             format!(
                 "{}{c0}{}",
-                hcm(&format!("{TRACING}{}", file_log("%REQ(X-REQUEST-ID)% %REQ(X-B3-SAMPLED)% %RESPONSE_CODE%")), &any_host(&format!("{{ match: {{ prefix: \"/nodec\" }}, route: {{ cluster: c }} }}, {{ match: {{ prefix: \"/\" }}, route: {{ cluster: c }}, decorator: {{ operation: \"fortio-server.mark.svc.cluster.local:8080/*\" }} }}"))),
+                hcm(&format!("{TRACING}{}", file_log("%REQ(X-REQUEST-ID)% %REQ(X-B3-SAMPLED)% %RESPONSE_CODE%")), &any_host("{ match: { prefix: \"/nodec\" }, route: { cluster: c } }, { match: { prefix: \"/\" }, route: { cluster: c }, decorator: { operation: \"fortio-server.mark.svc.cluster.local:8080/*\" } }")),
                 cluster("zipkin", &["{R}"], "")
             ),
             vec![
