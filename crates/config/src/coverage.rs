@@ -258,6 +258,17 @@ const FIELDS: &[(&str, &[&str])] = &[
         &["delay", "abort", "upstream_cluster", "headers"],
     ),
     ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
+    // Stat names as Envoy 1.40 writes them in /stats whether dots are replaced or not; the
+    // upstream timing stats (enable_upstream_stats) are not kept.
+    (
+        "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+        &[
+            "emit_filter_state",
+            "stats_for_all_methods",
+            "individual_method_stats_allowlist",
+            "replace_dots_in_grpc_service_name",
+        ],
+    ),
     // shadow_enabled, private network access and forwarding unmatched preflights are not
     // implemented.
     (
@@ -649,6 +660,7 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.http.fault.v3.HTTPFault",
     "envoy.extensions.filters.http.cors.v3.Cors",
     "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+    "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",

@@ -1651,3 +1651,184 @@ fn http2_settings_and_stream_resets_as_envoy() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A gRPC server over h2c: `/pkg.Echo/*` answers as many messages as it was sent plus one, then
+/// the status the path's last segment names (`/pkg.Echo/Status5`: grpc-status 5, in the
+/// trailers); `/pkg.Echo/Only*` answers trailers-only.
+fn grpc_upstream() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(s).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        tokio::spawn(async move {
+                            let path = req.uri().path().to_string();
+                            let mut body = req.into_body();
+                            let mut bytes = vec![];
+                            while let Some(Ok(d)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(d.len());
+                                bytes.extend_from_slice(&d);
+                            }
+                            let mut messages = 0;
+                            let mut at = 0;
+                            while at + 5 <= bytes.len() {
+                                let n =
+                                    u32::from_be_bytes(bytes[at + 1..at + 5].try_into().unwrap());
+                                at += 5 + n as usize;
+                                messages += 1;
+                            }
+                            let status = path
+                                .rsplit('/')
+                                .next()
+                                .and_then(|m| m.trim_start_matches("Only").strip_prefix("Status"))
+                                .unwrap_or("0")
+                                .to_string();
+                            let head = hyper::Response::builder()
+                                .header("content-type", "application/grpc");
+                            if path.contains("/Only") {
+                                let r = head.header("grpc-status", status).body(()).unwrap();
+                                let _ = respond.send_response(r, true);
+                                return;
+                            }
+                            let r = head.body(()).unwrap();
+                            let Ok(mut send) = respond.send_response(r, false) else {
+                                return;
+                            };
+                            for _ in 0..=messages {
+                                let _ = send
+                                    .send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"), false);
+                            }
+                            let mut trailers = hyper::HeaderMap::new();
+                            trailers.insert("grpc-status", status.parse().unwrap());
+                            let _ = send.send_trailers(trailers);
+                        });
+                    }
+                });
+            }
+        });
+    });
+    port
+}
+
+/// gRPC calls over h2c: each (path, request messages); what came back of each.
+async fn grpc_calls(port: u16, calls: &[(&str, usize)]) -> Vec<String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut seen = vec![];
+    for (path, messages) in calls {
+        let req = hyper::Request::post(format!("http://example.com{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut send) = client.clone().send_request(req, false).unwrap();
+        for _ in 0..*messages {
+            send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x03abc"), false)
+                .unwrap();
+        }
+        send.send_data(bytes::Bytes::new(), true).unwrap();
+        let Ok(response) = response.await else {
+            seen.push(format!("{path}: reset"));
+            continue;
+        };
+        let status = response.headers().get("grpc-status").cloned();
+        let mut body = response.into_body();
+        let mut n = 0;
+        while let Some(Ok(d)) = body.data().await {
+            let _ = body.flow_control().release_capacity(d.len());
+            n += d.len();
+        }
+        let trailers = body.trailers().await.ok().flatten();
+        let status = status.or_else(|| trailers.and_then(|t| t.get("grpc-status").cloned()));
+        seen.push(format!("{path}: {n} bytes, grpc-status {status:?}"));
+    }
+    seen
+}
+
+#[test]
+fn grpc_stats_as_envoy() {
+    let Some(envoy) = envoy("envoy grpc_stats") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-grpc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream = grpc_upstream();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
+    let calls = [
+        ("/pkg.Echo/Hello", 2),
+        ("/pkg.Echo/Status5", 1),
+        ("/pkg.Echo/OnlyStatus14", 0),
+        ("/other.Svc/Hello", 3),
+        ("/pkg.Echo/Hello", 0),
+    ];
+    let mut failures = vec![];
+    for (name, config) in [
+        ("as Istio configures it", "emit_filter_state: true, stats_for_all_methods: false"),
+        ("unset", ""),
+        ("every method", "stats_for_all_methods: true"),
+        ("an allowlist", "individual_method_stats_allowlist: { services: [{ name: pkg.Echo, method_names: [Hello] }] }"),
+        ("an allowlist, dots replaced", "individual_method_stats_allowlist: { services: [{ name: pkg.Echo, method_names: [Hello, Status5] }] }, replace_dots_in_grpc_service_name: true"),
+    ] {
+        let text = format!(
+            "{}{}",
+            hcm(
+                &file_log("%REQ(:PATH)% %RESPONSE_CODE% %GRPC_STATUS% %FILTER_STATE(envoy.filters.http.grpc_stats)% %FILTER_STATE(envoy.filters.http.grpc_stats:PLAIN)%"),
+                &any_host(&to("/", "g"))
+            )
+            .replace(
+                "          http_filters: [",
+                &format!("          http_filters: [{{ name: envoy.filters.http.grpc_stats, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig, {config} }} }}, "),
+            ),
+            cluster("g", &["{G}"], ", typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: { http2_protocol_options: {} } } }")
+        )
+        .replace("{G}", &upstream.to_string());
+        let mut results = vec![];
+        for (bin, is_envoy) in [(envoy.as_path(), true), (pilotfish, false)] {
+            let r = side_by_side::start(bin, is_envoy, &text, &dir, &format!("grpc-{}-{is_envoy}", name.replace(' ', "-")));
+            let mut seen = rt.block_on(grpc_calls(r.listen, &calls));
+            std::thread::sleep(Duration::from_millis(250));
+            let mut log: Vec<String> = std::fs::read_to_string(&r.access_log)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| format!("log: {l}"))
+                .collect();
+            log.sort();
+            seen.extend(log);
+            let (_, stats) = admin_request(r.admin, "GET", "/stats");
+            let mut grpc: Vec<String> = stats
+                .lines()
+                .filter(|l| l.starts_with("cluster.g.grpc") && !l.ends_with(": 0"))
+                .map(str::to_string)
+                .collect();
+            grpc.sort();
+            seen.extend(grpc);
+            results.push(seen);
+        }
+        if results[0] != results[1] {
+            failures.push(format!(
+                "{name}:\n  envoy {:#?}\n  pilotfish {:#?}",
+                results[0], results[1]
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

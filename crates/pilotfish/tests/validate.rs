@@ -191,20 +191,14 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
             && w.as_str().unwrap().contains("redacted")));
     // What pilotfish does not implement yet is listed, with counts and example paths.
     let gaps = j["not_implemented"].as_array().unwrap();
-    let grpc_stats = gaps
+    let alpn = gaps
         .iter()
-        .find(|g| g["key"] == "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig")
-        .expect("grpc_stats filter listed");
-    assert_eq!(grpc_stats["kind"], "extension");
-    assert_eq!(
-        grpc_stats["names"],
-        serde_json::json!(["envoy.filters.http.grpc_stats"])
-    );
-    assert_eq!(grpc_stats["count"], 4);
-    assert!(grpc_stats["example"]
-        .as_str()
-        .unwrap()
-        .contains(".http_filters["));
+        .find(|g| g["key"] == "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig")
+        .expect("istio.alpn filter listed");
+    assert_eq!(alpn["kind"], "extension");
+    assert_eq!(alpn["names"], serde_json::json!(["istio.alpn"]));
+    assert_eq!(alpn["count"], 22);
+    assert!(alpn["example"].as_str().unwrap().contains(".http_filters["));
     assert!(gaps.iter().any(|g| g["key"]
         == "envoy.config.endpoint.v3.ClusterLoadAssignment.policy"
         && g["kind"] == "field"));
@@ -217,6 +211,10 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
         "envoy.config.route.v3.RouteAction.MaxStreamDuration.max_stream_duration",
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.stream_idle_timeout",
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.http2_protocol_options",
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.tracing",
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.request_id_extension",
+        "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+        "envoy.config.route.v3.Route.decorator",
     ];
     assert!(!gaps
         .iter()
@@ -231,7 +229,7 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
         text.contains("Clusters: 55 (5 static, 50 dynamic)"),
         "{text}"
     );
-    assert!(text.contains("envoy.filters.http.grpc_stats"), "{text}");
+    assert!(text.contains("istio.alpn"), "{text}");
 }
 
 #[test]

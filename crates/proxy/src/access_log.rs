@@ -97,6 +97,45 @@ pub struct HttpEntry {
     pub upstream_transport_failure: Option<String>,
     /// A gRPC request (`content-type: application/grpc...`): its local replies are gRPC.
     pub grpc: bool,
+    pub response_trailers: Vec<(String, String)>,
+    /// A gRPC stream's status: its grpc-status (trailers, else headers), else the one its
+    /// HTTP status stands for.
+    pub grpc_status: Option<u32>,
+    /// The grpc_stats filter's filter state (emit_filter_state): messages (request, response).
+    pub grpc_messages: Option<(u64, u64)>,
+}
+
+/// gRPC status names, as GRPC_STATUS writes them (CAMEL_STRING).
+const GRPC_STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// `DeadlineExceeded` -> `DEADLINE_EXCEEDED` (SNAKE_STRING).
+fn snake(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
 }
 
 impl HttpEntry {
@@ -184,6 +223,9 @@ const KNOWN: &[&str] = &[
     "ROUTE_NAME",
     "UPSTREAM_TRANSPORT_FAILURE_REASON",
     "HOSTNAME",
+    "GRPC_STATUS",
+    "GRPC_STATUS_NUMBER",
+    "FILTER_STATE",
 ];
 
 fn parse(format: &str, unknown: &mut Vec<String>) -> Vec<Piece> {
@@ -223,8 +265,18 @@ fn parse(format: &str, unknown: &mut Vec<String>) -> Vec<Piece> {
         if !text.is_empty() {
             out.push(Piece::Text(std::mem::take(&mut text)));
         }
-        if !KNOWN.contains(&name) && !unknown.iter().any(|u| u == name) {
-            unknown.push(name.to_string());
+        // Of filter states, pilotfish keeps the grpc_stats filter's only.
+        let known = KNOWN.contains(&name)
+            && (name != "FILTER_STATE"
+                || arg
+                    .as_deref()
+                    .is_some_and(|a| a.split(':').next() == Some("envoy.filters.http.grpc_stats")));
+        let shown = match &arg {
+            Some(a) if name == "FILTER_STATE" => format!("{name}({a})"),
+            _ => name.to_string(),
+        };
+        if !known && !unknown.contains(&shown) {
+            unknown.push(shown);
         }
         out.push(Piece::Op(name.to_string(), arg, max));
     }
@@ -432,21 +484,59 @@ fn value(e: &Entry, name: &str, arg: Option<&str>) -> Option<Value> {
         "UPSTREAM_TRANSPORT_FAILURE_REASON" => {
             Value::from(e.http.as_ref()?.upstream_transport_failure.clone()?)
         }
-        // `REQ(A?B)`: header A, else header B; RESP likewise on the response headers.
-        "REQ" | "RESP" => {
+        // `REQ(A?B)`: header A, else header B; RESP and TRAILER likewise on the response's
+        // headers and trailers.
+        "REQ" | "RESP" | "TRAILER" => {
             let h = e.http.as_ref()?;
             let arg = arg?.to_ascii_lowercase();
-            let v = arg.split('?').find_map(|n| {
-                if name == "REQ" {
-                    h.request(n)
-                } else {
-                    h.response_headers
-                        .iter()
-                        .find(|(k, _)| k == n)
-                        .map(|(_, v)| v.clone())
-                }
+            let find = |list: &[(String, String)], n: &str| {
+                list.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())
+            };
+            let v = arg.split('?').find_map(|n| match name {
+                "REQ" => h.request(n),
+                "RESP" => find(&h.response_headers, n),
+                _ => find(&h.response_trailers, n),
             });
             Value::from(v?)
+        }
+        "GRPC_STATUS" | "GRPC_STATUS_NUMBER" => {
+            let code = e.http.as_ref()?.grpc_status?;
+            let camel = GRPC_STATUS_NAMES.get(code as usize).copied();
+            match (name, arg, camel) {
+                ("GRPC_STATUS_NUMBER", ..) | (_, Some("NUMBER"), _) | (_, _, None) => {
+                    Value::from(code)
+                }
+                (_, Some("SNAKE_STRING"), Some(c)) => Value::from(snake(c)),
+                (_, _, Some(c)) => Value::from(c),
+            }
+        }
+        // The one filter state pilotfish keeps: the grpc_stats filter's message counts, as
+        // JSON (zero counts left out, as protobuf's JSON does) or PLAIN (`request,response`).
+        "FILTER_STATE" => {
+            let arg = arg?;
+            let (key, form) = arg.split_once(':').unwrap_or((arg, ""));
+            if key != "envoy.filters.http.grpc_stats" {
+                return None;
+            }
+            let (request, response) = e.http.as_ref()?.grpc_messages?;
+            if form == "PLAIN" {
+                Value::from(format!("{request},{response}"))
+            } else {
+                let mut o = serde_json::Map::new();
+                if request > 0 {
+                    o.insert(
+                        "requestMessageCount".into(),
+                        Value::from(request.to_string()),
+                    );
+                }
+                if response > 0 {
+                    o.insert(
+                        "responseMessageCount".into(),
+                        Value::from(response.to_string()),
+                    );
+                }
+                Value::Object(o)
+            }
         }
         "REQUESTED_SERVER_NAME" => Value::from(e.server_name.clone()?),
         "CONNECTION_ID" => Value::from(e.connection_id),

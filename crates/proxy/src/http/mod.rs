@@ -7,6 +7,7 @@
 
 pub mod cors;
 pub mod fault;
+pub mod grpc_stats;
 pub mod path;
 pub mod timeouts;
 pub mod trace;
@@ -128,6 +129,7 @@ pub struct HttpConnectionManagerFilter {
     cors: Option<PerRoute<cors::Policy>>,
     conn_limits: timeouts::ConnLimits,
     tracing: Option<trace::Tracing>,
+    grpc_stats: Option<grpc_stats::GrpcStats>,
 }
 
 struct FaultFilter {
@@ -260,6 +262,18 @@ impl HttpConnectionManagerFilter {
         HttpConnectionManagerFilter {
             conn_limits: timeouts::ConnLimits::of(&config),
             tracing: trace::Tracing::of(set, &config, egress),
+            grpc_stats: config.http_filters.iter().find_map(|f| {
+                let any = typed(f)?;
+                if !any
+                    .type_url
+                    .ends_with("filters.http.grpc_stats.v3.FilterConfig")
+                {
+                    return None;
+                }
+                Some(grpc_stats::GrpcStats::new(
+                    &pilotfish_config::model::unpack(&any)?,
+                ))
+            }),
             cors,
             fault,
             stats: HcmStats::new(&config.stat_prefix, stats),
@@ -986,6 +1000,17 @@ async fn stream(
 ) -> Response<Body> {
     let received = Arc::new(AtomicU64::new(0));
     let activity = Arc::new(timeouts::Activity::new());
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    // Under the grpc_stats filter a gRPC call's messages are counted both ways.
+    let grpc_call = (grpc && hcm.grpc_stats.is_some()).then(|| GrpcCall {
+        path: req.uri().path().to_string(),
+        messages: Default::default(),
+        server: server.clone(),
+    });
     if hyper::body::Body::is_end_stream(req.body()) {
         activity.request_complete();
     }
@@ -1000,6 +1025,9 @@ async fn stream(
             bytes: received.clone(),
             activity: Some(activity.clone()),
             timer: None,
+            grpc: grpc_call
+                .as_ref()
+                .map(|c| grpc_stats::Frames::new(c.messages[0].clone())),
             _done: None,
         }
         .boxed(),
@@ -1014,6 +1042,7 @@ async fn stream(
         activity: activity.clone(),
         limits: timeouts::Limits::of(&hcm.config, None),
         decorator: None,
+        grpc_call,
         _slot: slot,
     };
     let stats = &hcm.stats;
@@ -1078,11 +1107,7 @@ async fn stream(
         authority: authority.clone(),
         protocol: protocol.into(),
         request_headers: received_headers,
-        grpc: req
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/grpc")),
+        grpc,
         ..Default::default()
     }));
     // Headers beyond max_request_headers_kb (60 KiB by default) are refused with 431.
@@ -1457,7 +1482,16 @@ struct Clock {
     limits: timeouts::Limits,
     /// The operation an inbound stream's response names (x-envoy-decorator-operation).
     decorator: Option<String>,
+    grpc_call: Option<GrpcCall>,
     _slot: timeouts::StreamSlot,
+}
+
+/// A gRPC call the grpc_stats filter counts: its `:path` as received, its messages (request,
+/// response), and where its counters are kept.
+struct GrpcCall {
+    path: String,
+    messages: [Arc<AtomicU64>; 2],
+    server: Arc<Server>,
 }
 
 /// Response headers (the route's mutations, server, ...), counters and the access log entry,
@@ -1477,6 +1511,7 @@ fn finish(
         activity,
         limits,
         decorator,
+        grpc_call,
         _slot,
     } = clock;
     let mut response = outcome.response;
@@ -1575,6 +1610,7 @@ fn finish(
         conn,
         stream,
         _slot,
+        grpc_call,
     };
     if let Some((down, up)) = splice_with {
         splice(down, up, conn);
@@ -1584,11 +1620,16 @@ fn finish(
     let timer = (!timeout)
         .then(|| timeouts::BodyTimer::new(limits, activity.clone()))
         .flatten();
+    let grpc = done
+        .grpc_call
+        .as_ref()
+        .map(|c| grpc_stats::Frames::new(c.messages[1].clone()));
     let body = Counting {
         inner: body,
         bytes: sent,
         activity: Some(activity),
         timer,
+        grpc,
         _done: Some(done),
     };
     Response::from_parts(parts, body.boxed())
@@ -1644,6 +1685,7 @@ struct DoneGuard {
     stream: u64,
     /// The stream stays open on its connection until its response is done.
     _slot: timeouts::StreamSlot,
+    grpc_call: Option<GrpcCall>,
 }
 
 impl Drop for DoneGuard {
@@ -1653,12 +1695,46 @@ impl Drop for DoneGuard {
         stats.downstream_rq_active.dec();
         stats.downstream_rq_completed.inc();
         if let Some(mut e) = self.entry.take() {
+            self.grpc_done(&mut e);
             e.duration = self.began.elapsed();
             e.bytes_received = self.received.load(Ordering::Relaxed);
             e.bytes_sent = self.sent.load(Ordering::Relaxed);
             for l in &self.hcm.logs {
                 l.write(&e);
             }
+        }
+    }
+}
+
+impl DoneGuard {
+    /// A gRPC stream's status for the access log (grpc-status in the trailers, else the
+    /// headers, else what its HTTP status stands for) and the grpc_stats filter's accounting.
+    fn grpc_done(&self, e: &mut Entry) {
+        let code = e.response_code;
+        let cluster = e.upstream_cluster.clone();
+        let Some(h) = e.http.as_mut().filter(|h| h.grpc) else {
+            return;
+        };
+        let find = |list: &[(String, String)]| {
+            list.iter()
+                .find(|(k, _)| k == "grpc-status")
+                .and_then(|(_, v)| v.parse::<u32>().ok())
+        };
+        let given = find(&h.response_trailers).or_else(|| find(&h.response_headers));
+        h.grpc_status = given.or(Some(grpc_status_of(code as u16)));
+        let (Some(call), Some(filter)) = (&self.grpc_call, &self.hcm.grpc_stats) else {
+            return;
+        };
+        let messages = (
+            call.messages[0].load(Ordering::Relaxed),
+            call.messages[1].load(Ordering::Relaxed),
+        );
+        if filter.emit_filter_state && messages.0 + messages.1 > 0 {
+            h.grpc_messages = Some(messages);
+        }
+        // Calls with no cluster (no route) are counted nowhere, as in Envoy.
+        if !cluster.is_empty() {
+            filter.record(&call.server.stats, &cluster, &call.path, given, messages);
         }
     }
 }
@@ -1671,6 +1747,8 @@ struct Counting<B> {
     bytes: Arc<AtomicU64>,
     activity: Option<Arc<timeouts::Activity>>,
     timer: Option<timeouts::BodyTimer>,
+    /// A gRPC call's messages, counted for the grpc_stats filter.
+    grpc: Option<grpc_stats::Frames>,
     _done: Option<DoneGuard>,
 }
 
@@ -1692,6 +1770,15 @@ where
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    if let Some(g) = &mut this.grpc {
+                        g.feed(d);
+                    }
+                }
+                // A response's trailers are for the access log (and a gRPC status).
+                if let (Some(t), Some(done)) = (f.trailers_ref(), &mut this._done) {
+                    if let Some(h) = done.entry.as_mut().and_then(|e| e.http.as_mut()) {
+                        h.response_trailers = header_list(t);
+                    }
                 }
                 if let Some(a) = &this.activity {
                     a.touch();
