@@ -166,7 +166,16 @@ const FIELDS: &[(&str, &[&str])] = &[
             "http2_protocol_options",
             "tracing",
             "request_id_extension",
+            "local_reply_config",
         ],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.LocalReplyConfig",
+        &["mappers", "body_format"],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.ResponseMapper",
+        &["filter", "status_code", "body", "body_format_override", "headers_to_add"],
     ),
     // The downstream connection's and its streams' limits.
     (
@@ -250,7 +259,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", &["log_format"]),
     (
         "envoy.config.core.v3.SubstitutionFormatString",
-        &["text_format", "text_format_source", "json_format"],
+        &["text_format", "text_format_source", "json_format", "content_type"],
     ),
     ("envoy.extensions.filters.http.router.v3.Router", &[]),
     (

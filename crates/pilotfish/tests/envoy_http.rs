@@ -1368,6 +1368,26 @@ fn scenarios() -> Vec<Scenario> {
             &[],
         ),
         sc(
+            "local_reply_config: mappers by status and flag, a text and a JSON body format",
+            format!(
+                "{}{c0}{}",
+                hcm(
+                    &format!("          local_reply_config:\n            mappers:\n            - filter: {{ status_code_filter: {{ comparison: {{ op: EQ, value: {{ default_value: 404, runtime_key: lr404 }} }} }} }}\n              status_code: 410\n              body: {{ inline_string: \"gone here\" }}\n              headers_to_add: [{{ header: {{ key: x-mapped, value: \"%RESPONSE_CODE%\" }}, append_action: OVERWRITE_IF_EXISTS_OR_ADD }}]\n            - filter: {{ response_flag_filter: {{ flags: [UF] }} }}\n              body_format_override: {{ json_format: {{ status: \"%RESPONSE_CODE%\", message: \"%LOCAL_REPLY_BODY%\", flags: \"%RESPONSE_FLAGS%\" }} }}\n            body_format: {{ text_format: \"[%LOCAL_REPLY_BODY%] %RESPONSE_CODE% %REQ(:PATH)%\\n\" }}\n{}", file_log("%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %LOCAL_REPLY_BODY%")),
+                    &any_host("{ match: { prefix: \"/refused\" }, route: { cluster: r } }, { match: { prefix: \"/direct\" }, direct_response: { status: 503, body: { inline_string: down } } }, { match: { prefix: \"/redirect\" }, redirect: { path_redirect: /elsewhere } }, { match: { prefix: \"/ok\" }, route: { cluster: c } }")
+                ),
+                cluster("r", &["{R}"], "")
+            ),
+            vec![
+                get("/nowhere"),
+                get("/refused"),
+                get("/direct"),
+                get("/redirect"),
+                get("/ok"),
+                get("/nowhere").header("content-type", "application/grpc"),
+            ],
+            &["http.h.downstream_rq_4xx", "http.h.downstream_rq_5xx"],
+        ),
+        sc(
             "strip_matching_host_port",
             format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
             vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],

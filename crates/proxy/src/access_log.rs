@@ -3,7 +3,7 @@
 //! `json_format` of the file logger) and the command operators a TCP connection has values for.
 //! An operator pilotfish does not know is named at start-up and printed as `-`.
 
-mod filter;
+pub(crate) mod filter;
 
 use crate::log::timestamp;
 use pilotfish_api::pb::envoy::config::accesslog::v3::{access_log, AccessLog as AccessLogConfig};
@@ -103,6 +103,8 @@ pub struct HttpEntry {
     pub grpc_status: Option<u32>,
     /// The grpc_stats filter's filter state (emit_filter_state): messages (request, response).
     pub grpc_messages: Option<(u64, u64)>,
+    /// A local reply's body, before local_reply_config formats it (LOCAL_REPLY_BODY).
+    pub local_reply_body: Option<String>,
 }
 
 /// gRPC status names, as GRPC_STATUS writes them (CAMEL_STRING).
@@ -226,6 +228,7 @@ const KNOWN: &[&str] = &[
     "GRPC_STATUS",
     "GRPC_STATUS_NUMBER",
     "FILTER_STATE",
+    "LOCAL_REPLY_BODY",
 ];
 
 fn parse(format: &str, unknown: &mut Vec<String>) -> Vec<Piece> {
@@ -499,6 +502,13 @@ fn value(e: &Entry, name: &str, arg: Option<&str>) -> Option<Value> {
             });
             Value::from(v?)
         }
+        // Empty outside a local reply's body format, as in Envoy's access logs.
+        "LOCAL_REPLY_BODY" => Value::from(
+            e.http
+                .as_ref()
+                .and_then(|h| h.local_reply_body.clone())
+                .unwrap_or_default(),
+        ),
         "GRPC_STATUS" | "GRPC_STATUS_NUMBER" => {
             let code = e.http.as_ref()?.grpc_status?;
             let camel = GRPC_STATUS_NAMES.get(code as usize).copied();
@@ -598,33 +608,73 @@ fn render(pieces: &[Piece], e: &Entry) -> (String, Option<Value>) {
     (out, None)
 }
 
+/// A SubstitutionFormatString as a local reply's body uses it (local_reply_config): the body
+/// it renders, and its content type.
+pub struct BodyFormat {
+    format: Format,
+    content_type: String,
+}
+
+impl BodyFormat {
+    /// The format, and the operators in it pilotfish does not know.
+    pub fn new(f: &SubstitutionFormatString) -> Result<(BodyFormat, Vec<String>), String> {
+        let mut unknown = vec![];
+        let format = substitution(f, &mut unknown)?;
+        let content_type = match (&format, f.content_type.as_str()) {
+            (_, t) if !t.is_empty() => t.to_string(),
+            (Format::Json(_), _) => "application/json".into(),
+            (Format::Text(_), _) => "text/plain".into(),
+        };
+        Ok((
+            BodyFormat {
+                format,
+                content_type,
+            },
+            unknown,
+        ))
+    }
+
+    pub fn render(&self, e: &Entry) -> String {
+        line(&self.format, e)
+    }
+
+    pub fn content_type(&self) -> &str {
+        &self.content_type
+    }
+}
+
+/// An entry written in `format` (a JSON one as one line).
+fn line(format: &Format, e: &Entry) -> String {
+    match format {
+        Format::Text(p) => render(p, e).0,
+        Format::Json(fields) => {
+            let mut obj = serde_json::Map::new();
+            for (k, p) in fields {
+                let (text, typed) = render(p, e);
+                let v = typed.unwrap_or(Value::String(text));
+                // Nested keys (a.b) become nested objects.
+                let mut target = &mut obj;
+                let parts: Vec<&str> = k.split('.').collect();
+                for part in &parts[..parts.len() - 1] {
+                    target = target
+                        .entry(part.to_string())
+                        .or_insert_with(|| Value::Object(Default::default()))
+                        .as_object_mut()
+                        .unwrap();
+                }
+                target.insert(parts[parts.len() - 1].to_string(), v);
+            }
+            format!("{}\n", Value::Object(obj))
+        }
+    }
+}
+
 impl AccessLog {
     pub fn write(&self, e: &Entry) {
         if self.filter.as_ref().is_some_and(|f| !f.evaluate(e)) {
             return;
         }
-        let line = match &self.format {
-            Format::Text(p) => render(p, e).0,
-            Format::Json(fields) => {
-                let mut obj = serde_json::Map::new();
-                for (k, p) in fields {
-                    let (text, typed) = render(p, e);
-                    let v = typed.unwrap_or(Value::String(text));
-                    // Nested keys (a.b) become nested objects.
-                    let mut target = &mut obj;
-                    let parts: Vec<&str> = k.split('.').collect();
-                    for part in &parts[..parts.len() - 1] {
-                        target = target
-                            .entry(part.to_string())
-                            .or_insert_with(|| Value::Object(Default::default()))
-                            .as_object_mut()
-                            .unwrap();
-                    }
-                    target.insert(parts[parts.len() - 1].to_string(), v);
-                }
-                format!("{}\n", Value::Object(obj))
-            }
-        };
+        let line = line(&self.format, e);
         match &self.sink {
             Sink::File(f) => {
                 if let Ok(mut f) = f.lock() {

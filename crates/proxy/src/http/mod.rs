@@ -130,6 +130,124 @@ pub struct HttpConnectionManagerFilter {
     conn_limits: timeouts::ConnLimits,
     tracing: Option<trace::Tracing>,
     grpc_stats: Option<grpc_stats::GrpcStats>,
+    local_reply: Option<LocalReply>,
+}
+
+/// local_reply_config: how the connection manager's own replies are rewritten, by the first
+/// mapper whose filter matches, then formatted.
+struct LocalReply {
+    mappers: Vec<Mapper>,
+    body_format: Option<crate::access_log::BodyFormat>,
+}
+
+struct Mapper {
+    filter: crate::access_log::filter::Filter,
+    status: Option<u16>,
+    body: Option<String>,
+    body_format: Option<crate::access_log::BodyFormat>,
+    headers_to_add: Vec<HeaderValueOption>,
+}
+
+impl LocalReply {
+    fn new(
+        c: &pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::LocalReplyConfig,
+        warn: &mut Vec<String>,
+    ) -> LocalReply {
+        let format =
+            |f: Option<&pilotfish_api::pb::envoy::config::core::v3::SubstitutionFormatString>,
+             warn: &mut Vec<String>| {
+                match crate::access_log::BodyFormat::new(f?) {
+                    Ok((b, unknown)) => {
+                        warn.extend(unknown.into_iter().map(|u| {
+                            format!("local_reply_config: operator {u} is not implemented")
+                        }));
+                        Some(b)
+                    }
+                    Err(e) => {
+                        warn.push(format!("local_reply_config: {e}"));
+                        None
+                    }
+                }
+            };
+        let body_format = format(c.body_format.as_ref(), warn);
+        let mappers = c
+            .mappers
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mut unsupported = vec![];
+                let filter = crate::access_log::filter::Filter::new(
+                    m.filter.as_ref().unwrap_or(&Default::default()),
+                    &format!("local_reply_config.mappers[{i}].filter"),
+                    &mut unsupported,
+                );
+                warn.extend(unsupported);
+                Mapper {
+                    filter,
+                    status: m.status_code.as_ref().map(|v| v.value as u16),
+                    body: m.body.as_ref().and_then(|d| match &d.specifier {
+                        Some(pilotfish_api::pb::envoy::config::core::v3::data_source::Specifier::InlineString(s)) => Some(s.clone()),
+                        Some(pilotfish_api::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                        Some(pilotfish_api::pb::envoy::config::core::v3::data_source::Specifier::Filename(p)) => std::fs::read_to_string(p).ok(),
+                        _ => None,
+                    }),
+                    body_format: format(m.body_format_override.as_ref(), warn),
+                    headers_to_add: m.headers_to_add.clone(),
+                }
+            })
+            .collect();
+        LocalReply {
+            mappers,
+            body_format,
+        }
+    }
+
+    /// Rewrites a local reply (`body` its text) as configured; `entry` is the stream as it
+    /// stands, its response code the reply's. The reply, and its body as sent.
+    fn apply(
+        &self,
+        response: Response<Body>,
+        body: &str,
+        entry: &mut Entry,
+    ) -> (Response<Body>, String) {
+        let (mut parts, _) = response.into_parts();
+        let mut text = body.to_string();
+        let mut format = self.body_format.as_ref();
+        if let Some(m) = self.mappers.iter().find(|m| m.filter.evaluate(entry)) {
+            // Header values see the reply as it was.
+            apply_headers(&mut parts.headers, &m.headers_to_add, &[], entry);
+            if let Some(s) = m.status.and_then(|s| StatusCode::from_u16(s).ok()) {
+                parts.status = s;
+                entry.response_code = s.as_u16() as u32;
+            }
+            if let Some(b) = &m.body {
+                text = b.clone();
+            }
+            format = m.body_format.as_ref().or(format);
+        }
+        let mut content_type = (!text.is_empty()).then_some("text/plain");
+        if let Some(f) = format {
+            // LOCAL_REPLY_BODY is the reply's body while it is formatted, not in access logs.
+            if let Some(h) = entry.http.as_mut() {
+                h.local_reply_body = Some(text);
+            }
+            text = f.render(entry);
+            if let Some(h) = entry.http.as_mut() {
+                h.local_reply_body = None;
+            }
+            content_type = Some(f.content_type());
+        }
+        parts.headers.remove("content-type");
+        if let Some(t) = content_type.and_then(|t| HeaderValue::from_str(t).ok()) {
+            parts.headers.insert("content-type", t);
+        }
+        if !text.is_empty() || parts.headers.contains_key("content-length") {
+            parts
+                .headers
+                .insert("content-length", HeaderValue::from(text.len()));
+        }
+        (Response::from_parts(parts, full(text.clone())), text)
+    }
 }
 
 struct FaultFilter {
@@ -262,6 +380,14 @@ impl HttpConnectionManagerFilter {
         HttpConnectionManagerFilter {
             conn_limits: timeouts::ConnLimits::of(&config),
             tracing: trace::Tracing::of(set, &config, egress),
+            local_reply: config.local_reply_config.as_ref().map(|c| {
+                let mut warnings = vec![];
+                let l = LocalReply::new(c, &mut warnings);
+                for w in warnings {
+                    tracing::warn!(target: "config", "http_connection_manager '{}': {w}", config.stat_prefix);
+                }
+                l
+            }),
             grpc_stats: config.http_filters.iter().find_map(|f| {
                 let any = typed(f)?;
                 if !any
@@ -1515,15 +1641,6 @@ fn finish(
         _slot,
     } = clock;
     let mut response = outcome.response;
-    // A gRPC request's local reply is gRPC: 200, its status in grpc-status, its text in
-    // grpc-message.
-    if let Some(text) = outcome
-        .local_text
-        .as_deref()
-        .filter(|_| entry.http.as_ref().is_some_and(|h| h.grpc))
-    {
-        response = grpc_local_reply(response, text);
-    }
     entry.flags = outcome.flags;
     entry.upstream_cluster = outcome.cluster;
     entry.upstream_host = outcome.upstream_host;
@@ -1531,6 +1648,22 @@ fn finish(
     if let Some(h) = entry.http.as_mut() {
         h.details = outcome.details;
         h.upstream_transport_failure = outcome.transport_failure;
+    }
+    let mut local_text = outcome.local_text;
+    // local_reply_config rewrites the connection manager's own replies.
+    if let (Some(l), Some(text)) = (&hcm.local_reply, local_text.as_mut()) {
+        entry.response_code = response.status().as_u16() as u32;
+        let (r, sent) = l.apply(response, text, &mut entry);
+        response = r;
+        *text = sent;
+    }
+    // A gRPC request's local reply is gRPC: 200, its status in grpc-status, its text in
+    // grpc-message.
+    if let Some(text) = local_text
+        .as_deref()
+        .filter(|_| entry.http.as_ref().is_some_and(|h| h.grpc))
+    {
+        response = grpc_local_reply(response, text);
     }
     for m in &route_levels {
         apply_headers(
@@ -1660,8 +1793,21 @@ fn grpc_local_reply(r: Response<Body>, text: &str) -> Response<Body> {
     h.insert("content-type", HeaderValue::from_static("application/grpc"));
     h.insert("grpc-status", HeaderValue::from(grpc_status_of(status)));
     if !text.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(text) {
+        if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(text)) {
             h.insert("grpc-message", v);
+        }
+    }
+    out
+}
+
+/// grpc-message as gRPC encodes it: bytes outside printable ASCII, and `%`, as `%XX`.
+fn grpc_percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
         }
     }
     out

@@ -139,32 +139,40 @@ impl UpstreamHttp {
 }
 
 /// Why an upstream request got no response, and Envoy's local reply for it.
-fn failure_reply(e: &ConnectError) -> (u16, String, &'static str, &'static str) {
+fn failure_reply(e: &ConnectError) -> (u16, String, &'static str, String) {
     match e {
-        ConnectError::NoHealthyHost => (503, "no healthy upstream".into(), "UH", "no_healthy_upstream"),
+        ConnectError::NoHealthyHost => (503, "no healthy upstream".into(), "UH", "no_healthy_upstream".into()),
         ConnectError::Overflow | ConnectError::PendingOverflow => (
             503,
             "upstream connect error or disconnect/reset before headers. reset reason: overflow".into(),
             "UO",
-            "upstream_reset_before_response_started{overflow}",
+            "upstream_reset_before_response_started{overflow}".into(),
         ),
         ConnectError::Timeout(_) => (
             503,
             "upstream connect error or disconnect/reset before headers. reset reason: connection timeout".into(),
             "UF",
-            "upstream_reset_before_response_started{connection_timeout}",
+            "upstream_reset_before_response_started{connection_timeout}".into(),
         ),
-        ConnectError::Failed(..) => (
+        ConnectError::Failed(_, err) => (
             503,
             "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".into(),
             "UF",
-            "upstream_reset_before_response_started{remote_connection_failure}",
+            // The socket's own reason, as Envoy 1.40 adds it (spaces made underscores).
+            match err.raw_os_error() {
+                Some(code) => {
+                    let text = std::io::Error::from_raw_os_error(code).to_string();
+                    let text = text.split(" (os error").next().unwrap_or("").replace(' ', "_");
+                    format!("upstream_reset_before_response_started{{remote_connection_failure|delayed_connect_error:_{text}}}")
+                }
+                None => "upstream_reset_before_response_started{remote_connection_failure}".into(),
+            },
         ),
         ConnectError::Tls(_, err) => (
             503,
             format!("upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error:|{err}"),
             "UF",
-            "upstream_reset_before_response_started{remote_connection_failure}",
+            "upstream_reset_before_response_started{remote_connection_failure}".into(),
         ),
     }
 }
@@ -798,7 +806,7 @@ pub(super) async fn forward(
         ),
         Attempt::ConnectFailed(e, host) => {
             let (status, body, flag, details) = failure_reply(&e);
-            let mut o = failure(status, &body, flag, details, host.as_ref(), &mut flags);
+            let mut o = failure(status, &body, flag, &details, host.as_ref(), &mut flags);
             // A circuit breaker's refusal says the cluster is overloaded.
             if matches!(e, ConnectError::Overflow | ConnectError::PendingOverflow) {
                 o.response
