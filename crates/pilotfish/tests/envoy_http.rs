@@ -1852,3 +1852,65 @@ fn grpc_stats_as_envoy() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn requests_wait_for_a_connection_at_max_connections_as_in_envoy() {
+    let Some(envoy) = envoy("envoy max_connections") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-maxcx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let u0 = http_upstream("u0");
+    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
+    let text = format!(
+        "{}{}",
+        hcm("", &any_host(&to("/", "c"))),
+        cluster(
+            "c",
+            &["{U0}"],
+            ", circuit_breakers: { thresholds: [{ max_connections: 1 }] }"
+        )
+    )
+    .replace("{U0}", &u0.to_string());
+    let mut results = vec![];
+    for (bin, is_envoy) in [(envoy.as_path(), true), (pilotfish, false)] {
+        let r = side_by_side::start(bin, is_envoy, &text, &dir, &format!("maxcx-{is_envoy}"));
+        // Three requests at once, each on its own downstream connection; one upstream
+        // connection may carry them, one after the other.
+        let clients: Vec<_> = (0..3)
+            .map(|i| {
+                let port = r.listen;
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(i * 30));
+                    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    write!(s, "GET /delay/300 HTTP/1.1\r\nhost: example.com\r\n\r\n").unwrap();
+                    let mut r = BufReader::new(s);
+                    read_response(&mut r, false)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                })
+            })
+            .collect();
+        let mut seen: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        seen.sort();
+        let stats = side_by_side::stat_values(
+            r.admin,
+            &[
+                "cluster.c.upstream_cx_total",
+                "cluster.c.upstream_cx_overflow",
+                "cluster.c.upstream_rq_pending_total",
+                "cluster.c.upstream_rq_total",
+                "cluster.c.upstream_rq_pending_overflow",
+            ],
+            str::to_string,
+        );
+        seen.push(format!("{stats:?}"));
+        results.push(seen);
+    }
+    assert_eq!(results[0], results[1], "envoy, then pilotfish");
+    assert_eq!(results[1][..3], ["200", "200", "200"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -667,8 +667,10 @@ impl Cluster {
         }
     }
 
-    /// A new connection to `host` for an HTTP pool, within `max_connections`.
-    pub async fn connect_host(
+    /// A connection for a host's HTTP pool, which has waited its turn under max_connections
+    /// already: over the limit (a host without connections) it counts the overflow and
+    /// connects all the same.
+    pub async fn connect_host_anyway(
         self: &Arc<Self>,
         host: Arc<Host>,
         conn: u64,
@@ -676,7 +678,6 @@ impl Cluster {
     ) -> Result<Upstream, ConnectError> {
         if self.stats.upstream_cx_active.get() >= self.thresholds[0].max_connections {
             self.stats.upstream_cx_overflow.inc();
-            return Err(ConnectError::Overflow);
         }
         let result = self.connect_to(host, conn, upstream_id).await;
         self.update_breakers();

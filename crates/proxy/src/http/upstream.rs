@@ -62,17 +62,68 @@ type HostKey = (String, String);
 pub struct Pools {
     http1: Mutex<HashMap<HostKey, Vec<Http1>>>,
     http2: Mutex<HashMap<HostKey, Vec<Http2>>>,
+    /// Woken when one of the host's HTTP/1.1 connections is idle again, for the requests
+    /// waiting on it (the cluster at max_connections).
+    freed: Mutex<HashMap<HostKey, Arc<Waiters>>>,
+}
+
+/// The requests waiting for a host's HTTP/1.1 connection, and their wake-up.
+#[derive(Default)]
+struct Waiters {
+    freed: tokio::sync::Notify,
+    count: AtomicUsize,
+}
+
+/// A request counted among the waiters until it stops waiting (or is given up).
+struct Waiting(Arc<Waiters>);
+
+impl Waiting {
+    fn new(w: Arc<Waiters>) -> Waiting {
+        w.count.fetch_add(1, Ordering::Relaxed);
+        Waiting(w)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pools {
     /// An HTTP/1.1 connection is idle again: the next request to its host may take it.
     fn release(&self, key: HostKey, sender: Http1) {
+        let waiting = self.freed.lock().unwrap().get(&key).cloned();
         self.http1
             .lock()
             .unwrap()
             .entry(key)
             .or_default()
             .push(sender);
+        if let Some(w) = waiting {
+            w.freed.notify_one();
+        }
+    }
+
+    /// An idle HTTP/1.1 connection to the host, if one is ready.
+    fn idle_http1(&self, key: &HostKey) -> Option<Http1> {
+        let mut idle = self.http1.lock().unwrap();
+        let list = idle.get_mut(key)?;
+        while let Some((id, s)) = list.pop() {
+            if s.is_ready() {
+                return Some((id, s));
+            }
+        }
+        None
+    }
+
+    fn waiters(&self, key: &HostKey) -> Arc<Waiters> {
+        self.freed
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone()
     }
 }
 
@@ -238,21 +289,46 @@ async fn pooled(
                 return Ok(Sender::Http2(*id, s.clone(), OpenStream::new(streams)));
             }
         }
-    } else {
-        let mut idle = server.http_pools.http1.lock().unwrap();
-        if let Some(list) = idle.get_mut(&key) {
-            while let Some((id, s)) = list.pop() {
-                if s.is_ready() {
-                    tracing::debug!(target: "pool", connection = id, "using existing fully connected connection");
-                    tracing::debug!(target: "pool", connection = id, "creating stream");
-                    return Ok(Sender::Http1((id, s)));
-                }
-            }
-        }
+    } else if let Some((id, s)) = server.http_pools.idle_http1(&key) {
+        tracing::debug!(target: "pool", connection = id, "using existing fully connected connection");
+        tracing::debug!(target: "pool", connection = id, "creating stream");
+        return Ok(Sender::Http1((id, s)));
     }
     // A request waiting for its connection is pending: max_pending_requests bounds those.
     if cluster.stats.upstream_rq_pending_active.get() >= limits.max_pending_requests {
         return Err(overflow());
+    }
+    // At max_connections a request waits for one of the host's connections to be free, as in
+    // Envoy's pool; a host with none gets one all the same.
+    let at_limit = || cluster.stats.upstream_cx_active.get() >= limits.max_connections;
+    if !http2 && at_limit() && host.stats.cx_active.load(Ordering::Relaxed) > 0 {
+        cluster.stats.upstream_cx_overflow.inc();
+        cluster.stats.upstream_rq_pending_total.inc();
+        let _pending = Active::pending(cluster);
+        tracing::debug!(target: "pool", "queueing stream due to no available connections (at max_connections)");
+        let waiting = Waiting::new(server.http_pools.waiters(&key));
+        let waiters = &waiting.0;
+        let got = loop {
+            let woken = waiters.freed.notified();
+            if let Some(c) = server.http_pools.idle_http1(&key) {
+                break Some(c);
+            }
+            if !at_limit() || host.stats.cx_active.load(Ordering::Relaxed) == 0 {
+                break None;
+            }
+            // A connection that closes frees a place without a wake-up: look again soon.
+            let _ = tokio::time::timeout(Duration::from_millis(50), woken).await;
+        };
+        // Envoy's pool counts an overflow each time a freed connection leaves requests waiting.
+        if got.is_some() && waiters.count.load(Ordering::Relaxed) > 1 {
+            cluster.stats.upstream_cx_overflow.inc();
+        }
+        drop(waiting);
+        if let Some((id, s)) = got {
+            tracing::debug!(target: "pool", connection = id, "attaching to next stream");
+            tracing::debug!(target: "pool", connection = id, "creating stream");
+            return Ok(Sender::Http1((id, s)));
+        }
     }
     tracing::debug!(target: "pool", "queueing stream due to no available connections (ready=0 busy=0 connecting=0)");
     tracing::debug!(target: "pool", "trying to create new connection");
@@ -260,7 +336,7 @@ async fn pooled(
     let id = server.next_connection_id();
     cluster.stats.upstream_rq_pending_total.inc();
     let pending = Active::pending(cluster);
-    let up = cluster.connect_host(host.clone(), conn, id).await;
+    let up = cluster.connect_host_anyway(host.clone(), conn, id).await;
     drop(pending);
     let up = up?;
     let io = TokioIo::new(up);
