@@ -177,12 +177,13 @@ const FIELDS: &[(&str, &[&str])] = &[
         "envoy.extensions.filters.network.http_connection_manager.v3.ResponseMapper",
         &["filter", "status_code", "body", "body_format_override", "headers_to_add"],
     ),
-    // The downstream connection's and its streams' limits.
+    // A connection's and its streams' limits (the last two downstream only, see ONLY_WHERE).
     (
         "envoy.config.core.v3.HttpProtocolOptions",
         &[
             "idle_timeout",
             "max_connection_duration",
+            "max_requests_per_connection",
             "max_headers_count",
             "max_stream_duration",
         ],
@@ -529,7 +530,11 @@ const FIELDS: &[(&str, &[&str])] = &[
     // are not read (listed when set).
     (
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        &["explicit_http_config", "use_downstream_protocol_config"],
+        &[
+            "explicit_http_config",
+            "use_downstream_protocol_config",
+            "common_http_protocol_options",
+        ],
     ),
     (
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
@@ -652,6 +657,21 @@ const FIELDS: &[(&str, &[&str])] = &[
     (
         "envoy.config.endpoint.v3.Endpoint",
         &["address", "hostname"],
+    ),
+];
+
+/// Fields of a message both sides of the proxy use that pilotfish implements on one side only:
+/// (field, how the path of the side it implements ends). Elsewhere they are listed.
+const ONLY_WHERE: &[(&str, &str)] = &[
+    // The connection manager's; upstream, a response's header count and a stream's duration
+    // are not limited.
+    (
+        "envoy.config.core.v3.HttpProtocolOptions.max_headers_count",
+        ".typed_config.common_http_protocol_options",
+    ),
+    (
+        "envoy.config.core.v3.HttpProtocolOptions.max_stream_duration",
+        ".typed_config.common_http_protocol_options",
     ),
 ];
 
@@ -787,7 +807,10 @@ fn visit(msg: &DynamicMessage, path: &str, acc: &mut BTreeMap<(u8, String), Gap>
     for (field, value) in msg.fields() {
         let fpath = join(path, field.name());
         if let Some(allowed) = allowed {
-            if !allowed.contains(&field.name()) {
+            let elsewhere = ONLY_WHERE
+                .iter()
+                .any(|(f, end)| *f == field.full_name() && !path.ends_with(end));
+            if !allowed.contains(&field.name()) || elsewhere {
                 record(
                     acc,
                     GapKind::Field,

@@ -377,25 +377,25 @@ static_resources:
 
     #[test]
     fn what_maps_hold_is_walked_too() {
-        // typed_extension_protocol_options: the upstream HTTP options inside are checked.
-        let text = BASE.replace("ROUTES", "route_config: { name: r }").replace(
+        // typed_extension_protocol_options: the upstream HTTP options inside are checked, and
+        // a field implemented downstream only is listed there.
+        let text = BASE.replace("ROUTES", "common_http_protocol_options: { max_headers_count: 50 }\n          route_config: { name: r }").replace(
             "    type: EDS\n",
-            "    type: EDS\n    typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, common_http_protocol_options: { idle_timeout: 1s }, explicit_http_config: { http2_protocol_options: { max_concurrent_streams: 9 } } } }\n",
+            "    type: EDS\n    typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, common_http_protocol_options: { idle_timeout: 1s, max_headers_count: 50 }, explicit_http_config: { http2_protocol_options: { max_concurrent_streams: 9 } } } }\n",
         );
         let cfg = load_str("t.yaml", &text, None).unwrap();
         let gaps = coverage::gaps(&cfg.resources);
-        let common = gaps
+        let headers = gaps
             .iter()
-            .find(|g| {
-                g.key
-                    .ends_with("HttpProtocolOptions.common_http_protocol_options")
-            })
+            .find(|g| g.key.ends_with("HttpProtocolOptions.max_headers_count"))
             .expect("listed");
         assert_eq!(
-            common.example,
-            "static_resources.clusters[0].typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].common_http_protocol_options"
+            headers.example,
+            "static_resources.clusters[0].typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].common_http_protocol_options.max_headers_count"
         );
+        assert_eq!(headers.count, 1);
         assert!(!gaps.iter().any(|g| g.key.contains("Http2ProtocolOptions")));
+        assert!(!gaps.iter().any(|g| g.key.ends_with("idle_timeout")));
     }
 
     #[test]

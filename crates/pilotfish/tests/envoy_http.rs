@@ -1388,6 +1388,23 @@ fn scenarios() -> Vec<Scenario> {
             &["http.h.downstream_rq_4xx", "http.h.downstream_rq_5xx"],
         ),
         sc(
+            "connection pools: max_requests_per_connection both ways, an upstream idle_timeout",
+            format!(
+                "{}{}{}",
+                hcm("          common_http_protocol_options: { max_requests_per_connection: 2 }\n", &any_host(&format!("{{ match: {{ prefix: \"/elsewhere/\" }}, route: {{ cluster: d, prefix_rewrite: \"/\" }} }}, {}", to("/", "c")))),
+                cluster("c", &["{U0}"], ", typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, common_http_protocol_options: { idle_timeout: 0.3s, max_requests_per_connection: 2 }, explicit_http_config: { http_protocol_options: {} } } }"),
+                cluster("d", &["{U1}"], "")
+            ),
+            vec![
+                get("/1"),
+                get("/2").again(),
+                get("/3"),
+                get("/elsewhere/delay/800"),
+                get("/4"),
+            ],
+            &["cluster.c.upstream_cx_total", "cluster.c.upstream_cx_max_requests", "cluster.c.upstream_cx_idle_timeout", "http.h.downstream_cx_max_requests_reached"],
+        ),
+        sc(
             "strip_matching_host_port",
             format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
             vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],

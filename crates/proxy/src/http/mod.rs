@@ -77,6 +77,7 @@ struct HcmStats {
     downstream_rq_too_many_headers: Arc<Stat>,
     downstream_cx_idle_timeout: Arc<Stat>,
     downstream_cx_max_duration_reached: Arc<Stat>,
+    downstream_cx_max_requests_reached: Arc<Stat>,
 }
 
 impl HcmStats {
@@ -109,6 +110,7 @@ impl HcmStats {
             downstream_rq_too_many_headers: c("downstream_rq_too_many_headers"),
             downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
             downstream_cx_max_duration_reached: c("downstream_cx_max_duration_reached"),
+            downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
         }
     }
 }
@@ -501,10 +503,13 @@ pub async fn serve(
             match why {
                 timeouts::Drain::Idle => hcm.stats.downstream_cx_idle_timeout.inc(),
                 timeouts::Drain::MaxDuration => hcm.stats.downstream_cx_max_duration_reached.inc(),
+                // Counted by the stream that reached it.
+                timeouts::Drain::MaxRequests => {}
             }
             tracing::debug!(target: "connection", connection = conn, "{} reached: draining", match why {
                 timeouts::Drain::Idle => "idle timeout",
                 timeouts::Drain::MaxDuration => "max connection duration",
+                timeouts::Drain::MaxRequests => "max requests per connection",
             });
             None
         }
@@ -1169,9 +1174,19 @@ async fn stream(
         limits: timeouts::Limits::of(&hcm.config, None),
         decorator: None,
         grpc_call,
+        last_on_connection: false,
         _slot: slot,
     };
     let stats = &hcm.stats;
+    // The last request max_requests_per_connection allows: its response closes the connection.
+    if hcm
+        .conn_limits
+        .max_requests
+        .is_some_and(|m| clock._slot.requests() == m)
+    {
+        stats.downstream_cx_max_requests_reached.inc();
+        clock.last_on_connection = true;
+    }
     stats.downstream_rq_total.inc();
     stats.downstream_rq_active.inc();
     let http2 = req.version() == hyper::Version::HTTP_2;
@@ -1609,6 +1624,8 @@ struct Clock {
     /// The operation an inbound stream's response names (x-envoy-decorator-operation).
     decorator: Option<String>,
     grpc_call: Option<GrpcCall>,
+    /// The connection's last stream (max_requests_per_connection): its response says close.
+    last_on_connection: bool,
     _slot: timeouts::StreamSlot,
 }
 
@@ -1638,6 +1655,7 @@ fn finish(
         limits,
         decorator,
         grpc_call,
+        last_on_connection,
         _slot,
     } = clock;
     let mut response = outcome.response;
@@ -1698,6 +1716,7 @@ fn finish(
     ]
     .contains(&details_of(&entry))
         || (timeout && refused_408)
+        || last_on_connection
     {
         h.insert("connection", HeaderValue::from_static("close"));
     }

@@ -220,6 +220,8 @@ impl BodyTimer {
 pub(crate) struct ConnStreams {
     began: Instant,
     active: AtomicUsize,
+    /// Streams it has carried.
+    pub requests: AtomicU64,
     /// Nanoseconds from `began` to when the last stream ended.
     idle_since: AtomicU64,
 }
@@ -229,6 +231,7 @@ impl ConnStreams {
         Arc::new(ConnStreams {
             began: Instant::now(),
             active: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
         })
     }
@@ -236,6 +239,7 @@ impl ConnStreams {
     /// Counts a stream open until the slot is dropped.
     pub fn open(self: &Arc<Self>) -> StreamSlot {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         StreamSlot(self.clone())
     }
 
@@ -251,6 +255,13 @@ impl ConnStreams {
 }
 
 pub(crate) struct StreamSlot(Arc<ConnStreams>);
+
+impl StreamSlot {
+    /// How many streams its connection has carried, this one included.
+    pub fn requests(&self) -> u64 {
+        self.0.requests.load(Ordering::Relaxed)
+    }
+}
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
@@ -268,6 +279,8 @@ pub(crate) struct ConnLimits {
     pub max_duration: Option<Duration>,
     pub drain: Duration,
     pub request_headers: Option<Duration>,
+    /// Streams a connection carries before it is drained (max_requests_per_connection).
+    pub max_requests: Option<u64>,
 }
 
 /// Why a connection was drained.
@@ -275,6 +288,7 @@ pub(crate) struct ConnLimits {
 pub(crate) enum Drain {
     Idle,
     MaxDuration,
+    MaxRequests,
 }
 
 impl ConnLimits {
@@ -295,6 +309,10 @@ impl ConnLimits {
                 hcm.request_headers_timeout.as_ref(),
                 Duration::ZERO,
             )),
+            max_requests: common
+                .and_then(|o| o.max_requests_per_connection)
+                .map(|v| v.value as u64)
+                .filter(|n| *n > 0),
         }
     }
 
@@ -310,8 +328,16 @@ impl ConnLimits {
             if idle.is_some_and(|i| i <= now) {
                 return Drain::Idle;
             }
-            // Busy connections are looked at again at most every idle period.
-            let wake = [idle, end, self.idle.map(|t| now + t)]
+            if self
+                .max_requests
+                .is_some_and(|m| streams.requests.load(Ordering::Relaxed) >= m)
+            {
+                return Drain::MaxRequests;
+            }
+            // Busy connections are looked at again at most every idle period (every 50 ms
+            // under a request limit).
+            let soon = self.max_requests.map(|_| now + Duration::from_millis(50));
+            let wake = [idle, end, self.idle.map(|t| now + t), soon]
                 .into_iter()
                 .flatten()
                 .min();

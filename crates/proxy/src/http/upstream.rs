@@ -15,44 +15,144 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pilotfish_api::pb::envoy::config::route::v3::{RetryPolicy, RouteAction};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-enum Sender {
-    Http1(Http1),
-    /// A connection, and the stream counted open on it.
-    Http2(
-        u64,
-        hyper::client::conn::http2::SendRequest<Body>,
-        OpenStream,
-    ),
+/// A stream on one of a host's connections.
+struct Sender {
+    open: OpenStream,
+    send: Sending,
 }
 
-/// A connection's sender, with the connection's id (`[C<n>]` in the log); an HTTP/2 one with
-/// the count of its open streams.
-type Http1 = (u64, hyper::client::conn::http1::SendRequest<Body>);
+enum Sending {
+    Http1(hyper::client::conn::http1::SendRequest<Body>),
+    Http2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+type Http1 = (
+    Arc<PooledConn>,
+    hyper::client::conn::http1::SendRequest<Body>,
+);
 type Http2 = (
-    u64,
+    Arc<PooledConn>,
     hyper::client::conn::http2::SendRequest<Body>,
-    Arc<AtomicUsize>,
 );
 
-/// A stream counted open on its HTTP/2 connection until dropped.
-struct OpenStream(Arc<AtomicUsize>);
+/// One upstream connection as its pool sees it: its id (`[C<n>]` in the log), its age, the
+/// requests it has been given, the streams under way on it and since when it has had none.
+struct PooledConn {
+    id: u64,
+    born: tokio::time::Instant,
+    requests: AtomicU64,
+    streams: AtomicUsize,
+    /// Nanoseconds from `born` to when its last stream ended.
+    idle_since: AtomicU64,
+    /// Given no more streams: 0 not, else why (RETIRED_*).
+    retired: AtomicU8,
+    /// Its closing has been counted.
+    counted: AtomicBool,
+}
 
-impl OpenStream {
-    fn new(count: &Arc<AtomicUsize>) -> OpenStream {
-        count.fetch_add(1, Ordering::Relaxed);
-        OpenStream(count.clone())
+const RETIRED_MAX_REQUESTS: u8 = 1;
+const RETIRED_MAX_DURATION: u8 = 2;
+
+impl PooledConn {
+    fn new(id: u64) -> Arc<PooledConn> {
+        Arc::new(PooledConn {
+            id,
+            born: tokio::time::Instant::now(),
+            requests: AtomicU64::new(0),
+            streams: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            retired: AtomicU8::new(0),
+            counted: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether it may take another stream.
+    fn usable(&self, u: &UpstreamHttp) -> bool {
+        self.retired.load(Ordering::Relaxed) == 0
+            && u.max_duration.is_none_or(|d| self.born.elapsed() < d)
+    }
+
+    /// A stream on it; the last one max_requests_per_connection allows retires it.
+    fn open(self: &Arc<Self>, u: &UpstreamHttp) -> OpenStream {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if u.max_requests.is_some_and(|m| n >= m) {
+            self.retired.store(RETIRED_MAX_REQUESTS, Ordering::Relaxed);
+        }
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(self.clone())
     }
 }
+
+/// A stream counted open on its connection until dropped.
+struct OpenStream(Arc<PooledConn>);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let c = &self.0;
+        c.idle_since
+            .store(c.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        c.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// Why the pool closed one of its connections.
+enum Closed {
+    Idle,
+    MaxRequests,
+    MaxDuration,
+}
+
+/// Waits until the connection is to be closed: idle for the cluster's idle_timeout, or done
+/// with its last stream after max_requests_per_connection or max_connection_duration. Then it
+/// is taken out of the pool, unless a stream has just taken it.
+async fn retire(
+    server: Arc<Server>,
+    conn: Arc<PooledConn>,
+    cluster: Arc<Cluster>,
+    key: HostKey,
+    http2: bool,
+) -> Closed {
+    let u = UpstreamHttp::of(&cluster);
+    loop {
+        let now = tokio::time::Instant::now();
+        let idle_at = conn.born + Duration::from_nanos(conn.idle_since.load(Ordering::Relaxed));
+        let why = if conn.retired.load(Ordering::Relaxed) == RETIRED_MAX_REQUESTS {
+            Some(Closed::MaxRequests)
+        } else if u.max_duration.is_some_and(|d| now >= conn.born + d) {
+            conn.retired.store(RETIRED_MAX_DURATION, Ordering::Relaxed);
+            Some(Closed::MaxDuration)
+        } else if u.idle_timeout.is_some_and(|t| now >= idle_at + t) {
+            Some(Closed::Idle)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            if server.http_pools.remove_if_idle(&key, &conn, http2) {
+                return why;
+            }
+        }
+        // Looked at again when the idle period would end, its age limit comes, or (retired,
+        // with streams under way) shortly.
+        let mut wake = now + u.idle_timeout.unwrap_or(Duration::from_secs(3600));
+        if let Some(t) = u.idle_timeout {
+            if conn.streams.load(Ordering::Relaxed) == 0 {
+                wake = wake.min(idle_at + t);
+            }
+        }
+        if let Some(d) = u.max_duration {
+            wake = wake.min((conn.born + d).max(now + Duration::from_millis(1)));
+        }
+        if conn.retired.load(Ordering::Relaxed) != 0 {
+            wake = wake.min(now + Duration::from_millis(50));
+        }
+        tokio::time::sleep_until(wake.max(now + Duration::from_millis(1))).await;
+    }
+}
+
 /// (cluster, host address)
 type HostKey = (String, String);
 
@@ -91,6 +191,31 @@ impl Drop for Waiting {
 }
 
 impl Pools {
+    /// Takes the connection out of its pool if no stream is under way on it (else it stays).
+    fn remove_if_idle(&self, key: &HostKey, conn: &Arc<PooledConn>, http2: bool) -> bool {
+        let idle = |c: &Arc<PooledConn>| {
+            !(Arc::ptr_eq(c, conn) && conn.streams.load(Ordering::Relaxed) == 0)
+        };
+        if http2 {
+            let mut pools = self.http2.lock().unwrap();
+            if conn.streams.load(Ordering::Relaxed) > 0 {
+                return false;
+            }
+            if let Some(list) = pools.get_mut(key) {
+                list.retain(|(c, _)| idle(c));
+            }
+        } else {
+            let mut pools = self.http1.lock().unwrap();
+            if conn.streams.load(Ordering::Relaxed) > 0 {
+                return false;
+            }
+            if let Some(list) = pools.get_mut(key) {
+                list.retain(|(c, _)| idle(c));
+            }
+        }
+        true
+    }
+
     /// An HTTP/1.1 connection is idle again: the next request to its host may take it.
     fn release(&self, key: HostKey, sender: Http1) {
         let waiting = self.freed.lock().unwrap().get(&key).cloned();
@@ -105,13 +230,19 @@ impl Pools {
         }
     }
 
-    /// An idle HTTP/1.1 connection to the host, if one is ready.
-    fn idle_http1(&self, key: &HostKey) -> Option<Http1> {
+    /// A stream on an idle HTTP/1.1 connection to the host, if one is ready (taken under the
+    /// pool's lock, so the pool cannot close it meanwhile).
+    fn idle_http1(&self, key: &HostKey, u: &UpstreamHttp) -> Option<Sender> {
         let mut idle = self.http1.lock().unwrap();
         let list = idle.get_mut(key)?;
-        while let Some((id, s)) = list.pop() {
-            if s.is_ready() {
-                return Some((id, s));
+        while let Some((c, s)) = list.pop() {
+            if s.is_ready() && c.usable(u) {
+                tracing::debug!(target: "pool", connection = c.id, "using existing fully connected connection");
+                tracing::debug!(target: "pool", connection = c.id, "creating stream");
+                return Some(Sender {
+                    open: c.open(u),
+                    send: Sending::Http1(s),
+                });
             }
         }
         None
@@ -133,6 +264,12 @@ pub(crate) struct UpstreamHttp {
     http2: Option<pilotfish_api::pb::envoy::config::core::v3::Http2ProtocolOptions>,
     /// Streams one HTTP/2 connection carries (Envoy's default: 2^31 - 1).
     max_streams: usize,
+    /// common_http_protocol_options: an idle connection is closed after idle_timeout (an hour
+    /// by default); one is given max_requests_per_connection streams at most, and none after
+    /// max_connection_duration.
+    idle_timeout: Option<Duration>,
+    max_requests: Option<u64>,
+    max_duration: Option<Duration>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -156,6 +293,26 @@ impl UpstreamHttp {
                 .typed_extension_protocol_options
                 .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
                 .and_then(pilotfish_config::model::unpack::<HttpProtocolOptions>);
+            let common = o
+                .as_ref()
+                .and_then(|o| o.common_http_protocol_options)
+                .unwrap_or_default();
+            let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+            let idle_timeout = nonzero(crate::duration(
+                common.idle_timeout.as_ref(),
+                Duration::from_secs(3600),
+            ));
+            let max_duration = nonzero(crate::duration(
+                common.max_connection_duration.as_ref(),
+                Duration::ZERO,
+            ));
+            // The cluster's own (deprecated) max_requests_per_connection, as Envoy still reads it.
+            #[allow(deprecated)]
+            let max_requests = common
+                .max_requests_per_connection
+                .or(cluster.config.max_requests_per_connection)
+                .map(|v| v.value as u64)
+                .filter(|n| *n > 0);
             let (protocol, http2) = match o.and_then(|o| o.upstream_protocol_options) {
                 Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
                     Some(ProtocolConfig::Http2ProtocolOptions(h2)) => (Protocol::Http2, Some(h2)),
@@ -175,6 +332,9 @@ impl UpstreamHttp {
                 protocol,
                 http2,
                 max_streams,
+                idle_timeout,
+                max_requests,
+                max_duration,
             }
         })
     }
@@ -239,9 +399,15 @@ async fn connection(
 ) -> Result<Sender, ConnectError> {
     let sender = pooled(server, cluster, host, http2, conn).await?;
     if cluster.stats.upstream_rq_active.get() >= cluster.thresholds[0].max_requests {
-        if let Sender::Http1(s) = sender {
+        if let Sender {
+            open,
+            send: Sending::Http1(s),
+        } = sender
+        {
             let key = (cluster.name.clone(), host.address.clone());
-            server.http_pools.release(key, s);
+            let c = open.0.clone();
+            drop(open);
+            server.http_pools.release(key, (c, s));
         }
         server
             .stats
@@ -279,20 +445,21 @@ async fn pooled(
     if http2 {
         let mut pools = server.http_pools.http2.lock().unwrap();
         if let Some(list) = pools.get_mut(&key) {
-            list.retain(|(_, s, _)| !s.is_closed());
-            let free = list
-                .iter()
-                .find(|(_, _, streams)| streams.load(Ordering::Relaxed) < options.max_streams);
-            if let Some((id, s, streams)) = free {
-                tracing::debug!(target: "pool", connection = *id, "using existing fully connected connection");
-                tracing::debug!(target: "pool", connection = *id, "creating stream");
-                return Ok(Sender::Http2(*id, s.clone(), OpenStream::new(streams)));
+            list.retain(|(_, s)| !s.is_closed());
+            let free = list.iter().find(|(c, _)| {
+                c.usable(options) && c.streams.load(Ordering::Relaxed) < options.max_streams
+            });
+            if let Some((c, s)) = free {
+                tracing::debug!(target: "pool", connection = c.id, "using existing fully connected connection");
+                tracing::debug!(target: "pool", connection = c.id, "creating stream");
+                return Ok(Sender {
+                    open: c.open(options),
+                    send: Sending::Http2(s.clone()),
+                });
             }
         }
-    } else if let Some((id, s)) = server.http_pools.idle_http1(&key) {
-        tracing::debug!(target: "pool", connection = id, "using existing fully connected connection");
-        tracing::debug!(target: "pool", connection = id, "creating stream");
-        return Ok(Sender::Http1((id, s)));
+    } else if let Some(sender) = server.http_pools.idle_http1(&key, options) {
+        return Ok(sender);
     }
     // A request waiting for its connection is pending: max_pending_requests bounds those.
     if cluster.stats.upstream_rq_pending_active.get() >= limits.max_pending_requests {
@@ -310,7 +477,7 @@ async fn pooled(
         let waiters = &waiting.0;
         let got = loop {
             let woken = waiters.freed.notified();
-            if let Some(c) = server.http_pools.idle_http1(&key) {
+            if let Some(c) = server.http_pools.idle_http1(&key, options) {
                 break Some(c);
             }
             if !at_limit() || host.stats.cx_active.load(Ordering::Relaxed) == 0 {
@@ -324,10 +491,8 @@ async fn pooled(
             cluster.stats.upstream_cx_overflow.inc();
         }
         drop(waiting);
-        if let Some((id, s)) = got {
-            tracing::debug!(target: "pool", connection = id, "attaching to next stream");
-            tracing::debug!(target: "pool", connection = id, "creating stream");
-            return Ok(Sender::Http1((id, s)));
+        if let Some(sender) = got {
+            return Ok(sender);
         }
     }
     tracing::debug!(target: "pool", "queueing stream due to no available connections (ready=0 busy=0 connecting=0)");
@@ -339,6 +504,7 @@ async fn pooled(
     let up = cluster.connect_host_anyway(host.clone(), conn, id).await;
     drop(pending);
     let up = up?;
+    let pooled = PooledConn::new(id);
     let io = TokioIo::new(up);
     let fail = |e: hyper::Error| {
         ConnectError::Failed(host.address.clone(), std::io::Error::other(e.to_string()))
@@ -354,15 +520,19 @@ async fn pooled(
             }
         }
         let (sender, c) = builder.handshake(io).await.map_err(fail)?;
-        tokio::spawn(async move {
-            let _ = c.await;
-        });
+        tokio::spawn(watched(
+            c,
+            pooled.clone(),
+            server.clone(),
+            cluster.clone(),
+            key.clone(),
+            true,
+        ));
         server
             .stats
             .counter(&format!("cluster.{}.upstream_cx_http2_total", cluster.name))
             .inc();
-        let streams = Arc::new(AtomicUsize::new(0));
-        let open = OpenStream::new(&streams);
+        let open = pooled.open(options);
         server
             .http_pools
             .http2
@@ -370,26 +540,77 @@ async fn pooled(
             .unwrap()
             .entry(key)
             .or_default()
-            .push((id, sender.clone(), streams));
-        Sender::Http2(id, sender, open)
+            .push((pooled, sender.clone()));
+        Sender {
+            open,
+            send: Sending::Http2(sender),
+        }
     } else {
         let (sender, c) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
             .await
             .map_err(fail)?;
-        tokio::spawn(async move {
-            let _ = c.with_upgrades().await;
-            tracing::debug!(target: "connection", connection = id, "closing socket: 0");
-        });
+        let open = pooled.open(options);
+        tokio::spawn(watched(
+            c.with_upgrades(),
+            pooled,
+            server.clone(),
+            cluster.clone(),
+            key,
+            false,
+        ));
         server
             .stats
             .counter(&format!("cluster.{}.upstream_cx_http1_total", cluster.name))
             .inc();
-        Sender::Http1((id, sender))
+        Sender {
+            open,
+            send: Sending::Http1(sender),
+        }
     };
     tracing::debug!(target: "pool", connection = id, "attaching to next stream");
     tracing::debug!(target: "pool", connection = id, "creating stream");
     Ok(sender)
+}
+
+/// Drives an upstream connection until it ends or its pool closes it (counted as Envoy does).
+async fn watched<F: std::future::Future>(
+    connection: F,
+    conn: Arc<PooledConn>,
+    server: Arc<Server>,
+    cluster: Arc<Cluster>,
+    key: HostKey,
+    http2: bool,
+) {
+    let id = conn.id;
+    let name = cluster.name.clone();
+    let why = tokio::select! {
+        _ = connection => {
+            // An HTTP/1.1 connection let go after its last request ends by itself.
+            match conn.retired.load(Ordering::Relaxed) {
+                RETIRED_MAX_REQUESTS => Some(Closed::MaxRequests),
+                RETIRED_MAX_DURATION => Some(Closed::MaxDuration),
+                _ => None,
+            }
+        }
+        why = retire(server.clone(), conn.clone(), cluster, key, http2) => Some(why),
+    };
+    if let Some(why) = why.filter(|_| !conn.counted.swap(true, Ordering::Relaxed)) {
+        let (stat, what) = match why {
+            Closed::Idle => ("upstream_cx_idle_timeout", "idle timeout"),
+            Closed::MaxRequests => ("upstream_cx_max_requests", "max requests per connection"),
+            Closed::MaxDuration => (
+                "upstream_cx_max_duration_reached",
+                "max connection duration",
+            ),
+        };
+        server
+            .stats
+            .counter(&format!("cluster.{name}.{stat}"))
+            .inc();
+        tracing::debug!(target: "pool", connection = id, "closing: {what}");
+    }
+    tracing::debug!(target: "connection", connection = id, "closing socket: 0");
 }
 
 /// The route's timeout: `timeout` (15 s by default, 0 for none), or what an
@@ -915,18 +1136,17 @@ async fn attempt_once(
     cluster.stats.upstream_rq_total.inc();
     host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
     let active = Active::request(cluster, host);
-    let upstream_id = match &sender {
-        Sender::Http1((id, _)) | Sender::Http2(id, ..) => *id,
-    };
+    let upstream_id = sender.open.0.id;
     tracing::debug!(target: "router", connection = conn, stream = stream, "pool ready");
     tracing::debug!(target: "router", "Attached upstream connection [C{upstream_id}] to downstream connection [C{conn}]");
+    let Sender { open, send } = sender;
     let send = async {
-        match sender {
-            Sender::Http1((id, mut s)) => {
+        match send {
+            Sending::Http1(mut s) => {
                 let r = s.send_request(req).await;
-                (r, Some((id, s)), None)
+                (r, Some((open.0.clone(), s)), open)
             }
-            Sender::Http2(_, mut s, open) => (s.send_request(req).await, None, Some(open)),
+            Sending::Http2(mut s) => (s.send_request(req).await, None, open),
         }
     };
     let result = match limit {
@@ -946,12 +1166,13 @@ async fn attempt_once(
         }
         Some((Ok(r), sender, open)) => {
             cluster.stats.upstream_rq_completed.inc();
-            // An HTTP/1.1 connection goes back to the pool once this response is done.
-            if let Some((id, mut s)) = sender {
+            // An HTTP/1.1 connection goes back to the pool once this response is done, unless
+            // it has carried all it may (its pool closes it then).
+            if let Some((c, mut s)) = sender {
                 let pools = server.clone();
                 tokio::spawn(async move {
-                    if s.ready().await.is_ok() {
-                        pools.http_pools.release(key, (id, s));
+                    if s.ready().await.is_ok() && c.retired.load(Ordering::Relaxed) == 0 {
+                        pools.http_pools.release(key, (c, s));
                     }
                 });
             }
