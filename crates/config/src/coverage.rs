@@ -199,8 +199,10 @@ const FIELDS: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.route.v3.RouteAction.UpgradeConfig",
-        &["upgrade_type", "enabled"],
+        &["upgrade_type", "enabled", "connect_config"],
     ),
+    // A CONNECT terminated into a plain TCP connection: PROXY protocol and POST are not.
+    ("envoy.config.route.v3.RouteAction.UpgradeConfig.ConnectConfig", &[]),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.InternalAddressConfig",
         &["cidr_ranges"],

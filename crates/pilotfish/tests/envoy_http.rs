@@ -93,6 +93,13 @@ impl Req {
         self.h2c = true;
         self
     }
+    /// A CONNECT to `self.path` (an authority), then `payload` through the tunnel.
+    fn connect(mut self, payload: &'static str) -> Req {
+        self.method = "CONNECT";
+        self.host = self.path;
+        self.upgraded = Some(payload);
+        self
+    }
     fn partial(mut self) -> Req {
         self.partial = true;
         self
@@ -207,12 +214,22 @@ fn http_upstream(name: &'static str) -> u16 {
                         return;
                     }
                     let headers = req.sorted_headers();
-                    if req.headers.iter().any(|(k, _)| k == "upgrade") {
-                        let _ = write!(
-                            w,
-                            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nx-saw: {}\r\n\r\n",
-                            headers.join("; ")
-                        );
+                    let connect = req.method == "CONNECT";
+                    if connect || req.headers.iter().any(|(k, _)| k == "upgrade") {
+                        let _ = if connect {
+                            write!(
+                                w,
+                                "HTTP/1.1 200 Connection Established\r\nx-saw: CONNECT {}; {}\r\n\r\n",
+                                req.path,
+                                headers.join("; ")
+                            )
+                        } else {
+                            write!(
+                                w,
+                                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nx-saw: {}\r\n\r\n",
+                                headers.join("; ")
+                            )
+                        };
                         // Then an echo of whatever comes, in this upstream's name.
                         let mut buf = [0u8; 1024];
                         loop {
@@ -480,8 +497,10 @@ fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
         }
         text.push_str(q.body);
         let _ = c.get_mut().write_all(text.as_bytes());
-        let mut response = read_response(c, q.method == "HEAD");
-        if let (Some(payload), true) = (q.upgraded, response.starts_with("101")) {
+        let connect = q.method == "CONNECT";
+        let mut response = read_response(c, q.method == "HEAD" || connect);
+        let through = response.starts_with("101") || (connect && response.starts_with("200"));
+        if let (Some(payload), true) = (q.upgraded, through) {
             let _ = c.get_mut().write_all(payload.as_bytes());
             let mut buf = [0u8; 1024];
             let n = c.read(&mut buf).unwrap_or(0);
@@ -1403,6 +1422,35 @@ fn scenarios() -> Vec<Scenario> {
                 get("/4"),
             ],
             &["cluster.c.upstream_cx_total", "cluster.c.upstream_cx_max_requests", "cluster.c.upstream_cx_idle_timeout", "http.h.downstream_cx_max_requests_reached"],
+        ),
+        sc(
+            "CONNECT: terminated by a route's connect_config, and refused where not configured",
+            format!(
+                "{}{c0}",
+                hcm(&format!("          upgrade_configs: [{{ upgrade_type: CONNECT }}]\n{}", file_log("%REQ(:METHOD)% %REQ(:AUTHORITY)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_HOST%")), &any_host(&format!("{{ match: {{ connect_matcher: {{}}, headers: [{{ name: \":authority\", string_match: {{ exact: \"tunnel.example:443\" }} }}] }}, route: {{ cluster: c, upgrade_configs: [{{ upgrade_type: CONNECT, connect_config: {{}} }}] }} }}, {}", to("/", "c"))))
+            ),
+            vec![
+                get("tunnel.example:443").connect("GET /tunnelled HTTP/1.1\r\nhost: inside.example\r\n\r\n"),
+                get("tunnel.example:443").connect("GET /reset HTTP/1.1\r\nhost: inside.example\r\n\r\n").closes_within(3000),
+                get("other.example:443").connect("hello"),
+                get("/after"),
+            ],
+            &["http.h.downstream_rq_2xx", "http.h.downstream_rq_4xx", "cluster.c.upstream_cx_total"],
+        ),
+        sc(
+            "CONNECT forwarded to an upstream proxy (no connect_config)",
+            format!(
+                "{}{c0}",
+                hcm(&format!("          upgrade_configs: [{{ upgrade_type: CONNECT }}]\n{}", file_log("%REQ(:METHOD)% %REQ(:AUTHORITY)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_HOST%")), &any_host("{ match: { connect_matcher: {} }, route: { cluster: c } }"))
+            ),
+            vec![get("tunnel.example:443").connect("through the proxy")],
+            &["cluster.c.upstream_rq_total"],
+        ),
+        sc(
+            "CONNECT without upgrade_configs",
+            simple(&file_log("%REQ(:METHOD)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%")),
+            vec![get("tunnel.example:443").connect("hello")],
+            &[],
         ),
         sc(
             "strip_matching_host_port",

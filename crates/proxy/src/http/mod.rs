@@ -609,6 +609,10 @@ fn strip_port(c: &HttpConnectionManager, authority: &str, listener_port: u16) ->
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`connection: upgrade` and `upgrade:`).
 fn upgrade_of(req: &Request<Incoming>) -> Option<String> {
+    // A CONNECT is an upgrade of its own kind.
+    if req.method() == hyper::Method::CONNECT {
+        return Some("connect".into());
+    }
     if req.version() != hyper::Version::HTTP_11 {
         return None;
     }
@@ -640,18 +644,86 @@ fn upgrade_allowed(hcm: &HttpConnectionManager, route: Option<&RouteAction>, kin
 }
 
 /// Joins an upgraded downstream and upstream (after the 101 is sent) and copies both ways.
-fn splice(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, conn: u64) {
+/// What a downstream upgrade is joined to: the upstream's upgraded HTTP connection, or the TCP
+/// connection of a CONNECT terminated here.
+enum Joined {
+    Upgraded(hyper::upgrade::OnUpgrade),
+    Tcp(crate::cluster::Upstream),
+}
+
+/// Joins an upgraded downstream connection to its upstream once both are there. A CONNECT
+/// tunnel's stream (`done`) ends with it: the first side to close closes the other, and a
+/// client that closes first is DC (downstream_remote_disconnect), as Envoy logs it.
+fn splice(down: hyper::upgrade::OnUpgrade, up: Joined, conn: u64, mut done: Option<DoneGuard>) {
     tokio::spawn(async move {
         use hyper_util::rt::TokioIo;
-        match tokio::try_join!(down, up) {
-            Ok((d, u)) => {
-                let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
-                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
-            }
+        let down = match down.await {
+            Ok(d) => TokioIo::new(d),
             Err(e) => {
                 tracing::debug!(target: "http", connection = conn, "upgrade failed: {e}");
+                return;
+            }
+        };
+        let up: Box<dyn crate::cluster::Io> = match up {
+            Joined::Tcp(t) => Box::new(t),
+            Joined::Upgraded(u) => match u.await {
+                Ok(u) => Box::new(TokioIo::new(u)),
+                Err(e) => {
+                    tracing::debug!(target: "http", connection = conn, "upgrade failed: {e}");
+                    return;
+                }
+            },
+        };
+        let Some(guard) = done.as_mut() else {
+            let (mut d, mut u) = (down, up);
+            let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+            return;
+        };
+        let (mut dr, mut dw) = tokio::io::split(down);
+        let (mut ur, mut uw) = tokio::io::split(up);
+        let (to_up, to_down) = (guard.received.clone(), guard.sent.clone());
+        let upward = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                match dr.read(&mut buf).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(n) => {
+                        to_up.fetch_add(n as u64, Ordering::Relaxed);
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            return false;
+                        }
+                    }
+                }
+            }
+        };
+        let downward = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                match ur.read(&mut buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => {
+                        to_down.fetch_add(n as u64, Ordering::Relaxed);
+                        if dw.write_all(&buf[..n]).await.is_err() {
+                            return true;
+                        }
+                    }
+                }
+            }
+        };
+        let downstream_closed = tokio::select! {
+            d = upward => d,
+            d = downward => d,
+        };
+        // An upstream that closes ends the tunnel as its response; a client that does, as DC.
+        if let (true, Some(e)) = (downstream_closed, guard.entry.as_mut()) {
+            e.flags.push("DC");
+            if let Some(h) = e.http.as_mut() {
+                h.details = "downstream_remote_disconnect".into();
             }
         }
+        tracing::debug!(target: "http", connection = conn, "tunnel closed by the {}", if downstream_closed { "client" } else { "upstream" });
     });
 }
 
@@ -1103,6 +1175,8 @@ pub(crate) struct Outcome {
     transport_failure: Option<String>,
     /// A local reply's body text (a gRPC request gets it as grpc-message instead).
     local_text: Option<String>,
+    /// A CONNECT the route terminates: the TCP connection to its upstream.
+    tunnel: Option<crate::cluster::Upstream>,
 }
 
 impl Outcome {
@@ -1116,6 +1190,7 @@ impl Outcome {
             upstream_local: None,
             transport_failure: None,
             local_text: Some(body.to_string()),
+            tunnel: None,
         }
     }
 }
@@ -1175,9 +1250,11 @@ async fn stream(
         decorator: None,
         grpc_call,
         last_on_connection: false,
+        connect: false,
         _slot: slot,
     };
     let stats = &hcm.stats;
+    clock.connect = req.method() == hyper::Method::CONNECT;
     // The last request max_requests_per_connection allows: its response closes the connection.
     if hcm
         .conn_limits
@@ -1211,10 +1288,12 @@ async fn stream(
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/".to_string(), |p| p.as_str().to_string());
+    // A CONNECT has no path (only connect_matcher routes match it).
+    let connect = req.method() == hyper::Method::CONNECT;
+    let path = match req.uri().path_and_query() {
+        _ if connect => String::new(),
+        p => p.map_or("/".to_string(), |p| p.as_str().to_string()),
+    };
     let method = req.method().as_str().to_string();
     tracing::debug!(target: "http", connection = conn, "new stream");
     tracing::debug!(target: "http", connection = conn, stream = seed,
@@ -1297,7 +1376,12 @@ async fn stream(
         return finish(hcm, o, clock, entry, vec![], None);
     }
     // The path as normalized is what routing, the upstream and the access log see.
-    let path = match path::normalize(&hcm.config, &path) {
+    let normalized = if connect {
+        path::Normalized::Path(path.clone())
+    } else {
+        path::normalize(&hcm.config, &path)
+    };
+    let path = match normalized {
         path::Normalized::Path(p) => {
             if let Some(pq) = p
                 .parse::<hyper::http::uri::PathAndQuery>()
@@ -1519,7 +1603,34 @@ async fn stream(
                         hash: route_hash(action, &routing, info),
                         action,
                     };
+                    // A CONNECT the route terminates: a TCP connection to a host of the
+                    // cluster, and 200 to the client.
+                    let terminate = upgrade.as_deref() == Some("connect")
+                        && action.upgrade_configs.iter().any(|u| {
+                            u.upgrade_type.eq_ignore_ascii_case("CONNECT")
+                                && u.connect_config.is_some()
+                        });
                     match server.clusters.get(&cluster) {
+                        Some(c) if terminate => {
+                            let opened = clock
+                                .limits
+                                .race(
+                                    &activity,
+                                    upstream::open_tunnel(
+                                        server,
+                                        c,
+                                        info,
+                                        route_hash(action, &routing, info),
+                                        conn,
+                                        seed,
+                                    ),
+                                )
+                                .await;
+                            match opened {
+                                Ok(o) => o,
+                                Err(expired) => timed_out(hcm, expired, &activity),
+                            }
+                        }
                         None => {
                             stats.no_cluster.inc();
                             tracing::debug!(target: "router", connection = conn, "unknown cluster '{cluster}'");
@@ -1586,10 +1697,20 @@ async fn stream(
     for (k, v) in cors_headers {
         set_header(outcome.response.headers_mut(), k, &v);
     }
-    let splice_with = (upgrade.is_some()
-        && outcome.response.status() == StatusCode::SWITCHING_PROTOCOLS)
-        .then(|| hyper::upgrade::on(&mut outcome.response))
-        .map(|up| (down_upgrade, up));
+    // A CONNECT answered 2xx by its upstream (or terminated here) is a tunnel from now on.
+    let status = outcome.response.status();
+    let joined = match upgrade.as_deref() {
+        Some("connect") => status.is_success(),
+        Some(_) => status == StatusCode::SWITCHING_PROTOCOLS,
+        None => false,
+    };
+    let splice_with = joined.then(|| match outcome.tunnel.take() {
+        Some(tcp) => (down_upgrade, Joined::Tcp(tcp)),
+        None => (
+            down_upgrade,
+            Joined::Upgraded(hyper::upgrade::on(&mut outcome.response)),
+        ),
+    });
     finish(hcm, outcome, clock, entry, route_levels, splice_with)
 }
 
@@ -1626,6 +1747,8 @@ struct Clock {
     grpc_call: Option<GrpcCall>,
     /// The connection's last stream (max_requests_per_connection): its response says close.
     last_on_connection: bool,
+    /// A CONNECT: unless it becomes a tunnel, its connection is closed after the reply.
+    connect: bool,
     _slot: timeouts::StreamSlot,
 }
 
@@ -1645,7 +1768,7 @@ fn finish(
     clock: Clock,
     mut entry: Entry,
     route_levels: Vec<Mutations>,
-    splice_with: Option<(hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade)>,
+    splice_with: Option<(hyper::upgrade::OnUpgrade, Joined)>,
 ) -> Response<Body> {
     let Clock {
         began,
@@ -1656,6 +1779,7 @@ fn finish(
         decorator,
         grpc_call,
         last_on_connection,
+        connect,
         _slot,
     } = clock;
     let mut response = outcome.response;
@@ -1717,6 +1841,7 @@ fn finish(
     .contains(&details_of(&entry))
         || (timeout && refused_408)
         || last_on_connection
+        || (connect && splice_with.is_none())
     {
         h.insert("connection", HeaderValue::from_static("close"));
     }
@@ -1764,8 +1889,16 @@ fn finish(
         _slot,
         grpc_call,
     };
+    // A CONNECT tunnel's stream ends (and is logged) when the tunnel does.
+    let (done, splice_with) = match splice_with {
+        Some((down, up)) if connect => {
+            splice(down, up, conn, Some(done));
+            (None, None)
+        }
+        other => (Some(done), other),
+    };
     if let Some((down, up)) = splice_with {
-        splice(down, up, conn);
+        splice(down, up, conn, None);
     }
     let (parts, body) = response.into_parts();
     // A stream that ended on a timer has no more to time.
@@ -1773,8 +1906,8 @@ fn finish(
         .then(|| timeouts::BodyTimer::new(limits, activity.clone()))
         .flatten();
     let grpc = done
-        .grpc_call
         .as_ref()
+        .and_then(|d| d.grpc_call.as_ref())
         .map(|c| grpc_stats::Frames::new(c.messages[1].clone()));
     let body = Counting {
         inner: body,
@@ -1782,7 +1915,7 @@ fn finish(
         activity: Some(activity),
         timer,
         grpc,
-        _done: Some(done),
+        _done: done,
     };
     Response::from_parts(parts, body.boxed())
 }

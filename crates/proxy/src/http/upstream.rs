@@ -573,6 +573,51 @@ async fn pooled(
     Ok(sender)
 }
 
+/// A CONNECT the route terminates (connect_config): a TCP connection to a host of `cluster`,
+/// and the 200 that tells the client its tunnel is open.
+pub(super) async fn open_tunnel(
+    server: &Arc<Server>,
+    cluster: &Arc<Cluster>,
+    info: &Downstream,
+    hash: Option<u64>,
+    conn: u64,
+    seed: u64,
+) -> Outcome {
+    let ctx = LbContext {
+        original_destination: info.local,
+        hash,
+        conn: seed,
+        attempt: 1,
+    };
+    let failed = |e: ConnectError, host: Option<&Arc<Host>>| {
+        let (status, body, flag, details) = failure_reply(&e);
+        let mut o = Outcome::local(status, &body, Some(flag), &details);
+        o.cluster = cluster.name.clone();
+        o.upstream_host = host.map(|h| h.address.clone());
+        o
+    };
+    let Some(host) = cluster.pick(&ctx) else {
+        cluster.stats.upstream_cx_none_healthy.inc();
+        return failed(ConnectError::NoHealthyHost, None);
+    };
+    tracing::debug!(target: "router", connection = conn, stream = seed, "cluster '{}' match for CONNECT: opening a tunnel to {}", cluster.name, host.address);
+    let id = server.next_connection_id();
+    match cluster.connect_host_anyway(host.clone(), conn, id).await {
+        Err(e) => failed(e, Some(&host)),
+        Ok(tcp) => Outcome {
+            response: Response::new(super::full(Bytes::new())),
+            flags: vec![],
+            details: "via_upstream".into(),
+            cluster: cluster.name.clone(),
+            upstream_host: Some(host.address.clone()),
+            upstream_local: None,
+            transport_failure: None,
+            local_text: None,
+            tunnel: Some(tcp),
+        },
+    }
+}
+
 /// Drives an upstream connection until it ends or its pool closes it (counted as Envoy does).
 async fn watched<F: std::future::Future>(
     connection: F,
@@ -836,12 +881,18 @@ pub(super) async fn forward(
     ] {
         parts.headers.remove(n);
     }
+    // A CONNECT names its authority, not a path.
+    let connect = parts.method == hyper::Method::CONNECT;
     if http2 {
         parts.version = hyper::Version::HTTP_2;
         parts.headers.remove("host");
     } else {
         parts.version = hyper::Version::HTTP_11;
-        parts.uri = path.parse().unwrap_or_default();
+        parts.uri = if connect {
+            host_header.parse().unwrap_or_default()
+        } else {
+            path.parse().unwrap_or_default()
+        };
         if let Ok(v) = HeaderValue::from_str(host_header) {
             parts.headers.insert("host", v);
         }
@@ -916,9 +967,13 @@ pub(super) async fn forward(
             } else {
                 "http"
             };
-            p.uri = format!("{scheme}://{host_header}{path}")
-                .parse()
-                .unwrap_or_default();
+            p.uri = if connect {
+                host_header.parse().unwrap_or_default()
+            } else {
+                format!("{scheme}://{host_header}{path}")
+                    .parse()
+                    .unwrap_or_default()
+            };
         }
         if route.include_attempt_count {
             p.headers
@@ -1065,8 +1120,9 @@ pub(super) async fn forward(
             tracing::debug!(target: "router", connection = conn, stream = seed, "upstream headers complete: end_stream={}", hyper::body::Body::is_end_stream(response.body()));
             cluster.stats.response_code(&server.stats, &name, status);
             let (mut parts, body) = response.into_parts();
-            // An upgrade's 101 carries no service time (the stream goes on).
-            if status != 101 {
+            // An upgrade's 101, or a CONNECT's 2xx, carries no service time (the stream goes
+            // on as a tunnel).
+            if status != 101 && !(connect && (200..300).contains(&status)) {
                 if let Ok(v) = HeaderValue::from_str(&began.elapsed().as_millis().to_string()) {
                     parts.headers.insert("x-envoy-upstream-service-time", v);
                 }
@@ -1083,6 +1139,7 @@ pub(super) async fn forward(
                 upstream_local: None,
                 transport_failure: None,
                 local_text: None,
+                tunnel: None,
             }
         }
         Attempt::PerTryTimeout(host) if timed_out => {
