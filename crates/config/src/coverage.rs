@@ -535,6 +535,7 @@ const FIELDS: &[(&str, &[&str])] = &[
         &[
             "explicit_http_config",
             "use_downstream_protocol_config",
+            "auto_config",
             "common_http_protocol_options",
         ],
     ),
@@ -544,6 +545,11 @@ const FIELDS: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
+    ),
+    // HTTP/3 and the alternate protocols cache are not.
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig",
         &["http_protocol_options", "http2_protocol_options"],
     ),
     ("envoy.config.core.v3.Http1ProtocolOptions", &[]),

@@ -1979,3 +1979,113 @@ fn requests_wait_for_a_connection_at_max_connections_as_in_envoy() {
     assert_eq!(results[1][..3], ["200", "200", "200"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An HTTP upstream over TLS offering `alpn`, speaking HTTP/1.1 or HTTP/2 as negotiated, and
+/// answering with the protocol it saw.
+fn tls_http_upstream(config: std::sync::Arc<rustls::ServerConfig>) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let text = format!("saw {:?} {}\n", req.version(), req.uri().path());
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(text)),
+                            ))
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+                });
+            }
+        });
+    });
+    port
+}
+
+#[test]
+fn auto_config_speaks_what_the_upstream_picks_as_envoy() {
+    let Some(envoy) = envoy("envoy auto_config") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-auto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = common::tls::Pki::new("upstream ca");
+    let leaf = pki.leaf(
+        &["server.example"],
+        "spiffe://cluster.local/ns/x/sa/upstream",
+    );
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let h2 = tls_http_upstream(common::tls::server_config(&leaf, &["h2", "http/1.1"]));
+    let h1 = tls_http_upstream(common::tls::server_config(&leaf, &["http/1.1"]));
+    let auto = |name: &str, port: u16| {
+        cluster(name, &[&port.to_string()], &format!(", transport_socket: {{ name: envoy.transport_sockets.tls, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: server.example, common_tls_context: {{ validation_context: {{ trusted_ca: {{ filename: \"{}\" }} }} }} }} }}, typed_extension_protocol_options: {{ envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {{ \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, auto_config: {{}} }} }}", ca.display()))
+    };
+    let text = format!(
+        "{}{}{}",
+        hcm(
+            "",
+            &any_host(&format!("{}, {}", to("/h2", "a"), to("/h1", "b")))
+        ),
+        auto("a", h2),
+        auto("b", h1)
+    );
+    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
+    let mut results = vec![];
+    for (bin, is_envoy) in [(envoy.as_path(), true), (pilotfish, false)] {
+        let r = side_by_side::start(bin, is_envoy, &text, &dir, &format!("auto-{is_envoy}"));
+        let mut seen: Vec<String> = ["/h2/x", "/h1/x", "/h2/y"]
+            .iter()
+            .map(|p| {
+                let mut s = TcpStream::connect(("127.0.0.1", r.listen)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                write!(s, "GET {p} HTTP/1.1\r\nhost: example.com\r\n\r\n").unwrap();
+                let response = read_response(&mut BufReader::new(s), false);
+                response.lines().last().unwrap_or("").to_string()
+            })
+            .collect();
+        let stats = side_by_side::stat_values(
+            r.admin,
+            &[
+                "cluster.a.upstream_cx_http2_total",
+                "cluster.a.upstream_cx_total",
+                "cluster.b.upstream_cx_http1_total",
+                "cluster.b.upstream_cx_total",
+            ],
+            str::to_string,
+        );
+        seen.push(format!("{stats:?}"));
+        results.push(seen);
+    }
+    assert_eq!(results[0], results[1], "envoy, then pilotfish");
+    assert_eq!(
+        results[1][..3],
+        [
+            "saw HTTP/2.0 /h2/x",
+            "saw HTTP/1.1 /h1/x",
+            "saw HTTP/2.0 /h2/y"
+        ]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

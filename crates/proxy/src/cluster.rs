@@ -421,9 +421,30 @@ impl ClusterManager {
                         .iter()
                         .map(|m| (m.name.clone(), m.transport_socket.as_ref())),
                 );
+            // An HTTP cluster on auto_config offers h2 and http/1.1 where its TLS names none,
+            // and speaks what the host picks.
+            let auto = c
+                .typed_extension_protocol_options
+                .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+                .and_then(pilotfish_config::model::unpack::<
+                    pilotfish_api::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions,
+                >)
+                .is_some_and(|o| {
+                    matches!(
+                        o.upstream_protocol_options,
+                        Some(pilotfish_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::UpstreamProtocolOptions::AutoConfig(_))
+                    )
+                });
             for (name, socket) in sockets {
                 if let Some(ctx) = socket.and_then(upstream_tls_context) {
-                    let built = transport_socket::upstream(set, &ctx).map(Arc::new);
+                    let built = transport_socket::upstream(set, &ctx).map(|mut t| {
+                        if auto && t.config.alpn_protocols.is_empty() {
+                            let mut config = (*t.config).clone();
+                            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                            t.config = Arc::new(config);
+                        }
+                        Arc::new(t)
+                    });
                     if let Err(e) = &built {
                         tracing::warn!(target: "config", "cluster '{}': upstream TLS ({name}): {e}: connections that need it are closed", r.name);
                     }
@@ -477,6 +498,8 @@ pub struct LbContext {
 /// host's and cluster's active counts.
 pub struct Upstream {
     pub stream: Box<dyn Io>,
+    /// The protocol the host picked by ALPN, over TLS.
+    pub alpn: Option<Vec<u8>>,
     /// The upstream connection's own address (UPSTREAM_LOCAL_ADDRESS).
     pub local: Option<SocketAddr>,
     pub host: Arc<Host>,
@@ -750,6 +773,7 @@ impl Cluster {
         if let Some(d) = &self.outlier {
             d.success(&host);
         }
+        let mut alpn = None;
         let stream: Box<dyn Io> = match tls {
             Some(t) => {
                 let connector = tokio_rustls::TlsConnector::from(t.config.clone());
@@ -761,6 +785,7 @@ impl Cluster {
                 {
                     Ok(Ok(s)) => {
                         tracing::debug!(target: "connection", connection = upstream_id, "TLS handshake complete");
+                        alpn = s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
                         Box::new(s)
                     }
                     Ok(Err(e)) => {
@@ -780,6 +805,7 @@ impl Cluster {
         host.stats.cx_active.fetch_add(1, Ordering::Relaxed);
         Ok(Upstream {
             stream,
+            alpn,
             local,
             host,
             cluster: self.clone(),

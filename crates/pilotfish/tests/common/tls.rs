@@ -110,6 +110,19 @@ pub fn tls_client(
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// A server config for `leaf` offering `alpn`, without client certificates.
+pub fn server_config(leaf: &Leaf, alpn: &[&str]) -> Arc<rustls::ServerConfig> {
+    let (c, k) = chain(leaf);
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(c, k)
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Arc::new(config)
+}
+
 /// A TLS upstream that requires a client certificate from `ca` and answers with the SNI, ALPN
 /// and client certificate SAN it saw.
 pub fn tls_upstream(leaf: &Leaf, ca: &str, expect_uri: &'static str) -> u16 {

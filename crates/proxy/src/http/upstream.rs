@@ -277,6 +277,16 @@ enum Protocol {
     Http1,
     Http2,
     AsDownstream,
+    /// auto_config: HTTP/2 where the host picks h2 by ALPN, else HTTP/1.1.
+    Auto,
+}
+
+/// What a request asks of its host's pool.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Http1,
+    Http2,
+    Auto,
 }
 
 impl UpstreamHttp {
@@ -321,7 +331,9 @@ impl UpstreamHttp {
                 Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(u)) => {
                     (Protocol::AsDownstream, u.http2_protocol_options)
                 }
-                // AUTO picks by ALPN; without upstream TLS that is HTTP/1.1.
+                Some(UpstreamProtocolOptions::AutoConfig(a)) => {
+                    (Protocol::Auto, a.http2_protocol_options)
+                }
                 _ => (Protocol::Http1, None),
             };
             let max_streams = http2
@@ -339,12 +351,13 @@ impl UpstreamHttp {
         })
     }
 
-    /// Whether a request goes upstream over HTTP/2.
-    fn http2(&self, downstream_http2: bool) -> bool {
+    /// The protocol a request goes upstream in.
+    fn want(&self, downstream_http2: bool) -> Want {
         match self.protocol {
-            Protocol::Http2 => true,
-            Protocol::AsDownstream => downstream_http2,
-            Protocol::Http1 => false,
+            Protocol::Http2 => Want::Http2,
+            Protocol::AsDownstream if downstream_http2 => Want::Http2,
+            Protocol::AsDownstream | Protocol::Http1 => Want::Http1,
+            Protocol::Auto => Want::Auto,
         }
     }
 }
@@ -394,10 +407,10 @@ async fn connection(
     server: &Arc<Server>,
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
-    http2: bool,
+    want: Want,
     conn: u64,
 ) -> Result<Sender, ConnectError> {
-    let sender = pooled(server, cluster, host, http2, conn).await?;
+    let sender = pooled(server, cluster, host, want, conn).await?;
     if cluster.stats.upstream_rq_active.get() >= cluster.thresholds[0].max_requests {
         if let Sender {
             open,
@@ -426,7 +439,7 @@ async fn pooled(
     server: &Arc<Server>,
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
-    http2: bool,
+    want: Want,
     conn: u64,
 ) -> Result<Sender, ConnectError> {
     let key = (cluster.name.clone(), host.address.clone());
@@ -442,6 +455,16 @@ async fn pooled(
         ConnectError::PendingOverflow
     };
     let options = UpstreamHttp::of(cluster);
+    // Under auto_config a host already found to speak HTTP/2 is asked in HTTP/2.
+    let known_h2 = want == Want::Auto
+        && server
+            .http_pools
+            .http2
+            .lock()
+            .unwrap()
+            .get(&key)
+            .is_some_and(|l| !l.is_empty());
+    let http2 = want == Want::Http2 || known_h2;
     if http2 {
         let mut pools = server.http_pools.http2.lock().unwrap();
         if let Some(list) = pools.get_mut(&key) {
@@ -504,6 +527,15 @@ async fn pooled(
     let up = cluster.connect_host_anyway(host.clone(), conn, id).await;
     drop(pending);
     let up = up?;
+    // auto_config: the protocol the host picked. Envoy's mixed pool counts the connection a
+    // second time when it hands it to that protocol's client.
+    let http2 = match want {
+        Want::Auto => {
+            cluster.stats.upstream_cx_total.inc();
+            up.alpn.as_deref() == Some(b"h2")
+        }
+        _ => http2,
+    };
     let pooled = PooledConn::new(id);
     let io = TokioIo::new(up);
     let fail = |e: hyper::Error| {
@@ -871,7 +903,7 @@ pub(super) async fn forward(
     tracing::debug!(target: "router", connection = conn, stream = seed, "cluster '{name}' match for URL '{path}'");
     let timeout = route_timeout(route.action, req.headers());
     let retries = Retries::of(route.retry_policy, req.headers());
-    let http2 = UpstreamHttp::of(cluster).http2(downstream_http2);
+    let want = UpstreamHttp::of(cluster).want(downstream_http2);
     let (mut parts, body) = req.into_parts();
     for n in [
         "x-envoy-upstream-rq-timeout-ms",
@@ -881,41 +913,25 @@ pub(super) async fn forward(
     ] {
         parts.headers.remove(n);
     }
-    // A CONNECT names its authority, not a path.
+    // Envoy's HTTP/1.1 codec says `content-length: 0` for a request without a body, unless
+    // its method expects none.
+    let bodiless = matches!(
+        parts.method,
+        hyper::Method::GET
+            | hyper::Method::HEAD
+            | hyper::Method::DELETE
+            | hyper::Method::TRACE
+            | hyper::Method::CONNECT
+    );
     let connect = parts.method == hyper::Method::CONNECT;
-    if http2 {
-        parts.version = hyper::Version::HTTP_2;
-        parts.headers.remove("host");
-    } else {
-        parts.version = hyper::Version::HTTP_11;
-        parts.uri = if connect {
-            host_header.parse().unwrap_or_default()
-        } else {
-            path.parse().unwrap_or_default()
-        };
-        if let Ok(v) = HeaderValue::from_str(host_header) {
-            parts.headers.insert("host", v);
-        }
-        // Envoy's HTTP/1.1 codec says `content-length: 0` for a request without a body, unless
-        // its method expects none.
-        let bodiless = matches!(
-            parts.method,
-            hyper::Method::GET
-                | hyper::Method::HEAD
-                | hyper::Method::DELETE
-                | hyper::Method::TRACE
-                | hyper::Method::CONNECT
-        );
-        if !bodiless
+    let shape = Shape {
+        host_header,
+        path,
+        zero_length: !bodiless
             && hyper::body::Body::is_end_stream(&body)
             && !parts.headers.contains_key("content-length")
-            && !parts.headers.contains_key("transfer-encoding")
-        {
-            parts
-                .headers
-                .insert("content-length", HeaderValue::from_static("0"));
-        }
-    }
+            && !parts.headers.contains_key("transfer-encoding"),
+    };
     // A request that may be retried is buffered, so each attempt can send it again.
     let mut body = Some(body);
     let buffered = if retries.max > 0 {
@@ -961,20 +977,6 @@ pub(super) async fn forward(
         tried.push(host.clone());
         *picked.lock().unwrap() = Some(host.address.clone());
         let mut p = parts.clone();
-        if http2 {
-            let scheme = if host.transport.socket.ends_with("tls") {
-                "https"
-            } else {
-                "http"
-            };
-            p.uri = if connect {
-                host_header.parse().unwrap_or_default()
-            } else {
-                format!("{scheme}://{host_header}{path}")
-                    .parse()
-                    .unwrap_or_default()
-            };
-        }
         if route.include_attempt_count {
             p.headers
                 .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
@@ -1030,7 +1032,8 @@ pub(super) async fn forward(
             server,
             cluster,
             &host,
-            http2,
+            want,
+            &shape,
             Request::from_parts(p, b),
             limit,
             conn,
@@ -1172,6 +1175,54 @@ pub(super) async fn forward(
     }
 }
 
+/// How a request is written for its upstream connection: the authority and path it goes to,
+/// and whether HTTP/1.1 must say `content-length: 0`.
+struct Shape<'a> {
+    host_header: &'a str,
+    path: &'a str,
+    zero_length: bool,
+}
+
+impl Shape<'_> {
+    fn apply(&self, req: Request<Body>, http2: bool, host: &Host) -> Request<Body> {
+        let (mut parts, body) = req.into_parts();
+        // A CONNECT names its authority, not a path.
+        let connect = parts.method == hyper::Method::CONNECT;
+        if http2 {
+            parts.version = hyper::Version::HTTP_2;
+            parts.headers.remove("host");
+            let scheme = if host.transport.socket.ends_with("tls") {
+                "https"
+            } else {
+                "http"
+            };
+            parts.uri = if connect {
+                self.host_header.parse().unwrap_or_default()
+            } else {
+                format!("{scheme}://{}{}", self.host_header, self.path)
+                    .parse()
+                    .unwrap_or_default()
+            };
+        } else {
+            parts.version = hyper::Version::HTTP_11;
+            parts.uri = if connect {
+                self.host_header.parse().unwrap_or_default()
+            } else {
+                self.path.parse().unwrap_or_default()
+            };
+            if let Ok(v) = HeaderValue::from_str(self.host_header) {
+                parts.headers.insert("host", v);
+            }
+            if self.zero_length {
+                parts
+                    .headers
+                    .insert("content-length", HeaderValue::from_static("0"));
+            }
+        }
+        Request::from_parts(parts, body)
+    }
+}
+
 /// One attempt: a connection from the host's pool, the request, its response headers (within
 /// `limit`).
 #[allow(clippy::too_many_arguments)]
@@ -1179,17 +1230,19 @@ async fn attempt_once(
     server: &Arc<Server>,
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
-    http2: bool,
+    want: Want,
+    shape: &Shape<'_>,
     req: Request<Body>,
     limit: Option<tokio::time::Instant>,
     conn: u64,
     stream: u64,
 ) -> Attempt {
     let began = Instant::now();
-    let sender = match connection(server, cluster, host, http2, conn).await {
+    let sender = match connection(server, cluster, host, want, conn).await {
         Ok(s) => s,
         Err(e) => return Attempt::ConnectFailed(e, Some(host.clone())),
     };
+    let req = shape.apply(req, matches!(sender.send, Sending::Http2(_)), host);
     cluster.stats.upstream_rq_total.inc();
     host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
     let active = Active::request(cluster, host);
