@@ -399,74 +399,79 @@ fn curl(port: u16, q: &Req) -> String {
     format!("{code}\n{}\n\n{body}", shown.join("\n"))
 }
 
-/// An HTTP/2 (h2c) upstream answering as `name` with the request it saw, its protocol included.
-fn h2c_upstream(name: &'static str) -> u16 {
-    use http_body_util::BodyExt;
+/// A server on a free loopback port, each connection handled by `handle` on a runtime of its
+/// own thread.
+fn serve_on_loopback<F, Fut>(handle: F) -> u16
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     l.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(l).unwrap();
             loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| async move {
-                            if let Some(ms) = req.uri().path().strip_prefix("/delay/") {
-                                let ms = ms.parse().unwrap_or(0);
-                                tokio::time::sleep(Duration::from_millis(ms)).await;
-                            }
-                            let mut headers: Vec<String> = req
-                                .headers()
-                                .iter()
-                                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
-                                .collect();
-                            headers.sort();
-                            let head = format!(
-                                "{name} saw {:?} {} {} authority={}\n{}",
-                                req.version(),
-                                req.method(),
-                                req.uri().path_and_query().map_or("", |p| p.as_str()),
-                                req.uri()
-                                    .authority()
-                                    .map_or("-".to_string(), |a| a.to_string()),
-                                headers.join("\n")
-                            );
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let text =
-                                format!("{head}\nbody: {:?}\n", String::from_utf8_lossy(&body));
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .header("x-upstream", name)
-                                    .header("content-type", "text/plain")
-                                    .body(http_body_util::Full::new(bytes::Bytes::from(text)))
-                                    .unwrap(),
-                            )
-                        },
-                    );
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-                });
+                if let Ok((s, _)) = l.accept().await {
+                    tokio::spawn(handle(s));
+                }
             }
         });
     });
     port
+}
+
+/// An HTTP/2 (h2c) upstream answering as `name` with the request it saw, its protocol included.
+fn h2c_upstream(name: &'static str) -> u16 {
+    use http_body_util::BodyExt;
+    serve_on_loopback(move |s| async move {
+        let svc = hyper::service::service_fn(
+            move |req: hyper::Request<hyper::body::Incoming>| async move {
+                if let Some(ms) = req.uri().path().strip_prefix("/delay/") {
+                    let ms = ms.parse().unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                let mut headers: Vec<String> = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                    .collect();
+                headers.sort();
+                let head = format!(
+                    "{name} saw {:?} {} {} authority={}\n{}",
+                    req.version(),
+                    req.method(),
+                    req.uri().path_and_query().map_or("", |p| p.as_str()),
+                    req.uri()
+                        .authority()
+                        .map_or("-".to_string(), |a| a.to_string()),
+                    headers.join("\n")
+                );
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let text = format!("{head}\nbody: {:?}\n", String::from_utf8_lossy(&body));
+                Ok::<_, std::convert::Infallible>(
+                    hyper::Response::builder()
+                        .header("x-upstream", name)
+                        .header("content-type", "text/plain")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(text)))
+                        .unwrap(),
+                )
+            },
+        );
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+            .await;
+    })
 }
 
 fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
@@ -502,9 +507,22 @@ fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
         let through = response.starts_with("101") || (connect && response.starts_with("200"));
         if let (Some(payload), true) = (q.upgraded, through) {
             let _ = c.get_mut().write_all(payload.as_bytes());
+            // What comes back, however the tunnel splits it: until it pauses for 300 ms.
+            let mut got = vec![];
             let mut buf = [0u8; 1024];
-            let n = c.read(&mut buf).unwrap_or(0);
-            response.push_str(&format!("upgraded: {}", String::from_utf8_lossy(&buf[..n])));
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                c.get_mut()
+                    .set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+            }
+            c.get_mut()
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            response.push_str(&format!("upgraded: {}", String::from_utf8_lossy(&got)));
         }
         if let Some(ms) = q.closes_within {
             let s = c.get_mut();
@@ -1607,6 +1625,30 @@ fn pilotfish_serves_http_as_envoy_does() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Envoy and a fresh scratch directory for a side-by-side test (None when there is no Envoy,
+/// which `envoy` has said).
+fn side_by_side_setup(test: &str, tag: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let envoy = envoy(test)?;
+    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Some((envoy, dir))
+}
+
+/// `text` run by Envoy, then by pilotfish: what `look` sees of each.
+fn in_both<T>(
+    envoy: &Path,
+    text: &str,
+    dir: &Path,
+    tag: &str,
+    mut look: impl FnMut(&Running) -> T,
+) -> [T; 2] {
+    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
+    [(envoy, true), (pilotfish, false)].map(|(bin, is_envoy)| {
+        let r = side_by_side::start(bin, is_envoy, text, dir, &format!("{tag}-{is_envoy}"));
+        look(&r)
+    })
+}
+
 /// What an HTTP/2 client sees of a connection manager over h2c: the SETTINGS it sends
 /// (max_concurrent_streams), and its stream timers, which reset a stream whose response had
 /// begun instead of closing the connection.
@@ -1683,15 +1725,12 @@ async fn h2_client_sees(port: u16) -> Vec<String> {
 
 #[test]
 fn http2_settings_and_stream_resets_as_envoy() {
-    let Some(envoy) = envoy("envoy http2") else {
+    let Some((envoy, dir)) = side_by_side_setup("envoy http2", "h2") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-h2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let u0 = http_upstream("u0");
     let h2 = h2c_upstream("h2");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
     for (name, options) in [
         ("defaults", ""),
         (
@@ -1710,9 +1749,7 @@ fn http2_settings_and_stream_resets_as_envoy() {
         )
         .replace("{U0}", &u0.to_string())
         .replace("{H2}", &h2.to_string());
-        let mut results = vec![];
-        for (bin, is_envoy) in [(envoy.as_path(), true), (pilotfish, false)] {
-            let r = side_by_side::start(bin, is_envoy, &text, &dir, &format!("{name}-{is_envoy}"));
+        let results = in_both(&envoy, &text, &dir, name, |r| {
             let mut seen = rt.block_on(h2_client_sees(r.listen));
             let stats = side_by_side::stat_values(
                 r.admin,
@@ -1720,8 +1757,8 @@ fn http2_settings_and_stream_resets_as_envoy() {
                 str::to_string,
             );
             seen.push(format!("{stats:?}"));
-            results.push(seen);
-        }
+            seen
+        });
         assert_eq!(results[0], results[1], "{name}: envoy, then pilotfish");
         assert!(results[1][1].contains("reset"), "{:?}", results[1]);
         // One stream per upstream connection: three at once took three connections.
@@ -1741,72 +1778,51 @@ fn http2_settings_and_stream_resets_as_envoy() {
 /// the status the path's last segment names (`/pkg.Echo/Status5`: grpc-status 5, in the
 /// trailers); `/pkg.Echo/Only*` answers trailers-only.
 fn grpc_upstream() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
+    serve_on_loopback(|s| async move {
+        let Ok(mut conn) = h2::server::handshake(s).await else {
+            return;
+        };
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let path = req.uri().path().to_string();
+                let mut body = req.into_body();
+                let mut bytes = vec![];
+                while let Some(Ok(d)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(d.len());
+                    bytes.extend_from_slice(&d);
+                }
+                let mut messages = 0;
+                let mut at = 0;
+                while at + 5 <= bytes.len() {
+                    let n = u32::from_be_bytes(bytes[at + 1..at + 5].try_into().unwrap());
+                    at += 5 + n as usize;
+                    messages += 1;
+                }
+                let status = path
+                    .rsplit('/')
+                    .next()
+                    .and_then(|m| m.trim_start_matches("Only").strip_prefix("Status"))
+                    .unwrap_or("0")
+                    .to_string();
+                let head = hyper::Response::builder().header("content-type", "application/grpc");
+                if path.contains("/Only") {
+                    let r = head.header("grpc-status", status).body(()).unwrap();
+                    let _ = respond.send_response(r, true);
+                    return;
+                }
+                let r = head.body(()).unwrap();
+                let Ok(mut send) = respond.send_response(r, false) else {
+                    return;
                 };
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(s).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        tokio::spawn(async move {
-                            let path = req.uri().path().to_string();
-                            let mut body = req.into_body();
-                            let mut bytes = vec![];
-                            while let Some(Ok(d)) = body.data().await {
-                                let _ = body.flow_control().release_capacity(d.len());
-                                bytes.extend_from_slice(&d);
-                            }
-                            let mut messages = 0;
-                            let mut at = 0;
-                            while at + 5 <= bytes.len() {
-                                let n =
-                                    u32::from_be_bytes(bytes[at + 1..at + 5].try_into().unwrap());
-                                at += 5 + n as usize;
-                                messages += 1;
-                            }
-                            let status = path
-                                .rsplit('/')
-                                .next()
-                                .and_then(|m| m.trim_start_matches("Only").strip_prefix("Status"))
-                                .unwrap_or("0")
-                                .to_string();
-                            let head = hyper::Response::builder()
-                                .header("content-type", "application/grpc");
-                            if path.contains("/Only") {
-                                let r = head.header("grpc-status", status).body(()).unwrap();
-                                let _ = respond.send_response(r, true);
-                                return;
-                            }
-                            let r = head.body(()).unwrap();
-                            let Ok(mut send) = respond.send_response(r, false) else {
-                                return;
-                            };
-                            for _ in 0..=messages {
-                                let _ = send
-                                    .send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"), false);
-                            }
-                            let mut trailers = hyper::HeaderMap::new();
-                            trailers.insert("grpc-status", status.parse().unwrap());
-                            let _ = send.send_trailers(trailers);
-                        });
-                    }
-                });
-            }
-        });
-    });
-    port
+                for _ in 0..=messages {
+                    let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"), false);
+                }
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("grpc-status", status.parse().unwrap());
+                let _ = send.send_trailers(trailers);
+            });
+        }
+    })
 }
 
 /// gRPC calls over h2c: each (path, request messages); what came back of each.
@@ -1849,14 +1865,11 @@ async fn grpc_calls(port: u16, calls: &[(&str, usize)]) -> Vec<String> {
 
 #[test]
 fn grpc_stats_as_envoy() {
-    let Some(envoy) = envoy("envoy grpc_stats") else {
+    let Some((envoy, dir)) = side_by_side_setup("envoy grpc_stats", "grpc") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-grpc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let upstream = grpc_upstream();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
     let calls = [
         ("/pkg.Echo/Hello", 2),
         ("/pkg.Echo/Status5", 1),
@@ -1885,9 +1898,7 @@ fn grpc_stats_as_envoy() {
             cluster("g", &["{G}"], ", typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: { http2_protocol_options: {} } } }")
         )
         .replace("{G}", &upstream.to_string());
-        let mut results = vec![];
-        for (bin, is_envoy) in [(envoy.as_path(), true), (pilotfish, false)] {
-            let r = side_by_side::start(bin, is_envoy, &text, &dir, &format!("grpc-{}-{is_envoy}", name.replace(' ', "-")));
+        let results = in_both(&envoy, &text, &dir, &name.replace(' ', "-"), |r| {
             let mut seen = rt.block_on(grpc_calls(r.listen, &calls));
             std::thread::sleep(Duration::from_millis(250));
             let mut log: Vec<String> = std::fs::read_to_string(&r.access_log)
@@ -1905,8 +1916,8 @@ fn grpc_stats_as_envoy() {
                 .collect();
             grpc.sort();
             seen.extend(grpc);
-            results.push(seen);
-        }
+            seen
+        });
         if results[0] != results[1] {
             failures.push(format!(
                 "{name}:\n  envoy {:#?}\n  pilotfish {:#?}",
@@ -1920,13 +1931,10 @@ fn grpc_stats_as_envoy() {
 
 #[test]
 fn requests_wait_for_a_connection_at_max_connections_as_in_envoy() {
-    let Some(envoy) = envoy("envoy max_connections") else {
+    let Some((envoy, dir)) = side_by_side_setup("envoy max_connections", "maxcx") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-maxcx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let u0 = http_upstream("u0");
-    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
     let text = format!(
         "{}{}",
         hcm("", &any_host(&to("/", "c"))),
@@ -1937,9 +1945,7 @@ fn requests_wait_for_a_connection_at_max_connections_as_in_envoy() {
         )
     )
     .replace("{U0}", &u0.to_string());
-    let mut results = vec![];
-    for (bin, is_envoy) in [(envoy.as_path(), true), (pilotfish, false)] {
-        let r = side_by_side::start(bin, is_envoy, &text, &dir, &format!("maxcx-{is_envoy}"));
+    let results = in_both(&envoy, &text, &dir, "maxcx", |r| {
         // Three requests at once, each on its own downstream connection; one upstream
         // connection may carry them, one after the other.
         let clients: Vec<_> = (0..3)
@@ -1973,8 +1979,8 @@ fn requests_wait_for_a_connection_at_max_connections_as_in_envoy() {
             str::to_string,
         );
         seen.push(format!("{stats:?}"));
-        results.push(seen);
-    }
+        seen
+    });
     assert_eq!(results[0], results[1], "envoy, then pilotfish");
     assert_eq!(results[1][..3], ["200", "200", "200"]);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -1983,53 +1989,34 @@ fn requests_wait_for_a_connection_at_max_connections_as_in_envoy() {
 /// An HTTP upstream over TLS offering `alpn`, speaking HTTP/1.1 or HTTP/2 as negotiated, and
 /// answering with the protocol it saw.
 fn tls_http_upstream(config: std::sync::Arc<rustls::ServerConfig>) -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(s).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(
-                        |req: hyper::Request<hyper::body::Incoming>| async move {
-                            let text = format!("saw {:?} {}\n", req.version(), req.uri().path());
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from(text)),
-                            ))
-                        },
-                    );
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    serve_on_loopback(move |s| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let svc = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let text = format!("saw {:?} {}\n", req.version(), req.uri().path());
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(text)),
+                    ))
+                },
+            );
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                     .await;
-                });
-            }
-        });
-    });
-    port
+        }
+    })
 }
 
 #[test]
 fn auto_config_speaks_what_the_upstream_picks_as_envoy() {
-    let Some(envoy) = envoy("envoy auto_config") else {
+    let Some((envoy, dir)) = side_by_side_setup("envoy auto_config", "auto") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("pilotfish-envoy-auto-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let pki = common::tls::Pki::new("upstream ca");
     let leaf = pki.leaf(
         &["server.example"],
@@ -2051,10 +2038,7 @@ fn auto_config_speaks_what_the_upstream_picks_as_envoy() {
         auto("a", h2),
         auto("b", h1)
     );
-    let pilotfish = Path::new(env!("CARGO_BIN_EXE_pilotfish"));
-    let mut results = vec![];
-    for (bin, is_envoy) in [(envoy.as_path(), true), (pilotfish, false)] {
-        let r = side_by_side::start(bin, is_envoy, &text, &dir, &format!("auto-{is_envoy}"));
+    let results = in_both(&envoy, &text, &dir, "auto", |r| {
         let mut seen: Vec<String> = ["/h2/x", "/h1/x", "/h2/y"]
             .iter()
             .map(|p| {
@@ -2076,8 +2060,8 @@ fn auto_config_speaks_what_the_upstream_picks_as_envoy() {
             str::to_string,
         );
         seen.push(format!("{stats:?}"));
-        results.push(seen);
-    }
+        seen
+    });
     assert_eq!(results[0], results[1], "envoy, then pilotfish");
     assert_eq!(
         results[1][..3],

@@ -644,6 +644,28 @@ fn upgrade_allowed(hcm: &HttpConnectionManager, route: Option<&RouteAction>, kin
 }
 
 /// Joins an upgraded downstream and upstream (after the 101 is sent) and copies both ways.
+/// Copies `r` into `w`, counting into `bytes`, until either ends: true when `r` did (its peer
+/// closed), false when `w` could not be written.
+async fn pump(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bytes: &AtomicU64,
+) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return true,
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// What a downstream upgrade is joined to: the upstream's upgraded HTTP connection, or the TCP
 /// connection of a CONNECT terminated here.
 enum Joined {
@@ -682,39 +704,9 @@ fn splice(down: hyper::upgrade::OnUpgrade, up: Joined, conn: u64, mut done: Opti
         let (mut dr, mut dw) = tokio::io::split(down);
         let (mut ur, mut uw) = tokio::io::split(up);
         let (to_up, to_down) = (guard.received.clone(), guard.sent.clone());
-        let upward = async {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                match dr.read(&mut buf).await {
-                    Ok(0) | Err(_) => return true,
-                    Ok(n) => {
-                        to_up.fetch_add(n as u64, Ordering::Relaxed);
-                        if uw.write_all(&buf[..n]).await.is_err() {
-                            return false;
-                        }
-                    }
-                }
-            }
-        };
-        let downward = async {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                match ur.read(&mut buf).await {
-                    Ok(0) | Err(_) => return false,
-                    Ok(n) => {
-                        to_down.fetch_add(n as u64, Ordering::Relaxed);
-                        if dw.write_all(&buf[..n]).await.is_err() {
-                            return true;
-                        }
-                    }
-                }
-            }
-        };
         let downstream_closed = tokio::select! {
-            d = upward => d,
-            d = downward => d,
+            closed = pump(&mut dr, &mut uw, &to_up) => closed,
+            closed = pump(&mut ur, &mut dw, &to_down) => !closed,
         };
         // An upstream that closes ends the tunnel as its response; a client that does, as DC.
         if let (true, Some(e)) = (downstream_closed, guard.entry.as_mut()) {
