@@ -517,10 +517,11 @@ pub async fn serve(
     let result = match result {
         Some(r) => r,
         None => {
-            if http2_seen.load(Ordering::Relaxed) {
-                connection.as_mut().graceful_shutdown();
-            } else if let Ok(r) = tokio::time::timeout(limits.drain, connection.as_mut()).await {
-                return done_serving(&hcm, conn, r, header_timeout, &info);
+            // HTTP/1 has no GOAWAY: the connection serves on through the drain period.
+            if !http2_seen.load(Ordering::Relaxed) {
+                if let Ok(r) = tokio::time::timeout(limits.drain, connection.as_mut()).await {
+                    return done_serving(&hcm, conn, r, header_timeout, &info);
+                }
             }
             connection.as_mut().graceful_shutdown();
             match tokio::time::timeout(limits.drain, connection.as_mut()).await {
@@ -1255,6 +1256,7 @@ async fn stream(
     {
         stats.downstream_cx_max_requests_reached.inc();
         clock.last_on_connection = true;
+        clock._slot.last_allowed();
     }
     stats.downstream_rq_total.inc();
     stats.downstream_rq_active.inc();

@@ -222,6 +222,8 @@ pub(crate) struct ConnStreams {
     active: AtomicUsize,
     /// Streams it has carried.
     pub requests: AtomicU64,
+    /// Told when a stream reaches max_requests_per_connection.
+    limit_reached: tokio::sync::Notify,
     /// Nanoseconds from `began` to when the last stream ended.
     idle_since: AtomicU64,
 }
@@ -232,6 +234,7 @@ impl ConnStreams {
             began: Instant::now(),
             active: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            limit_reached: tokio::sync::Notify::new(),
             idle_since: AtomicU64::new(0),
         })
     }
@@ -260,6 +263,11 @@ impl StreamSlot {
     /// How many streams its connection has carried, this one included.
     pub fn requests(&self) -> u64 {
         self.0.requests.load(Ordering::Relaxed)
+    }
+
+    /// This stream is the last its connection may carry: the connection is to be drained.
+    pub fn last_allowed(&self) {
+        self.0.limit_reached.notify_one();
     }
 }
 
@@ -334,16 +342,21 @@ impl ConnLimits {
             {
                 return Drain::MaxRequests;
             }
-            // Busy connections are looked at again at most every idle period (every 50 ms
-            // under a request limit).
-            let soon = self.max_requests.map(|_| now + Duration::from_millis(50));
-            let wake = [idle, end, self.idle.map(|t| now + t), soon]
+            // Busy connections are looked at again at most every idle period, and when a
+            // stream reaches the request limit.
+            let wake = [idle, end, self.idle.map(|t| now + t)]
                 .into_iter()
                 .flatten()
                 .min();
-            match wake {
-                Some(w) => tokio::time::sleep_until(w).await,
-                None => std::future::pending::<()>().await,
+            let sleep = async {
+                match wake {
+                    Some(w) => tokio::time::sleep_until(w).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = sleep => {}
+                _ = streams.limit_reached.notified() => {}
             }
         }
     }
