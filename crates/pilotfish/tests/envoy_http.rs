@@ -1370,7 +1370,8 @@ fn scenarios() -> Vec<Scenario> {
                 get("/a").header("x-request-id", "00000063-1234-4234-8234-123456789012"),
                 get("/a").header("x-request-id", "00000064-1234-4234-8234-123456789012"),
                 get("/a").header("x-b3-traceid", "feed000000000001").header("x-b3-spanid", "feed000000000002").header("x-b3-parentspanid", "feed000000000003").header("x-b3-sampled", "0").header("x-client-trace-id", "z"),
-                get("/a").header("b3", "feedfeedfeedfeed000000000000abcd-feed000000000002-1"),
+                // (Request ids given: a generated one would be sampled one time in a hundred.)
+                get("/a").header("b3", "feedfeedfeedfeed000000000000abcd-feed000000000002-1").header("x-request-id", "00000064-1234-4234-8234-123456789012"),
                 get("/nodec").header("x-request-id", "00000001"),
                 get("/nodec").header("x-request-id", "12345678-1234-b234-8234-123456789012").header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
                 get("/a").header("x-b3-sampled", "1").header("x-request-id", "00000064-1234-4234-8234-123456789012"),
