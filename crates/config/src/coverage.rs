@@ -270,6 +270,10 @@ const FIELDS: &[(&str, &[&str])] = &[
         &["delay", "abort", "upstream_cluster", "headers"],
     ),
     ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
+    (
+        "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+        &["alpn_override"],
+    ),
     // Stat names as Envoy 1.40 writes them in /stats whether dots are replaced or not; the
     // upstream timing stats (enable_upstream_stats) are not kept.
     (
@@ -683,6 +687,9 @@ const ONLY_WHERE: &[(&str, &str)] = &[
     ),
 ];
 
+/// Istio's null-VM Wasm plugins pilotfish implements natively (by their code name).
+const NULL_VM_PLUGINS: &[&str] = &["envoy.wasm.metadata_exchange"];
+
 /// Extension configuration types pilotfish implements.
 const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
@@ -698,6 +705,7 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.http.cors.v3.Cors",
     "envoy.extensions.filters.http.cors.v3.CorsPolicy",
     "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+    "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -881,6 +889,11 @@ fn visit_any(
     let message_name = type_url_message_name(&effective).to_string();
     if type_url_message_name(&typed.type_url) == "pilotfish.config.v1.OpaqueAny" {
         record(acc, GapKind::Opaque, message_name, name, path);
+        return;
+    }
+    if crate::model::null_vm_plugin(&typed)
+        .is_some_and(|code| NULL_VM_PLUGINS.contains(&code.as_str()))
+    {
         return;
     }
     if !EXTENSIONS.contains(&message_name.as_str()) {

@@ -161,6 +161,37 @@ pub fn unpack<T: Message + Name + Default>(any: &Any) -> Option<T> {
 
 /// The type a `typed_config` really configures: a TypedStruct's `type_url`, an opaque Any's
 /// original type, or the Any's own type.
+/// The plugin a Wasm filter (HTTP or network) runs in Istio's null VM, by its code name
+/// (`envoy.wasm.metadata_exchange`, `envoy.wasm.stats`); None for anything else.
+pub fn null_vm_plugin(any: &Any) -> Option<String> {
+    use pilotfish_api::prost_reflect::{DynamicMessage, SerializeOptions};
+    let name = type_url_message_name(&effective_type_url(any)).to_string();
+    if name != "envoy.extensions.filters.http.wasm.v3.Wasm"
+        && name != "envoy.extensions.filters.network.wasm.v3.Wasm"
+    {
+        return None;
+    }
+    let desc = pilotfish_api::descriptor_pool()
+        .get_message_by_name(type_url_message_name(&any.type_url))?;
+    let dm = DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
+    let opts = SerializeOptions::new().use_proto_field_name(true);
+    let v = dm
+        .serialize_with_options(serde_json::value::Serializer, &opts)
+        .ok()?;
+    // A TypedStruct carries the Wasm config under `value`.
+    let json = v.get("value").cloned().unwrap_or(v);
+    let runtime = json.pointer("/config/vm_config/runtime")?.as_str()?;
+    if runtime != "envoy.wasm.runtime.null" {
+        return None;
+    }
+    Some(
+        json.pointer("/config/vm_config/code/local/inline_string")
+            .and_then(|c| c.as_str())
+            .unwrap_or("?")
+            .to_string(),
+    )
+}
+
 pub fn effective_type_url(any: &Any) -> String {
     let name = type_url_message_name(&any.type_url);
     let wrapped = |m: &str| -> Option<String> {

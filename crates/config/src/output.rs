@@ -232,36 +232,10 @@ fn istio_only(any: &Any) -> Option<String> {
     if name.starts_with("istio.") || name.starts_with("envoy.tcp.metadataexchange.") {
         return Some(format!("{name} is an Istio proxy extension"));
     }
-    if name == "envoy.extensions.filters.http.wasm.v3.Wasm"
-        || name == "envoy.extensions.filters.network.wasm.v3.Wasm"
-    {
-        let json = wasm_json(any)?;
-        let runtime = json
-            .pointer("/config/vm_config/runtime")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if runtime == "envoy.wasm.runtime.null" {
-            let code = json
-                .pointer("/config/vm_config/code/local/inline_string")
-                .and_then(Value::as_str)
-                .unwrap_or("?");
-            return Some(format!(
-                "Wasm plugin '{code}' runs in Istio's null VM, which stock Envoy does not have"
-            ));
-        }
-    }
-    None
-}
-
-fn wasm_json(any: &Any) -> Option<Value> {
-    let desc = descriptor_pool().get_message_by_name(type_url_message_name(&any.type_url))?;
-    let dm = DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
-    let opts = SerializeOptions::new().use_proto_field_name(true);
-    let v = dm
-        .serialize_with_options(serde_json::value::Serializer, &opts)
-        .ok()?;
-    // A TypedStruct carries the Wasm config under `value`.
-    Some(v.get("value").cloned().unwrap_or(v))
+    let code = crate::model::null_vm_plugin(any)?;
+    Some(format!(
+        "Wasm plugin '{code}' runs in Istio's null VM, which stock Envoy does not have"
+    ))
 }
 
 /// A bootstrap with every resource static: RDS route configurations inlined into their HTTP

@@ -650,7 +650,7 @@ impl Cluster {
         self.stats.upstream_rq_pending_total.inc();
         self.stats.upstream_rq_pending_active.inc();
         self.update_breakers();
-        let mut result = self.connect_to(host, conn, upstream_id).await;
+        let mut result = self.connect_to(host, conn, upstream_id, None).await;
         self.stats.upstream_rq_pending_active.dec();
         if let Ok(u) = &mut result {
             u.carries_request = true;
@@ -693,16 +693,18 @@ impl Cluster {
     /// A connection for a host's HTTP pool, which has waited its turn under max_connections
     /// already: over the limit (a host without connections) it counts the overflow and
     /// connects all the same.
+    /// `alpn`: the protocols to offer over TLS instead of the cluster's (Istio's ALPN filter).
     pub async fn connect_host_anyway(
         self: &Arc<Self>,
         host: Arc<Host>,
         conn: u64,
         upstream_id: u64,
+        alpn: Option<&[Vec<u8>]>,
     ) -> Result<Upstream, ConnectError> {
         if self.stats.upstream_cx_active.get() >= self.thresholds[0].max_connections {
             self.stats.upstream_cx_overflow.inc();
         }
-        let result = self.connect_to(host, conn, upstream_id).await;
+        let result = self.connect_to(host, conn, upstream_id, alpn).await;
         self.update_breakers();
         result
     }
@@ -712,6 +714,7 @@ impl Cluster {
         host: Arc<Host>,
         conn: u64,
         upstream_id: u64,
+        offer: Option<&[Vec<u8>]>,
     ) -> Result<Upstream, ConnectError> {
         let tls = match self.tls.get(&host.transport.matched) {
             Some(Ok(t)) => Some(t.clone()),
@@ -776,7 +779,15 @@ impl Cluster {
         let mut alpn = None;
         let stream: Box<dyn Io> = match tls {
             Some(t) => {
-                let connector = tokio_rustls::TlsConnector::from(t.config.clone());
+                let config = match offer {
+                    Some(list) => {
+                        let mut c = (*t.config).clone();
+                        c.alpn_protocols = list.to_vec();
+                        Arc::new(c)
+                    }
+                    None => t.config.clone(),
+                };
+                let connector = tokio_rustls::TlsConnector::from(config);
                 match tokio::time::timeout(
                     self.connect_timeout,
                     connector.connect(t.server_name.clone(), stream),

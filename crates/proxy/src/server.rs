@@ -138,8 +138,7 @@ impl Server {
                                 &server.set,
                                 hcm,
                                 &server.stats,
-                                l.value.traffic_direction
-                                    == pilotfish_api::pb::envoy::config::core::v3::TrafficDirection::Outbound as i32,
+                                l.value.traffic_direction,
                             ),
                         ));
                         break;

@@ -304,3 +304,31 @@ pub fn upstream_on(name: &'static str, ip: &str) -> u16 {
 pub fn upstream(name: &'static str) -> u16 {
     upstream_on(name, "127.0.0.1")
 }
+
+/// A server on a free loopback port, each connection handled by `handle` on a runtime of its
+/// own thread.
+#[allow(dead_code)]
+pub fn serve_on_loopback<F, Fut>(handle: F) -> u16
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                if let Ok((s, _)) = l.accept().await {
+                    tokio::spawn(handle(s));
+                }
+            }
+        });
+    });
+    port
+}

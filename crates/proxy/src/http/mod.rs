@@ -8,6 +8,7 @@
 pub mod cors;
 pub mod fault;
 pub mod grpc_stats;
+pub mod istio;
 pub mod path;
 pub mod timeouts;
 pub mod trace;
@@ -133,6 +134,8 @@ pub struct HttpConnectionManagerFilter {
     tracing: Option<trace::Tracing>,
     grpc_stats: Option<grpc_stats::GrpcStats>,
     local_reply: Option<LocalReply>,
+    metadata_exchange: Option<istio::MetadataExchange>,
+    alpn: Option<istio::AlpnOverride>,
 }
 
 /// local_reply_config: how the connection manager's own replies are rewritten, by the first
@@ -327,13 +330,16 @@ pub fn route_configuration(
 }
 
 impl HttpConnectionManagerFilter {
-    /// `egress`: on an outbound listener (where the route's decorator goes upstream).
+    /// `direction`: its listener's traffic_direction (an outbound listener's decorator goes
+    /// upstream; Istio's metadata exchange sends this node's metadata by it).
     pub fn new(
         set: &ResourceSet,
         config: HttpConnectionManager,
         stats: &Store,
-        egress: bool,
+        direction: i32,
     ) -> Self {
+        use pilotfish_api::pb::envoy::config::core::v3::TrafficDirection;
+        let egress = direction == TrafficDirection::Outbound as i32;
         let routes = match route_configuration(set, &config).and_then(|rc| RouteTable::new(&rc)) {
             Ok(t) => Some(Arc::new(t)),
             Err(e) => {
@@ -382,6 +388,25 @@ impl HttpConnectionManagerFilter {
         HttpConnectionManagerFilter {
             conn_limits: timeouts::ConnLimits::of(&config),
             tracing: trace::Tracing::of(set, &config, egress),
+            metadata_exchange: config.http_filters.iter().find_map(|f| {
+                let code = pilotfish_config::model::null_vm_plugin(&typed(f)?)?;
+                (code == istio::METADATA_EXCHANGE_CODE).then(|| {
+                    let node = set.bootstrap.node.as_ref();
+                    istio::MetadataExchange::new(
+                        node.map_or("", |n| n.id.as_str()),
+                        node.and_then(|n| n.metadata.as_ref()),
+                        direction,
+                    )
+                })
+            }),
+            alpn: config.http_filters.iter().find_map(|f| {
+                let any = typed(f)?;
+                if !any.type_url.ends_with("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig") {
+                    return None;
+                }
+                let c = <pilotfish_api::istio::alpn::FilterConfig as prost::Message>::decode(any.value.as_slice()).ok()?;
+                Some(istio::AlpnOverride::new(&c))
+            }),
             local_reply: config.local_reply_config.as_ref().map(|c| {
                 let mut warnings = vec![];
                 let l = LocalReply::new(c, &mut warnings);
@@ -1305,6 +1330,15 @@ async fn stream(
         .tracing
         .as_ref()
         .is_some_and(|t| t.decide(req.headers_mut(), seed));
+    // Istio's metadata exchange: the downstream peer's headers are taken off (and kept); an
+    // outbound sidecar adds its own.
+    let downstream_peer = hcm
+        .metadata_exchange
+        .as_ref()
+        .map(|x| x.on_request(req.headers_mut()));
+    if let Some(p) = downstream_peer.as_ref().and_then(|p| p.id.as_deref()) {
+        tracing::debug!(target: "filter", connection = conn, stream = seed, "metadata exchange: downstream peer {p}");
+    }
     // The access log sees the request headers as the connection manager left them (x-request-id,
     // x-forwarded-for, ...), and, once the router has forwarded it, as the upstream got them.
     let received_headers = header_list(req.headers());
@@ -1596,6 +1630,7 @@ async fn stream(
                             .is_some_and(|v| v.include_attempt_count_in_response),
                         hash: route_hash(action, &routing, info),
                         action,
+                        alpn: hcm.alpn.as_ref(),
                     };
                     // A CONNECT the route terminates: a TCP connection to a host of the
                     // cluster, and 200 to the client.
@@ -1808,6 +1843,9 @@ fn finish(
             m.response_remove,
             &entry,
         );
+    }
+    if let Some(x) = &hcm.metadata_exchange {
+        x.on_response(response.headers_mut());
     }
     let refused_408 = response.status() == StatusCode::REQUEST_TIMEOUT;
     let h = response.headers_mut();

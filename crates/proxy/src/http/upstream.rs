@@ -408,9 +408,10 @@ async fn connection(
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
     want: Want,
+    alpn: Option<&[Vec<u8>]>,
     conn: u64,
 ) -> Result<Sender, ConnectError> {
-    let sender = pooled(server, cluster, host, want, conn).await?;
+    let sender = pooled(server, cluster, host, want, alpn, conn).await?;
     if cluster.stats.upstream_rq_active.get() >= cluster.thresholds[0].max_requests {
         if let Sender {
             open,
@@ -440,6 +441,7 @@ async fn pooled(
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
     want: Want,
+    alpn: Option<&[Vec<u8>]>,
     conn: u64,
 ) -> Result<Sender, ConnectError> {
     let key = (cluster.name.clone(), host.address.clone());
@@ -524,7 +526,9 @@ async fn pooled(
     let id = server.next_connection_id();
     cluster.stats.upstream_rq_pending_total.inc();
     let pending = Active::pending(cluster);
-    let up = cluster.connect_host_anyway(host.clone(), conn, id).await;
+    let up = cluster
+        .connect_host_anyway(host.clone(), conn, id, alpn)
+        .await;
     drop(pending);
     let up = up?;
     // auto_config: the protocol the host picked. Envoy's mixed pool counts the connection a
@@ -634,7 +638,10 @@ pub(super) async fn open_tunnel(
     };
     tracing::debug!(target: "router", connection = conn, stream = seed, "cluster '{}' match for CONNECT: opening a tunnel to {}", cluster.name, host.address);
     let id = server.next_connection_id();
-    match cluster.connect_host_anyway(host.clone(), conn, id).await {
+    match cluster
+        .connect_host_anyway(host.clone(), conn, id, None)
+        .await
+    {
         Err(e) => failed(e, Some(&host)),
         Ok(tcp) => Outcome {
             response: Response::new(super::full(Bytes::new())),
@@ -770,6 +777,8 @@ pub struct RouteInfo<'a> {
     pub include_attempt_count_in_response: bool,
     /// The route's hash_policy hash, for RING_HASH and MAGLEV.
     pub hash: Option<u64>,
+    /// Istio's ALPN filter, when the chain has it: what to offer the upstream by protocol.
+    pub alpn: Option<&'a super::istio::AlpnOverride>,
 }
 
 /// A retry policy as the router applies it to one request (the `x-envoy-retry-on`,
@@ -904,6 +913,12 @@ pub(super) async fn forward(
     let timeout = route_timeout(route.action, req.headers());
     let retries = Retries::of(route.retry_policy, req.headers());
     let want = UpstreamHttp::of(cluster).want(downstream_http2);
+    // istio.alpn: the protocols offered by the one the request goes upstream in.
+    let alpn = route.alpn.and_then(|a| match want {
+        Want::Http2 => a.for_protocol(true, false),
+        Want::Http1 => a.for_protocol(false, req.version() == hyper::Version::HTTP_10),
+        Want::Auto => None,
+    });
     let (mut parts, body) = req.into_parts();
     for n in [
         "x-envoy-upstream-rq-timeout-ms",
@@ -1033,6 +1048,7 @@ pub(super) async fn forward(
             cluster,
             &host,
             want,
+            alpn.map(Vec::as_slice),
             &shape,
             Request::from_parts(p, b),
             limit,
@@ -1231,6 +1247,7 @@ async fn attempt_once(
     cluster: &Arc<Cluster>,
     host: &Arc<Host>,
     want: Want,
+    alpn: Option<&[Vec<u8>]>,
     shape: &Shape<'_>,
     req: Request<Body>,
     limit: Option<tokio::time::Instant>,
@@ -1238,7 +1255,7 @@ async fn attempt_once(
     stream: u64,
 ) -> Attempt {
     let began = Instant::now();
-    let sender = match connection(server, cluster, host, want, conn).await {
+    let sender = match connection(server, cluster, host, want, alpn, conn).await {
         Ok(s) => s,
         Err(e) => return Attempt::ConnectFailed(e, Some(host.clone())),
     };

@@ -1,0 +1,219 @@
+//! Istio's own HTTP filters as pilotfish runs them natively: the metadata exchange headers
+//! (the seed sidecar's, byte for byte as the article's log shows them; taken off and added by
+//! the listener's direction) and istio.alpn (the ALPN offered to a TLS upstream).
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// The x-envoy-peer-metadata values the article's log shows: netshoot's (on the request into
+/// fortio-server's sidecar), then fortio-server's (on its response).
+fn article_headers(shared: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(shared.join("seed/000_db0fe29df8d52e0c.txt")).unwrap();
+    let re = regex::Regex::new(r"'x-envoy-peer-metadata', '([^']*)'").unwrap();
+    re.captures_iter(&text).map(|c| c[1].to_string()).collect()
+}
+
+#[test]
+fn the_seed_sidecar_sends_the_metadata_the_article_shows() {
+    let Some(shared) = shared_dir("istio metadata exchange") else {
+        return;
+    };
+    let headers = article_headers(&shared);
+    assert_eq!(headers.len(), 2);
+    let seed = corpus_files(&shared)
+        .into_iter()
+        .find(|f| f.display().to_string().contains("fortio-server"))
+        .unwrap();
+    let cfg = pilotfish_config::load_file(&seed).unwrap();
+    let node = cfg.resources.bootstrap.node.as_ref().unwrap();
+    use base64::Engine;
+    let ours = base64::engine::general_purpose::STANDARD.encode(
+        pilotfish_proxy::http::istio::encode_node(node.metadata.as_ref().unwrap()),
+    );
+    // fortio-server's own metadata, as its sidecar put it on the response.
+    assert_eq!(ours, headers[1]);
+    // netshoot's, as it arrived: what Istio exchanges of a node.
+    let netshoot = pilotfish_proxy::http::istio::decode(&headers[0]).unwrap();
+    assert_eq!(netshoot["NAME"], "netshoot");
+    assert_eq!(netshoot["NAMESPACE"], "mark");
+    assert_eq!(netshoot["INSTANCE_IPS"], "172.21.206.228");
+    assert_eq!(netshoot["LABELS"]["security.istio.io/tlsMode"], "istio");
+    assert_eq!(
+        netshoot["OWNER"],
+        "kubernetes://apis/v1/namespaces/mark/pods/netshoot"
+    );
+    let mut keys: Vec<&String> = netshoot.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "APP_CONTAINERS",
+            "CLUSTER_ID",
+            "INSTANCE_IPS",
+            "ISTIO_VERSION",
+            "LABELS",
+            "MESH_ID",
+            "NAME",
+            "NAMESPACE",
+            "OWNER",
+            "PLATFORM_METADATA",
+            "WORKLOAD_NAME"
+        ]
+    );
+}
+
+const METADATA_EXCHANGE: &str = "{ name: istio.metadata_exchange, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm, config: { vm_config: { runtime: envoy.wasm.runtime.null, code: { local: { inline_string: envoy.wasm.metadata_exchange } } }, configuration: { \"@type\": type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange } } } }";
+const ALPN: &str = "{ name: istio.alpn, typed_config: { \"@type\": type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig, alpn_override: [{ alpn_override: [istio-http/1.0, istio, http/1.0] }, { upstream_protocol: HTTP11, alpn_override: [istio-http/1.1, istio, http/1.1] }, { upstream_protocol: HTTP2, alpn_override: [istio-h2, istio, h2] }] } }";
+const ROUTER: &str = "{ name: envoy.filters.http.router, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } }";
+
+fn listener(name: &str, port: u16, direction: &str, filters: &str, cluster: &str) -> String {
+    format!("  - name: {name}\n    traffic_direction: {direction}\n    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: {name}\n          route_config: {{ virtual_hosts: [{{ name: v, domains: [\"*\"], routes: [{{ match: {{ prefix: \"/\" }}, route: {{ cluster: {cluster} }} }}] }}] }}\n          http_filters: [{filters}, {ROUTER}]\n")
+}
+
+/// An HTTP/1.1 upstream over TLS (ALPN istio-http/1.1 or http/1.1) that answers with the ALPN
+/// it negotiated and the request headers it saw, and adds the metadata exchange headers of an
+/// upstream sidecar to its response.
+fn tls_app(pki: &common::tls::Pki) -> u16 {
+    let leaf = pki.leaf(
+        &["server.example"],
+        "spiffe://cluster.local/ns/mark/sa/default",
+    );
+    let acceptor = tokio_rustls::TlsAcceptor::from(common::tls::server_config(
+        &leaf,
+        &["istio-http/1.1", "http/1.1"],
+    ));
+    serve_on_loopback(move |s| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let alpn = String::from_utf8_lossy(tls.get_ref().1.alpn_protocol().unwrap_or(b"-"))
+                .into_owned();
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let alpn = alpn.clone();
+                    async move {
+                        let mut seen: Vec<String> =
+                            req.headers().keys().map(|k| k.to_string()).collect();
+                        seen.sort();
+                        let text = format!(
+                            "alpn={alpn} id={:?} headers={}",
+                            req.headers().get("x-envoy-peer-metadata-id"),
+                            seen.join(",")
+                        );
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header(
+                                    "x-envoy-peer-metadata-id",
+                                    "sidecar~10.0.0.9~upstream.ns~ns.svc.cluster.local",
+                                )
+                                .header("x-envoy-peer-metadata", "ChEKBE5BTUUSCRoHdXBzdHJlYW0=")
+                                .body(http_body_util::Full::new(bytes::Bytes::from(text)))
+                                .unwrap(),
+                        )
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+        }
+    })
+}
+
+/// One HTTP/1.1 GET with `headers`; the response's head (header names lower-case) and body.
+fn get(port: u16, headers: &[(&str, &str)]) -> (Vec<String>, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut text = "GET / HTTP/1.1\r\nhost: app\r\nconnection: close\r\n".to_string();
+    for (k, v) in headers {
+        text.push_str(&format!("{k}: {v}\r\n"));
+    }
+    text.push_str("\r\n");
+    s.write_all(text.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut head = vec![];
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+            break;
+        }
+        let line = line.trim();
+        head.push(match line.split_once(':') {
+            Some((k, v)) => format!("{}: {}", k.to_ascii_lowercase(), v.trim()),
+            None => line.to_string(),
+        });
+    }
+    let mut body = String::new();
+    let _ = r.read_to_string(&mut body);
+    (head, body)
+}
+
+#[test]
+fn metadata_exchange_and_alpn_by_the_listener_direction() {
+    let pki = common::tls::Pki::new("mesh ca");
+    let dir = common::proxy::temp_dir("istio-filters");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let app = tls_app(&pki);
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let plain_app = plain.local_addr().unwrap().port();
+    common::netns::serve_http(plain, "app");
+    let (inbound, outbound) = (free_port(), free_port());
+    let config = format!(
+        "node:\n  id: sidecar~10.0.0.1~netshoot.mark~mark.svc.cluster.local\n  metadata: {{ NAME: netshoot, NAMESPACE: mark, SERVICE_ACCOUNT: default, LABELS: {{ app: netshoot }} }}\nstatic_resources:\n  listeners:\n{}{}  clusters:\n  - {{ name: app, type: STATIC, connect_timeout: 1s, load_assignment: {{ cluster_name: app, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {plain_app} }} }} }} }}] }}] }} }}\n  - {{ name: mesh, type: STATIC, connect_timeout: 1s, transport_socket: {{ name: envoy.transport_sockets.tls, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: server.example, common_tls_context: {{ alpn_protocols: [istio-peer-exchange, istio], validation_context: {{ trusted_ca: {{ filename: \"{}\" }} }} }} }} }}, load_assignment: {{ cluster_name: mesh, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {app} }} }} }} }}] }}] }} }}\n",
+        listener("inbound", inbound, "INBOUND", METADATA_EXCHANGE, "app"),
+        listener("outbound", outbound, "OUTBOUND", &format!("{METADATA_EXCHANGE}, {ALPN}"), "mesh"),
+        ca.display()
+    );
+    let _proxy = common::proxy::Proxy::start_in(dir, &config, &[]);
+
+    // Inbound: the downstream sidecar's headers stop here; the response carries this node's.
+    let (head, body) = get(
+        inbound,
+        &[
+            (
+                "x-envoy-peer-metadata-id",
+                "sidecar~10.0.0.2~fortio.mark~mark.svc.cluster.local",
+            ),
+            ("x-envoy-peer-metadata", "ChEKBE5BTUUSCRoHZG93bnN0cg=="),
+        ],
+    );
+    assert!(
+        !body.contains("x-envoy-peer-metadata"),
+        "the app saw the peer headers: {body}"
+    );
+    assert!(
+        head.contains(
+            &"x-envoy-peer-metadata-id: sidecar~10.0.0.1~netshoot.mark~mark.svc.cluster.local"
+                .to_string()
+        ),
+        "{head:?}"
+    );
+    let sent = head
+        .iter()
+        .find_map(|l| l.strip_prefix("x-envoy-peer-metadata: "))
+        .expect("metadata on the response");
+    let sent = pilotfish_proxy::http::istio::decode(sent).expect("a Struct in base64");
+    assert_eq!(
+        sent,
+        serde_json::json!({ "NAME": "netshoot", "NAMESPACE": "mark", "LABELS": { "app": "netshoot" }, "PLATFORM_METADATA": {} })
+    );
+
+    // Outbound: this node's headers go upstream, over TLS with Istio's HTTP/1.1 ALPN; the
+    // upstream sidecar's come back and stop here.
+    let (head, body) = get(outbound, &[]);
+    assert!(body.starts_with("alpn=istio-http/1.1 "), "{body}");
+    assert!(
+        body.contains("id=Some(\"sidecar~10.0.0.1~netshoot.mark~mark.svc.cluster.local\")"),
+        "{body}"
+    );
+    assert!(body.contains("x-envoy-peer-metadata,"), "{body}");
+    assert!(
+        !head.iter().any(|l| l.starts_with("x-envoy-peer-metadata")),
+        "{head:?}"
+    );
+}
