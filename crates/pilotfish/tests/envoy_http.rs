@@ -1057,6 +1057,12 @@ fn scenarios() -> Vec<Scenario> {
             &["http.h.downstream_rq_1xx"],
         ),
         sc(
+            "a websocket outlives request_headers_timeout (its bytes are not request headers)",
+            simple("          upgrade_configs: [{ upgrade_type: websocket }]\n          request_headers_timeout: 0.2s\n"),
+            vec![get("/ws").websocket("hello over the upgrade").closes_within(700)],
+            &["http.h.downstream_rq_header_timeout"],
+        ),
+        sc(
             "a websocket upgrade, not configured",
             simple(""),
             vec![get("/ws").websocket("nobody hears")],

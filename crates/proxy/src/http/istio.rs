@@ -14,12 +14,13 @@ pub const PEER_METADATA_ID: &str = "x-envoy-peer-metadata-id";
 /// The code name a metadata exchange Wasm filter is configured with (Istio's null-VM plugin).
 pub const METADATA_EXCHANGE_CODE: &str = "envoy.wasm.metadata_exchange";
 
-/// What a peer said of itself, as the metadata exchange headers carried it.
+/// What a peer said of itself, as the metadata exchange headers carried it (decoded only when
+/// asked: `decode`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Peer {
     pub id: Option<String>,
-    /// The decoded node metadata (NAME, NAMESPACE, LABELS, ...).
-    pub metadata: Option<serde_json::Value>,
+    /// Its node metadata, base64 of a `google.protobuf.Struct`.
+    pub metadata: Option<String>,
 }
 
 /// `istio.metadata_exchange` on one connection manager: this node's headers, made once.
@@ -81,9 +82,7 @@ impl MetadataExchange {
 fn take_peer(h: &mut HeaderMap) -> Peer {
     let text = |v: Option<HeaderValue>| v.and_then(|v| v.to_str().ok().map(str::to_string));
     let id = text(h.remove(PEER_METADATA_ID)).filter(|s| !s.is_empty());
-    let metadata = text(h.remove(PEER_METADATA))
-        .filter(|s| !s.is_empty())
-        .and_then(|s| decode(&s));
+    let metadata = text(h.remove(PEER_METADATA)).filter(|s| !s.is_empty());
     Peer { id, metadata }
 }
 

@@ -549,9 +549,14 @@ pub async fn serve(
                 }
             }
             connection.as_mut().graceful_shutdown();
-            match tokio::time::timeout(limits.drain, connection.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => Ok(()),
+            // Streams under way finish; a connection with none left is closed after the
+            // drain period.
+            loop {
+                match tokio::time::timeout(limits.drain, connection.as_mut()).await {
+                    Ok(r) => break r,
+                    Err(_) if streams.busy() => continue,
+                    Err(_) => break Ok(()),
+                }
             }
         }
     };
@@ -1269,22 +1274,23 @@ async fn stream(
         grpc_call,
         last_on_connection: false,
         connect: false,
+        _active: RqActive::new(hcm),
         _slot: slot,
     };
     let stats = &hcm.stats;
     clock.connect = req.method() == hyper::Method::CONNECT;
     // The last request max_requests_per_connection allows: its response closes the connection.
-    if hcm
-        .conn_limits
-        .max_requests
-        .is_some_and(|m| clock._slot.requests() == m)
-    {
-        stats.downstream_cx_max_requests_reached.inc();
-        clock.last_on_connection = true;
-        clock._slot.last_allowed();
+    if let Some(m) = hcm.conn_limits.max_requests {
+        let n = clock._slot.index();
+        if n == m {
+            stats.downstream_cx_max_requests_reached.inc();
+        }
+        if n >= m {
+            clock.last_on_connection = true;
+            clock._slot.limit_reached();
+        }
     }
     stats.downstream_rq_total.inc();
-    stats.downstream_rq_active.inc();
     let http2 = req.version() == hyper::Version::HTTP_2;
     if http2 {
         stats.downstream_rq_http2_total.inc();
@@ -1778,7 +1784,25 @@ struct Clock {
     last_on_connection: bool,
     /// A CONNECT: unless it becomes a tunnel, its connection is closed after the reply.
     connect: bool,
+    _active: RqActive,
     _slot: timeouts::StreamSlot,
+}
+
+/// A stream counted in downstream_rq_active until it ends, also when the codec drops it half
+/// way (the client reset it or went away).
+struct RqActive(Arc<HttpConnectionManagerFilter>);
+
+impl RqActive {
+    fn new(hcm: &Arc<HttpConnectionManagerFilter>) -> RqActive {
+        hcm.stats.downstream_rq_active.inc();
+        RqActive(hcm.clone())
+    }
+}
+
+impl Drop for RqActive {
+    fn drop(&mut self) {
+        self.0.stats.downstream_rq_active.dec();
+    }
 }
 
 /// A gRPC call the grpc_stats filter counts: its `:path` as received, its messages (request,
@@ -1809,6 +1833,7 @@ fn finish(
         grpc_call,
         last_on_connection,
         connect,
+        _active,
         _slot,
     } = clock;
     let mut response = outcome.response;
@@ -1919,8 +1944,12 @@ fn finish(
         conn,
         stream,
         _slot,
+        _active,
         grpc_call,
     };
+    if splice_with.is_some() {
+        done._slot.upgraded();
+    }
     // A CONNECT tunnel's stream ends (and is logged) when the tunnel does.
     let (done, splice_with) = match splice_with {
         Some((down, up)) if connect => {
@@ -2013,17 +2042,16 @@ struct DoneGuard {
     hcm: Arc<HttpConnectionManagerFilter>,
     conn: u64,
     stream: u64,
-    /// The stream stays open on its connection until its response is done.
+    /// The stream stays open on its connection, and active, until its response is done.
     _slot: timeouts::StreamSlot,
+    _active: RqActive,
     grpc_call: Option<GrpcCall>,
 }
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
         tracing::debug!(target: "http", connection = self.conn, stream = self.stream, "Codec completed encoding stream.");
-        let stats = &self.hcm.stats;
-        stats.downstream_rq_active.dec();
-        stats.downstream_rq_completed.inc();
+        self.hcm.stats.downstream_rq_completed.inc();
         if let Some(mut e) = self.entry.take() {
             self.grpc_done(&mut e);
             e.duration = self.began.elapsed();

@@ -224,6 +224,8 @@ pub(crate) struct ConnStreams {
     pub requests: AtomicU64,
     /// Told when a stream reaches max_requests_per_connection.
     limit_reached: tokio::sync::Notify,
+    /// The connection is an upgraded one (websocket, CONNECT) now: no more HTTP on it.
+    upgraded: AtomicBool,
     /// Nanoseconds from `began` to when the last stream ended.
     idle_since: AtomicU64,
 }
@@ -235,6 +237,7 @@ impl ConnStreams {
             active: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             limit_reached: tokio::sync::Notify::new(),
+            upgraded: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
         })
     }
@@ -242,11 +245,11 @@ impl ConnStreams {
     /// Counts a stream open until the slot is dropped.
     pub fn open(self: &Arc<Self>) -> StreamSlot {
         self.active.fetch_add(1, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        StreamSlot(self.clone())
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        StreamSlot(self.clone(), n)
     }
 
-    fn busy(&self) -> bool {
+    pub fn busy(&self) -> bool {
         self.active.load(Ordering::Relaxed) > 0
     }
 
@@ -257,17 +260,24 @@ impl ConnStreams {
     }
 }
 
-pub(crate) struct StreamSlot(Arc<ConnStreams>);
+/// A stream's place on its connection: the connection, and which stream it is (1 for the
+/// first).
+pub(crate) struct StreamSlot(Arc<ConnStreams>, u64);
 
 impl StreamSlot {
-    /// How many streams its connection has carried, this one included.
-    pub fn requests(&self) -> u64 {
-        self.0.requests.load(Ordering::Relaxed)
+    /// Which of its connection's streams this is.
+    pub fn index(&self) -> u64 {
+        self.1
     }
 
-    /// This stream is the last its connection may carry: the connection is to be drained.
-    pub fn last_allowed(&self) {
+    /// This stream is at (or past) the last its connection may carry: drain the connection.
+    pub fn limit_reached(&self) {
         self.0.limit_reached.notify_one();
+    }
+
+    /// The connection carries an upgraded stream from now on (no more HTTP requests on it).
+    pub fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::Relaxed);
     }
 }
 
@@ -431,7 +441,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadersTimeout<T> {
             let _ = Pin::new(&mut this.inner).poll_flush(cx);
             return Poll::Ready(Ok(()));
         }
-        if this.off {
+        // An upgraded connection (websocket, CONNECT) carries no more request headers.
+        if this.off || this.streams.upgraded.load(Ordering::Relaxed) {
+            this.timer = None;
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         if this.streams.busy() {

@@ -52,6 +52,8 @@ struct PooledConn {
     retired: AtomicU8,
     /// Its closing has been counted.
     counted: AtomicBool,
+    /// Told when its last stream under way ends.
+    idle: tokio::sync::Notify,
 }
 
 const RETIRED_MAX_REQUESTS: u8 = 1;
@@ -67,6 +69,7 @@ impl PooledConn {
             idle_since: AtomicU64::new(0),
             retired: AtomicU8::new(0),
             counted: AtomicBool::new(false),
+            idle: tokio::sync::Notify::new(),
         })
     }
 
@@ -95,7 +98,9 @@ impl Drop for OpenStream {
         let c = &self.0;
         c.idle_since
             .store(c.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        c.streams.fetch_sub(1, Ordering::Relaxed);
+        if c.streams.fetch_sub(1, Ordering::Relaxed) == 1 {
+            c.idle.notify_one();
+        }
     }
 }
 
@@ -135,26 +140,29 @@ async fn retire(
                 return why;
             }
         }
-        // Looked at again when the idle period would end, its age limit comes, or (retired,
-        // with streams under way) shortly.
+        // Looked at again when the idle period would end, when its age limit comes, and when
+        // its last stream ends.
         let mut wake = now + u.idle_timeout.unwrap_or(Duration::from_secs(3600));
         if let Some(t) = u.idle_timeout {
             if conn.streams.load(Ordering::Relaxed) == 0 {
                 wake = wake.min(idle_at + t);
             }
         }
-        if let Some(d) = u.max_duration {
-            wake = wake.min((conn.born + d).max(now + Duration::from_millis(1)));
+        if let Some(end) = u.max_duration.map(|d| conn.born + d).filter(|e| *e > now) {
+            wake = wake.min(end);
         }
-        if conn.retired.load(Ordering::Relaxed) != 0 {
-            wake = wake.min(now + Duration::from_millis(50));
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake.max(now + Duration::from_millis(1))) => {}
+            _ = conn.idle.notified() => {}
         }
-        tokio::time::sleep_until(wake.max(now + Duration::from_millis(1))).await;
     }
 }
 
 /// (cluster, host address)
 type HostKey = (String, String);
+
+/// Each host's connections of one protocol.
+type PoolMap<S> = Mutex<HashMap<HostKey, Vec<(Arc<PooledConn>, S)>>>;
 
 /// Idle HTTP/1.1 connections and the HTTP/2 connections of each (cluster, host): a new HTTP/2
 /// connection only when the others carry max_concurrent_streams each.
@@ -214,6 +222,24 @@ impl Pools {
             }
         }
         true
+    }
+
+    /// A closed connection leaves its pool (and an empty pool its map).
+    fn forget(&self, key: &HostKey, conn: &Arc<PooledConn>, http2: bool) {
+        fn drop_from<T>(map: &PoolMap<T>, key: &HostKey, conn: &Arc<PooledConn>) {
+            let mut m = map.lock().unwrap();
+            if let Some(list) = m.get_mut(key) {
+                list.retain(|(c, _)| !Arc::ptr_eq(c, conn));
+                if list.is_empty() {
+                    m.remove(key);
+                }
+            }
+        }
+        if http2 {
+            drop_from(&self.http2, key, conn);
+        } else {
+            drop_from(&self.http1, key, conn);
+        }
     }
 
     /// An HTTP/1.1 connection is idle again: the next request to its host may take it.
@@ -677,8 +703,9 @@ async fn watched<F: std::future::Future>(
                 _ => None,
             }
         }
-        why = retire(server.clone(), conn.clone(), cluster, key, http2) => Some(why),
+        why = retire(server.clone(), conn.clone(), cluster, key.clone(), http2) => Some(why),
     };
+    server.http_pools.forget(&key, &conn, http2);
     if let Some(why) = why.filter(|_| !conn.counted.swap(true, Ordering::Relaxed)) {
         let (stat, what) = match why {
             Closed::Idle => ("upstream_cx_idle_timeout", "idle timeout"),
@@ -1255,7 +1282,16 @@ async fn attempt_once(
     stream: u64,
 ) -> Attempt {
     let began = Instant::now();
-    let sender = match connection(server, cluster, host, want, alpn, conn).await {
+    // The route's (or try's) time runs from the start: waiting for a connection included.
+    let connecting = connection(server, cluster, host, want, alpn, conn);
+    let connected = match limit {
+        Some(t) => match tokio::time::timeout_at(t, connecting).await {
+            Ok(c) => c,
+            Err(_) => return Attempt::PerTryTimeout(host.clone()),
+        },
+        None => connecting.await,
+    };
+    let sender = match connected {
         Ok(s) => s,
         Err(e) => return Attempt::ConnectFailed(e, Some(host.clone())),
     };
