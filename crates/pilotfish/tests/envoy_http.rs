@@ -1676,13 +1676,16 @@ async fn h2_client_sees(port: u16) -> Vec<String> {
             &[],
         ));
     }
-    // Three streams at once, to a cluster whose upstream connections carry one each.
+    // Three streams at once to a cluster whose upstream connections carry one each, and three
+    // to one whose connections carry any number.
     let mut waiting = vec![];
-    for _ in 0..3 {
-        let req = hyper::Request::get("http://example.com/up/delay/300")
-            .body(())
-            .unwrap();
-        waiting.push(client.clone().send_request(req, true).unwrap().0);
+    for path in ["/up/delay/300", "/many/delay/300"] {
+        for _ in 0..3 {
+            let req = hyper::Request::get(format!("http://example.com{path}"))
+                .body(())
+                .unwrap();
+            waiting.push(client.clone().send_request(req, true).unwrap().0);
+        }
     }
     let all = async {
         let mut statuses = vec![];
@@ -1722,10 +1725,11 @@ fn http2_settings_and_stream_resets_as_envoy() {
             "{}{}{}",
             hcm(
                 &format!("          stream_idle_timeout: 0.4s\n{options}"),
-                &any_host(&format!("{{ match: {{ prefix: \"/up/\" }}, route: {{ cluster: h2, prefix_rewrite: \"/\" }} }}, {}", to("/", "c")))
+                &any_host(&format!("{{ match: {{ prefix: \"/up/\" }}, route: {{ cluster: h2, prefix_rewrite: \"/\" }} }}, {{ match: {{ prefix: \"/many/\" }}, route: {{ cluster: h2many, prefix_rewrite: \"/\" }} }}, {}", to("/", "c")))
             ),
             cluster("c", &["{U0}"], ""),
             cluster("h2", &["{H2}"], ", typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: { http2_protocol_options: { max_concurrent_streams: 1 } } } }")
+                + &cluster("h2many", &["{H2}"], ", typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: { http2_protocol_options: {} } } }")
         )
         .replace("{U0}", &u0.to_string())
         .replace("{H2}", &h2.to_string());
@@ -1733,7 +1737,13 @@ fn http2_settings_and_stream_resets_as_envoy() {
             let mut seen = rt.block_on(h2_client_sees(r.listen));
             let stats = side_by_side::stat_values(
                 r.admin,
-                &["cluster.h2.upstream_cx_http2_total", "cluster.h2.upstream_rq_total"],
+                &[
+                    "cluster.h2.upstream_cx_http2_total",
+                    "cluster.h2.upstream_rq_total",
+                    "cluster.h2many.upstream_cx_http2_total",
+                    "cluster.h2many.upstream_rq_total",
+                    "cluster.h2many.upstream_rq_pending_total",
+                ],
                 str::to_string,
             );
             seen.push(format!("{stats:?}"));

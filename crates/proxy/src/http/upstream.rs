@@ -173,6 +173,8 @@ pub struct Pools {
     /// Woken when one of the host's HTTP/1.1 connections is idle again, for the requests
     /// waiting on it (the cluster at max_connections).
     freed: Mutex<HashMap<HostKey, Arc<Waiters>>>,
+    /// Whose turn it is to make a host's next HTTP/2 connection.
+    h2_connecting: Mutex<HashMap<HostKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The requests waiting for a host's HTTP/1.1 connection, and their wake-up.
@@ -224,6 +226,32 @@ impl Pools {
         true
     }
 
+    /// A stream on one of the host's HTTP/2 connections with room for it, if there is one.
+    fn free_http2(&self, key: &HostKey, u: &UpstreamHttp) -> Option<Sender> {
+        let mut pools = self.http2.lock().unwrap();
+        let list = pools.get_mut(key)?;
+        list.retain(|(_, s)| !s.is_closed());
+        let (c, s) = list
+            .iter()
+            .find(|(c, _)| c.usable(u) && c.streams.load(Ordering::Relaxed) < u.max_streams)?;
+        tracing::debug!(target: "pool", connection = c.id, "using existing fully connected connection");
+        tracing::debug!(target: "pool", connection = c.id, "creating stream");
+        Some(Sender {
+            open: c.open(u),
+            send: Sending::Http2(s.clone()),
+        })
+    }
+
+    /// Held by the request making the host's next HTTP/2 connection.
+    fn connect_turn(&self, key: &HostKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.h2_connecting
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
     /// A closed connection leaves its pool (and an empty pool its map).
     fn forget(&self, key: &HostKey, conn: &Arc<PooledConn>, http2: bool) {
         fn drop_from<T>(map: &PoolMap<T>, key: &HostKey, conn: &Arc<PooledConn>) {
@@ -237,6 +265,9 @@ impl Pools {
         }
         if http2 {
             drop_from(&self.http2, key, conn);
+            if !self.http2.lock().unwrap().contains_key(key) {
+                self.h2_connecting.lock().unwrap().remove(key);
+            }
         } else {
             drop_from(&self.http1, key, conn);
         }
@@ -493,22 +524,21 @@ async fn pooled(
             .get(&key)
             .is_some_and(|l| !l.is_empty());
     let http2 = want == Want::Http2 || known_h2;
+    // One HTTP/2 connection is made to a host at a time: requests that find none free wait for
+    // it (pending, as in Envoy's pool) rather than each making its own.
+    let mut _connecting = None;
     if http2 {
-        let mut pools = server.http_pools.http2.lock().unwrap();
-        if let Some(list) = pools.get_mut(&key) {
-            list.retain(|(_, s)| !s.is_closed());
-            let free = list.iter().find(|(c, _)| {
-                c.usable(options) && c.streams.load(Ordering::Relaxed) < options.max_streams
-            });
-            if let Some((c, s)) = free {
-                tracing::debug!(target: "pool", connection = c.id, "using existing fully connected connection");
-                tracing::debug!(target: "pool", connection = c.id, "creating stream");
-                return Ok(Sender {
-                    open: c.open(options),
-                    send: Sending::Http2(s.clone()),
-                });
-            }
+        if let Some(sender) = server.http_pools.free_http2(&key, options) {
+            return Ok(sender);
         }
+        let _pending = Active::pending(cluster);
+        let turn = server.http_pools.connect_turn(&key).lock_owned().await;
+        if let Some(sender) = server.http_pools.free_http2(&key, options) {
+            // It waited for the connection another request was making.
+            cluster.stats.upstream_rq_pending_total.inc();
+            return Ok(sender);
+        }
+        _connecting = Some(turn);
     } else if let Some(sender) = server.http_pools.idle_http1(&key, options) {
         return Ok(sender);
     }
