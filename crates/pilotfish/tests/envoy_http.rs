@@ -35,6 +35,8 @@ struct Req {
     partial: bool,
     /// After the response, wait this long (ms) for the proxy to close the connection.
     closes_within: Option<u64>,
+    /// Go away this long (ms) after sending, without reading the response.
+    abort_after: Option<u64>,
 }
 
 fn get(path: &'static str) -> Req {
@@ -50,6 +52,7 @@ fn get(path: &'static str) -> Req {
         tls: None,
         partial: false,
         closes_within: None,
+        abort_after: None,
     }
 }
 
@@ -102,6 +105,10 @@ impl Req {
     }
     fn partial(mut self) -> Req {
         self.partial = true;
+        self
+    }
+    fn abort_after(mut self, ms: u64) -> Req {
+        self.abort_after = Some(ms);
         self
     }
     fn closes_within(mut self, ms: u64) -> Req {
@@ -475,6 +482,12 @@ fn run_requests(r: &Running, requests: &[Req]) -> Vec<String> {
         }
         text.push_str(q.body);
         let _ = c.get_mut().write_all(text.as_bytes());
+        if let Some(ms) = q.abort_after {
+            std::thread::sleep(Duration::from_millis(ms));
+            conn = None;
+            out.push("aborted".into());
+            continue;
+        }
         let connect = q.method == "CONNECT";
         let mut response = read_response(c, q.method == "HEAD" || connect);
         let through = response.starts_with("101") || (connect && response.starts_with("200"));
@@ -1451,6 +1464,12 @@ fn scenarios() -> Vec<Scenario> {
             &[],
         ),
         sc(
+            "a client that goes away before its response is logged (0, DC)",
+            simple(&file_log("%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%")),
+            vec![get("/delay/700").abort_after(200), get("/after")],
+            &["http.h.downstream_rq_active"],
+        ),
+        sc(
             "strip_matching_host_port",
             format!("{}{c0}", hcm("          strip_matching_host_port: true\n", "virtual_hosts: [{ name: v, domains: [\"a.example\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: c } }] }]")),
             vec![get("/").host("a.example:{L}"), get("/").host("a.example:1")],
@@ -1676,6 +1695,16 @@ async fn h2_client_sees(port: u16) -> Vec<String> {
             &[],
         ));
     }
+    // A stream the client resets before its response.
+    let req = hyper::Request::get("http://example.com/delay/800")
+        .body(())
+        .unwrap();
+    let (reset, _) = client.clone().send_request(req, true).unwrap();
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        _ = &mut conn => {}
+    }
+    drop(reset);
     // Three streams at once to a cluster whose upstream connections carry one each, and three
     // to one whose connections carry any number.
     let mut waiting = vec![];
@@ -1724,7 +1753,7 @@ fn http2_settings_and_stream_resets_as_envoy() {
         let text = format!(
             "{}{}{}",
             hcm(
-                &format!("          stream_idle_timeout: 0.4s\n{options}"),
+                &format!("          stream_idle_timeout: 0.4s\n{options}{}", file_log("%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%")),
                 &any_host(&format!("{{ match: {{ prefix: \"/up/\" }}, route: {{ cluster: h2, prefix_rewrite: \"/\" }} }}, {{ match: {{ prefix: \"/many/\" }}, route: {{ cluster: h2many, prefix_rewrite: \"/\" }} }}, {}", to("/", "c")))
             ),
             cluster("c", &["{U0}"], ""),
@@ -1735,6 +1764,14 @@ fn http2_settings_and_stream_resets_as_envoy() {
         .replace("{H2}", &h2.to_string());
         let results = in_both(&envoy, &text, &dir, name, |r| {
             let mut seen = rt.block_on(h2_client_sees(r.listen));
+            std::thread::sleep(Duration::from_millis(300));
+            let mut log: Vec<String> = std::fs::read_to_string(&r.access_log)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| format!("log: {l}"))
+                .collect();
+            log.sort();
+            seen.extend(log);
             let stats = side_by_side::stat_values(
                 r.admin,
                 &[
@@ -1751,6 +1788,12 @@ fn http2_settings_and_stream_resets_as_envoy() {
         });
         assert_eq!(results[0], results[1], "{name}: envoy, then pilotfish");
         assert!(results[1][1].contains("reset"), "{:?}", results[1]);
+        // The stream the client reset is logged, as Envoy logs it.
+        assert!(
+            results[1].iter().any(|l| l.starts_with("log: /delay/800 0 ")),
+            "{:?}",
+            results[1]
+        );
         // One stream per upstream connection: three at once took three connections.
         assert!(
             results[1]

@@ -1364,6 +1364,13 @@ async fn stream(
         grpc,
         ..Default::default()
     }));
+    let mut entry = Unfinished {
+        entry: Some(entry),
+        hcm: hcm.clone(),
+        began,
+        received: received.clone(),
+        http2,
+    };
     // Headers beyond max_request_headers_kb (60 KiB by default) are refused with 431.
     let limit = hcm
         .config
@@ -1386,7 +1393,7 @@ async fn stream(
             None,
             "request_headers_too_large",
         );
-        return finish(hcm, o, clock, entry, vec![], None);
+        return finish(hcm, o, clock, entry.take(), vec![], None);
     }
     if too_many_headers {
         stats.downstream_rq_too_many_headers.inc();
@@ -1407,7 +1414,7 @@ async fn stream(
                 "http1.too_many_headers"
             },
         );
-        return finish(hcm, o, clock, entry, vec![], None);
+        return finish(hcm, o, clock, entry.take(), vec![], None);
     }
     // The path as normalized is what routing, the upstream and the access log see.
     let normalized = if connect {
@@ -1442,7 +1449,7 @@ async fn stream(
                 }
                 _ => Outcome::local(400, "", None, "path_normalization_failed"),
             };
-            return finish(hcm, o, clock, entry, vec![], None);
+            return finish(hcm, o, clock, entry.take(), vec![], None);
         }
     };
     let scheme = req
@@ -1548,7 +1555,7 @@ async fn stream(
                     if let Err(expired) = slept {
                         let mut o = timed_out(hcm, expired, &activity);
                         o.flags = [fault_flags.clone(), o.flags].concat();
-                        return finish(hcm, o, clock, entry, route_levels, None);
+                        return finish(hcm, o, clock, entry.take(), route_levels, None);
                     }
                 }
                 if let Some((status, body)) = injected.abort {
@@ -1560,7 +1567,7 @@ async fn stream(
                         set_header(o.response.headers_mut(), "grpc-status", &g.to_string());
                     }
                     o.flags = [fault_flags.clone(), o.flags].concat();
-                    return finish(hcm, o, clock, entry, route_levels, None);
+                    return finish(hcm, o, clock, entry.take(), route_levels, None);
                 }
             }
             // Then CORS: a preflight is answered here; a CORS request's response gets its headers.
@@ -1578,7 +1585,7 @@ async fn stream(
                                 set_header(o.response.headers_mut(), k, &v);
                             }
                             o.flags = fault_flags.clone();
-                            return finish(hcm, o, clock, entry, route_levels, None);
+                            return finish(hcm, o, clock, entry.take(), route_levels, None);
                         }
                         cors::Cors::Simple(headers) => cors_headers = headers,
                         cors::Cors::No => {}
@@ -1623,7 +1630,7 @@ async fn stream(
                         if !upgrade_allowed(&hcm.config, Some(action), kind) {
                             tracing::debug!(target: "http", connection = conn, stream = seed, "upgrade to {kind} is not configured");
                             let o = Outcome::local(403, "", None, "upgrade_failed");
-                            return finish(hcm, o, clock, entry, route_levels, None);
+                            return finish(hcm, o, clock, entry.take(), route_levels, None);
                         }
                     }
                     let info_for_router = upstream::RouteInfo {
@@ -1746,7 +1753,59 @@ async fn stream(
             Joined::Upgraded(hyper::upgrade::on(&mut outcome.response)),
         ),
     });
-    finish(hcm, outcome, clock, entry, route_levels, splice_with)
+    finish(hcm, outcome, clock, entry.take(), route_levels, splice_with)
+}
+
+/// A stream's access-log entry until its response goes to the codec. A stream the codec drops
+/// before (the client went away or reset it) is logged as Envoy logs it: no response code,
+/// DC (HTTP/1) or DR (HTTP/2).
+struct Unfinished {
+    entry: Option<Entry>,
+    hcm: Arc<HttpConnectionManagerFilter>,
+    began: Instant,
+    received: Arc<AtomicU64>,
+    http2: bool,
+}
+
+impl Unfinished {
+    fn take(&mut self) -> Entry {
+        self.entry.take().expect("a stream is finished once")
+    }
+}
+
+impl std::ops::Deref for Unfinished {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        self.entry.as_ref().expect("not finished")
+    }
+}
+
+impl std::ops::DerefMut for Unfinished {
+    fn deref_mut(&mut self) -> &mut Entry {
+        self.entry.as_mut().expect("not finished")
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(mut e) = self.entry.take() else {
+            return;
+        };
+        let (flag, details) = if self.http2 {
+            ("DR", "http2.remote_reset")
+        } else {
+            ("DC", "downstream_remote_disconnect")
+        };
+        e.flags.push(flag);
+        if let Some(h) = e.http.as_mut() {
+            h.details = details.into();
+        }
+        e.duration = self.began.elapsed();
+        e.bytes_received = self.received.load(Ordering::Relaxed);
+        for l in &self.hcm.logs {
+            l.write(&e);
+        }
+    }
 }
 
 /// A stream's timer fired before its response began: Envoy's reply, counted.
