@@ -1624,6 +1624,27 @@ fn pilotfish_serves_http_as_envoy_does() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `r`'s access log lines, once flushed, sorted, each as `log: <line>`.
+fn log_lines(r: &Running) -> Vec<String> {
+    std::thread::sleep(Duration::from_millis(300));
+    let mut log: Vec<String> = std::fs::read_to_string(&r.access_log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| format!("log: {l}"))
+        .collect();
+    log.sort();
+    log
+}
+
+/// `seen`, and the named counters of `r` as one more line.
+fn and_stats(r: &Running, names: &[&str], mut seen: Vec<String>) -> Vec<String> {
+    seen.push(format!(
+        "{:?}",
+        side_by_side::stat_values(r.admin, names, str::to_string)
+    ));
+    seen
+}
+
 /// Envoy and a fresh scratch directory for a side-by-side test (None when there is no Envoy,
 /// which `envoy` has said).
 fn side_by_side_setup(test: &str, tag: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
@@ -1764,27 +1785,14 @@ fn http2_settings_and_stream_resets_as_envoy() {
         .replace("{H2}", &h2.to_string());
         let results = in_both(&envoy, &text, &dir, name, |r| {
             let mut seen = rt.block_on(h2_client_sees(r.listen));
-            std::thread::sleep(Duration::from_millis(300));
-            let mut log: Vec<String> = std::fs::read_to_string(&r.access_log)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| format!("log: {l}"))
-                .collect();
-            log.sort();
-            seen.extend(log);
-            let stats = side_by_side::stat_values(
-                r.admin,
-                &[
+            seen.extend(log_lines(r));
+            and_stats(r, &[
                     "cluster.h2.upstream_cx_http2_total",
                     "cluster.h2.upstream_rq_total",
                     "cluster.h2many.upstream_cx_http2_total",
                     "cluster.h2many.upstream_rq_total",
                     "cluster.h2many.upstream_rq_pending_total",
-                ],
-                str::to_string,
-            );
-            seen.push(format!("{stats:?}"));
-            seen
+                ], seen)
         });
         assert_eq!(results[0], results[1], "{name}: envoy, then pilotfish");
         assert!(results[1][1].contains("reset"), "{:?}", results[1]);
@@ -1933,14 +1941,7 @@ fn grpc_stats_as_envoy() {
         .replace("{G}", &upstream.to_string());
         let results = in_both(&envoy, &text, &dir, &name.replace(' ', "-"), |r| {
             let mut seen = rt.block_on(grpc_calls(r.listen, &calls));
-            std::thread::sleep(Duration::from_millis(250));
-            let mut log: Vec<String> = std::fs::read_to_string(&r.access_log)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| format!("log: {l}"))
-                .collect();
-            log.sort();
-            seen.extend(log);
+            seen.extend(log_lines(r));
             let (_, stats) = admin_request(r.admin, "GET", "/stats");
             let mut grpc: Vec<String> = stats
                 .lines()
@@ -2000,8 +2001,8 @@ fn requests_wait_for_a_connection_at_max_connections_as_in_envoy() {
             .collect();
         let mut seen: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
         seen.sort();
-        let stats = side_by_side::stat_values(
-            r.admin,
+        and_stats(
+            r,
             &[
                 "cluster.c.upstream_cx_total",
                 "cluster.c.upstream_cx_overflow",
@@ -2009,10 +2010,8 @@ fn requests_wait_for_a_connection_at_max_connections_as_in_envoy() {
                 "cluster.c.upstream_rq_total",
                 "cluster.c.upstream_rq_pending_overflow",
             ],
-            str::to_string,
-        );
-        seen.push(format!("{stats:?}"));
-        seen
+            seen,
+        )
     });
     assert_eq!(results[0], results[1], "envoy, then pilotfish");
     assert_eq!(results[1][..3], ["200", "200", "200"]);
@@ -2072,7 +2071,7 @@ fn auto_config_speaks_what_the_upstream_picks_as_envoy() {
         auto("b", h1)
     );
     let results = in_both(&envoy, &text, &dir, "auto", |r| {
-        let mut seen: Vec<String> = ["/h2/x", "/h1/x", "/h2/y"]
+        let seen: Vec<String> = ["/h2/x", "/h1/x", "/h2/y"]
             .iter()
             .map(|p| {
                 let mut s = TcpStream::connect(("127.0.0.1", r.listen)).unwrap();
@@ -2082,18 +2081,16 @@ fn auto_config_speaks_what_the_upstream_picks_as_envoy() {
                 response.lines().last().unwrap_or("").to_string()
             })
             .collect();
-        let stats = side_by_side::stat_values(
-            r.admin,
+        and_stats(
+            r,
             &[
                 "cluster.a.upstream_cx_http2_total",
                 "cluster.a.upstream_cx_total",
                 "cluster.b.upstream_cx_http1_total",
                 "cluster.b.upstream_cx_total",
             ],
-            str::to_string,
-        );
-        seen.push(format!("{stats:?}"));
-        seen
+            seen,
+        )
     });
     assert_eq!(results[0], results[1], "envoy, then pilotfish");
     assert_eq!(
