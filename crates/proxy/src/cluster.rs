@@ -423,18 +423,7 @@ impl ClusterManager {
                 );
             // An HTTP cluster on auto_config offers h2 and http/1.1 where its TLS names none,
             // and speaks what the host picks.
-            let auto = c
-                .typed_extension_protocol_options
-                .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
-                .and_then(pilotfish_config::model::unpack::<
-                    pilotfish_api::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions,
-                >)
-                .is_some_and(|o| {
-                    matches!(
-                        o.upstream_protocol_options,
-                        Some(pilotfish_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::UpstreamProtocolOptions::AutoConfig(_))
-                    )
-                });
+            let auto = crate::http::upstream::UpstreamHttp::of(&cluster).auto();
             for (name, socket) in sockets {
                 if let Some(ctx) = socket.and_then(upstream_tls_context) {
                     let built = transport_socket::upstream(set, &ctx).map(|mut t| {

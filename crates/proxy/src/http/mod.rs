@@ -1252,7 +1252,7 @@ async fn stream(
         Counting {
             inner: body,
             bytes: received.clone(),
-            activity: Some(activity.clone()),
+            activity: activity.clone(),
             timer: None,
             grpc: grpc_call
                 .as_ref()
@@ -2032,7 +2032,7 @@ fn finish(
     let body = Counting {
         inner: body,
         bytes: sent,
-        activity: Some(activity),
+        activity,
         timer,
         grpc,
         _done: done,
@@ -2162,7 +2162,7 @@ impl DoneGuard {
 struct Counting<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
-    activity: Option<Arc<timeouts::Activity>>,
+    activity: Arc<timeouts::Activity>,
     timer: Option<timeouts::BodyTimer>,
     /// A gRPC call's messages, counted for the grpc_stats filter.
     grpc: Option<grpc_stats::Frames>,
@@ -2197,19 +2197,17 @@ where
                         h.response_trailers = header_list(t);
                     }
                 }
-                if let Some(a) = &this.activity {
-                    a.touch();
-                    // A request body is all in with its last frame.
-                    if this._done.is_none() && this.inner.is_end_stream() {
-                        a.request_complete();
-                    }
+                this.activity.touch();
+                // A request body is all in with its last frame.
+                if this._done.is_none() && this.inner.is_end_stream() {
+                    this.activity.request_complete();
                 }
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => {
-                if let (Some(a), None) = (&this.activity, &this._done) {
-                    a.request_complete();
+                if this._done.is_none() {
+                    this.activity.request_complete();
                 }
                 Poll::Ready(None)
             }

@@ -408,6 +408,11 @@ impl UpstreamHttp {
         })
     }
 
+    /// auto_config: the protocol is the one the host picks by ALPN.
+    pub(crate) fn auto(&self) -> bool {
+        self.protocol == Protocol::Auto
+    }
+
     /// The protocol a request goes upstream in.
     fn want(&self, downstream_http2: bool) -> Want {
         match self.protocol {
