@@ -25,8 +25,27 @@ impl Drop for Running {
 }
 
 /// Starts `bin` (Envoy when `is_envoy`) on `resources` with `{L}` (the listener port) and
-/// `{ACCESS_LOG}` filled in; returns once `/ready` answers LIVE (listeners up).
+/// `{ACCESS_LOG}` filled in; returns once `/ready` answers LIVE (listeners up). The ports are
+/// picked free, but another process may take one before the proxy binds it: then it starts
+/// again on new ones.
 pub fn start(bin: &Path, is_envoy: bool, resources: &str, dir: &Path, tag: &str) -> Running {
+    let mut tries = 0;
+    loop {
+        match try_start(bin, is_envoy, resources, dir, tag) {
+            Ok(r) => return r,
+            Err(log) if log.contains("already in use") && tries < 3 => tries += 1,
+            Err(log) => panic!("{tag} exited: {log}"),
+        }
+    }
+}
+
+fn try_start(
+    bin: &Path,
+    is_envoy: bool,
+    resources: &str,
+    dir: &Path,
+    tag: &str,
+) -> Result<Running, String> {
     let (admin, listen) = (free_port(), free_port());
     let access_log = dir.join(format!("{tag}.access.log"));
     let text = resources
@@ -60,10 +79,10 @@ pub fn start(bin: &Path, is_envoy: bool, resources: &str, dir: &Path, tag: &str)
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(Some(s)) = r.child.try_wait() {
-            panic!(
-                "{tag} exited ({s}): {}",
+            return Err(format!(
+                "({s}) {}",
                 std::fs::read_to_string(dir.join(format!("{tag}.log"))).unwrap_or_default()
-            );
+            ));
         }
         // Both answer LIVE only once their listeners are up.
         if TcpStream::connect(("127.0.0.1", admin)).is_ok()
@@ -74,7 +93,7 @@ pub fn start(bin: &Path, is_envoy: bool, resources: &str, dir: &Path, tag: &str)
         assert!(Instant::now() < deadline, "{tag} not ready");
         std::thread::sleep(Duration::from_millis(50));
     }
-    r
+    Ok(r)
 }
 
 /// The named stats' values (`(absent)` when a proxy does not have one).
