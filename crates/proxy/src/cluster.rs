@@ -548,7 +548,6 @@ impl Cluster {
     /// The host for the next connection: ORIGINAL_DST's own host for the destination (created on
     /// first use), otherwise the load balancer's pick.
     pub fn pick(&self, ctx: &LbContext) -> Option<Arc<Host>> {
-        let conn = ctx.conn;
         let mut hosts = self.hosts.lock().unwrap();
         if self.kind == "ORIGINAL_DST" {
             let addr = ctx.original_destination.to_string();
@@ -578,7 +577,8 @@ impl Cluster {
                 outlier: Default::default(),
                 used: AtomicBool::new(true),
             });
-            tracing::debug!(target: "upstream", connection = conn, "Created host {}{addr} {addr}.", self.name);
+            // Envoy's line names no connection: the host belongs to the cluster.
+            tracing::debug!(target: "upstream", "Created host {}{addr} {addr}.", self.name);
             hosts.push(h.clone());
             return Some(h);
         }

@@ -550,8 +550,25 @@ async fn handshake(
             pick(s).inc();
         }
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-    let s = match acceptor.accept(stream).await {
+    let start =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await;
+    let accepted = match start {
+        Ok(start) => {
+            let hello = start.client_hello();
+            let shares = |offer: rustls::server::ClientHello| {
+                offer.alpn().is_none_or(|mut offered| {
+                    offered.any(|p| tls.config.alpn_protocols.iter().any(|a| a == p))
+                })
+            };
+            let config = match &tls.without_alpn {
+                Some(plain) if !shares(hello) => plain.clone(),
+                _ => tls.config.clone(),
+            };
+            start.into_stream(config).await
+        }
+        Err(e) => Err(e),
+    };
+    let s = match accepted {
         Ok(s) => s,
         Err(e) => {
             count(|s| &s.connection_error);

@@ -31,6 +31,9 @@ pub struct SanMatcher {
 
 pub struct DownstreamTls {
     pub config: Arc<rustls::ServerConfig>,
+    /// The same without ALPN, for a client whose offer shares no protocol with `alpn_protocols`:
+    /// Envoy (BoringSSL) then completes the handshake without ALPN, where rustls would refuse.
+    pub without_alpn: Option<Arc<rustls::ServerConfig>>,
     pub san_matchers: Vec<SanMatcher>,
     /// The first URI SAN of this side's certificate (x-forwarded-client-cert's `By`).
     pub local_uri: Option<String>,
@@ -492,8 +495,14 @@ pub fn downstream(set: &ResourceSet, ctx: &DownstreamTlsContext) -> Result<Downs
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();
+    let without_alpn = (!config.alpn_protocols.is_empty()).then(|| {
+        let mut c = config.clone();
+        c.alpn_protocols.clear();
+        Arc::new(c)
+    });
     Ok(DownstreamTls {
         config: Arc::new(config),
+        without_alpn,
         san_matchers,
         local_uri,
     })

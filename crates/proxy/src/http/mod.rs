@@ -1525,6 +1525,20 @@ async fn stream(
                             );
                         }
                     }
+                    // An inbound request's x-envoy-decorator-operation names the server span
+                    // instead of the route's decorator (so the response carries none), and is
+                    // not passed on to the service.
+                    if hcm
+                        .tracing
+                        .as_ref()
+                        .is_some_and(|t| t.decorator_on_response())
+                    {
+                        if let Some(op) = req.headers_mut().remove("x-envoy-decorator-operation") {
+                            if !op.is_empty() {
+                                clock.decorator = None;
+                            }
+                        }
+                    }
                     Some(rt)
                 }
                 _ => None,

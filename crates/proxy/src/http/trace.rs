@@ -208,21 +208,56 @@ impl Tracing {
             set(h, "b3", &v);
             return;
         }
-        set(h, "x-b3-traceid", &trace);
-        set(h, "x-b3-spanid", &format!("{span:016x}"));
-        match parent.filter(|p| *p != 0) {
-            Some(p) => set(h, "x-b3-parentspanid", &format!("{p:016x}")),
-            None => {
-                h.remove("x-b3-parentspanid");
+        // Envoy sets each header by removing it and adding it again: the four end up last, in
+        // this order, after whatever the request carried (the app sees them so).
+        const B3: [&str; 4] = [
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-parentspanid",
+            "x-b3-sampled",
+        ];
+        move_to_end(h, &B3);
+        let parent = parent.filter(|p| *p != 0).map(|p| format!("{p:016x}"));
+        for (name, value) in B3.into_iter().zip([
+            Some(trace),
+            Some(format!("{span:016x}")),
+            parent,
+            Some(flag.to_string()),
+        ]) {
+            if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                h.append(name, v);
             }
         }
-        set(h, "x-b3-sampled", flag);
     }
 
     /// Where the route's decorator operation goes: the response (inbound) or the upstream
     /// request (outbound, unless `propagate` is off).
     pub fn decorator_on_response(&self) -> bool {
         !self.egress
+    }
+}
+
+/// Takes `names` out of `h`, keeping the order of the others (`HeaderMap::remove` would move the
+/// last header into the gap).
+fn move_to_end(h: &mut HeaderMap, names: &[&str]) {
+    if !names.iter().any(|n| h.contains_key(*n)) {
+        return;
+    }
+    let mut last: Option<hyper::header::HeaderName> = None;
+    for (k, v) in std::mem::take(h) {
+        let name = match k {
+            Some(k) => {
+                last = Some(k.clone());
+                k
+            }
+            None => match &last {
+                Some(k) => k.clone(),
+                None => continue,
+            },
+        };
+        if !names.contains(&name.as_str()) {
+            h.append(name, v);
+        }
     }
 }
 
