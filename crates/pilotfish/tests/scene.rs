@@ -351,3 +351,71 @@ fn the_scene_uses_istio_inits_rules() {
     };
     assert_eq!(rules(ISTIO_INIT_RULES), rules(&reference));
 }
+
+/// `pilotfish demo`, as the README's first command runs it: the request succeeds, the output
+/// walks the article's steps, the pictures are written, and nothing of the scene is left.
+#[test]
+fn the_demo_runs_the_articles_walk_through_and_cleans_up() {
+    if let Err(why) = Scene::can_run() {
+        assert!(!in_ci(), "demo: CI=true requires the scene: {why}");
+        // Without root the demo says what it needs and fails.
+        let out = common::pilotfish(&["demo"]);
+        assert!(!out.status.success());
+        assert!(
+            common::stderr(&out).contains("root"),
+            "{}",
+            common::stderr(&out)
+        );
+        eprintln!("SKIP demo: {why}");
+        return;
+    }
+    let out_dir = std::env::temp_dir().join(format!("pilotfish-demo-test-{}", std::process::id()));
+    let out = common::pilotfish(&["demo", "--out", out_dir.to_str().unwrap()]);
+    let text = common::stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", common::stderr(&out));
+    for step in [
+        "== 1. netshoot's TCP connections before the request",
+        "< HTTP/1.1 200",
+        "| fortio-server saw 127.0.0.6:",
+        "| x-forwarded-client-cert: By=spiffe://cluster.local/ns/mark/sa/default;",
+        "virtual host       fortio-server.mark.svc.cluster.local:8080",
+        "cluster            inbound|8080||: ORIGINAL_DST",
+        "requestedServerName: outbound_.8080_._.fortio-server.mark.svc.cluster.local",
+        "cluster 'inbound|8080||' match for URL '/'",
+        "'server', 'istio-envoy'",
+    ] {
+        assert!(
+            text.contains(step),
+            "the demo did not show {step:?}:\n{text}"
+        );
+    }
+    // The client sidecar's pooled connection shows up in the "after" listing only.
+    let after = text
+        .split("== 4.")
+        .nth(1)
+        .unwrap()
+        .split("== 5.")
+        .next()
+        .unwrap();
+    assert!(after.contains(&format!("{FORTIO_IP}:8080")), "{after}");
+    for svg in ["fortio-server-inbound.svg", "netshoot-outbound.svg"] {
+        let doc = std::fs::read_to_string(out_dir.join(svg)).unwrap();
+        roxmltree::Document::parse(&doc).unwrap_or_else(|e| panic!("{svg}: {e}"));
+    }
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&namespaces.stdout);
+    for line in text.lines().filter(|l| l.contains("network namespace ")) {
+        let ns = line
+            .split("network namespace ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap();
+        assert!(!listed.contains(ns), "{ns} was left behind");
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

@@ -1,0 +1,201 @@
+//! `pilotfish demo`: the founding article's walk-through, run for real. Builds the scene (see
+//! `pilotfish::scene`), sends the article's request from netshoot, and shows what the article
+//! shows: the connections before and after, the path through both sidecars and why, the inbound
+//! sidecar's debug log for the request, and the picture of the path. Cleans up when done.
+
+use pilotfish::scene::{self, Scene, Sidecar, FORTIO_IP, NETSHOOT_IP, SERVICE, SNI};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+pub struct Options {
+    pub client: Sidecar,
+    pub server: Sidecar,
+    /// Where the configurations and pictures are kept after the scene is gone.
+    pub out: PathBuf,
+}
+
+fn heading(n: u32, text: &str) {
+    println!("\n== {n}. {text}");
+}
+
+fn indent(text: &str) {
+    for l in text.lines() {
+        println!("   {l}");
+    }
+}
+
+/// Runs one of this binary's own commands, showing it as a user would type it.
+fn run_self(args: &[String]) -> String {
+    println!("   $ pilotfish {}", args.join(" "));
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pilotfish"));
+    match Command::new(exe).args(args).output() {
+        Ok(o) => {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s
+        }
+        Err(e) => format!("could not run pilotfish: {e}\n"),
+    }
+}
+
+pub fn run(o: Options) -> ExitCode {
+    if let Err(why) = Scene::can_run() {
+        eprintln!("pilotfish demo: {why}.");
+        eprintln!(
+            "The scene puts each pod in its own network namespace with istio-init's iptables rules, as Kubernetes and Istio do; run it as root (sudo pilotfish demo)."
+        );
+        return ExitCode::from(1);
+    }
+    match demo(&o) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pilotfish demo: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn demo(o: &Options) -> Result<(), String> {
+    println!("pilotfish demo: the founding article's request, `curl http://fortio-server:8080/` from pod netshoot, on this machine.");
+    let mut s = Scene::up()?;
+    println!(
+        "\nThe scene (removed when the demo ends):
+   pod netshoot       {NETSHOOT_IP}  network namespace {}, istio-init's iptables rules, sidecar: {}
+   pod fortio-server  {FORTIO_IP}  network namespace {}, istio-init's iptables rules, sidecar: {}, app on :8080
+   service fortio-server  {SERVICE}
+   each sidecar runs as uid 1337 with its pod's configuration (examples/scene/, derived from the
+   article's config dump); identity spiffe://cluster.local/ns/mark/sa/default from a test CA,
+   delivered as the secrets `default` and `ROOTCA` the configuration names.",
+        s.netshoot.netns,
+        o.client.name(),
+        s.server.netns,
+        o.server.name()
+    );
+    s.start_sidecars(&o.client, &o.server, "info")?;
+
+    heading(
+        1,
+        "netshoot's TCP connections before the request (the article's `ss -tr`)",
+    );
+    indent(&s.netshoot.sockets());
+
+    heading(
+        2,
+        "fortio-server's sidecar logs at debug from now on (the article's `curl -XPOST 'localhost:15000/logging?level=debug'`)",
+    );
+    let (code, _) = s
+        .server
+        .admin("POST", "/logging?level=debug")
+        .map_err(|e| format!("fortio-server's admin: {e}"))?;
+    println!("   POST /logging?level=debug -> {code}");
+    let log_start = s.server.log().len();
+
+    heading(3, "netshoot: curl -v http://fortio-server:8080/");
+    let (r, client) = s
+        .curl()
+        .map_err(|e| format!("the request failed: {e}\n{}", s.server.log()))?;
+    println!("   (the app's connection {client} -> {SERVICE}, redirected to netshoot's sidecar on 15001)");
+    println!("   < HTTP/1.1 {}", r.status);
+    for (n, v) in &r.headers {
+        println!("   < {n}: {v}");
+    }
+    println!("   what fortio-server's app received:");
+    for l in r.body.lines() {
+        println!("   | {l}");
+    }
+
+    heading(
+        4,
+        "netshoot's TCP connections after: the client sidecar's new pooled mTLS connection",
+    );
+    let after = s.netshoot.sockets();
+    indent(&after);
+
+    let log = s.server.log();
+    let story = log.get(log_start..).unwrap_or_default();
+    // The port netshoot's sidecar connected from, as the inbound sidecar saw it.
+    let marker = format!("new connection from {NETSHOOT_IP}:");
+    let source = story
+        .find(&marker)
+        .map(|i| &story[i + marker.len()..])
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .unwrap_or("40000")
+        .to_string();
+
+    std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    let client_cfg = o.out.join("netshoot.config_dump.yaml");
+    let server_cfg = o.out.join("fortio-server.config_dump.yaml");
+    for (path, text) in [
+        (&client_cfg, scene::NETSHOOT_CONFIG),
+        (&server_cfg, scene::FORTIO_CONFIG),
+    ] {
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let outbound: Vec<String> = [
+        "--outbound",
+        "--destination",
+        SERVICE,
+        "--source",
+        &client.to_string(),
+        "--authority",
+        "fortio-server:8080",
+    ]
+    .map(String::from)
+    .to_vec();
+    let inbound: Vec<String> = [
+        "--inbound",
+        "--destination",
+        &format!("{FORTIO_IP}:8080"),
+        "--source",
+        &format!("{NETSHOOT_IP}:{source}"),
+        "--tls",
+        "--sni",
+        SNI,
+        "--alpn",
+        "istio-http/1.1,istio,http/1.1",
+        "--authority",
+        "fortio-server:8080",
+    ]
+    .map(String::from)
+    .to_vec();
+    let with = |cmd: &str, cfg: &Path, conn: &[String], extra: &[&str]| -> Vec<String> {
+        let mut v = vec![cmd.to_string(), cfg.display().to_string()];
+        v.extend(conn.iter().cloned());
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+
+    heading(5, "the path through netshoot's sidecar, and why (outbound)");
+    indent(&run_self(&with("trace", &client_cfg, &outbound, &[])));
+    heading(
+        6,
+        "the path through fortio-server's sidecar, and why (inbound)",
+    );
+    indent(&run_self(&with("trace", &server_cfg, &inbound, &[])));
+
+    heading(
+        7,
+        "fortio-server's sidecar debug log for this request (the article's walk-through)",
+    );
+    indent(story);
+
+    heading(8, "the pictures, with this request's path highlighted");
+    let inbound_svg = o.out.join("fortio-server-inbound.svg");
+    let outbound_svg = o.out.join("netshoot-outbound.svg");
+    for (cfg, conn, svg) in [
+        (&server_cfg, &inbound, &inbound_svg),
+        (&client_cfg, &outbound, &outbound_svg),
+    ] {
+        let out = svg.display().to_string();
+        let said = run_self(&with("explain", cfg, conn, &["-f", "svg", "-o", &out]));
+        indent(&said);
+        println!("   -> {out}");
+    }
+    s.stop_sidecars();
+    drop(s);
+    println!(
+        "\nDone: the namespaces, sidecars and certificates are gone; the configurations and pictures stay in {}.",
+        o.out.display()
+    );
+    Ok(())
+}
