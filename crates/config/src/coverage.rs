@@ -688,7 +688,7 @@ const ONLY_WHERE: &[(&str, &str)] = &[
 ];
 
 /// Istio's null-VM Wasm plugins pilotfish implements natively (by their code name).
-const NULL_VM_PLUGINS: &[&str] = &["envoy.wasm.metadata_exchange"];
+const NULL_VM_PLUGINS: &[&str] = &["envoy.wasm.metadata_exchange", crate::istio::STATS_CODE];
 
 /// Extension configuration types pilotfish implements.
 const EXTENSIONS: &[&str] = &[
@@ -894,6 +894,22 @@ fn visit_any(
     if crate::model::null_vm_plugin(&typed)
         .is_some_and(|code| NULL_VM_PLUGINS.contains(&code.as_str()))
     {
+        // The stats plugin's JSON configuration: what of it pilotfish does not run.
+        if let Some(json) = crate::istio::stats_configuration(&typed) {
+            let gaps = match crate::istio::parse_stats(&json) {
+                Ok((_, gaps)) => gaps,
+                Err(e) => vec![e],
+            };
+            for g in gaps {
+                record(
+                    acc,
+                    GapKind::Field,
+                    format!("istio.stats configuration: {g}"),
+                    name,
+                    &format!("{path}.config.configuration"),
+                );
+            }
+        }
         return;
     }
     if !EXTENSIONS.contains(&message_name.as_str()) {

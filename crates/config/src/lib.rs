@@ -6,6 +6,7 @@
 
 pub mod coverage;
 pub mod error;
+pub mod istio;
 pub mod model;
 pub mod output;
 pub mod parse;

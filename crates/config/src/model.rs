@@ -164,6 +164,12 @@ pub fn unpack<T: Message + Name + Default>(any: &Any) -> Option<T> {
 /// The plugin a Wasm filter (HTTP or network) runs in Istio's null VM, by its code name
 /// (`envoy.wasm.metadata_exchange`, `envoy.wasm.stats`); None for anything else.
 pub fn null_vm_plugin(any: &Any) -> Option<String> {
+    null_vm_plugin_configuration(any).map(|(code, _)| code)
+}
+
+/// A null-VM Wasm plugin's code name and its configuration string (a `StringValue`, empty when
+/// unset).
+pub fn null_vm_plugin_configuration(any: &Any) -> Option<(String, String)> {
     use pilotfish_api::prost_reflect::{DynamicMessage, SerializeOptions};
     let name = type_url_message_name(&effective_type_url(any)).to_string();
     if name != "envoy.extensions.filters.http.wasm.v3.Wasm"
@@ -184,12 +190,17 @@ pub fn null_vm_plugin(any: &Any) -> Option<String> {
     if runtime != "envoy.wasm.runtime.null" {
         return None;
     }
-    Some(
-        json.pointer("/config/vm_config/code/local/inline_string")
-            .and_then(|c| c.as_str())
-            .unwrap_or("?")
-            .to_string(),
-    )
+    let code = json
+        .pointer("/config/vm_config/code/local/inline_string")
+        .and_then(|c| c.as_str())
+        .unwrap_or("?")
+        .to_string();
+    let configuration = json
+        .pointer("/config/configuration/value")
+        .and_then(|c| c.as_str())
+        .unwrap_or_default()
+        .to_string();
+    Some((code, configuration))
 }
 
 pub fn effective_type_url(any: &Any) -> String {

@@ -1,6 +1,7 @@
 //! Istio's own HTTP filters as pilotfish runs them natively: the metadata exchange headers
 //! (the seed sidecar's, byte for byte as the article's log shows them; taken off and added by
-//! the listener's direction) and istio.alpn (the ALPN offered to a TLS upstream).
+//! the listener's direction), istio.alpn (the ALPN offered to a TLS upstream) and istio.stats
+//! on TCP (Istio's TCP metrics and labels).
 
 mod common;
 use common::*;
@@ -215,5 +216,78 @@ fn metadata_exchange_and_alpn_by_the_listener_direction() {
     assert!(
         !head.iter().any(|l| l.starts_with("x-envoy-peer-metadata")),
         "{head:?}"
+    );
+}
+
+/// `istio.stats` ahead of tcp_proxy on an inbound listener, configured as istiod writes it: a
+/// connection counts as opened when its upstream answers and as closed with its bytes each way
+/// when it ends, under Istio's TCP labels (no response code; protocol tcp; this node as the
+/// destination; the service from the cluster's `istio` metadata; no peer metadata, so the
+/// source is unknown and the connection in plaintext has policy none).
+#[test]
+fn istio_stats_counts_tcp_connections_with_istios_labels() {
+    let app = common::upstream("app");
+    let port = free_port();
+    let stats = r#"{ name: istio.stats, typed_config: { "@type": type.googleapis.com/udpa.type.v1.TypedStruct, type_url: type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm, value: { config: { root_id: stats_inbound, vm_config: { vm_id: tcp_stats_inbound, runtime: envoy.wasm.runtime.null, code: { local: { inline_string: envoy.wasm.stats } } }, configuration: { "@type": type.googleapis.com/google.protobuf.StringValue, value: "{\"debug\": \"false\", \"stat_prefix\": \"istio\", \"metrics\": [{\"dimensions\": {\"destination_cluster\": \"node.metadata['CLUSTER_ID']\", \"source_cluster\": \"downstream_peer.cluster_id\"}}]}" } } } } }"#;
+    let config = format!(
+        "node: {{ id: sidecar~127.0.0.1~fortio-server.mark~mark.svc.cluster.local, metadata: {{ NAME: fortio-server, NAMESPACE: mark, WORKLOAD_NAME: fortio-server, CLUSTER_ID: Kubernetes, LABELS: {{ app: fortio-server, version: v1, service.istio.io/canonical-name: fortio-server }} }} }}
+static_resources:
+  listeners:
+  - name: tcp_inbound
+    traffic_direction: INBOUND
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - {stats}
+      - {{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: inbound_tcp, cluster: \"inbound|9000||\" }} }}
+  clusters:
+  - name: \"inbound|9000||\"
+    connect_timeout: 1s
+    load_assignment: {{ cluster_name: x, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {app} }} }} }} }}] }}] }}
+    metadata: {{ filter_metadata: {{ istio: {{ services: [{{ host: tcp-echo.mark.svc.cluster.local, name: tcp-echo, namespace: mark }}] }} }} }}
+"
+    );
+    let proxy = common::proxy::Proxy::start("istio_tcp_stats", &config, &[]);
+    let log = proxy.log();
+    assert!(!log.contains("istio.stats' (passed over)"), "{log}");
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"hello").unwrap();
+        let mut got = [0u8; 9];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"app:hello");
+    }
+    let labels = "reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"unknown\",destination_workload=\"fortio-server\",destination_workload_namespace=\"mark\",destination_principal=\"unknown\",destination_app=\"fortio-server\",destination_version=\"v1\",destination_service=\"tcp-echo.mark.svc.cluster.local\",destination_service_name=\"tcp-echo\",destination_service_namespace=\"mark\",destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"none\",source_canonical_service=\"unknown\",destination_canonical_service=\"fortio-server\",source_canonical_revision=\"unknown\",destination_canonical_revision=\"v1\"";
+    // The connections are closed by the client; the proxy counts them as they end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, p) = proxy.get("/stats/prometheus");
+        let want = [
+            format!("istio_tcp_connections_opened_total{{{labels}}} 2\n"),
+            format!("istio_tcp_connections_closed_total{{{labels}}} 2\n"),
+            format!("istio_tcp_received_bytes_total{{{labels}}} 10\n"),
+            format!("istio_tcp_sent_bytes_total{{{labels}}} 18\n"),
+        ];
+        if want.iter().all(|w| p.contains(w)) {
+            assert!(p.contains("# TYPE istio_tcp_connections_opened_total counter\n"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "want {want:#?}\nin\n{}",
+            p.lines()
+                .filter(|l| l.starts_with("istio"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // /stats shows the counters by the names Istio's plugin gives Envoy.
+    let (_, text) = proxy.get("/stats");
+    assert!(
+        text.contains("reporter=.=destination;.;source_workload=.=unknown;.;")
+            && text.contains(";.;istio_tcp_connections_opened_total: 2\n"),
+        "{text}"
     );
 }

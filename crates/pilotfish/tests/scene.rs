@@ -419,3 +419,70 @@ fn the_demo_runs_the_articles_walk_through_and_cleans_up() {
     }
     let _ = std::fs::remove_dir_all(&out_dir);
 }
+
+/// Istio's standard metrics after N requests, as Prometheus scrapes them from each sidecar's
+/// port 15090: the names Istio documents, its standard labels filled from this node and the
+/// peer's exchanged metadata and certificates, and the counts.
+#[test]
+fn istio_metrics_after_n_requests() {
+    let Some(mut s) = scene("scene_metrics") else {
+        return;
+    };
+    start(&mut s, &pilotfish(), &pilotfish());
+    const N: usize = 3;
+    for _ in 0..N {
+        let (r, _) = s.curl().unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let scrape = |pod: &Pod| -> String {
+        pod.run(None, || {
+            let mut c = TcpStream::connect("127.0.0.1:15090").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: prometheus\r\n\r\n")
+                .unwrap();
+            let r = read_response(&mut BufReader::new(c)).unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            r.body
+        })
+    };
+    let common = |reporter: &str, policy: &str| {
+        format!(
+            "response_code=\"200\",reporter=\"{reporter}\",source_workload=\"netshoot\",source_workload_namespace=\"mark\",source_principal=\"{IDENTITY}\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"Kubernetes\",destination_workload=\"fortio-server\",destination_workload_namespace=\"mark\",destination_principal=\"{IDENTITY}\",destination_app=\"fortio-server\",destination_version=\"unknown\",destination_service=\"fortio-server.mark.svc.cluster.local\",destination_service_name=\"fortio-server\",destination_service_namespace=\"mark\",destination_cluster=\"Kubernetes\",request_protocol=\"http\",response_flags=\"-\",grpc_response_status=\"\",connection_security_policy=\"{policy}\",source_canonical_service=\"netshoot\",destination_canonical_service=\"fortio-server\",source_canonical_revision=\"latest\",destination_canonical_revision=\"latest\""
+        )
+    };
+    // The server's sidecar reports as the destination (it saw the client's certificate); the
+    // client's as the source (Istio leaves its policy unknown).
+    for (pod, labels) in [
+        (&s.server, common("destination", "mutual_tls")),
+        (&s.netshoot, common("source", "unknown")),
+    ] {
+        let p = scrape(pod);
+        let istio: Vec<&str> = p.lines().filter(|l| l.starts_with("istio_")).collect();
+        for want in [
+            "# TYPE istio_requests_total counter".to_string(),
+            format!("istio_requests_total{{{labels}}} {N}"),
+            "# TYPE istio_request_duration_milliseconds histogram".to_string(),
+            format!("istio_request_duration_milliseconds_bucket{{{labels},le=\"+Inf\"}} {N}"),
+            format!("istio_request_duration_milliseconds_count{{{labels}}} {N}"),
+            format!("istio_request_bytes_count{{{labels}}} {N}"),
+            format!("istio_response_bytes_count{{{labels}}} {N}"),
+        ] {
+            assert!(
+                p.lines().any(|l| l == want),
+                "{}: no {want}\n{}",
+                pod.name,
+                istio.join("\n")
+            );
+        }
+        // Every response was the app's headers and body: the sizes are at least those bytes.
+        let sum = |metric: &str| -> u64 {
+            let prefix = format!("{metric}_sum{{{labels}}} ");
+            p.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        assert!(sum("istio_response_bytes") > 500 * N as u64, "{}", pod.name);
+        assert!(sum("istio_request_bytes") > 50 * N as u64, "{}", pod.name);
+    }
+}

@@ -105,6 +105,12 @@ pub struct HttpEntry {
     pub grpc_messages: Option<(u64, u64)>,
     /// A local reply's body, before local_reply_config formats it (LOCAL_REPLY_BODY).
     pub local_reply_body: Option<String>,
+    /// What Istio's stats filter reports: the peers' metadata headers (base64) as the metadata
+    /// exchange took them, and the TLS identities of the two connections.
+    pub downstream_peer: Option<String>,
+    pub upstream_peer: Option<String>,
+    pub downstream_tls: Option<std::sync::Arc<crate::transport_socket::TlsInfo>>,
+    pub upstream_identity: Option<std::sync::Arc<crate::transport_socket::UpstreamIdentity>>,
 }
 
 /// gRPC status names, as GRPC_STATUS writes them (CAMEL_STRING).

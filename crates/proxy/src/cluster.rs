@@ -489,6 +489,8 @@ pub struct Upstream {
     pub stream: Box<dyn Io>,
     /// The protocol the host picked by ALPN, over TLS.
     pub alpn: Option<Vec<u8>>,
+    /// Over TLS: whose certificates the two sides showed.
+    pub identity: Option<Arc<crate::transport_socket::UpstreamIdentity>>,
     /// The upstream connection's own address (UPSTREAM_LOCAL_ADDRESS).
     pub local: Option<SocketAddr>,
     pub host: Arc<Host>,
@@ -766,6 +768,7 @@ impl Cluster {
             d.success(&host);
         }
         let mut alpn = None;
+        let mut identity = None;
         let stream: Box<dyn Io> = match tls {
             Some(t) => {
                 let config = match offer {
@@ -786,6 +789,21 @@ impl Cluster {
                     Ok(Ok(s)) => {
                         tracing::debug!(target: "connection", connection = upstream_id, "TLS handshake complete");
                         alpn = s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                        let peer_uri = s
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| {
+                                crate::transport_socket::cert_facts(c.as_ref())
+                                    .uris
+                                    .into_iter()
+                                    .next()
+                            });
+                        identity = Some(Arc::new(crate::transport_socket::UpstreamIdentity {
+                            local_uri: t.local_uri.clone(),
+                            peer_uri,
+                        }));
                         Box::new(s)
                     }
                     Ok(Err(e)) => {
@@ -806,6 +824,7 @@ impl Cluster {
         Ok(Upstream {
             stream,
             alpn,
+            identity,
             local,
             host,
             cluster: self.clone(),

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod dns;
 pub mod health_check;
 pub mod http;
+pub mod istio_stats;
 pub mod lb;
 pub mod listener_filter;
 pub mod log;
@@ -93,6 +94,25 @@ pub fn init_log(options: &Options) -> Result<(), String> {
 
 /// What the proxy does not run yet in this configuration, beyond what `validate` lists: said at
 /// start-up so nobody takes it as supported.
+/// The HTTP filters the connection manager runs: the router, fault, CORS, grpc_stats, and
+/// Istio's metadata exchange, ALPN and stats filters.
+fn runs_http_filter(any: &pilotfish_api::pb::google::protobuf::Any) -> bool {
+    let ty = effective_type_url(any);
+    [
+        "router.v3.Router",
+        "HTTPFault",
+        "filters.http.cors.v3.Cors",
+        "grpc_stats.v3.FilterConfig",
+        "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+    ]
+    .iter()
+    .any(|t| ty.ends_with(t))
+        || pilotfish_config::model::null_vm_plugin(any).is_some_and(|code| {
+            code == crate::http::istio::METADATA_EXCHANGE_CODE
+                || code == pilotfish_config::istio::STATS_CODE
+        })
+}
+
 fn proxy_gaps(cfg: &Config) -> Vec<String> {
     let mut gaps = std::collections::BTreeMap::<String, usize>::new();
     for l in &cfg.resources.listeners {
@@ -106,14 +126,20 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
                     let hcm: Option<pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager> =
                         pilotfish_config::model::unpack(any);
                     for h in hcm.iter().flat_map(|h| &h.http_filters) {
-                        let fault = matches!(&h.config_type, Some(pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with("HTTPFault") || a.type_url.ends_with("filters.http.cors.v3.Cors"));
-                        if h.name != "envoy.filters.http.router" && !fault {
+                        use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
+                        let runs = match &h.config_type {
+                            Some(ConfigType::TypedConfig(a)) => runs_http_filter(a),
+                            _ => h.name == "envoy.filters.http.router",
+                        };
+                        if !runs {
                             *gaps
                                 .entry(format!("HTTP filter '{}' (passed over)", h.name))
                                 .or_default() += 1;
                         }
                     }
-                } else if !ty.ends_with("TcpProxy") {
+                } else if !ty.ends_with("TcpProxy")
+                    && pilotfish_config::istio::stats_configuration(any).is_none()
+                {
                     *gaps
                         .entry(format!("network filter '{}' (passed over)", f.name))
                         .or_default() += 1;

@@ -72,7 +72,7 @@ impl Server {
         let listener_stats = set
             .listeners
             .iter()
-            .map(|l| (l.name.clone(), ListenerStats::new(&l.value, &stats)))
+            .map(|l| (listener_key(&l.value), ListenerStats::new(&l.value, &stats)))
             .collect();
         let mut downstream_tls = std::collections::HashMap::new();
         for l in &set.listeners {
@@ -88,7 +88,7 @@ impl Server {
                 if let Err(e) = &built {
                     tracing::warn!(target: "config", "listener '{}' filter chain {key}: TLS: {e}: connections to this chain are closed", l.name);
                 }
-                downstream_tls.insert((l.name.clone(), key), built);
+                downstream_tls.insert((listener_key(&l.value), key), built);
             }
         }
         let server = Arc::new(Server {
@@ -116,17 +116,28 @@ impl Server {
         for l in &server.set.listeners {
             for (key, fc) in chains(&l.value) {
                 let mut terminal = Terminal::None;
+                // Istio's stats filter ahead of tcp_proxy counts its connections.
+                let mut istio_stats = None;
                 for f in &fc.filters {
                     let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
                         continue;
                     };
+                    if let Some(json) = pilotfish_config::istio::stats_configuration(any) {
+                        istio_stats = crate::istio_stats::IstioStats::new(
+                            &server.set,
+                            &json,
+                            l.value.traffic_direction,
+                            server.stats.istio.clone(),
+                        )
+                        .map_err(|e| tracing::warn!(target: "config", "listener '{}': {e}: its Istio TCP metrics are not kept", l.name))
+                        .ok();
+                        continue;
+                    }
                     if let Some(tcp) = unpack::<TcpProxy>(any) {
                         let logs = server.access_logs(&tcp);
-                        terminal = Terminal::TcpProxy(Arc::new(tcp_proxy::TcpProxyFilter::new(
-                            tcp,
-                            &server.stats,
-                            logs,
-                        )));
+                        let mut filter = tcp_proxy::TcpProxyFilter::new(tcp, &server.stats, logs);
+                        filter.istio_stats = istio_stats.take();
+                        terminal = Terminal::TcpProxy(Arc::new(filter));
                         break;
                     }
                     if let Some(hcm) = unpack::<
@@ -144,7 +155,7 @@ impl Server {
                         break;
                     }
                 }
-                terminals.insert((l.name.clone(), key), terminal);
+                terminals.insert((listener_key(&l.value), key), terminal);
             }
         }
         let mut server = server;
@@ -202,6 +213,25 @@ pub enum Terminal {
 }
 
 /// A listener's filter chains with their keys (index, or `default` for the default chain).
+/// What the proxy knows a listener by: its name, or, for a listener without one (Istio's
+/// static 15090 and 15021 listeners; Envoy gives those a random name), its address.
+pub fn listener_key(l: &Listener) -> String {
+    if !l.name.is_empty() {
+        return l.name.clone();
+    }
+    match l.address.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(pilotfish_api::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) => format!(
+            "{}:{}",
+            s.address,
+            match s.port_specifier {
+                Some(pilotfish_api::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => p,
+                _ => 0,
+            }
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
 pub fn chains(
     l: &Listener,
 ) -> impl Iterator<
@@ -383,7 +413,7 @@ pub async fn accept_loop(server: Arc<Server>, name: String, listener: TcpListene
 }
 
 fn listener_filter_failed(server: &Server, l: &Listener, e: &listener_filter::FilterError) {
-    let Some(stats) = server.listener_stats.get(&l.name) else {
+    let Some(stats) = server.listener_stats.get(&listener_key(l)) else {
         return;
     };
     match e {
@@ -456,7 +486,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             }
         }
     }
-    let Some(stats) = server.listener_stats.get(&l.name) else {
+    let Some(stats) = server.listener_stats.get(&listener_key(l)) else {
         return;
     };
     let input = ChainInput {
@@ -486,7 +516,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         Selected::Chain(i) => i.to_string(),
         _ => "default".into(),
     };
-    let key = (l.name.clone(), chain_key);
+    let key = (listener_key(l), chain_key);
     let tls = server.downstream_tls.get(&key);
     if let Some(Err(e)) = tls {
         tracing::debug!(target: "connection", connection = conn, "filter chain {chain_name}: TLS context unusable ({e}): closing");
@@ -511,7 +541,6 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
                 server_name: found.server_name.clone(),
                 buffer_limit: buffer_limit(l.per_connection_buffer_limit_bytes.as_ref()),
             };
-            let ready = async { ready.await.map(|(io, _)| io) };
             tcp_proxy::run(server, tcp, ready, &info, conn, new_connection).await;
         }
         Some(Terminal::Http(hcm)) => {
@@ -590,6 +619,12 @@ async fn handshake(
     tracing::debug!(target: "connection", connection = conn, "handshake complete");
     let info = TlsInfo {
         local_uri: tls.local_uri.clone(),
+        peer_uri: leaf.and_then(|c| {
+            crate::transport_socket::cert_facts(c.as_ref())
+                .uris
+                .into_iter()
+                .next()
+        }),
         peer_chain: session
             .peer_certificates()
             .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())

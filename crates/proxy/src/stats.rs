@@ -39,6 +39,8 @@ impl Stat {
 #[derive(Debug, Default)]
 pub struct Store {
     stats: Mutex<BTreeMap<String, Arc<Stat>>>,
+    /// Istio's standard metrics (`istio.stats`), with their labels.
+    pub istio: Arc<crate::istio_stats::Registry>,
 }
 
 impl Store {
@@ -59,11 +61,22 @@ impl Store {
     pub fn gauge(&self, name: &str) -> Arc<Stat> {
         self.get(name, Kind::Gauge)
     }
+    /// Every counter and gauge by name, Istio's counters by their flattened names among them.
     pub fn snapshot(&self) -> Vec<(String, Kind, u64)> {
-        let m = self.stats.lock().unwrap();
-        m.iter()
-            .map(|(k, s)| (k.clone(), s.kind, s.get()))
-            .collect()
+        let mut all: Vec<(String, Kind, u64)> = {
+            let m = self.stats.lock().unwrap();
+            m.iter()
+                .map(|(k, s)| (k.clone(), s.kind, s.get()))
+                .collect()
+        };
+        all.extend(
+            self.istio
+                .text()
+                .into_iter()
+                .map(|(n, v)| (n, Kind::Counter, v)),
+        );
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
     /// `/reset_counters`: counters to zero, gauges kept.
     pub fn reset_counters(&self) {
@@ -72,6 +85,7 @@ impl Store {
                 s.value.store(0, Ordering::Relaxed);
             }
         }
+        self.istio.reset_counters();
     }
 
     pub fn text(&self, filter: Option<&regex::Regex>) -> String {
@@ -98,7 +112,13 @@ impl Store {
     /// (`envoy_cluster_upstream_cx_total{envoy_cluster_name="c1"}`).
     pub fn prometheus(&self) -> String {
         let mut families: BTreeMap<String, (Kind, Vec<(String, u64)>)> = BTreeMap::new();
-        for (name, kind, v) in self.snapshot() {
+        let own: Vec<(String, Kind, u64)> = {
+            let m = self.stats.lock().unwrap();
+            m.iter()
+                .map(|(k, s)| (k.clone(), s.kind, s.get()))
+                .collect()
+        };
+        for (name, kind, v) in own {
             let (family, labels) = prometheus_name(&name);
             families
                 .entry(family)
@@ -118,6 +138,7 @@ impl Store {
                 out.push_str(&format!("{family}{labels} {v}\n"));
             }
         }
+        out.push_str(&self.istio.prometheus());
         out
     }
 }

@@ -41,6 +41,8 @@ pub struct TcpProxyFilter {
     pub config: TcpProxy,
     stats: TcpStats,
     logs: Arc<Vec<crate::access_log::AccessLog>>,
+    /// Istio's stats filter on the same chain.
+    pub istio_stats: Option<crate::istio_stats::IstioStats>,
 }
 
 impl TcpProxyFilter {
@@ -61,6 +63,7 @@ impl TcpProxyFilter {
             config,
             stats,
             logs,
+            istio_stats: None,
         }
     }
 }
@@ -95,7 +98,7 @@ pub async fn run<S, F>(
     started: impl FnOnce(),
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: Future<Output = Option<S>>,
+    F: Future<Output = Option<(S, Option<Arc<crate::transport_socket::TlsInfo>>)>>,
 {
     let (tcp, stats) = (&filter.config, &filter.stats);
     stats.downstream_cx_total.inc();
@@ -183,10 +186,24 @@ pub async fn run<S, F>(
     };
     entry.upstream_host = Some(up.host.address.clone());
     entry.upstream_local = up.local;
-    let Some(mut downstream) = downstream else {
+    let Some((mut downstream, tls)) = downstream else {
         log(entry);
         return;
     };
+    let tls = tls.as_deref();
+    let identity = up.identity.clone();
+    let report = crate::istio_stats::Report {
+        downstream_local_uri: tls.and_then(|t| t.local_uri.as_deref()),
+        downstream_peer_uri: tls.and_then(|t| t.peer_uri.as_deref()),
+        mtls: tls.is_some_and(|t| !t.peer_chain.is_empty()),
+        upstream_local_uri: identity.as_ref().and_then(|i| i.local_uri.as_deref()),
+        upstream_peer_uri: identity.as_ref().and_then(|i| i.peer_uri.as_deref()),
+        cluster: &name,
+        ..Default::default()
+    };
+    if let Some(s) = &filter.istio_stats {
+        s.tcp_opened(&report);
+    }
     // Envoy's default tcp_proxy idle timeout is an hour; zero turns it off.
     let idle = Some(crate::duration(
         tcp.idle_timeout.as_ref(),
@@ -205,6 +222,9 @@ pub async fn run<S, F>(
     if idled {
         stats.idle_timeout.inc();
         tracing::debug!(target: "filter", connection = conn, "Session timed out");
+    }
+    if let Some(s) = &filter.istio_stats {
+        s.tcp_closed(&report, tx, rx);
     }
     entry.bytes_received = rx;
     entry.bytes_sent = tx;

@@ -39,10 +39,20 @@ pub struct DownstreamTls {
     pub local_uri: Option<String>,
 }
 
+/// The identities on an upstream TLS connection (Istio's `upstream.uri_san_local_certificate`
+/// and `upstream.uri_san_peer_certificate`): each certificate's first URI SAN.
+#[derive(Debug, Default, Clone)]
+pub struct UpstreamIdentity {
+    pub local_uri: Option<String>,
+    pub peer_uri: Option<String>,
+}
+
 /// What a downstream TLS handshake established, for the HTTP connection manager.
 #[derive(Debug, Default)]
 pub struct TlsInfo {
     pub local_uri: Option<String>,
+    /// The client certificate's first URI SAN (its SPIFFE id).
+    pub peer_uri: Option<String>,
     /// The client's certificate chain (DER), leaf first; empty when it presented none.
     pub peer_chain: Vec<Vec<u8>>,
 }
@@ -104,6 +114,8 @@ pub fn cert_facts(der: &[u8]) -> CertFacts {
 
 pub struct UpstreamTls {
     pub config: Arc<rustls::ClientConfig>,
+    /// The first URI SAN of this side's (client) certificate: the workload's own identity.
+    pub local_uri: Option<String>,
     /// The SNI sent; when empty none is (the name below only satisfies rustls).
     pub server_name: ServerName<'static>,
 }
@@ -602,10 +614,16 @@ pub fn upstream(set: &ResourceSet, ctx: &UpstreamTlsContext) -> Result<UpstreamT
     let builder = builder
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut local_uri = None;
     let mut config = match certificate(set, &common)? {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| format!("client certificate and key: {e}"))?,
+        Some((chain, key)) => {
+            local_uri = chain
+                .first()
+                .and_then(|c| cert_facts(c.as_ref()).uris.into_iter().next());
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate and key: {e}"))?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = common
@@ -621,6 +639,7 @@ pub fn upstream(set: &ResourceSet, ctx: &UpstreamTlsContext) -> Result<UpstreamT
     };
     Ok(UpstreamTls {
         config: Arc::new(config),
+        local_uri,
         server_name,
     })
 }

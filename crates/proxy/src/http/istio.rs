@@ -211,7 +211,7 @@ pub fn decode(header: &str) -> Option<serde_json::Value> {
     Some(struct_json(&s))
 }
 
-fn struct_json(s: &Struct) -> serde_json::Value {
+pub(crate) fn struct_json(s: &Struct) -> serde_json::Value {
     serde_json::Value::Object(
         s.fields
             .iter()

@@ -136,6 +136,45 @@ pub struct HttpConnectionManagerFilter {
     local_reply: Option<LocalReply>,
     metadata_exchange: Option<istio::MetadataExchange>,
     alpn: Option<istio::AlpnOverride>,
+    istio_stats: Option<crate::istio_stats::IstioStats>,
+}
+
+impl HttpConnectionManagerFilter {
+    /// `istio.stats`: the ended stream into Istio's metrics. Sizes are Envoy's
+    /// `request.total_size` / `response.total_size`: the headers' names and values (pseudo
+    /// headers included) and the body.
+    fn report_istio_stats(&self, e: &Entry) {
+        let (Some(stats), Some(h)) = (&self.istio_stats, &e.http) else {
+            return;
+        };
+        let tls = h.downstream_tls.as_deref();
+        let identity = h.upstream_identity.as_deref();
+        let report = crate::istio_stats::Report {
+            downstream_peer: h.downstream_peer.as_deref(),
+            upstream_peer: h.upstream_peer.as_deref(),
+            downstream_local_uri: tls.and_then(|t| t.local_uri.as_deref()),
+            downstream_peer_uri: tls.and_then(|t| t.peer_uri.as_deref()),
+            mtls: tls.is_some_and(|t| !t.peer_chain.is_empty()),
+            upstream_local_uri: identity.and_then(|i| i.local_uri.as_deref()),
+            upstream_peer_uri: identity.and_then(|i| i.peer_uri.as_deref()),
+            cluster: &e.upstream_cluster,
+            authority: &h.authority,
+            response_code: e.response_code,
+            flags: &e.flags,
+            grpc: h.grpc.then_some(h.grpc_status),
+        };
+        let size = |list: &[(String, String)]| -> u64 {
+            list.iter().map(|(n, v)| (n.len() + v.len()) as u64).sum()
+        };
+        let request = size(&h.request_headers)
+            + (":authority".len() + h.authority.len() + ":path".len() + h.path.len()) as u64
+            + (":method".len() + h.method.len()) as u64
+            + e.bytes_received;
+        let response = size(&h.response_headers)
+            + (":status".len() + 3) as u64 * u64::from(e.response_code != 0)
+            + e.bytes_sent;
+        stats.http(&report, e.duration.as_millis() as u64, request, response);
+    }
 }
 
 /// local_reply_config: how the connection manager's own replies are rewritten, by the first
@@ -398,6 +437,12 @@ impl HttpConnectionManagerFilter {
                         direction,
                     )
                 })
+            }),
+            istio_stats: config.http_filters.iter().find_map(|f| {
+                let json = pilotfish_config::istio::stats_configuration(&typed(f)?)?;
+                crate::istio_stats::IstioStats::new(set, &json, direction, stats.istio.clone())
+                    .map_err(|e| tracing::warn!(target: "config", "http_connection_manager '{}': {e}: its Istio metrics are not kept", config.stat_prefix))
+                    .ok()
             }),
             alpn: config.http_filters.iter().find_map(|f| {
                 let any = typed(f)?;
@@ -1195,6 +1240,8 @@ pub(crate) struct Outcome {
     cluster: String,
     upstream_host: Option<String>,
     upstream_local: Option<SocketAddr>,
+    /// Over upstream TLS: the identities shown (Istio's stats report them).
+    upstream_identity: Option<Arc<crate::transport_socket::UpstreamIdentity>>,
     transport_failure: Option<String>,
     /// A local reply's body text (a gRPC request gets it as grpc-message instead).
     local_text: Option<String>,
@@ -1211,6 +1258,7 @@ impl Outcome {
             cluster: String::new(),
             upstream_host: None,
             upstream_local: None,
+            upstream_identity: None,
             transport_failure: None,
             local_text: Some(body.to_string()),
             tunnel: None,
@@ -1362,6 +1410,8 @@ async fn stream(
         protocol: protocol.into(),
         request_headers: received_headers,
         grpc,
+        downstream_peer: downstream_peer.and_then(|p| p.metadata),
+        downstream_tls: info.tls.clone(),
         ..Default::default()
     }));
     let mut entry = Unfinished {
@@ -1819,6 +1869,7 @@ impl Drop for Unfinished {
         for l in &self.hcm.logs {
             l.write(&e);
         }
+        self.hcm.report_istio_stats(&e);
     }
 }
 
@@ -1917,6 +1968,7 @@ fn finish(
     if let Some(h) = entry.http.as_mut() {
         h.details = outcome.details;
         h.upstream_transport_failure = outcome.transport_failure;
+        h.upstream_identity = outcome.upstream_identity;
     }
     let mut local_text = outcome.local_text;
     // local_reply_config rewrites the connection manager's own replies.
@@ -1943,7 +1995,10 @@ fn finish(
         );
     }
     if let Some(x) = &hcm.metadata_exchange {
-        x.on_response(response.headers_mut());
+        let peer = x.on_response(response.headers_mut());
+        if let Some(h) = entry.http.as_mut() {
+            h.upstream_peer = peer.metadata;
+        }
     }
     let refused_408 = response.status() == StatusCode::REQUEST_TIMEOUT;
     let h = response.headers_mut();
@@ -2133,6 +2188,7 @@ impl Drop for DoneGuard {
             for l in &self.hcm.logs {
                 l.write(&e);
             }
+            self.hcm.report_istio_stats(&e);
         }
     }
 }

@@ -43,6 +43,8 @@ type Http2 = (
 /// requests it has been given, the streams under way on it and since when it has had none.
 struct PooledConn {
     id: u64,
+    /// Over TLS: the identities the handshake showed (Istio's stats report them).
+    identity: Option<Arc<crate::transport_socket::UpstreamIdentity>>,
     born: tokio::time::Instant,
     requests: AtomicU64,
     streams: AtomicUsize,
@@ -60,9 +62,13 @@ const RETIRED_MAX_REQUESTS: u8 = 1;
 const RETIRED_MAX_DURATION: u8 = 2;
 
 impl PooledConn {
-    fn new(id: u64) -> Arc<PooledConn> {
+    fn new(
+        id: u64,
+        identity: Option<Arc<crate::transport_socket::UpstreamIdentity>>,
+    ) -> Arc<PooledConn> {
         Arc::new(PooledConn {
             id,
+            identity,
             born: tokio::time::Instant::now(),
             requests: AtomicU64::new(0),
             streams: AtomicUsize::new(0),
@@ -601,7 +607,7 @@ async fn pooled(
         }
         _ => http2,
     };
-    let pooled = PooledConn::new(id);
+    let pooled = PooledConn::new(id, up.identity.clone());
     let io = TokioIo::new(up);
     let fail = |e: hyper::Error| {
         ConnectError::Failed(host.address.clone(), std::io::Error::other(e.to_string()))
@@ -711,6 +717,7 @@ pub(super) async fn open_tunnel(
             cluster: cluster.name.clone(),
             upstream_host: Some(host.address.clone()),
             upstream_local: None,
+            upstream_identity: tcp.identity.clone(),
             transport_failure: None,
             local_text: None,
             tunnel: Some(tcp),
@@ -947,7 +954,12 @@ impl Retries {
 
 /// One attempt's end.
 enum Attempt {
-    Response(Response<OnEnd>, Arc<Host>, Instant),
+    Response(
+        Response<OnEnd>,
+        Arc<Host>,
+        Instant,
+        Option<Arc<crate::transport_socket::UpstreamIdentity>>,
+    ),
     ConnectFailed(ConnectError, Option<Arc<Host>>),
     Reset(Arc<Host>),
     PerTryTimeout(Arc<Host>),
@@ -1193,7 +1205,7 @@ pub(super) async fn forward(
         o
     };
     match result {
-        Attempt::Response(response, host, began) => {
+        Attempt::Response(response, host, began, identity) => {
             if attempt > 1 && !retries.retriable_status(response.status().as_u16()) {
                 count("upstream_rq_retry_success");
             }
@@ -1218,6 +1230,7 @@ pub(super) async fn forward(
                 cluster: name,
                 upstream_host: Some(host.address.clone()),
                 upstream_local: None,
+                upstream_identity: identity,
                 transport_failure: None,
                 local_text: None,
                 tunnel: None,
@@ -1375,6 +1388,7 @@ async fn attempt_once(
                 });
             }
             let (parts, body) = r.into_parts();
+            let identity = open.0.identity.clone();
             let body = OnEnd {
                 inner: body,
                 done: Some(Box::new(move || {
@@ -1382,7 +1396,12 @@ async fn attempt_once(
                     drop((active, open));
                 })),
             };
-            Attempt::Response(Response::from_parts(parts, body), host.clone(), began)
+            Attempt::Response(
+                Response::from_parts(parts, body),
+                host.clone(),
+                began,
+                identity,
+            )
         }
     }
 }
