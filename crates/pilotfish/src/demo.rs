@@ -3,7 +3,7 @@
 //! shows: the connections before and after, the path through both sidecars and why, the inbound
 //! sidecar's debug log for the request, and the picture of the path. Cleans up when done.
 
-use pilotfish::scene::{self, Scene, Sidecar, FORTIO_IP, NETSHOOT_IP, SERVICE, SNI};
+use pilotfish::scene::{Scene, Sidecar, LOOPBACK_DIFFERENCES, SERVICE, SNI};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -12,6 +12,8 @@ pub struct Options {
     pub server: Sidecar,
     /// Where the configurations and pictures are kept after the scene is gone.
     pub out: PathBuf,
+    /// The loopback variant even where the namespaces could be made.
+    pub loopback: bool,
 }
 
 fn heading(n: u32, text: &str) {
@@ -39,14 +41,30 @@ fn run_self(args: &[String]) -> String {
 }
 
 pub fn run(o: Options) -> ExitCode {
-    if let Err(why) = Scene::can_run() {
-        eprintln!("pilotfish demo: {why}.");
-        eprintln!(
-            "The scene puts each pod in its own network namespace with istio-init's iptables rules, as Kubernetes and Istio do; run it as root (sudo pilotfish demo)."
-        );
-        return ExitCode::from(1);
+    let scene = match (o.loopback, Scene::can_run()) {
+        (false, Ok(())) => Scene::up(),
+        (true, _) => {
+            println!("The loopback variant (--loopback), which differs from the article's scene:");
+            Scene::up_loopback()
+        }
+        (false, Err(why)) => {
+            println!("The article's scene puts each pod in a network namespace of its own with istio-init's iptables rules; here {why} (run as root for that). This is the loopback variant, which differs from it:");
+            Scene::up_loopback()
+        }
+    };
+    let scene = match scene {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pilotfish demo: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if scene.loopback {
+        for d in LOOPBACK_DIFFERENCES {
+            println!("   - {d}");
+        }
     }
-    match demo(&o) {
+    match demo(scene, &o) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pilotfish demo: {e}");
@@ -55,22 +73,36 @@ pub fn run(o: Options) -> ExitCode {
     }
 }
 
-fn demo(o: &Options) -> Result<(), String> {
-    println!("pilotfish demo: the founding article's request, `curl http://fortio-server:8080/` from pod netshoot, on this machine.");
-    let mut s = Scene::up()?;
-    println!(
-        "\nThe scene (removed when the demo ends):
-   pod netshoot       {NETSHOOT_IP}  network namespace {}, istio-init's iptables rules, sidecar: {}
-   pod fortio-server  {FORTIO_IP}  network namespace {}, istio-init's iptables rules, sidecar: {}, app on :8080
+fn demo(mut s: Scene, o: &Options) -> Result<(), String> {
+    println!("\npilotfish demo: the founding article's request, `curl http://fortio-server:8080/` from pod netshoot, on this machine.");
+    let (netshoot_ip, fortio_ip) = (s.netshoot.ip, s.server.ip);
+    if s.loopback {
+        println!(
+            "\nThe scene (removed when the demo ends), loopback variant:
+   pod netshoot       {netshoot_ip}  sidecar: {}
+   pod fortio-server  {fortio_ip}  sidecar: {}, app on {}
+   each sidecar runs with its pod's configuration (examples/scene/, derived from the article's
+   config dump, changed as listed above); identity spiffe://cluster.local/ns/mark/sa/default from
+   a test CA, delivered as the secrets `default` and `ROOTCA` the configuration names.",
+            o.client.name(),
+            o.server.name(),
+            pilotfish::scene::APP_LOOPBACK
+        );
+    } else {
+        println!(
+            "\nThe scene (removed when the demo ends):
+   pod netshoot       {netshoot_ip}  network namespace {}, istio-init's iptables rules, sidecar: {}
+   pod fortio-server  {fortio_ip}  network namespace {}, istio-init's iptables rules, sidecar: {}, app on :8080
    service fortio-server  {SERVICE}
    each sidecar runs as uid 1337 with its pod's configuration (examples/scene/, derived from the
    article's config dump); identity spiffe://cluster.local/ns/mark/sa/default from a test CA,
    delivered as the secrets `default` and `ROOTCA` the configuration names.",
-        s.netshoot.netns,
-        o.client.name(),
-        s.server.netns,
-        o.server.name()
-    );
+            s.netshoot.netns,
+            o.client.name(),
+            s.server.netns,
+            o.server.name()
+        );
+    }
     s.start_sidecars(&o.client, &o.server, "info")?;
 
     heading(
@@ -94,7 +126,14 @@ fn demo(o: &Options) -> Result<(), String> {
     let (r, client) = s
         .curl()
         .map_err(|e| format!("the request failed: {e}\n{}", s.server.log()))?;
-    println!("   (the app's connection {client} -> {SERVICE}, redirected to netshoot's sidecar on 15001)");
+    if s.loopback {
+        println!(
+            "   (the app's connection {client} -> {}, netshoot's sidecar's outbound listener)",
+            s.service
+        );
+    } else {
+        println!("   (the app's connection {client} -> {SERVICE}, redirected to netshoot's sidecar on 15001)");
+    }
     println!("   < HTTP/1.1 {}", r.status);
     for (n, v) in &r.headers {
         println!("   < {n}: {v}");
@@ -114,7 +153,7 @@ fn demo(o: &Options) -> Result<(), String> {
     let log = s.server.log();
     let story = log.get(log_start..).unwrap_or_default();
     // The port netshoot's sidecar connected from, as the inbound sidecar saw it.
-    let marker = format!("new connection from {NETSHOOT_IP}:");
+    let marker = format!("new connection from {netshoot_ip}:");
     let source = story
         .find(&marker)
         .map(|i| &story[i + marker.len()..])
@@ -126,38 +165,49 @@ fn demo(o: &Options) -> Result<(), String> {
     let client_cfg = o.out.join("netshoot.config_dump.yaml");
     let server_cfg = o.out.join("fortio-server.config_dump.yaml");
     for (path, text) in [
-        (&client_cfg, scene::NETSHOOT_CONFIG),
-        (&server_cfg, scene::FORTIO_CONFIG),
+        (&client_cfg, s.netshoot.config_text()),
+        (&server_cfg, s.server.config_text()),
     ] {
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    let outbound: Vec<String> = [
-        "--outbound",
-        "--destination",
-        SERVICE,
-        "--source",
-        &client.to_string(),
-        "--authority",
-        "fortio-server:8080",
-    ]
-    .map(String::from)
-    .to_vec();
-    let inbound: Vec<String> = [
-        "--inbound",
-        "--destination",
-        &format!("{FORTIO_IP}:8080"),
-        "--source",
-        &format!("{NETSHOOT_IP}:{source}"),
-        "--tls",
-        "--sni",
-        SNI,
-        "--alpn",
-        "istio-http/1.1,istio,http/1.1",
-        "--authority",
-        "fortio-server:8080",
-    ]
-    .map(String::from)
-    .to_vec();
+    // Without interception the connections arrive where they are addressed.
+    let (out_entry, in_entry) = if s.loopback {
+        (vec![], vec![])
+    } else {
+        (
+            vec!["--outbound".to_string()],
+            vec!["--inbound".to_string()],
+        )
+    };
+    let mut outbound = out_entry;
+    outbound.extend(
+        [
+            "--destination",
+            &s.service,
+            "--source",
+            &client.to_string(),
+            "--authority",
+            "fortio-server:8080",
+        ]
+        .map(String::from),
+    );
+    let mut inbound = in_entry;
+    inbound.extend(
+        [
+            "--destination",
+            &format!("{fortio_ip}:8080"),
+            "--source",
+            &format!("{netshoot_ip}:{source}"),
+            "--tls",
+            "--sni",
+            SNI,
+            "--alpn",
+            "istio-http/1.1,istio,http/1.1",
+            "--authority",
+            "fortio-server:8080",
+        ]
+        .map(String::from),
+    );
     let with = |cmd: &str, cfg: &Path, conn: &[String], extra: &[&str]| -> Vec<String> {
         let mut v = vec![cmd.to_string(), cfg.display().to_string()];
         v.extend(conn.iter().cloned());

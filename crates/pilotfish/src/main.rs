@@ -68,7 +68,8 @@ enum Command {
     /// Run the founding article's scene: pods netshoot and fortio-server (network namespaces with
     /// istio-init's iptables rules), a sidecar each, Istio mTLS; send `curl
     /// http://fortio-server:8080/` from netshoot and show the path it took and why, the inbound
-    /// sidecar's debug log, the connections, and the picture. Needs root.
+    /// sidecar's debug log, the connections, and the picture. Without root, a loopback variant
+    /// that says what differs.
     Demo {
         /// The sidecar in netshoot.
         #[arg(long, value_parser = ["pilotfish", "envoy"], default_value = "pilotfish")]
@@ -83,6 +84,9 @@ enum Command {
         /// Where to keep the configurations and pictures.
         #[arg(long, default_value_os_t = std::env::temp_dir().join("pilotfish-demo"))]
         out: PathBuf,
+        /// Run the loopback variant (what runs without root) even as root.
+        #[arg(long)]
+        loopback: bool,
     },
     /// Load an Envoy bootstrap or config dump, check it as Envoy would, and summarise it
     /// (compare `envoy --mode validate -c FILE`).
@@ -497,6 +501,7 @@ fn main() -> ExitCode {
             server,
             envoy,
             out,
+            loopback,
         } => {
             let pick = |which: &str| -> Result<pilotfish::scene::Sidecar, String> {
                 use pilotfish::scene::Sidecar;
@@ -518,6 +523,7 @@ fn main() -> ExitCode {
                     client,
                     server,
                     out,
+                    loopback,
                 }),
                 (Err(e), _) | (_, Err(e)) => {
                     eprintln!("error: {e}");

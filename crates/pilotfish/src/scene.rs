@@ -26,6 +26,22 @@ pub const SNI: &str = "outbound_.8080_._.fortio-server.mark.svc.cluster.local";
 /// The uid (and gid) istio-proxy runs as; istio-init's rules let its traffic out unredirected.
 pub const PROXY_UID: u32 = 1337;
 
+/// The loopback variant (no root): each pod is a loopback address of this machine.
+pub const NETSHOOT_LOOPBACK: &str = "127.0.1.228";
+pub const FORTIO_LOOPBACK: &str = "127.0.1.230";
+/// fortio-server's app in the loopback variant (its pod address's 8080 is the sidecar's).
+pub const APP_LOOPBACK: &str = "127.0.1.230:18080";
+
+/// What the loopback variant changes, as the demo says it.
+pub const LOOPBACK_DIFFERENCES: &[&str] = &[
+    "no network namespaces and no iptables: the pods are the loopback addresses 127.0.1.228 (netshoot) and 127.0.1.230 (fortio-server), and each sidecar's listeners and admin bind its pod's address instead of 0.0.0.0 and 127.0.0.1",
+    "nothing redirects the app's connection to 15001: netshoot's outbound listener 0.0.0.0_8080 (bind_to_port false in the dump) is bound at 127.0.1.228:8080 and the app connects there instead of to the service address 10.96.215.136:8080",
+    "nothing redirects the client sidecar's connection to 15006: fortio-server's virtualInbound listens on the pod's port 8080 (127.0.1.230:8080), and with no original destination to restore its listener filters see that address",
+    "inbound|8080|| is a STATIC cluster to the app at 127.0.1.230:18080 instead of ORIGINAL_DST (the original destination would be the sidecar itself); it still connects from 127.0.0.6",
+    "fortio-server's outbound listener 0.0.0.0_8080 is left out (its address is the pod's own port 8080 now), and the zipkin cluster is STATIC at 127.0.0.1:9411 (no cluster DNS)",
+    "the sidecars run as the current user, not uid 1337",
+];
+
 pub const FORTIO_CONFIG: &str =
     include_str!("../../../examples/scene/fortio-server.config_dump.yaml");
 pub const NETSHOOT_CONFIG: &str = include_str!("../../../examples/scene/netshoot.config_dump.yaml");
@@ -137,10 +153,13 @@ pub struct Pod {
     /// The pod's name in the article.
     pub name: &'static str,
     pub ip: &'static str,
+    /// Its network namespace; empty in the loopback variant.
     pub netns: String,
+    /// Its sidecar's admin address.
+    pub admin: String,
     /// The pod's files: its configuration (as the sidecar reads it), certificates, sidecar log.
     pub dir: PathBuf,
-    config: &'static str,
+    config: String,
     sidecar: Option<(Sidecar, Child)>,
 }
 
@@ -158,6 +177,11 @@ impl Pod {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The configuration its sidecar runs, before the certificate paths are filled in.
+    pub fn config_text(&self) -> &str {
+        &self.config
+    }
+
     pub fn sidecar(&self) -> Option<&Sidecar> {
         self.sidecar.as_ref().map(|(s, _)| s)
     }
@@ -170,14 +194,20 @@ impl Pod {
         uid: Option<u32>,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> T {
+        if self.netns.is_empty() {
+            return std::thread::spawn(f)
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        }
         in_netns(&self.netns, uid, f)
     }
 
-    /// An admin request to the pod's sidecar (127.0.0.1:15000): status and body.
+    /// An admin request to the pod's sidecar: status and body.
     pub fn admin(&self, method: &str, path: &str) -> std::io::Result<(u16, String)> {
         let req = format!("{method} {path} HTTP/1.1\r\nhost: localhost:15000\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+        let admin = self.admin.clone();
         self.run(None, move || {
-            let mut c = TcpStream::connect("127.0.0.1:15000")?;
+            let mut c = TcpStream::connect(admin)?;
             c.set_read_timeout(Some(Duration::from_secs(10)))?;
             c.write_all(req.as_bytes())?;
             let r = read_response(&mut BufReader::new(c))?;
@@ -185,12 +215,31 @@ impl Pod {
         })
     }
 
-    /// `ss -tn` in the pod: its TCP connections.
+    /// `ss -tn` in the pod: its TCP connections (in the loopback variant, where the pods share
+    /// one network, the established connections of either pod's address).
     pub fn sockets(&self) -> String {
-        Command::new("ip")
-            .args(["netns", "exec", &self.netns, "ss", "-tn"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        if self.netns.is_empty() {
+            return match Command::new("ss")
+                .args(["-tn", "state", "established"])
+                .output()
+            {
+                Ok(o) => String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .enumerate()
+                    .filter(|(i, l)| {
+                        *i == 0 || l.contains(NETSHOOT_LOOPBACK) || l.contains(FORTIO_LOOPBACK)
+                    })
+                    .map(|(_, l)| format!("{l}\n"))
+                    .collect(),
+                Err(e) => format!("ss: {e}\n"),
+            };
+        }
+        let out = {
+            Command::new("ip")
+                .args(["netns", "exec", &self.netns, "ss", "-tn"])
+                .output()
+        };
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_else(|e| format!("ss: {e}\n"))
     }
 
@@ -225,6 +274,10 @@ pub struct Scene {
     pub netshoot: Pod,
     pub server: Pod,
     pub pki: Pki,
+    /// The loopback variant (see `LOOPBACK_DIFFERENCES`).
+    pub loopback: bool,
+    /// Where netshoot's app connects for `http://fortio-server:8080/`.
+    pub service: String,
 }
 
 impl Scene {
@@ -268,8 +321,9 @@ impl Scene {
             name,
             ip,
             netns: format!("pf-{name}-{id}"),
+            admin: "127.0.0.1:15000".into(),
             dir: dir.join(name),
-            config,
+            config: config.to_string(),
             sidecar: None,
         };
         let scene = Scene {
@@ -277,10 +331,65 @@ impl Scene {
             server: pod("fortio-server", FORTIO_IP, FORTIO_CONFIG),
             pki: Pki::new()?,
             dir,
+            loopback: false,
+            service: SERVICE.into(),
         };
         // From here on, Drop removes whatever was made.
         scene.build(id)?;
         Ok(scene)
+    }
+
+    /// The loopback variant, for a machine where the scene cannot make namespaces (no root):
+    /// the same sidecars, configurations and certificates, with the changes
+    /// `LOOPBACK_DIFFERENCES` lists.
+    pub fn up_loopback() -> Result<Scene, String> {
+        let dir = std::env::temp_dir().join(format!("pilotfish-scene-lo-{}", std::process::id()));
+        let pod = |name: &'static str, ip: &'static str, config: &str| -> Result<Pod, String> {
+            Ok(Pod {
+                name,
+                ip,
+                netns: String::new(),
+                admin: format!("{ip}:15000"),
+                dir: dir.join(name),
+                config: loopback_config(config, name, ip)?,
+                sidecar: None,
+            })
+        };
+        let scene = Scene {
+            netshoot: pod("netshoot", NETSHOOT_LOOPBACK, NETSHOOT_CONFIG)?,
+            server: pod("fortio-server", FORTIO_LOOPBACK, FORTIO_CONFIG)?,
+            pki: Pki::new()?,
+            dir,
+            loopback: true,
+            service: format!("{NETSHOOT_LOOPBACK}:8080"),
+        };
+        scene.write_pod_files()?;
+        let app = TcpListener::bind(APP_LOOPBACK)
+            .map_err(|e| format!("fortio-server's app on {APP_LOOPBACK}: {e}"))?;
+        serve_app(app);
+        Ok(scene)
+    }
+
+    /// Each pod's certificates (one workload identity from the test CA) and its configuration,
+    /// pointed at them.
+    fn write_pod_files(&self) -> Result<(), String> {
+        let workload = self.pki.issue(IDENTITY)?;
+        for p in [&self.netshoot, &self.server] {
+            let certs = p.dir.join("certs");
+            std::fs::create_dir_all(&certs).map_err(|e| format!("{}: {e}", certs.display()))?;
+            for (file, text) in [
+                ("cert-chain.pem", &workload.cert),
+                ("key.pem", &workload.key),
+                ("root-cert.pem", &self.pki.root_pem),
+            ] {
+                std::fs::write(certs.join(file), text).map_err(|e| format!("{e}"))?;
+            }
+            let config = p
+                .config
+                .replace("/etc/certs/", &format!("{}/", certs.display()));
+            std::fs::write(p.config_path(), config).map_err(|e| format!("{e}"))?;
+        }
+        Ok(())
     }
 
     fn build(&self, id: u32) -> Result<(), String> {
@@ -342,21 +451,7 @@ impl Scene {
                 ));
             }
         }
-        let workload = self.pki.issue(IDENTITY)?;
-        for p in [&self.netshoot, &self.server] {
-            let certs = p.dir.join("certs");
-            for (file, text) in [
-                ("cert-chain.pem", &workload.cert),
-                ("key.pem", &workload.key),
-                ("root-cert.pem", &self.pki.root_pem),
-            ] {
-                std::fs::write(certs.join(file), text).map_err(|e| format!("{e}"))?;
-            }
-            let config = p
-                .config
-                .replace("/etc/certs/", &format!("{}/", certs.display()));
-            std::fs::write(p.config_path(), config).map_err(|e| format!("{e}"))?;
-        }
+        self.write_pod_files()?;
         // istio-proxy owns its files, as in the pod.
         for p in [&self.netshoot, &self.server] {
             sh(&["chown", "-R", "1337:1337", &p.dir.to_string_lossy()])?;
@@ -398,7 +493,7 @@ impl Scene {
     /// The article's request, `curl http://fortio-server:8080/` from netshoot (the service
     /// address, as the cluster's DNS gives it, with curl's headers).
     pub fn curl(&self) -> std::io::Result<(Response, SocketAddr)> {
-        self.request(SERVICE, "fortio-server:8080", "/", &[], None)
+        self.request(&self.service, "fortio-server:8080", "/", &[], None)
     }
 
     /// One HTTP/1.1 GET from netshoot, as root (intercepted) or as `uid`; the response and the
@@ -421,8 +516,22 @@ impl Scene {
         let to: SocketAddr = to
             .parse()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // In the loopback variant the app's connection comes from its pod's address.
+        let from: Option<SocketAddr> = self
+            .loopback
+            .then(|| format!("{}:0", self.netshoot.ip).parse().ok())
+            .flatten();
         self.netshoot.run(uid, move || {
-            let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            let mut c = match from {
+                Some(from) => {
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    s.bind(&from.into())?;
+                    s.connect_timeout(&to.into(), Duration::from_secs(5))?;
+                    TcpStream::from(s)
+                }
+                None => TcpStream::connect_timeout(&to, Duration::from_secs(5))?,
+            };
             c.set_read_timeout(Some(Duration::from_secs(10)))?;
             let local = c.local_addr()?;
             c.write_all(req.as_bytes())?;
@@ -435,6 +544,9 @@ impl Drop for Scene {
     fn drop(&mut self) {
         self.stop_sidecars();
         for ns in [&self.netshoot.netns, &self.server.netns] {
+            if ns.is_empty() {
+                continue;
+            }
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
             let _ = Command::new("ip")
                 .args(["netns", "del", ns])
@@ -478,10 +590,16 @@ fn start_sidecar(pod: &mut Pod, sidecar: &Sidecar, level: &str) -> Result<(), St
     // Both write their log to standard error, into the pod's log file: Envoy buffers a
     // `--log-path` file, and the demo reads the log as soon as the request is answered.
     let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "setpriv"])
-        .args(["--reuid", "1337", "--regid", "1337", "--clear-groups", "--"])
-        .arg(&bin)
+    let mut command = if pod.netns.is_empty() {
+        Command::new(&bin)
+    } else {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &pod.netns, "setpriv"])
+            .args(["--reuid", "1337", "--regid", "1337", "--clear-groups", "--"])
+            .arg(&bin);
+        c
+    };
+    let child = command
         .arg("-c")
         .arg(&config)
         .args(["-l", level, "--concurrency", "2"])
@@ -652,14 +770,137 @@ pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
     })
 }
 
-/// Where the scene's files go when a caller wants some kept (the demo's pictures).
-pub fn keep_dir() -> PathBuf {
-    std::env::temp_dir().join("pilotfish-demo")
-}
-
-/// True when `path` is a file this process may run.
-pub fn runnable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+/// A pod's configuration for the loopback variant (see `LOOPBACK_DIFFERENCES`).
+fn loopback_config(text: &str, pod: &str, ip: &str) -> Result<String, String> {
+    use serde_yaml_ng::Value;
+    let mut doc: Value =
+        serde_yaml_ng::from_str(text).map_err(|e| format!("{pod}'s configuration: {e}"))?;
+    // Every address: 0.0.0.0 and the admin's 127.0.0.1:15000 become the pod's address, the
+    // pods' own addresses their loopback ones.
+    fn addresses(v: &mut Value, ip: &str) {
+        match v {
+            Value::Mapping(m) => {
+                if let Some(Value::Mapping(sa)) = m.get_mut("socket_address") {
+                    let port = sa.get("port_value").and_then(Value::as_u64);
+                    let new = match sa.get("address").and_then(Value::as_str) {
+                        Some("0.0.0.0") => Some(ip.to_string()),
+                        Some("127.0.0.1") if port == Some(15000) => Some(ip.to_string()),
+                        Some(FORTIO_IP) => Some(FORTIO_LOOPBACK.to_string()),
+                        Some(NETSHOOT_IP) => Some(NETSHOOT_LOOPBACK.to_string()),
+                        _ => None,
+                    };
+                    if let Some(a) = new {
+                        sa.insert("address".into(), a.into());
+                    }
+                }
+                for (_, v) in m.iter_mut() {
+                    addresses(v, ip);
+                }
+            }
+            Value::Sequence(s) => s.iter_mut().for_each(|v| addresses(v, ip)),
+            _ => {}
+        }
+    }
+    addresses(&mut doc, ip);
+    let configs = doc
+        .get_mut("configs")
+        .and_then(Value::as_sequence_mut)
+        .ok_or_else(|| format!("{pod}'s configuration: no configs"))?;
+    let kind = |c: &Value| {
+        c.get("@type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let static_cluster = |name: &str, address: &str, port: u64| -> Value {
+        serde_yaml_ng::from_str(&format!(
+            "{{ cluster_name: '{name}', endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {address}, port_value: {port} }} }} }} }}] }}] }}"
+        ))
+        .expect("a load assignment")
+    };
+    for c in configs.iter_mut() {
+        match kind(c).as_str() {
+            "ListenersConfigDump" => {
+                let Some(Value::Sequence(ls)) = c.get_mut("dynamic_listeners") else {
+                    continue;
+                };
+                ls.retain(|l| {
+                    !(pod == "fortio-server"
+                        && l.get("name").and_then(Value::as_str) == Some("0.0.0.0_8080"))
+                });
+                for l in ls.iter_mut() {
+                    let name = l
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                    let Some(Value::Mapping(listener)) = l
+                        .get_mut("active_state")
+                        .and_then(|a| a.get_mut("listener"))
+                    else {
+                        continue;
+                    };
+                    if pod == "netshoot" && name == "0.0.0.0_8080" {
+                        listener.remove("bind_to_port");
+                    }
+                    if pod == "fortio-server" && name == "virtualInbound" {
+                        if let Some(Value::Mapping(sa)) = listener
+                            .get_mut("address")
+                            .and_then(|a| a.get_mut("socket_address"))
+                        {
+                            sa.insert("port_value".into(), 8080.into());
+                        }
+                    }
+                }
+            }
+            "ClustersConfigDump" => {
+                for list in ["static_clusters", "dynamic_active_clusters"] {
+                    let Some(Value::Sequence(cs)) = c.get_mut(list) else {
+                        continue;
+                    };
+                    for entry in cs.iter_mut() {
+                        let Some(Value::Mapping(cluster)) = entry.get_mut("cluster") else {
+                            continue;
+                        };
+                        let name = cluster
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string();
+                        let target = match name.as_str() {
+                            "inbound|8080||" => Some(("127.0.1.230", 18080)),
+                            "zipkin" => Some(("127.0.0.1", 9411)),
+                            _ => None,
+                        };
+                        let Some((address, port)) = target else {
+                            continue;
+                        };
+                        for k in [
+                            "lb_policy",
+                            "original_dst_lb_config",
+                            "cleanup_interval",
+                            "dns_lookup_family",
+                            "dns_refresh_rate",
+                            "respect_dns_ttl",
+                        ] {
+                            cluster.remove(k);
+                        }
+                        cluster.insert("type".into(), "STATIC".into());
+                        cluster.insert(
+                            "load_assignment".into(),
+                            static_cluster(&name, address, port),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out =
+        format!("# {pod}'s sidecar, loopback variant of examples/scene/{pod}.config_dump.yaml\n");
+    out.push_str(&serde_yaml_ng::to_string(&doc).map_err(|e| format!("{pod}: {e}"))?);
+    Ok(out)
 }

@@ -486,3 +486,73 @@ fn istio_metrics_after_n_requests() {
         assert!(sum("istio_request_bytes") > 50 * N as u64, "{}", pod.name);
     }
 }
+
+/// Without root, `pilotfish demo` runs the loopback variant, says how it differs from the
+/// article's scene, and still carries the request through both sidecars with mTLS. As root,
+/// the test runs it as the unprivileged user `nobody`, as a new user would.
+#[test]
+fn the_demo_without_root_runs_the_loopback_variant() {
+    let out_dir = std::env::temp_dir().join(format!("pilotfish-demo-lo-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if root {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&out_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_pilotfish"));
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pilotfish"))
+    };
+    let out = cmd
+        .args(["demo", "--out", out_dir.to_str().unwrap()])
+        .env("TMPDIR", &out_dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "This is the loopback variant, which differs from it:",
+        "nothing redirects the app's connection to 15001",
+        "< HTTP/1.1 200",
+        "| fortio-server saw 127.0.0.6:",
+        "| x-forwarded-client-cert: By=spiffe://cluster.local/ns/mark/sa/default;",
+        "cluster            inbound|8080||: STATIC",
+        "requestedServerName: outbound_.8080_._.fortio-server.mark.svc.cluster.local",
+        "'server', 'istio-envoy'",
+    ] {
+        assert!(
+            text.contains(step),
+            "the demo did not show {step:?}:\n{text}"
+        );
+    }
+    let after = text
+        .split("== 4.")
+        .nth(1)
+        .unwrap()
+        .split("== 5.")
+        .next()
+        .unwrap();
+    assert!(
+        after.contains(&format!("{FORTIO_LOOPBACK}:8080")),
+        "{after}"
+    );
+    for svg in ["fortio-server-inbound.svg", "netshoot-outbound.svg"] {
+        let doc = std::fs::read_to_string(out_dir.join(svg)).unwrap();
+        roxmltree::Document::parse(&doc).unwrap_or_else(|e| panic!("{svg}: {e}"));
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

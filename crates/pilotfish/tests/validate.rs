@@ -204,7 +204,10 @@ fn the_seed_dump_is_the_sidecar_the_article_describes() {
         .find(|g| g["key"] == "envoy.tcp.metadataexchange.config.MetadataExchange")
         .expect("the TCP metadata exchange listed");
     assert_eq!(tcp_exchange["kind"], "extension");
-    assert_eq!(tcp_exchange["names"], serde_json::json!(["istio.metadata_exchange"]));
+    assert_eq!(
+        tcp_exchange["names"],
+        serde_json::json!(["istio.metadata_exchange"])
+    );
     assert!(gaps.iter().any(|g| g["key"]
         == "envoy.config.endpoint.v3.ClusterLoadAssignment.policy"
         && g["kind"] == "field"));
