@@ -530,8 +530,14 @@ const FIELDS: &[(&str, &[&str])] = &[
             "maglev_lb_config",
             "least_request_lb_config",
             "common_lb_config",
+            // Upstream network filters: Istio's TCP metadata exchange (any other type is
+            // listed as an extension).
+            "filters",
         ],
     ),
+    ("envoy.config.cluster.v3.Filter", &["name", "typed_config"]),
+    // Istio's TCP metadata exchange; `enable_discovery` is not read.
+    ("envoy.tcp.metadataexchange.config.MetadataExchange", &["protocol"]),
     // The upstream HTTP protocol: HTTP/1.1 or HTTP/2, fixed or as downstream; their options
     // are not read (listed when set).
     (
@@ -706,6 +712,7 @@ const EXTENSIONS: &[&str] = &[
     "envoy.extensions.filters.http.cors.v3.CorsPolicy",
     "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+    "envoy.tcp.metadataexchange.config.MetadataExchange",
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",

@@ -291,3 +291,140 @@ static_resources:
         "{text}"
     );
 }
+
+fn stats_filter(direction: &str) -> String {
+    format!(
+        r#"{{ name: istio.stats, typed_config: {{ "@type": type.googleapis.com/udpa.type.v1.TypedStruct, type_url: type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm, value: {{ config: {{ root_id: stats_{direction}, vm_config: {{ vm_id: tcp_stats_{direction}, runtime: envoy.wasm.runtime.null, code: {{ local: {{ inline_string: envoy.wasm.stats }} }} }}, configuration: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: "{{\"debug\": \"false\", \"stat_prefix\": \"istio\"}}" }} }} }} }} }}"#
+    )
+}
+
+const TCP_EXCHANGE: &str = r#"{ name: istio.metadata_exchange, typed_config: { "@type": type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange, protocol: istio-peer-exchange } }"#;
+
+fn node(name: &str) -> String {
+    format!("node: {{ id: sidecar~127.0.0.1~{name}.mark~mark.svc.cluster.local, metadata: {{ NAME: {name}, NAMESPACE: mark, WORKLOAD_NAME: {name}, CLUSTER_ID: Kubernetes, LABELS: {{ app: {name} }} }} }}\n")
+}
+
+/// Istio's TCP metadata exchange between two sidecars: the client sidecar's cluster filter and
+/// the server sidecar's network filter, over mTLS with ALPN `istio-peer-exchange`, each send
+/// their node's frame and take the other's off, so the app sees only its bytes and each side's
+/// TCP metrics name the other workload.
+#[test]
+fn the_tcp_metadata_exchange_tells_each_sidecar_who_the_other_is() {
+    let pki = common::tls::Pki::new("cluster.local");
+    let id = "spiffe://cluster.local/ns/mark/sa/default";
+    let (client_leaf, server_leaf) = (pki.leaf(&[], id), pki.leaf(&[], id));
+    let app = common::upstream("app");
+    let (inbound, outbound) = (free_port(), free_port());
+    let write = |dir: &std::path::Path, leaf: &common::tls::Leaf| {
+        std::fs::write(dir.join("cert.pem"), &leaf.cert).unwrap();
+        std::fs::write(dir.join("key.pem"), &leaf.key).unwrap();
+        std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
+    };
+    let tls_common = |dir: &std::path::Path, alpn: &str| {
+        let d = dir.display();
+        format!("common_tls_context: {{ alpn_protocols: [{alpn}], tls_certificates: [{{ certificate_chain: {{ filename: {d}/cert.pem }}, private_key: {{ filename: {d}/key.pem }} }}], validation_context: {{ trusted_ca: {{ filename: {d}/ca.pem }}, match_subject_alt_names: [{{ prefix: \"spiffe://cluster.local/\" }}] }} }}")
+    };
+    let server_dir = common::proxy::temp_dir("tcp_exchange_server");
+    write(&server_dir, &server_leaf);
+    let server = common::proxy::Proxy::start_in(
+        server_dir.clone(),
+        &format!(
+            "{}static_resources:
+  listeners:
+  - name: virtualInbound
+    traffic_direction: INBOUND
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {inbound} }} }}
+    filter_chains:
+    - transport_socket: {{ name: tls, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, require_client_certificate: true, {} }} }}
+      filters:
+      - {TCP_EXCHANGE}
+      - {}
+      - {{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: inbound, cluster: \"inbound|9000||\" }} }}
+  clusters:
+  - name: \"inbound|9000||\"
+    connect_timeout: 1s
+    load_assignment: {{ cluster_name: x, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {app} }} }} }} }}] }}] }}
+    metadata: {{ filter_metadata: {{ istio: {{ services: [{{ host: tcp-echo.mark.svc.cluster.local, name: tcp-echo, namespace: mark }}] }} }} }}
+",
+            node("server-wl"),
+            tls_common(&server_dir, "istio-peer-exchange, h2, http/1.1"),
+            stats_filter("inbound")
+        ),
+        &[],
+    );
+    let client_dir = common::proxy::temp_dir("tcp_exchange_client");
+    write(&client_dir, &client_leaf);
+    let client = common::proxy::Proxy::start_in(
+        client_dir.clone(),
+        &format!(
+            "{}static_resources:
+  listeners:
+  - name: outbound_9000
+    traffic_direction: OUTBOUND
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {outbound} }} }}
+    filter_chains:
+    - filters:
+      - {}
+      - {{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: outbound, cluster: \"outbound|9000||tcp-echo.mark.svc.cluster.local\" }} }}
+  clusters:
+  - name: \"outbound|9000||tcp-echo.mark.svc.cluster.local\"
+    connect_timeout: 1s
+    filters: [{TCP_EXCHANGE}]
+    transport_socket: {{ name: tls, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: outbound_.9000_._.tcp-echo.mark.svc.cluster.local, {} }} }}
+    load_assignment: {{ cluster_name: x, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {inbound} }} }} }} }}] }}] }}
+    metadata: {{ filter_metadata: {{ istio: {{ services: [{{ host: tcp-echo.mark.svc.cluster.local, name: tcp-echo, namespace: mark }}] }} }} }}
+",
+            node("client-wl"),
+            stats_filter("outbound"),
+            tls_common(&client_dir, "istio-peer-exchange, istio")
+        ),
+        &[],
+    );
+    for p in [&server, &client] {
+        let log = p.log();
+        assert!(!log.contains("(passed over)"), "{log}");
+        assert!(
+            !log.contains("not implemented: envoy.tcp.metadataexchange"),
+            "{log}"
+        );
+    }
+    {
+        let mut c = TcpStream::connect(("127.0.0.1", outbound)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"hello").unwrap();
+        let mut got = [0u8; 9];
+        c.read_exact(&mut got).unwrap();
+        // The app got exactly the client's bytes: both frames were taken off.
+        assert_eq!(&got, b"app:hello", "{}\n{}", server.log(), client.log());
+    }
+    let labels = |reporter: &str, policy: &str| {
+        format!("reporter=\"{reporter}\",source_workload=\"client-wl\",source_workload_namespace=\"mark\",source_principal=\"{id}\",source_app=\"client-wl\",source_version=\"unknown\",source_cluster=\"Kubernetes\",destination_workload=\"server-wl\",destination_workload_namespace=\"mark\",destination_principal=\"{id}\",destination_app=\"server-wl\",destination_version=\"unknown\",destination_service=\"tcp-echo.mark.svc.cluster.local\",destination_service_name=\"tcp-echo\",destination_service_namespace=\"mark\",destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"{policy}\",source_canonical_service=\"client-wl\",destination_canonical_service=\"server-wl\",source_canonical_revision=\"latest\",destination_canonical_revision=\"latest\"")
+    };
+    for (p, l) in [
+        (&server, labels("destination", "mutual_tls")),
+        (&client, labels("source", "unknown")),
+    ] {
+        let want = [
+            format!("istio_tcp_connections_opened_total{{{l}}} 1"),
+            format!("istio_tcp_connections_closed_total{{{l}}} 1"),
+            format!("istio_tcp_received_bytes_total{{{l}}} 5"),
+            format!("istio_tcp_sent_bytes_total{{{l}}} 9"),
+        ];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, text) = p.get("/stats/prometheus");
+            if want.iter().all(|w| text.lines().any(|line| line == w)) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "want {want:#?}\nin\n{}",
+                text.lines()
+                    .filter(|l| l.starts_with("istio"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -284,7 +284,7 @@ struct Service {
 }
 
 /// What one request or TCP connection tells the stats filter.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Report<'a> {
     /// The peers' metadata headers, base64 (decoded only here).
     pub downstream_peer: Option<&'a str>,
@@ -518,6 +518,12 @@ impl IstioStats {
             Expr::RequestHost => r.authority.to_string(),
             Expr::Literal(s) => s.clone(),
         }
+    }
+
+    /// Reports as the destination (an inbound listener's): the downstream peer is the other
+    /// side.
+    pub fn reports_inbound(&self) -> bool {
+        self.inbound
     }
 
     fn name(&self, metric: &str) -> String {

@@ -19,6 +19,7 @@ pub mod lb;
 pub mod listener_filter;
 pub mod log;
 pub mod outlier;
+pub mod peer_exchange;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
@@ -139,6 +140,7 @@ fn proxy_gaps(cfg: &Config) -> Vec<String> {
                     }
                 } else if !ty.ends_with("TcpProxy")
                     && pilotfish_config::istio::stats_configuration(any).is_none()
+                    && crate::peer_exchange::configured(any).is_none()
                 {
                     *gaps
                         .entry(format!("network filter '{}' (passed over)", f.name))

@@ -57,6 +57,8 @@ pub struct Server {
     >,
     /// Upstream HTTP connections kept for reuse.
     pub http_pools: crate::http::upstream::Pools,
+    /// This node's frame for Istio's TCP metadata exchange.
+    pub peer_exchange_frame: Vec<u8>,
     /// Each listener's counters, by listener name.
     listener_stats: std::collections::HashMap<String, ListenerStats>,
     /// Downstream TLS per (listener, filter chain index or `default`), built at start-up.
@@ -97,6 +99,13 @@ impl Server {
             downstream_tls,
             listener_stats,
             http_pools: Default::default(),
+            peer_exchange_frame: {
+                let node = set.bootstrap.node.as_ref();
+                crate::peer_exchange::frame(
+                    node.map_or("", |n| n.id.as_str()),
+                    node.and_then(|n| n.metadata.as_ref()),
+                )
+            },
             set,
             clusters,
             stats,
@@ -118,10 +127,16 @@ impl Server {
                 let mut terminal = Terminal::None;
                 // Istio's stats filter ahead of tcp_proxy counts its connections.
                 let mut istio_stats = None;
+                // Istio's TCP metadata exchange ahead of it, by its protocol (ALPN).
+                let mut peer_exchange = None;
                 for f in &fc.filters {
                     let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
                         continue;
                     };
+                    if let Some(protocol) = crate::peer_exchange::configured(any) {
+                        peer_exchange = Some(protocol);
+                        continue;
+                    }
                     if let Some(json) = pilotfish_config::istio::stats_configuration(any) {
                         istio_stats = crate::istio_stats::IstioStats::new(
                             &server.set,
@@ -137,6 +152,7 @@ impl Server {
                         let logs = server.access_logs(&tcp);
                         let mut filter = tcp_proxy::TcpProxyFilter::new(tcp, &server.stats, logs);
                         filter.istio_stats = istio_stats.take();
+                        filter.peer_exchange = peer_exchange.take();
                         terminal = Terminal::TcpProxy(Arc::new(filter));
                         break;
                     }
@@ -629,6 +645,7 @@ async fn handshake(
             .peer_certificates()
             .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
             .unwrap_or_default(),
+        alpn: session.alpn_protocol().map(<[u8]>::to_vec),
     };
     Some((Box::new(s), Arc::new(info)))
 }

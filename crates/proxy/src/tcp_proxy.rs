@@ -43,6 +43,8 @@ pub struct TcpProxyFilter {
     logs: Arc<Vec<crate::access_log::AccessLog>>,
     /// Istio's stats filter on the same chain.
     pub istio_stats: Option<crate::istio_stats::IstioStats>,
+    /// Istio's TCP metadata exchange on the same chain: its protocol (ALPN).
+    pub peer_exchange: Option<String>,
 }
 
 impl TcpProxyFilter {
@@ -64,6 +66,7 @@ impl TcpProxyFilter {
             stats,
             logs,
             istio_stats: None,
+            peer_exchange: None,
         }
     }
 }
@@ -97,7 +100,7 @@ pub async fn run<S, F>(
     conn: u64,
     started: impl FnOnce(),
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
     F: Future<Output = Option<(S, Option<Arc<crate::transport_socket::TlsInfo>>)>>,
 {
     let (tcp, stats) = (&filter.config, &filter.stats);
@@ -186,13 +189,25 @@ pub async fn run<S, F>(
     };
     entry.upstream_host = Some(up.host.address.clone());
     entry.upstream_local = up.local;
-    let Some((mut downstream, tls)) = downstream else {
+    let Some((downstream, tls)) = downstream else {
         log(entry);
         return;
     };
     let tls = tls.as_deref();
     let identity = up.identity.clone();
-    let report = crate::istio_stats::Report {
+    // Istio's metadata exchange runs where the connection's ALPN is its protocol: toward the
+    // client by the chain's filter, toward the upstream by the cluster's.
+    let agreed = |filter: Option<&String>, alpn: Option<&[u8]>| {
+        filter.is_some_and(|p| alpn == Some(p.as_bytes()))
+    };
+    let exchange_down = agreed(
+        filter.peer_exchange.as_ref(),
+        tls.and_then(|t| t.alpn.as_deref()),
+    );
+    let exchange_up = agreed(upstream_exchange(&up.cluster).as_ref(), up.alpn.as_deref());
+    // What Istio's stats say of the connection; the peers' metadata as the exchange brings it
+    // (downstream, upstream).
+    let base = crate::istio_stats::Report {
         downstream_local_uri: tls.and_then(|t| t.local_uri.as_deref()),
         downstream_peer_uri: tls.and_then(|t| t.peer_uri.as_deref()),
         mtls: tls.is_some_and(|t| !t.peer_chain.is_empty()),
@@ -201,9 +216,64 @@ pub async fn run<S, F>(
         cluster: &name,
         ..Default::default()
     };
-    if let Some(s) = &filter.istio_stats {
-        s.tcp_opened(&report);
+    let peers: std::sync::Mutex<[Option<crate::peer_exchange::Peer>; 2]> = Default::default();
+    let metadata = |peers: &[Option<crate::peer_exchange::Peer>; 2], i: usize| {
+        peers[i].as_ref().and_then(|p| p.metadata.clone())
+    };
+    let opened = std::sync::atomic::AtomicBool::new(false);
+    let open = |peers: &[Option<crate::peer_exchange::Peer>; 2]| {
+        let Some(s) = &filter.istio_stats else {
+            return;
+        };
+        if opened.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let (down, upstream_peer) = (metadata(peers, 0), metadata(peers, 1));
+        s.tcp_opened(&crate::istio_stats::Report {
+            downstream_peer: down.as_deref(),
+            upstream_peer: upstream_peer.as_deref(),
+            ..base.clone()
+        });
+    };
+    // Opened is reported once the peer the stats report on is known (at once without an
+    // exchange on that side).
+    let inbound = filter
+        .istio_stats
+        .as_ref()
+        .is_some_and(|s| s.reports_inbound());
+    let waits = if inbound { exchange_down } else { exchange_up };
+    if !waits {
+        open(&peers.lock().unwrap());
     }
+    let heard = |side: usize| {
+        let (peers, open) = (&peers, &open);
+        move |p: Option<crate::peer_exchange::Peer>| {
+            let mut all = peers.lock().unwrap();
+            all[side] = p;
+            if (side == 0) == inbound {
+                open(&all);
+            }
+        }
+    };
+    let frame = &server.peer_exchange_frame;
+    let mut downstream: Box<dyn Stream + '_> = if exchange_down {
+        Box::new(crate::peer_exchange::Exchange::new(
+            downstream,
+            frame.clone(),
+            heard(0),
+        ))
+    } else {
+        Box::new(downstream)
+    };
+    let mut upstream: Box<dyn Stream + '_> = if exchange_up {
+        Box::new(crate::peer_exchange::Exchange::new(
+            &mut up.stream,
+            frame.clone(),
+            heard(1),
+        ))
+    } else {
+        Box::new(&mut up.stream)
+    };
     // Envoy's default tcp_proxy idle timeout is an hour; zero turns it off.
     let idle = Some(crate::duration(
         tcp.idle_timeout.as_ref(),
@@ -214,7 +284,8 @@ pub async fn run<S, F>(
         info.buffer_limit,
         crate::server::buffer_limit(up.cluster.config.per_connection_buffer_limit_bytes.as_ref()),
     );
-    let (rx, tx, idled) = relay(&mut downstream, &mut up.stream, idle, limits).await;
+    let (rx, tx, idled) = relay(&mut downstream, &mut upstream, idle, limits).await;
+    drop((downstream, upstream));
     stats.downstream_cx_rx_bytes_total.add(rx);
     stats.downstream_cx_tx_bytes_total.add(tx);
     up.cluster.stats.upstream_cx_tx_bytes_total.add(rx);
@@ -224,12 +295,35 @@ pub async fn run<S, F>(
         tracing::debug!(target: "filter", connection = conn, "Session timed out");
     }
     if let Some(s) = &filter.istio_stats {
-        s.tcp_closed(&report, tx, rx);
+        let peers = peers.lock().unwrap();
+        open(&peers);
+        let (down, upstream_peer) = (metadata(&peers, 0), metadata(&peers, 1));
+        s.tcp_closed(
+            &crate::istio_stats::Report {
+                downstream_peer: down.as_deref(),
+                upstream_peer: upstream_peer.as_deref(),
+                ..base.clone()
+            },
+            tx,
+            rx,
+        );
     }
     entry.bytes_received = rx;
     entry.bytes_sent = tx;
     log(entry);
     tracing::debug!(target: "connection", connection = up_id, "closing socket: 0");
+}
+
+/// A stream either side of the relay may be: plain, TLS, or with Istio's exchange on it.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// The protocol of the cluster's upstream metadata exchange filter (`Cluster.filters`).
+fn upstream_exchange(cluster: &crate::cluster::Cluster) -> Option<String> {
+    cluster.config.filters.iter().find_map(|f| {
+        let any = f.typed_config.as_ref()?;
+        crate::peer_exchange::configured(any)
+    })
 }
 
 /// Up to `attempts` upstream connections, each to the host the load balancer picks.

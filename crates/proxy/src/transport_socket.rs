@@ -55,6 +55,8 @@ pub struct TlsInfo {
     pub peer_uri: Option<String>,
     /// The client's certificate chain (DER), leaf first; empty when it presented none.
     pub peer_chain: Vec<Vec<u8>>,
+    /// The protocol agreed by ALPN.
+    pub alpn: Option<Vec<u8>>,
 }
 
 /// A certificate's subject (RFC 2253, as OpenSSL prints it) and its URI and DNS SANs.
