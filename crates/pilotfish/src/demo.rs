@@ -241,6 +241,29 @@ fn demo(mut s: Scene, o: &Options) -> Result<(), String> {
         indent(&said);
         println!("   -> {out}");
     }
+    heading(
+        9,
+        "Istio's metrics for it, as Prometheus scrapes each sidecar (istio.stats)",
+    );
+    for (pod, reporter) in [(&s.server, "destination"), (&s.netshoot, "source")] {
+        println!("   {}'s sidecar (reporter={reporter}):", pod.name);
+        let (_, metrics) = pod
+            .admin("GET", "/stats/prometheus")
+            .map_err(|e| format!("{}'s admin: {e}", pod.name))?;
+        let lines: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        if lines.is_empty() {
+            println!(
+                "   (none: {} runs no istio.stats)",
+                pod.sidecar().map_or("it", |s| s.name())
+            );
+        }
+        for l in lines {
+            println!("   {l}");
+        }
+    }
     s.stop_sidecars();
     drop(s);
     println!(

