@@ -61,6 +61,11 @@ pub mod istio {
             #[prost(bool, tag = "2")]
             pub enable_discovery: bool,
         }
+
+        impl prost::Name for MetadataExchange {
+            const NAME: &'static str = "MetadataExchange";
+            const PACKAGE: &'static str = "envoy.tcp.metadataexchange.config";
+        }
     }
 }
 

@@ -45,10 +45,16 @@ pub enum PeerField {
 pub struct StatsConfig {
     pub stat_prefix: String,
     pub disable_host_header_fallback: bool,
-    /// (metric, or None for all; dimension; value). Later ones win, as in Istio.
-    pub dimensions: Vec<(Option<String>, String, Expr)>,
-    /// (metric, or None for all; dimension) left out.
-    pub tags_to_remove: Vec<(Option<String>, String)>,
+    /// `metrics[]`, applied in order as Istio applies them.
+    pub metrics: Vec<MetricConfig>,
+}
+
+/// One `metrics[]` entry: for one metric (or all), tags left out, then dimensions set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricConfig {
+    pub name: Option<String>,
+    pub tags_to_remove: Vec<String>,
+    pub dimensions: Vec<(String, Expr)>,
 }
 
 /// The plugin's configuration string, when `any` is Istio's stats plugin (HTTP or network).
@@ -123,6 +129,10 @@ pub fn parse_stats(json: &str) -> Result<(StatsConfig, Vec<String>), String> {
                 for (i, m) in value.as_array().into_iter().flatten().enumerate() {
                     let at = format!("metrics[{i}]");
                     let name = m.get("name").map(text).filter(|n| !n.is_empty());
+                    let mut metric = MetricConfig {
+                        name: name.clone(),
+                        ..Default::default()
+                    };
                     if let Some(n) = &name {
                         if !METRICS.contains(&n.as_str()) {
                             unsupported.push(format!(
@@ -143,7 +153,7 @@ pub fn parse_stats(json: &str) -> Result<(StatsConfig, Vec<String>), String> {
                         .flatten()
                     {
                         match parse_expr(&text(expr)) {
-                            Some(e) => c.dimensions.push((name.clone(), dim.clone(), e)),
+                            Some(e) => metric.dimensions.push((dim.clone(), e)),
                             None => unsupported.push(format!(
                                 "{at}.dimensions.{dim}: expression '{}' (pilotfish reads node.metadata['K'], downstream_peer.F, upstream_peer.F, request.host and quoted text)",
                                 text(expr)
@@ -156,8 +166,9 @@ pub fn parse_stats(json: &str) -> Result<(StatsConfig, Vec<String>), String> {
                         .into_iter()
                         .flatten()
                     {
-                        c.tags_to_remove.push((name.clone(), text(t)));
+                        metric.tags_to_remove.push(text(t));
                     }
+                    c.metrics.push(metric);
                 }
             }
             other => unsupported.push(other.to_string()),
@@ -181,22 +192,24 @@ mod tests {
         assert!(gaps.is_empty(), "{gaps:?}");
         assert!(c.disable_host_header_fallback);
         assert_eq!(
-            c.dimensions,
-            vec![
-                (
-                    None,
-                    "destination_cluster".into(),
-                    Expr::NodeMetadata("CLUSTER_ID".into())
-                ),
-                (
-                    None,
-                    "source_cluster".into(),
-                    Expr::Peer {
-                        downstream: true,
-                        field: PeerField::Key("CLUSTER_ID".into())
-                    }
-                ),
-            ]
+            c.metrics,
+            vec![MetricConfig {
+                name: None,
+                tags_to_remove: vec![],
+                dimensions: vec![
+                    (
+                        "destination_cluster".into(),
+                        Expr::NodeMetadata("CLUSTER_ID".into())
+                    ),
+                    (
+                        "source_cluster".into(),
+                        Expr::Peer {
+                            downstream: true,
+                            field: PeerField::Key("CLUSTER_ID".into())
+                        }
+                    ),
+                ]
+            }]
         );
     }
 

@@ -40,7 +40,53 @@ fn run_self(args: &[String]) -> String {
     }
 }
 
+/// The directory the configurations and pictures are kept in: made if missing; an existing one
+/// must be this user's own, a real directory, and not writable by others (the demo may run as
+/// root, and writes fixed file names there).
+fn out_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(_) => std::fs::DirBuilder::new()
+            .mode(0o755)
+            .recursive(true)
+            .create(dir)
+            .map_err(|e| format!("{}: {e}", dir.display())),
+        Ok(m) => {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+                return Err(format!(
+                    "{}: not a directory of this user's that only it can write; give another with --out",
+                    dir.display()
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Keeps Ctrl-C from ending the demo half way (its scene is gone within a second or two, and
+/// tearing it down is what must not be skipped); the previous handling comes back when dropped.
+struct NoInterrupt(libc::sighandler_t);
+
+impl NoInterrupt {
+    fn new() -> NoInterrupt {
+        // SAFETY: SIG_IGN is a valid disposition for SIGINT; the old one is restored on drop.
+        NoInterrupt(unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) })
+    }
+}
+
+impl Drop for NoInterrupt {
+    fn drop(&mut self) {
+        // SAFETY: restores the disposition `new` replaced.
+        unsafe {
+            libc::signal(libc::SIGINT, self.0);
+        }
+    }
+}
+
 pub fn run(o: Options) -> ExitCode {
+    let _no_interrupt = NoInterrupt::new();
     let scene = match (o.loopback, Scene::can_run()) {
         (false, Ok(())) => Scene::up(),
         (true, _) => {
@@ -152,16 +198,19 @@ fn demo(mut s: Scene, o: &Options) -> Result<(), String> {
 
     let log = s.server.log();
     let story = log.get(log_start..).unwrap_or_default();
-    // The port netshoot's sidecar connected from, as the inbound sidecar saw it.
-    let marker = format!("new connection from {netshoot_ip}:");
+    // Where netshoot's sidecar connected from, as the inbound sidecar saw it.
+    let marker = "new connection from ";
     let source = story
-        .find(&marker)
+        .find(marker)
         .map(|i| &story[i + marker.len()..])
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .unwrap_or("40000")
-        .to_string();
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string);
+    if source.is_none() {
+        println!("   (the inbound sidecar's log names no new connection: the trace below assumes {netshoot_ip}:40000)");
+    }
+    let source = source.unwrap_or_else(|| format!("{netshoot_ip}:40000"));
 
-    std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    out_dir(&o.out)?;
     let client_cfg = o.out.join("netshoot.config_dump.yaml");
     let server_cfg = o.out.join("fortio-server.config_dump.yaml");
     for (path, text) in [
@@ -197,7 +246,7 @@ fn demo(mut s: Scene, o: &Options) -> Result<(), String> {
             "--destination",
             &format!("{fortio_ip}:8080"),
             "--source",
-            &format!("{netshoot_ip}:{source}"),
+            &source,
             "--tls",
             "--sni",
             SNI,

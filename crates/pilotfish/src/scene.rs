@@ -13,6 +13,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const NETSHOOT_IP: &str = "172.21.206.228";
@@ -278,6 +280,10 @@ pub struct Scene {
     pub loopback: bool,
     /// Where netshoot's app connects for `http://fortio-server:8080/`.
     pub service: String,
+    /// The veth pair's first end (removed with the scene, wherever a failure left it).
+    veth: Option<String>,
+    /// Tells fortio-server's app to stop accepting.
+    app_stop: Arc<AtomicBool>,
 }
 
 impl Scene {
@@ -316,7 +322,7 @@ impl Scene {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
         // Interface names stay under 16 characters; ids differ between processes and scenes.
         let id = (std::process::id() % 100_000) * 10 + n;
-        let dir = std::env::temp_dir().join(format!("pilotfish-scene-{id}"));
+        let dir = private_dir("pilotfish-scene")?;
         let pod = |name: &'static str, ip: &'static str, config: &'static str| Pod {
             name,
             ip,
@@ -333,6 +339,8 @@ impl Scene {
             dir,
             loopback: false,
             service: SERVICE.into(),
+            veth: Some(format!("pfa{id}")),
+            app_stop: Default::default(),
         };
         // From here on, Drop removes whatever was made.
         scene.build(id)?;
@@ -343,7 +351,7 @@ impl Scene {
     /// the same sidecars, configurations and certificates, with the changes
     /// `LOOPBACK_DIFFERENCES` lists.
     pub fn up_loopback() -> Result<Scene, String> {
-        let dir = std::env::temp_dir().join(format!("pilotfish-scene-lo-{}", std::process::id()));
+        let dir = private_dir("pilotfish-scene-lo")?;
         let pod = |name: &'static str, ip: &'static str, config: &str| -> Result<Pod, String> {
             Ok(Pod {
                 name,
@@ -362,11 +370,16 @@ impl Scene {
             dir,
             loopback: true,
             service: format!("{NETSHOOT_LOOPBACK}:8080"),
+            veth: None,
+            app_stop: Default::default(),
         };
         scene.write_pod_files()?;
-        let app = TcpListener::bind(APP_LOOPBACK)
-            .map_err(|e| format!("fortio-server's app on {APP_LOOPBACK}: {e}"))?;
-        serve_app(app);
+        let app = TcpListener::bind(APP_LOOPBACK).map_err(|e| {
+            format!(
+                "fortio-server's app on {APP_LOOPBACK}: {e} (is another loopback demo running?)"
+            )
+        })?;
+        serve_app(app, scene.app_stop.clone());
         Ok(scene)
     }
 
@@ -393,11 +406,6 @@ impl Scene {
     }
 
     fn build(&self, id: u32) -> Result<(), String> {
-        for p in [&self.netshoot, &self.server] {
-            std::fs::create_dir_all(p.dir.join("certs")).map_err(|e| format!("{e}"))?;
-        }
-        // The sidecars run as uid 1337: they read their files and write their logs here.
-        sh(&["chmod", "-R", "0755", &self.dir.to_string_lossy()])?;
         let (a, b) = (format!("pfa{id}"), format!("pfb{id}"));
         let (ns_a, ns_b) = (&self.netshoot.netns, &self.server.netns);
         sh(&["ip", "netns", "add", ns_a])?;
@@ -460,7 +468,7 @@ impl Scene {
             .server
             .run(None, || TcpListener::bind("0.0.0.0:8080"))
             .map_err(|e| format!("fortio-server's app on 8080: {e}"))?;
-        serve_app(app);
+        serve_app(app, self.app_stop.clone());
         Ok(())
     }
 
@@ -543,6 +551,14 @@ impl Scene {
 impl Drop for Scene {
     fn drop(&mut self) {
         self.stop_sidecars();
+        self.app_stop.store(true, Ordering::Relaxed);
+        if let Some(veth) = &self.veth {
+            // Still here only when moving it into its namespace failed.
+            let _ = Command::new("ip")
+                .args(["link", "del", veth])
+                .stderr(Stdio::null())
+                .status();
+        }
         for ns in [&self.netshoot.netns, &self.server.netns] {
             if ns.is_empty() {
                 continue;
@@ -688,12 +704,41 @@ pub fn in_netns<T: Send + 'static>(
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
+/// A directory of this process's own under the temporary directory: made new (never one that
+/// was there, which another user could have planted), readable by the sidecars' uid.
+fn private_dir(prefix: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
 /// fortio-server's app: an HTTP/1.1 server (keep-alive) answering every request 200 with the
-/// peer it saw and the request's header lines, one a line.
-fn serve_app(listener: TcpListener) {
+/// peer it saw and the request's header lines, one a line; it stops accepting when `stop` is
+/// set (its socket then closes, so the scene's namespace can go).
+fn serve_app(listener: TcpListener, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
-        for c in listener.incoming() {
-            let Ok(c) = c else { continue };
+        if listener.set_nonblocking(true).is_err() {
+            return;
+        }
+        while !stop.load(Ordering::Relaxed) {
+            let c = match listener.accept() {
+                Ok((c, _)) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            if c.set_nonblocking(false).is_err() {
+                continue;
+            }
             std::thread::spawn(move || {
                 let Ok(peer) = c.peer_addr() else { return };
                 let Ok(mut w) = c.try_clone() else { return };
@@ -871,7 +916,9 @@ fn loopback_config(text: &str, pod: &str, ip: &str) -> Result<String, String> {
                             .unwrap_or_default()
                             .to_string();
                         let target = match name.as_str() {
-                            "inbound|8080||" => Some(("127.0.1.230", 18080)),
+                            "inbound|8080||" => APP_LOOPBACK
+                                .rsplit_once(':')
+                                .map(|(a, p)| (a, p.parse().unwrap_or(18080))),
                             "zipkin" => Some(("127.0.0.1", 9411)),
                             _ => None,
                         };

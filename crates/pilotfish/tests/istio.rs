@@ -227,7 +227,7 @@ fn metadata_exchange_and_alpn_by_the_listener_direction() {
 #[test]
 fn istio_stats_counts_tcp_connections_with_istios_labels() {
     let app = common::upstream("app");
-    let port = free_port();
+    let (port, refused, closed) = (free_port(), free_port(), free_port());
     let stats = r#"{ name: istio.stats, typed_config: { "@type": type.googleapis.com/udpa.type.v1.TypedStruct, type_url: type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm, value: { config: { root_id: stats_inbound, vm_config: { vm_id: tcp_stats_inbound, runtime: envoy.wasm.runtime.null, code: { local: { inline_string: envoy.wasm.stats } } }, configuration: { "@type": type.googleapis.com/google.protobuf.StringValue, value: "{\"debug\": \"false\", \"stat_prefix\": \"istio\", \"metrics\": [{\"dimensions\": {\"destination_cluster\": \"node.metadata['CLUSTER_ID']\", \"source_cluster\": \"downstream_peer.cluster_id\"}}]}" } } } } }"#;
     let config = format!(
         "node: {{ id: sidecar~127.0.0.1~fortio-server.mark~mark.svc.cluster.local, metadata: {{ NAME: fortio-server, NAMESPACE: mark, WORKLOAD_NAME: fortio-server, CLUSTER_ID: Kubernetes, LABELS: {{ app: fortio-server, version: v1, service.istio.io/canonical-name: fortio-server }} }} }}
@@ -240,14 +240,32 @@ static_resources:
     - filters:
       - {stats}
       - {{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: inbound_tcp, cluster: \"inbound|9000||\" }} }}
+  - name: tcp_refused
+    traffic_direction: INBOUND
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {refused} }} }}
+    filter_chains:
+    - filters:
+      - {stats}
+      - {{ name: envoy.filters.network.tcp_proxy, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: refused, cluster: \"inbound|9001||\" }} }}
   clusters:
   - name: \"inbound|9000||\"
     connect_timeout: 1s
     load_assignment: {{ cluster_name: x, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {app} }} }} }} }}] }}] }}
     metadata: {{ filter_metadata: {{ istio: {{ services: [{{ host: tcp-echo.mark.svc.cluster.local, name: tcp-echo, namespace: mark }}] }} }} }}
+  - name: \"inbound|9001||\"
+    connect_timeout: 1s
+    load_assignment: {{ cluster_name: x, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {closed} }} }} }} }}] }}] }}
+    metadata: {{ filter_metadata: {{ istio: {{ services: [{{ host: tcp-echo.mark.svc.cluster.local, name: tcp-echo, namespace: mark }}] }} }} }}
 "
     );
     let proxy = common::proxy::Proxy::start("istio_tcp_stats", &config, &[]);
+    // A connection whose upstream refuses counts too, with its flags.
+    {
+        let mut c = TcpStream::connect(("127.0.0.1", refused)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rest = vec![];
+        let _ = c.read_to_end(&mut rest);
+    }
     let log = proxy.log();
     assert!(!log.contains("istio.stats' (passed over)"), "{log}");
     for _ in 0..2 {
@@ -258,7 +276,7 @@ static_resources:
         c.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"app:hello");
     }
-    let labels = "reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"unknown\",destination_workload=\"fortio-server\",destination_workload_namespace=\"mark\",destination_principal=\"unknown\",destination_app=\"fortio-server\",destination_version=\"v1\",destination_service=\"tcp-echo.mark.svc.cluster.local\",destination_service_name=\"tcp-echo\",destination_service_namespace=\"mark\",destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"none\",source_canonical_service=\"unknown\",destination_canonical_service=\"fortio-server\",source_canonical_revision=\"unknown\",destination_canonical_revision=\"v1\"";
+    let labels = "reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"unknown\",destination_workload=\"fortio-server\",destination_workload_namespace=\"mark\",destination_principal=\"unknown\",destination_app=\"fortio-server\",destination_version=\"v1\",destination_service=\"tcp-echo.mark.svc.cluster.local\",destination_service_name=\"tcp-echo\",destination_service_namespace=\"mark\",destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"none\",source_canonical_service=\"unknown\",destination_canonical_service=\"fortio-server\",source_canonical_revision=\"unknown\",destination_canonical_revision=\"latest\"";
     // The connections are closed by the client; the proxy counts them as they end.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -268,6 +286,10 @@ static_resources:
             format!("istio_tcp_connections_closed_total{{{labels}}} 2\n"),
             format!("istio_tcp_received_bytes_total{{{labels}}} 10\n"),
             format!("istio_tcp_sent_bytes_total{{{labels}}} 18\n"),
+            format!(
+                "istio_tcp_connections_closed_total{{{}}} 1\n",
+                labels.replace("response_flags=\"-\"", "response_flags=\"UF,URX\"")
+            ),
         ];
         if want.iter().all(|w| p.contains(w)) {
             assert!(p.contains("# TYPE istio_tcp_connections_opened_total counter\n"));

@@ -370,3 +370,29 @@ fn config_yaml_merges_over_the_config_file_as_in_envoy() {
     assert_eq!(exchange(p1, b"x"), "a:x");
     assert_eq!(exchange(p2, b"y"), "b:y");
 }
+
+/// Listeners without a name (Istio's static 15090 and 15021) each run their own filter chains:
+/// one unnamed listener is not taken for another.
+#[test]
+fn unnamed_listeners_each_run_their_own_chains() {
+    let (a, b) = (free_port(), free_port());
+    let listener = |port: u16, body: &str| {
+        format!("  - address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: s{port}\n          route_config: {{ virtual_hosts: [{{ name: v, domains: [\"*\"], routes: [{{ match: {{ prefix: \"/\" }}, direct_response: {{ status: 200, body: {{ inline_string: {body} }} }} }}] }}] }}\n          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]\n")
+    };
+    let p = Proxy::start(
+        "unnamed_listeners",
+        &format!(
+            "static_resources:\n  listeners:\n{}{}",
+            listener(a, "first"),
+            listener(b, "second")
+        ),
+        &[],
+    );
+    for (port, body) in [(a, "first"), (b, "second")] {
+        let got = exchange(
+            port,
+            b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        );
+        assert!(got.ends_with(body), "port {port}: {got}\n{}", p.log());
+    }
+}

@@ -357,16 +357,9 @@ fn the_scene_uses_istio_inits_rules() {
 #[test]
 fn the_demo_runs_the_articles_walk_through_and_cleans_up() {
     if let Err(why) = Scene::can_run() {
+        // Without root the demo runs the loopback variant (its own test below).
         assert!(!in_ci(), "demo: CI=true requires the scene: {why}");
-        // Without root the demo says what it needs and fails.
-        let out = common::pilotfish(&["demo"]);
-        assert!(!out.status.success());
-        assert!(
-            common::stderr(&out).contains("root"),
-            "{}",
-            common::stderr(&out)
-        );
-        eprintln!("SKIP demo: {why}");
+        eprintln!("SKIP demo in namespaces: {why}");
         return;
     }
     let out_dir = std::env::temp_dir().join(format!("pilotfish-demo-test-{}", std::process::id()));
@@ -492,13 +485,15 @@ fn istio_metrics_after_n_requests() {
 /// the test runs it as the unprivileged user `nobody`, as a new user would.
 #[test]
 fn the_demo_without_root_runs_the_loopback_variant() {
-    let out_dir = std::env::temp_dir().join(format!("pilotfish-demo-lo-{}", std::process::id()));
-    std::fs::create_dir_all(&out_dir).unwrap();
+    // The user's temporary directory; the demo makes its output directory in it.
+    let tmp = std::env::temp_dir().join(format!("pilotfish-demo-lo-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out_dir = tmp.join("out");
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let mut cmd = if root {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&out_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o777)).unwrap();
         let mut c = std::process::Command::new("setpriv");
         c.args([
             "--reuid",
@@ -515,7 +510,7 @@ fn the_demo_without_root_runs_the_loopback_variant() {
     };
     let out = cmd
         .args(["demo", "--out", out_dir.to_str().unwrap()])
-        .env("TMPDIR", &out_dir)
+        .env("TMPDIR", &tmp)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -554,5 +549,5 @@ fn the_demo_without_root_runs_the_loopback_variant() {
         let doc = std::fs::read_to_string(out_dir.join(svg)).unwrap();
         roxmltree::Document::parse(&doc).unwrap_or_else(|e| panic!("{svg}: {e}"));
     }
-    let _ = std::fs::remove_dir_all(&out_dir);
+    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -794,12 +794,7 @@ impl Cluster {
                             .1
                             .peer_certificates()
                             .and_then(|c| c.first())
-                            .and_then(|c| {
-                                crate::transport_socket::cert_facts(c.as_ref())
-                                    .uris
-                                    .into_iter()
-                                    .next()
-                            });
+                            .and_then(|c| crate::transport_socket::first_uri(c.as_ref()));
                         identity = Some(Arc::new(crate::transport_socket::UpstreamIdentity {
                             local_uri: t.local_uri.clone(),
                             peer_uri,

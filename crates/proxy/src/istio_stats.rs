@@ -63,17 +63,30 @@ enum Series {
     },
 }
 
-/// Every Istio series of the proxy, by metric and labels.
+/// A series' labels, in order.
+type Labels = Vec<(String, String)>;
+
+/// One metric's series, by their labels as Prometheus text.
+type Family = BTreeMap<String, (Labels, Arc<Series>)>;
+
+/// Every Istio series of the proxy, by metric and labels, and the services of the
+/// configuration's clusters (their `istio` metadata), read once for every stats filter.
 #[derive(Debug, Default)]
 pub struct Registry {
-    series: Mutex<BTreeMap<String, BTreeMap<String, Arc<Series>>>>,
+    series: Mutex<BTreeMap<String, Family>>,
+    services: std::sync::OnceLock<Arc<HashMap<String, Service>>>,
 }
 
 impl Registry {
-    fn series(&self, metric: &str, labels: &str, histogram: bool) -> Arc<Series> {
+    fn series(&self, metric: &str, labels: Labels, histogram: bool) -> Arc<Series> {
+        let rendered = labels
+            .iter()
+            .map(|(n, v)| format!("{n}=\"{}\"", escape(v)))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut m = self.series.lock().unwrap();
         let family = m.entry(metric.to_string()).or_default();
-        if let Some(s) = family.get(labels) {
+        if let Some((_, s)) = family.get(&rendered) {
             return s.clone();
         }
         let s = Arc::new(if histogram {
@@ -85,17 +98,17 @@ impl Registry {
         } else {
             Series::Counter(AtomicU64::new(0))
         });
-        family.insert(labels.to_string(), s.clone());
+        family.insert(rendered, (labels, s.clone()));
         s
     }
 
-    fn add(&self, metric: &str, labels: &str, n: u64) {
+    fn add(&self, metric: &str, labels: Labels, n: u64) {
         if let Series::Counter(c) = &*self.series(metric, labels, false) {
             c.fetch_add(n, Ordering::Relaxed);
         }
     }
 
-    fn record(&self, metric: &str, labels: &str, value: u64) {
+    fn record(&self, metric: &str, labels: Labels, value: u64) {
         if let Series::Histogram {
             buckets,
             count,
@@ -115,7 +128,7 @@ impl Registry {
     /// `/reset_counters`: the counters to zero (histograms are not counters).
     pub fn reset_counters(&self) {
         for family in self.series.lock().unwrap().values() {
-            for s in family.values() {
+            for (_, s) in family.values() {
                 if let Series::Counter(c) = &**s {
                     c.store(0, Ordering::Relaxed);
                 }
@@ -131,10 +144,10 @@ impl Registry {
             let histogram = family
                 .values()
                 .next()
-                .is_some_and(|s| matches!(**s, Series::Histogram { .. }));
+                .is_some_and(|(_, s)| matches!(**s, Series::Histogram { .. }));
             let ty = if histogram { "histogram" } else { "counter" };
             out.push_str(&format!("# TYPE {metric} {ty}\n"));
-            for (labels, s) in family {
+            for (labels, (_, s)) in family {
                 match &**s {
                     Series::Counter(c) => {
                         out.push_str(&format!(
@@ -173,11 +186,11 @@ impl Registry {
         let m = self.series.lock().unwrap();
         let mut out = vec![];
         for (metric, family) in m.iter() {
-            for (labels, s) in family {
+            for (labels, s) in family.values() {
                 if let Series::Counter(c) = &**s {
                     let mut name = String::new();
-                    for pair in split_labels(labels) {
-                        name.push_str(&format!("{}=.={};.;", pair.0, pair.1));
+                    for (n, v) in labels {
+                        name.push_str(&format!("{n}=.={v};.;"));
                     }
                     name.push_str(metric);
                     out.push((name, c.load(Ordering::Relaxed)));
@@ -186,25 +199,41 @@ impl Registry {
         }
         out
     }
-}
 
-/// `a="x",b="y"` back into pairs (values as rendered, escapes kept).
-fn split_labels(labels: &str) -> Vec<(String, String)> {
-    let mut out = vec![];
-    let mut rest = labels;
-    while let Some((name, after)) = rest.split_once("=\"") {
-        let mut end = 0;
-        let bytes = after.as_bytes();
-        while end < bytes.len() && !(bytes[end] == b'"' && (end == 0 || bytes[end - 1] != b'\\')) {
-            end += 1;
-        }
-        out.push((
-            name.trim_start_matches(',').to_string(),
-            after[..end].to_string(),
-        ));
-        rest = after.get(end + 1..).unwrap_or("");
+    /// The configuration's clusters' services (`istio` metadata `services[0]`).
+    fn services(&self, set: &ResourceSet) -> Arc<HashMap<String, Service>> {
+        self.services
+            .get_or_init(|| {
+                let mut services = HashMap::new();
+                for c in &set.clusters {
+                    let svc = c
+                        .value
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.filter_metadata.get("istio"))
+                        .map(crate::http::istio::struct_json)
+                        .and_then(|v| v.get("services")?.get(0).cloned());
+                    if let Some(svc) = svc {
+                        let s = |k: &str| {
+                            svc.get(k)
+                                .and_then(Value::as_str)
+                                .unwrap_or(UNKNOWN)
+                                .to_string()
+                        };
+                        services.insert(
+                            c.name.clone(),
+                            Service {
+                                host: s("host"),
+                                name: s("name"),
+                                namespace: s("namespace"),
+                            },
+                        );
+                    }
+                }
+                Arc::new(services)
+            })
+            .clone()
     }
-    out
 }
 
 fn escape(v: &str) -> String {
@@ -242,7 +271,9 @@ impl Workload {
         }
     }
 
-    /// From node metadata (Istio's FlatNode fields), with Istio's fallbacks.
+    /// From node metadata (Istio's FlatNode fields), as Istio 1.14 maps a node: `app` and
+    /// `version` from those labels only; the canonical service from its label, else the
+    /// workload's name; the canonical revision from its label, else `latest`.
     fn of(md: &Value) -> Workload {
         let s = |k: &str| md.get(k).and_then(Value::as_str).map(str::to_string);
         let label = |k: &str| {
@@ -254,21 +285,13 @@ impl Workload {
         let name = s("WORKLOAD_NAME");
         Workload {
             namespace: s("NAMESPACE").unwrap_or_else(|| UNKNOWN.into()),
-            app: label("app")
-                .or_else(|| label("app.kubernetes.io/name"))
-                .unwrap_or_else(|| UNKNOWN.into()),
-            version: label("version")
-                .or_else(|| label("app.kubernetes.io/version"))
-                .unwrap_or_else(|| UNKNOWN.into()),
+            app: label("app").unwrap_or_else(|| UNKNOWN.into()),
+            version: label("version").unwrap_or_else(|| UNKNOWN.into()),
             cluster: s("CLUSTER_ID").unwrap_or_else(|| UNKNOWN.into()),
             canonical_service: label("service.istio.io/canonical-name")
-                .or_else(|| label("app.kubernetes.io/name"))
-                .or_else(|| label("app"))
                 .or_else(|| name.clone())
                 .unwrap_or_else(|| UNKNOWN.into()),
             canonical_revision: label("service.istio.io/canonical-revision")
-                .or_else(|| label("app.kubernetes.io/version"))
-                .or_else(|| label("version"))
                 .unwrap_or_else(|| "latest".into()),
             name: name.unwrap_or_else(|| UNKNOWN.into()),
         }
@@ -282,6 +305,17 @@ struct Service {
     name: String,
     namespace: String,
 }
+
+/// Clusters and routes Istio names the destination service by, when they lead nowhere in the
+/// mesh.
+const PASSTHROUGH_NAMES: [&str; 6] = [
+    "allow_any",
+    "block_all",
+    "BlackHoleCluster",
+    "PassthroughCluster",
+    "InboundPassthroughClusterIpv4",
+    "InboundPassthroughClusterIpv6",
+];
 
 /// What one request or TCP connection tells the stats filter.
 #[derive(Default, Clone)]
@@ -298,6 +332,7 @@ pub struct Report<'a> {
     pub upstream_local_uri: Option<&'a str>,
     pub upstream_peer_uri: Option<&'a str>,
     pub cluster: &'a str,
+    pub route: &'a str,
     pub authority: &'a str,
     pub response_code: u32,
     pub flags: &'a [&'static str],
@@ -305,20 +340,44 @@ pub struct Report<'a> {
     pub grpc: Option<Option<u32>>,
 }
 
+impl<'a> Report<'a> {
+    /// The TLS facts of a connection: its downstream handshake and its upstream's.
+    pub fn of_connection(
+        downstream: Option<&'a crate::transport_socket::TlsInfo>,
+        upstream: Option<&'a crate::transport_socket::UpstreamIdentity>,
+        cluster: &'a str,
+    ) -> Report<'a> {
+        Report {
+            downstream_local_uri: downstream.and_then(|t| t.local_uri.as_deref()),
+            downstream_peer_uri: downstream.and_then(|t| t.peer_uri.as_deref()),
+            mtls: downstream.is_some_and(|t| !t.peer_chain.is_empty()),
+            upstream_local_uri: upstream.and_then(|i| i.local_uri.as_deref()),
+            upstream_peer_uri: upstream.and_then(|i| i.peer_uri.as_deref()),
+            cluster,
+            ..Default::default()
+        }
+    }
+}
+
+/// The peers' metadata of one report, decoded once.
+struct Peers {
+    downstream: Option<Value>,
+    upstream: Option<Value>,
+}
+
 /// `istio.stats` on one filter chain (an HTTP connection manager, or a TCP chain).
 pub struct IstioStats {
     inbound: bool,
     node: Workload,
     node_metadata: Value,
-    services: HashMap<String, Service>,
+    services: Arc<HashMap<String, Service>>,
     config: StatsConfig,
     registry: Arc<Registry>,
 }
 
 impl IstioStats {
-    /// For a listener of `direction` (Istio's plugin reports as the destination on inbound
-    /// listeners, as the source otherwise); None when `json` is not a configuration it reads
-    /// (start-up names it).
+    /// For a listener of `direction`: Istio's plugin reports as the source on outbound
+    /// listeners and as the destination on every other.
     pub fn new(
         set: &ResourceSet,
         json: &str,
@@ -334,54 +393,30 @@ impl IstioStats {
             .and_then(|n| n.metadata.as_ref())
             .map(crate::http::istio::struct_json)
             .unwrap_or(Value::Null);
-        let mut services = HashMap::new();
-        for c in &set.clusters {
-            let svc = c
-                .value
-                .metadata
-                .as_ref()
-                .and_then(|m| m.filter_metadata.get("istio"))
-                .map(crate::http::istio::struct_json)
-                .and_then(|v| v.get("services")?.get(0).cloned());
-            if let Some(svc) = svc {
-                let s = |k: &str| {
-                    svc.get(k)
-                        .and_then(Value::as_str)
-                        .unwrap_or(UNKNOWN)
-                        .to_string()
-                };
-                services.insert(
-                    c.name.clone(),
-                    Service {
-                        host: s("host"),
-                        name: s("name"),
-                        namespace: s("namespace"),
-                    },
-                );
-            }
-        }
         Ok(IstioStats {
-            inbound: direction == TrafficDirection::Inbound as i32,
+            inbound: direction != TrafficDirection::Outbound as i32,
             node: Workload::of(&node_metadata),
             node_metadata,
-            services,
+            services: registry.services(set),
             config,
             registry,
         })
     }
 
-    /// The labels of one request (`tcp`: a TCP connection, without response code and gRPC
-    /// status), rendered, for `metric`.
-    fn labels(&self, r: &Report, tcp: bool, metric: &str) -> String {
-        let decode = |h: Option<&str>| h.and_then(crate::http::istio::decode);
-        let downstream = decode(r.downstream_peer);
-        let upstream = decode(r.upstream_peer);
+    /// Reports as the destination: the downstream peer is the other side.
+    pub fn reports_inbound(&self) -> bool {
+        self.inbound
+    }
+
+    /// Istio's standard labels of one request (`tcp`: a TCP connection, without response code
+    /// and gRPC status).
+    fn standard(&self, r: &Report, peers: &Peers, tcp: bool) -> Labels {
         let peer_side =
             |md: &Option<Value>| md.as_ref().map_or_else(Workload::unknown, Workload::of);
         let or_unknown = |v: Option<&str>| v.unwrap_or(UNKNOWN).to_string();
         let (source, destination, source_principal, destination_principal) = if self.inbound {
             (
-                peer_side(&downstream),
+                peer_side(&peers.downstream),
                 self.node.clone(),
                 or_unknown(r.downstream_peer_uri),
                 or_unknown(r.downstream_local_uri),
@@ -389,25 +424,33 @@ impl IstioStats {
         } else {
             (
                 self.node.clone(),
-                peer_side(&upstream),
+                peer_side(&peers.upstream),
                 or_unknown(r.upstream_local_uri),
                 or_unknown(r.upstream_peer_uri),
             )
         };
-        let service = match self.services.get(r.cluster) {
-            Some(s) => s.clone(),
-            None if !self.config.disable_host_header_fallback && !r.authority.is_empty() => {
-                let host = r.authority.rsplit_once(':').map_or(r.authority, |(h, _)| h);
-                Service {
-                    host: host.to_string(),
-                    name: host.to_string(),
-                    namespace: destination.namespace.clone(),
-                }
-            }
-            None => Service {
-                host: UNKNOWN.into(),
-                name: UNKNOWN.into(),
-                namespace: UNKNOWN.into(),
+        // Istio's destination service: the cluster's service; for the passthrough and
+        // blackhole routes and clusters their own name; the host header (unless turned off)
+        // otherwise.
+        let host = if self.config.disable_host_header_fallback || r.authority.is_empty() {
+            UNKNOWN.to_string()
+        } else {
+            r.authority.to_string()
+        };
+        let special = PASSTHROUGH_NAMES
+            .iter()
+            .find(|n| **n == r.route || **n == r.cluster);
+        let service = match (special, self.services.get(r.cluster)) {
+            (Some(name), _) => Service {
+                host,
+                name: name.to_string(),
+                namespace: destination.namespace.clone(),
+            },
+            (None, Some(s)) => s.clone(),
+            (None, None) => Service {
+                name: host.clone(),
+                host,
+                namespace: destination.namespace.clone(),
             },
         };
         let flags = if r.flags.is_empty() {
@@ -425,7 +468,7 @@ impl IstioStats {
             (false, Some(_)) => "grpc",
             (false, None) => "http",
         };
-        let mut labels: Vec<(String, String)> = LABELS
+        LABELS
             .iter()
             .filter(|l| !(tcp && matches!(**l, "response_code" | "grpc_response_status")))
             .map(|l| {
@@ -454,9 +497,11 @@ impl IstioStats {
                     "destination_cluster" => destination.cluster.clone(),
                     "request_protocol" => protocol.into(),
                     "response_flags" => flags.clone(),
-                    "grpc_response_status" => {
-                        r.grpc.flatten().map(|s| s.to_string()).unwrap_or_default()
-                    }
+                    // A gRPC stream that ended without a status is UNKNOWN (2), as in Istio.
+                    "grpc_response_status" => r
+                        .grpc
+                        .map(|s| s.unwrap_or(2).to_string())
+                        .unwrap_or_default(),
                     "connection_security_policy" => policy.into(),
                     "source_canonical_service" => source.canonical_service.clone(),
                     "destination_canonical_service" => destination.canonical_service.clone(),
@@ -465,38 +510,29 @@ impl IstioStats {
                 };
                 (l.to_string(), v)
             })
-            .collect();
-        // The configuration's own dimensions (istiod's overrides), then the tags it removes.
-        let applies = |m: &Option<String>| m.as_deref().is_none_or(|m| m == metric);
-        for (m, dim, expr) in &self.config.dimensions {
-            if !applies(m) {
+            .collect()
+    }
+
+    /// `metric`'s labels: the standard ones as each `metrics[]` entry for it changes them, in
+    /// order (its tags removed, then its dimensions set).
+    fn labels(&self, mut labels: Labels, metric: &str, peers: &Peers, r: &Report) -> Labels {
+        for m in &self.config.metrics {
+            if m.name.as_deref().is_some_and(|n| n != metric) {
                 continue;
             }
-            let v = self.eval(expr, &downstream, &upstream, r);
-            match labels.iter_mut().find(|(n, _)| n == dim) {
-                Some(l) => l.1 = v,
-                None => labels.push((dim.clone(), v)),
-            }
-        }
-        for (m, tag) in &self.config.tags_to_remove {
-            if applies(m) {
-                labels.retain(|(n, _)| n != tag);
+            labels.retain(|(n, _)| !m.tags_to_remove.contains(n));
+            for (dim, expr) in &m.dimensions {
+                let v = self.eval(expr, peers, r);
+                match labels.iter_mut().find(|(n, _)| n == dim) {
+                    Some(l) => l.1 = v,
+                    None => labels.push((dim.clone(), v)),
+                }
             }
         }
         labels
-            .iter()
-            .map(|(n, v)| format!("{n}=\"{}\"", escape(v)))
-            .collect::<Vec<_>>()
-            .join(",")
     }
 
-    fn eval(
-        &self,
-        e: &Expr,
-        downstream: &Option<Value>,
-        upstream: &Option<Value>,
-        r: &Report,
-    ) -> String {
+    fn eval(&self, e: &Expr, peers: &Peers, r: &Report) -> String {
         let text = |v: Option<&Value>| match v {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Null) | None => UNKNOWN.to_string(),
@@ -504,11 +540,12 @@ impl IstioStats {
         };
         match e {
             Expr::NodeMetadata(k) => text(self.node_metadata.get(k)),
-            Expr::Peer {
-                downstream: d,
-                field,
-            } => {
-                let md = if *d { downstream } else { upstream };
+            Expr::Peer { downstream, field } => {
+                let md = if *downstream {
+                    &peers.downstream
+                } else {
+                    &peers.upstream
+                };
                 let md = md.as_ref();
                 match field {
                     PeerField::Key(k) => text(md.and_then(|m| m.get(k))),
@@ -520,49 +557,57 @@ impl IstioStats {
         }
     }
 
-    /// Reports as the destination (an inbound listener's): the downstream peer is the other
-    /// side.
-    pub fn reports_inbound(&self) -> bool {
-        self.inbound
-    }
-
     fn name(&self, metric: &str) -> String {
         format!("{}_{metric}", self.config.stat_prefix)
     }
 
-    /// A request has ended: its count, duration and sizes.
-    pub fn http(&self, r: &Report, duration_ms: u64, request_bytes: u64, response_bytes: u64) {
-        for (metric, value) in [
-            ("requests_total", None),
-            ("request_duration_milliseconds", Some(duration_ms)),
-            ("request_bytes", Some(request_bytes)),
-            ("response_bytes", Some(response_bytes)),
-        ] {
-            let labels = self.labels(r, false, metric);
+    /// Counts into each metric (`None`: a counter's one; `Some`: a histogram's value).
+    fn report(&self, r: &Report, tcp: bool, metrics: &[(&str, Option<u64>, u64)]) {
+        let decode = |h: Option<&str>| h.and_then(crate::http::istio::decode);
+        let peers = Peers {
+            downstream: decode(r.downstream_peer),
+            upstream: decode(r.upstream_peer),
+        };
+        let standard = self.standard(r, &peers, tcp);
+        for (metric, value, n) in metrics {
+            let labels = self.labels(standard.clone(), metric, &peers, r);
             match value {
-                None => self.registry.add(&self.name(metric), &labels, 1),
-                Some(v) => self.registry.record(&self.name(metric), &labels, v),
+                None => self.registry.add(&self.name(metric), labels, *n),
+                Some(v) => self.registry.record(&self.name(metric), labels, *v),
             }
         }
     }
 
-    /// A TCP connection reached its upstream.
+    /// A request has ended: its count, duration and sizes.
+    pub fn http(&self, r: &Report, duration_ms: u64, request_bytes: u64, response_bytes: u64) {
+        self.report(
+            r,
+            false,
+            &[
+                ("requests_total", None, 1),
+                ("request_duration_milliseconds", Some(duration_ms), 0),
+                ("request_bytes", Some(request_bytes), 0),
+                ("response_bytes", Some(response_bytes), 0),
+            ],
+        );
+    }
+
+    /// A TCP connection reached its upstream (or failed to, with its flags).
     pub fn tcp_opened(&self, r: &Report) {
-        let metric = "tcp_connections_opened_total";
-        self.registry
-            .add(&self.name(metric), &self.labels(r, true, metric), 1);
+        self.report(r, true, &[("tcp_connections_opened_total", None, 1)]);
     }
 
     /// A TCP connection ended: its bytes each way (`sent`: to the downstream) and its close.
     pub fn tcp_closed(&self, r: &Report, sent: u64, received: u64) {
-        for (metric, n) in [
-            ("tcp_sent_bytes_total", sent),
-            ("tcp_received_bytes_total", received),
-            ("tcp_connections_closed_total", 1),
-        ] {
-            self.registry
-                .add(&self.name(metric), &self.labels(r, true, metric), n);
-        }
+        self.report(
+            r,
+            true,
+            &[
+                ("tcp_sent_bytes_total", None, sent),
+                ("tcp_received_bytes_total", None, received),
+                ("tcp_connections_closed_total", None, 1),
+            ],
+        );
     }
 }
 
@@ -571,23 +616,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flattened_names_come_back_from_rendered_labels() {
-        let pairs = split_labels(r#"reporter="destination",source_app="a\"b",x="""#);
-        assert_eq!(
-            pairs,
-            vec![
-                ("reporter".into(), "destination".into()),
-                ("source_app".into(), r#"a\"b"#.into()),
-                ("x".into(), "".into()),
-            ]
-        );
-    }
-
-    #[test]
     fn histograms_are_cumulative_by_envoys_buckets() {
         let r = Registry::default();
-        r.record("istio_request_bytes", "a=\"1\"", 7);
-        r.record("istio_request_bytes", "a=\"1\"", 700);
+        let labels = || vec![("a".to_string(), "1".to_string())];
+        r.record("istio_request_bytes", labels(), 7);
+        r.record("istio_request_bytes", labels(), 700);
         let p = r.prometheus();
         assert!(p.contains("# TYPE istio_request_bytes histogram\n"), "{p}");
         assert!(

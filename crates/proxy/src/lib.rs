@@ -93,8 +93,6 @@ pub fn init_log(options: &Options) -> Result<(), String> {
     tracing::subscriber::set_global_default(subscriber).map_err(|e| e.to_string())
 }
 
-/// What the proxy does not run yet in this configuration, beyond what `validate` lists: said at
-/// start-up so nobody takes it as supported.
 /// The HTTP filters the connection manager runs: the router, fault, CORS, grpc_stats, and
 /// Istio's metadata exchange, ALPN and stats filters.
 fn runs_http_filter(any: &pilotfish_api::pb::google::protobuf::Any) -> bool {
@@ -114,6 +112,8 @@ fn runs_http_filter(any: &pilotfish_api::pb::google::protobuf::Any) -> bool {
         })
 }
 
+/// What the proxy does not run yet in this configuration, beyond what `validate` lists: said at
+/// start-up so nobody takes it as supported.
 fn proxy_gaps(cfg: &Config) -> Vec<String> {
     let mut gaps = std::collections::BTreeMap::<String, usize>::new();
     for l in &cfg.resources.listeners {

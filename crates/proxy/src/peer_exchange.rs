@@ -15,21 +15,16 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub const MAGIC: u32 = 0x2307_1961;
-const CONFIG_TYPE: &str = "envoy.tcp.metadataexchange.config.MetadataExchange";
 const STRUCT_TYPE: &str = "type.googleapis.com/google.protobuf.Struct";
 /// A peer's frame larger than this is not Istio's: the bytes pass through.
 const MAX_PAYLOAD: usize = 1 << 20;
 
-/// The exchange's protocol (ALPN) when `any` configures it.
+/// The exchange's protocol (ALPN) when `any` configures it (directly or in a TypedStruct).
 pub fn configured(any: &Any) -> Option<String> {
-    if !pilotfish_config::model::effective_type_url(any).ends_with(CONFIG_TYPE) {
-        return None;
-    }
-    let c = <pilotfish_api::istio::metadata_exchange::MetadataExchange as prost::Message>::decode(
-        any.value.as_slice(),
+    pilotfish_config::model::unpack::<pilotfish_api::istio::metadata_exchange::MetadataExchange>(
+        any,
     )
-    .ok()?;
-    Some(c.protocol)
+    .map(|c| c.protocol)
 }
 
 /// This node's frame.
@@ -63,22 +58,18 @@ pub fn frame(node_id: &str, metadata: Option<&Struct>) -> Vec<u8> {
     out
 }
 
-/// What the peer said of itself: its id and its metadata, base64 of a Struct (as the HTTP
-/// exchange's header carries it).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Peer {
-    pub id: Option<String>,
-    pub metadata: Option<String>,
-}
+/// What the peer said of itself, as the HTTP exchange's headers carry it (its metadata base64
+/// of a Struct).
+pub use crate::http::istio::Peer;
 
 fn parse(payload: &[u8]) -> Option<Peer> {
     let any = <Any as prost::Message>::decode(payload).ok()?;
     let s = <Struct as prost::Message>::decode(any.value.as_slice()).ok()?;
+    // Each key is read on its own, as Istio does: one may come without the other.
     let id = match s
         .fields
-        .get(crate::http::istio::PEER_METADATA_ID)?
-        .kind
-        .as_ref()
+        .get(crate::http::istio::PEER_METADATA_ID)
+        .and_then(|v| v.kind.as_ref())
     {
         Some(Kind::StringValue(id)) => Some(id.clone()),
         _ => None,
@@ -96,11 +87,22 @@ fn parse(payload: &[u8]) -> Option<Peer> {
     Some(Peer { id, metadata })
 }
 
-/// A stream with the exchange on it: `ours` goes out ahead of the first bytes written; the
-/// peer's frame is taken off the front of what is read, and `on_peer` told what it said (None
-/// when the peer sent no frame).
+/// Which end of the exchange a stream is: the client sidecar's upstream connection sends its
+/// frame ahead of its first bytes; the server sidecar's downstream connection sends its own as
+/// soon as the client's has been read (as Istio's filters do), so the client learns its peer
+/// even when the server's app says nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+/// A stream with the exchange on it: `ours` goes out as `Role` says; the peer's frame is taken
+/// off the front of what is read, and `on_peer` told what it said (None when the peer sent no
+/// frame).
 pub struct Exchange<'a, S> {
     inner: S,
+    role: Role,
     ours: Vec<u8>,
     sent: usize,
     /// Bytes read while the peer's frame is not yet known; None once it is.
@@ -113,11 +115,13 @@ pub struct Exchange<'a, S> {
 impl<'a, S> Exchange<'a, S> {
     pub fn new(
         inner: S,
+        role: Role,
         ours: Vec<u8>,
         on_peer: impl FnOnce(Option<Peer>) + Send + 'a,
     ) -> Exchange<'a, S> {
         Exchange {
             inner,
+            role,
             ours,
             sent: 0,
             reading: Some(vec![]),
@@ -159,7 +163,24 @@ impl<'a, S> Exchange<'a, S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Exchange<'_, S> {
+impl<S: AsyncWrite + Unpin> Exchange<'_, S> {
+    /// Writes what is left of this side's frame.
+    fn poll_send_ours(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.ours.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.ours[self.sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => self.sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Exchange<'_, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -167,6 +188,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Exchange<'_, S> {
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         loop {
+            // The server answers the client's frame with its own at once.
+            if this.role == Role::Server && this.reading.is_none() {
+                match this.poll_send_ours(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    // Woken when the socket takes more; the read is tried again then.
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
             if !this.ready.is_empty() {
                 let n = this.ready.len().min(buf.remaining());
                 buf.put_slice(&this.ready[..n]);
@@ -204,12 +234,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Exchange<'_, S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        while this.sent < this.ours.len() {
-            match Pin::new(&mut this.inner).poll_write(cx, &this.ours[this.sent..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
-                Poll::Ready(Ok(n)) => this.sent += n,
-                other => return other,
-            }
+        match this.poll_send_ours(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
         }
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
@@ -242,20 +270,42 @@ mod tests {
     #[tokio::test]
     async fn both_sides_send_their_frame_and_take_the_others_off() {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let mut peer_a = None;
+        let peer_a = std::sync::Arc::new(std::sync::Mutex::new(None));
         let mut peer_b = None;
         {
-            let mut a = Exchange::new(a, frame("client-id", Some(&node("client"))), |p| peer_a = p);
-            let mut b = Exchange::new(b, frame("server-id", Some(&node("server"))), |p| peer_b = p);
+            let mut a = Exchange::new(
+                a,
+                Role::Client,
+                frame("client-id", Some(&node("client"))),
+                {
+                    let peer_a = peer_a.clone();
+                    move |p| *peer_a.lock().unwrap() = p
+                },
+            );
+            let mut b = Exchange::new(
+                b,
+                Role::Server,
+                frame("server-id", Some(&node("server"))),
+                |p| peer_b = p,
+            );
             a.write_all(b"ping").await.unwrap();
             let mut got = [0u8; 4];
             b.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"ping");
+            // The server's frame went out as soon as it read the client's: the client takes it
+            // off while the server's app has said nothing yet.
+            let quiet =
+                tokio::time::timeout(std::time::Duration::from_millis(50), a.read(&mut got)).await;
+            assert!(quiet.is_err(), "no app bytes yet: {quiet:?}");
+            assert!(
+                peer_a.lock().unwrap().is_some(),
+                "the client knows its peer"
+            );
             b.write_all(b"pong").await.unwrap();
             a.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"pong");
         }
-        let a = peer_a.unwrap();
+        let a = peer_a.lock().unwrap().clone().unwrap();
         let b = peer_b.unwrap();
         assert_eq!(a.id.as_deref(), Some("server-id"));
         assert_eq!(b.id.as_deref(), Some("client-id"));
@@ -268,7 +318,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1024);
         let mut seen = Some(Peer::default());
         {
-            let mut a = Exchange::new(a, vec![], |p| seen = p);
+            let mut a = Exchange::new(a, Role::Server, vec![], |p| seen = p);
             b.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
             drop(b);
             let mut got = vec![];

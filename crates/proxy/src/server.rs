@@ -228,26 +228,19 @@ pub enum Terminal {
     None,
 }
 
-/// A listener's filter chains with their keys (index, or `default` for the default chain).
 /// What the proxy knows a listener by: its name, or, for a listener without one (Istio's
 /// static 15090 and 15021 listeners; Envoy gives those a random name), its address.
 pub fn listener_key(l: &Listener) -> String {
     if !l.name.is_empty() {
         return l.name.clone();
     }
-    match l.address.as_ref().and_then(|a| a.address.as_ref()) {
-        Some(pilotfish_api::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) => format!(
-            "{}:{}",
-            s.address,
-            match s.port_specifier {
-                Some(pilotfish_api::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => p,
-                _ => 0,
-            }
-        ),
-        other => format!("{other:?}"),
-    }
+    l.address
+        .as_ref()
+        .and_then(pilotfish_config::model::format_address)
+        .unwrap_or_default()
 }
 
+/// A listener's filter chains with their keys (index, or `default` for the default chain).
 pub fn chains(
     l: &Listener,
 ) -> impl Iterator<
@@ -339,7 +332,7 @@ fn binds(l: &Listener) -> bool {
 }
 
 /// Binds every listener that binds a port; a listener whose address cannot be bound here is
-/// reported and left out, the others come up.
+/// reported and left out, the others come up. Each comes with its `listener_key`.
 pub fn bind_listeners(server: &Arc<Server>) -> Vec<(String, TcpListener)> {
     let mut out = vec![];
     for r in &server.set.listeners {
@@ -360,7 +353,7 @@ pub fn bind_listeners(server: &Arc<Server>) -> Vec<(String, TcpListener)> {
                 let local = listener.local_addr().unwrap_or(addr);
                 tracing::info!(target: "config", "listener '{}' listening on {local}", r.name);
                 server.bound.lock().unwrap().push((r.name.clone(), local));
-                out.push((r.name.clone(), listener));
+                out.push((listener_key(l), listener));
             }
             Err(e) => {
                 tracing::error!(target: "config", "listener '{}' failed to bind or apply socket options: cannot bind '{addr}': {e}", r.name);
@@ -452,7 +445,12 @@ pub fn buffer_limit(v: Option<&pilotfish_api::pb::google::protobuf::UInt32Value>
 async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer: SocketAddr) {
     let conn = server.next_connection_id();
     let _ = stream.set_nodelay(true);
-    let Some(accepted) = server.set.listener(accepted_by) else {
+    let Some(accepted) = server
+        .set
+        .listeners
+        .iter()
+        .find(|r| listener_key(&r.value) == accepted_by)
+    else {
         return;
     };
     let Ok(socket_local) = stream.local_addr() else {
@@ -635,12 +633,7 @@ async fn handshake(
     tracing::debug!(target: "connection", connection = conn, "handshake complete");
     let info = TlsInfo {
         local_uri: tls.local_uri.clone(),
-        peer_uri: leaf.and_then(|c| {
-            crate::transport_socket::cert_facts(c.as_ref())
-                .uris
-                .into_iter()
-                .next()
-        }),
+        peer_uri: leaf.and_then(|c| crate::transport_socket::first_uri(c.as_ref())),
         peer_chain: session
             .peer_certificates()
             .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())

@@ -124,11 +124,25 @@ pub async fn run<S, F>(
             l.write(&e);
         }
     };
+    // A connection that reaches no upstream counts in Istio's metrics too, opened and closed
+    // with its flags.
+    let unreached = |flags: &[&'static str]| {
+        if let Some(s) = &filter.istio_stats {
+            let r = crate::istio_stats::Report {
+                cluster: &name,
+                flags,
+                ..Default::default()
+            };
+            s.tcp_opened(&r);
+            s.tcp_closed(&r, 0, 0);
+        }
+    };
     let Some(cluster) = server.clusters.get(&name) else {
         tracing::debug!(target: "filter", connection = conn, "Cluster not found {name} and no on demand cluster set.");
         stats.downstream_cx_no_route.inc();
         started();
         entry.flags.push("NR");
+        unreached(&entry.flags);
         log(entry);
         return;
     };
@@ -183,6 +197,7 @@ pub async fn run<S, F>(
                     cluster.stats.upstream_cx_connect_attempts_exceeded.inc();
                 }
             }
+            unreached(&entry.flags);
             log(entry);
             return;
         }
@@ -207,15 +222,7 @@ pub async fn run<S, F>(
     let exchange_up = agreed(upstream_exchange(&up.cluster).as_ref(), up.alpn.as_deref());
     // What Istio's stats say of the connection; the peers' metadata as the exchange brings it
     // (downstream, upstream).
-    let base = crate::istio_stats::Report {
-        downstream_local_uri: tls.and_then(|t| t.local_uri.as_deref()),
-        downstream_peer_uri: tls.and_then(|t| t.peer_uri.as_deref()),
-        mtls: tls.is_some_and(|t| !t.peer_chain.is_empty()),
-        upstream_local_uri: identity.as_ref().and_then(|i| i.local_uri.as_deref()),
-        upstream_peer_uri: identity.as_ref().and_then(|i| i.peer_uri.as_deref()),
-        cluster: &name,
-        ..Default::default()
-    };
+    let base = crate::istio_stats::Report::of_connection(tls, identity.as_deref(), &name);
     let peers: std::sync::Mutex<[Option<crate::peer_exchange::Peer>; 2]> = Default::default();
     let metadata = |peers: &[Option<crate::peer_exchange::Peer>; 2], i: usize| {
         peers[i].as_ref().and_then(|p| p.metadata.clone())
@@ -259,6 +266,7 @@ pub async fn run<S, F>(
     let mut downstream: Box<dyn Stream + '_> = if exchange_down {
         Box::new(crate::peer_exchange::Exchange::new(
             downstream,
+            crate::peer_exchange::Role::Server,
             frame.clone(),
             heard(0),
         ))
@@ -268,6 +276,7 @@ pub async fn run<S, F>(
     let mut upstream: Box<dyn Stream + '_> = if exchange_up {
         Box::new(crate::peer_exchange::Exchange::new(
             &mut up.stream,
+            crate::peer_exchange::Role::Client,
             frame.clone(),
             heard(1),
         ))

@@ -66,6 +66,11 @@ pub struct CertFacts {
     pub dns: Vec<String>,
 }
 
+/// A certificate's first URI SAN: the workload identity (SPIFFE id) it carries.
+pub fn first_uri(der: &[u8]) -> Option<String> {
+    cert_facts(der).uris.into_iter().next()
+}
+
 pub fn cert_facts(der: &[u8]) -> CertFacts {
     let cert = CertificateDer::from(der.to_vec());
     let sans = sans(&cert);
@@ -443,7 +448,7 @@ pub fn downstream(set: &ResourceSet, ctx: &DownstreamTlsContext) -> Result<Downs
     let common = ctx.common_tls_context.clone().unwrap_or_default();
     let (chain, key) = certificate(set, &common)?
         .ok_or("a downstream TLS context needs a certificate (tls_certificates or tls_certificate_sds_secret_configs)")?;
-    let local_uri = cert_facts(chain[0].as_ref()).uris.into_iter().next();
+    let local_uri = first_uri(chain[0].as_ref());
     let provider = provider(common.tls_params.as_ref())?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions(common.tls_params.as_ref(), TlsProtocol::TlSv13)?)
@@ -619,9 +624,7 @@ pub fn upstream(set: &ResourceSet, ctx: &UpstreamTlsContext) -> Result<UpstreamT
     let mut local_uri = None;
     let mut config = match certificate(set, &common)? {
         Some((chain, key)) => {
-            local_uri = chain
-                .first()
-                .and_then(|c| cert_facts(c.as_ref()).uris.into_iter().next());
+            local_uri = chain.first().and_then(|c| first_uri(c.as_ref()));
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| format!("client certificate and key: {e}"))?

@@ -147,21 +147,19 @@ impl HttpConnectionManagerFilter {
         let (Some(stats), Some(h)) = (&self.istio_stats, &e.http) else {
             return;
         };
-        let tls = h.downstream_tls.as_deref();
-        let identity = h.upstream_identity.as_deref();
         let report = crate::istio_stats::Report {
             downstream_peer: h.downstream_peer.as_deref(),
             upstream_peer: h.upstream_peer.as_deref(),
-            downstream_local_uri: tls.and_then(|t| t.local_uri.as_deref()),
-            downstream_peer_uri: tls.and_then(|t| t.peer_uri.as_deref()),
-            mtls: tls.is_some_and(|t| !t.peer_chain.is_empty()),
-            upstream_local_uri: identity.and_then(|i| i.local_uri.as_deref()),
-            upstream_peer_uri: identity.and_then(|i| i.peer_uri.as_deref()),
-            cluster: &e.upstream_cluster,
+            route: &h.route_name,
             authority: &h.authority,
             response_code: e.response_code,
             flags: &e.flags,
             grpc: h.grpc.then_some(h.grpc_status),
+            ..crate::istio_stats::Report::of_connection(
+                h.downstream_tls.as_deref(),
+                h.upstream_identity.as_deref(),
+                &e.upstream_cluster,
+            )
         };
         let size = |list: &[(String, String)]| -> u64 {
             list.iter().map(|(n, v)| (n.len() + v.len()) as u64).sum()
@@ -1575,9 +1573,10 @@ async fn stream(
                             );
                         }
                     }
-                    // An inbound request's x-envoy-decorator-operation names the server span
-                    // instead of the route's decorator (so the response carries none), and is
-                    // not passed on to the service.
+                    // An inbound request's x-envoy-decorator-operation is what Envoy names its
+                    // server span by, in place of the route's decorator (pilotfish exports no
+                    // spans): the response then carries no decorator, and the header is not
+                    // passed on to the service.
                     if hcm
                         .tracing
                         .as_ref()
