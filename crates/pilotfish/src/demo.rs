@@ -94,7 +94,7 @@ pub fn run(o: Options) -> ExitCode {
             Scene::up_loopback()
         }
         (false, Err(why)) => {
-            println!("The article's scene puts each pod in a network namespace of its own with istio-init's iptables rules; here {why} (run as root for that). This is the loopback variant, which differs from it:");
+            println!("The article's scene puts each pod in a network namespace of its own with istio-init's iptables rules, which cannot be built here: {why}. This is the loopback variant, which differs from it:");
             Scene::up_loopback()
         }
     };
