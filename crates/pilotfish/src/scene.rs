@@ -379,7 +379,7 @@ impl Scene {
                 "fortio-server's app on {APP_LOOPBACK}: {e} (is another loopback demo running?)"
             )
         })?;
-        serve_app(app, scene.app_stop.clone());
+        serve_app(app, "fortio-server", scene.app_stop.clone());
         Ok(scene)
     }
 
@@ -468,7 +468,7 @@ impl Scene {
             .server
             .run(None, || TcpListener::bind("0.0.0.0:8080"))
             .map_err(|e| format!("fortio-server's app on 8080: {e}"))?;
-        serve_app(app, self.app_stop.clone());
+        serve_app(app, "fortio-server", self.app_stop.clone());
         Ok(())
     }
 
@@ -719,10 +719,10 @@ fn private_dir(prefix: &str) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// fortio-server's app: an HTTP/1.1 server (keep-alive) answering every request 200 with the
-/// peer it saw and the request's header lines, one a line; it stops accepting when `stop` is
-/// set (its socket then closes, so the scene's namespace can go).
-fn serve_app(listener: TcpListener, stop: Arc<AtomicBool>) {
+/// An app such as fortio-server's: an HTTP/1.1 server (keep-alive) answering every request 200
+/// with `<name> saw <peer>` and the request's header lines, one a line; it stops accepting when
+/// `stop` is set (its socket then closes, so the scene's namespace can go).
+pub fn serve_app(listener: TcpListener, name: &'static str, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         if listener.set_nonblocking(true).is_err() {
             return;
@@ -755,7 +755,7 @@ fn serve_app(listener: TcpListener, stop: Arc<AtomicBool>) {
                         }
                         head.push(line.trim_end().to_string());
                     }
-                    let body = format!("fortio-server saw {peer}\n{}\n", head.join("\n"));
+                    let body = format!("{name} saw {peer}\n{}\n", head.join("\n"));
                     let answer = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
                         body.len()

@@ -352,6 +352,28 @@ fn the_scene_uses_istio_inits_rules() {
     assert_eq!(rules(ISTIO_INIT_RULES), rules(&reference));
 }
 
+/// The demo's output shows each of `steps`; its connections after the request include the client
+/// sidecar's pooled one to fortio-server at `fortio` (they are listed before it too); its
+/// pictures parse.
+fn shows_the_walk_through(text: &str, out_dir: &std::path::Path, steps: &[&str], fortio: &str) {
+    for step in steps {
+        assert!(
+            text.contains(step),
+            "the demo did not show {step:?}:\n{text}"
+        );
+    }
+    let after = text
+        .split("== 4.")
+        .nth(1)
+        .and_then(|t| t.split("== 5.").next())
+        .unwrap_or_default();
+    assert!(after.contains(&format!("{fortio}:8080")), "{after}");
+    for svg in ["fortio-server-inbound.svg", "netshoot-outbound.svg"] {
+        let doc = std::fs::read_to_string(out_dir.join(svg)).unwrap();
+        roxmltree::Document::parse(&doc).unwrap_or_else(|e| panic!("{svg}: {e}"));
+    }
+}
+
 /// `pilotfish demo`, as the README's first command runs it: the request succeeds, the output
 /// walks the article's steps, the pictures are written, and nothing of the scene is left.
 #[test]
@@ -366,35 +388,22 @@ fn the_demo_runs_the_articles_walk_through_and_cleans_up() {
     let out = common::pilotfish(&["demo", "--out", out_dir.to_str().unwrap()]);
     let text = common::stdout(&out);
     assert!(out.status.success(), "{text}\n{}", common::stderr(&out));
-    for step in [
-        "== 1. netshoot's TCP connections before the request",
-        "< HTTP/1.1 200",
-        "| fortio-server saw 127.0.0.6:",
-        "| x-forwarded-client-cert: By=spiffe://cluster.local/ns/mark/sa/default;",
-        "virtual host       fortio-server.mark.svc.cluster.local:8080",
-        "cluster            inbound|8080||: ORIGINAL_DST",
-        "requestedServerName: outbound_.8080_._.fortio-server.mark.svc.cluster.local",
-        "cluster 'inbound|8080||' match for URL '/'",
-        "'server', 'istio-envoy'",
-    ] {
-        assert!(
-            text.contains(step),
-            "the demo did not show {step:?}:\n{text}"
-        );
-    }
-    // The client sidecar's pooled connection shows up in the "after" listing only.
-    let after = text
-        .split("== 4.")
-        .nth(1)
-        .unwrap()
-        .split("== 5.")
-        .next()
-        .unwrap();
-    assert!(after.contains(&format!("{FORTIO_IP}:8080")), "{after}");
-    for svg in ["fortio-server-inbound.svg", "netshoot-outbound.svg"] {
-        let doc = std::fs::read_to_string(out_dir.join(svg)).unwrap();
-        roxmltree::Document::parse(&doc).unwrap_or_else(|e| panic!("{svg}: {e}"));
-    }
+    shows_the_walk_through(
+        &text,
+        &out_dir,
+        &[
+            "== 1. netshoot's TCP connections before the request",
+            "< HTTP/1.1 200",
+            "| fortio-server saw 127.0.0.6:",
+            "| x-forwarded-client-cert: By=spiffe://cluster.local/ns/mark/sa/default;",
+            "virtual host       fortio-server.mark.svc.cluster.local:8080",
+            "cluster            inbound|8080||: ORIGINAL_DST",
+            "requestedServerName: outbound_.8080_._.fortio-server.mark.svc.cluster.local",
+            "cluster 'inbound|8080||' match for URL '/'",
+            "'server', 'istio-envoy'",
+        ],
+        FORTIO_IP,
+    );
     let namespaces = std::process::Command::new("ip")
         .args(["netns", "list"])
         .output()
@@ -519,35 +528,20 @@ fn the_demo_without_root_runs_the_loopback_variant() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for step in [
-        "This is the loopback variant, which differs from it:",
-        "nothing redirects the app's connection to 15001",
-        "< HTTP/1.1 200",
-        "| fortio-server saw 127.0.0.6:",
-        "| x-forwarded-client-cert: By=spiffe://cluster.local/ns/mark/sa/default;",
-        "cluster            inbound|8080||: STATIC",
-        "requestedServerName: outbound_.8080_._.fortio-server.mark.svc.cluster.local",
-        "'server', 'istio-envoy'",
-    ] {
-        assert!(
-            text.contains(step),
-            "the demo did not show {step:?}:\n{text}"
-        );
-    }
-    let after = text
-        .split("== 4.")
-        .nth(1)
-        .unwrap()
-        .split("== 5.")
-        .next()
-        .unwrap();
-    assert!(
-        after.contains(&format!("{FORTIO_LOOPBACK}:8080")),
-        "{after}"
+    shows_the_walk_through(
+        &text,
+        &out_dir,
+        &[
+            "This is the loopback variant, which differs from it:",
+            "nothing redirects the app's connection to 15001",
+            "< HTTP/1.1 200",
+            "| fortio-server saw 127.0.0.6:",
+            "| x-forwarded-client-cert: By=spiffe://cluster.local/ns/mark/sa/default;",
+            "cluster            inbound|8080||: STATIC",
+            "requestedServerName: outbound_.8080_._.fortio-server.mark.svc.cluster.local",
+            "'server', 'istio-envoy'",
+        ],
+        FORTIO_LOOPBACK,
     );
-    for svg in ["fortio-server-inbound.svg", "netshoot-outbound.svg"] {
-        let doc = std::fs::read_to_string(out_dir.join(svg)).unwrap();
-        roxmltree::Document::parse(&doc).unwrap_or_else(|e| panic!("{svg}: {e}"));
-    }
     let _ = std::fs::remove_dir_all(&tmp);
 }

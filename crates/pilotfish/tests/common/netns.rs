@@ -7,7 +7,6 @@
 use std::io::Read;
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command};
 
@@ -24,16 +23,7 @@ pub fn sh(args: &[&str]) {
 
 /// Runs `f` on a thread inside the namespace: sockets it makes live there for good.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on this thread only, with a namespace file we hold open.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}");
-        f()
-    })
-    .join()
-    .unwrap()
+    pilotfish::scene::in_netns(ns, None, f)
 }
 
 /// A server that answers what it first reads with its name and the peer it saw.
@@ -53,40 +43,10 @@ pub fn serve(listener: TcpListener, name: &'static str) {
     });
 }
 
-/// An HTTP/1.1 app on `listener`: each request (keep-alive) is answered 200 with
-/// `<name> saw <peer>: <request line>` and the request's headers, one a line.
+/// An HTTP/1.1 app on `listener` (the scene's): each request (keep-alive) is answered 200 with
+/// `<name> saw <peer>` and the request's headers, one a line.
 pub fn serve_http(listener: TcpListener, name: &'static str) {
-    std::thread::spawn(move || {
-        for c in listener.incoming() {
-            let Ok(c) = c else { continue };
-            let peer = c.peer_addr().unwrap();
-            std::thread::spawn(move || {
-                let mut w = c.try_clone().unwrap();
-                let mut r = std::io::BufReader::new(c);
-                loop {
-                    let mut head = vec![];
-                    loop {
-                        let mut line = String::new();
-                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push(line.trim_end().to_string());
-                    }
-                    let body = format!("{name} saw {peer}: {}\n", head.join("\n"));
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if w.write_all(answer.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    pilotfish::scene::serve_app(listener, name, Default::default());
 }
 
 pub struct Namespaces {
