@@ -278,33 +278,20 @@ static_resources:
     }
     let labels = "reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"unknown\",destination_workload=\"fortio-server\",destination_workload_namespace=\"mark\",destination_principal=\"unknown\",destination_app=\"fortio-server\",destination_version=\"v1\",destination_service=\"tcp-echo.mark.svc.cluster.local\",destination_service_name=\"tcp-echo\",destination_service_namespace=\"mark\",destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"none\",source_canonical_service=\"unknown\",destination_canonical_service=\"fortio-server\",source_canonical_revision=\"unknown\",destination_canonical_revision=\"latest\"";
     // The connections are closed by the client; the proxy counts them as they end.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, p) = proxy.get("/stats/prometheus");
-        let want = [
-            format!("istio_tcp_connections_opened_total{{{labels}}} 2\n"),
-            format!("istio_tcp_connections_closed_total{{{labels}}} 2\n"),
-            format!("istio_tcp_received_bytes_total{{{labels}}} 10\n"),
-            format!("istio_tcp_sent_bytes_total{{{labels}}} 18\n"),
+    let p = scrape_until(
+        &proxy,
+        &[
+            format!("istio_tcp_connections_opened_total{{{labels}}} 2"),
+            format!("istio_tcp_connections_closed_total{{{labels}}} 2"),
+            format!("istio_tcp_received_bytes_total{{{labels}}} 10"),
+            format!("istio_tcp_sent_bytes_total{{{labels}}} 18"),
             format!(
-                "istio_tcp_connections_closed_total{{{}}} 1\n",
+                "istio_tcp_connections_closed_total{{{}}} 1",
                 labels.replace("response_flags=\"-\"", "response_flags=\"UF,URX\"")
             ),
-        ];
-        if want.iter().all(|w| p.contains(w)) {
-            assert!(p.contains("# TYPE istio_tcp_connections_opened_total counter\n"));
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "want {want:#?}\nin\n{}",
-            p.lines()
-                .filter(|l| l.starts_with("istio"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        ],
+    );
+    assert!(p.contains("# TYPE istio_tcp_connections_opened_total counter\n"));
     // /stats shows the counters by the names Istio's plugin gives Envoy.
     let (_, text) = proxy.get("/stats");
     assert!(
@@ -312,6 +299,27 @@ static_resources:
             && text.contains(";.;istio_tcp_connections_opened_total: 2\n"),
         "{text}"
     );
+}
+
+/// `/stats/prometheus` once it has every line of `want` (metrics are counted as connections
+/// end), within 10 s.
+fn scrape_until(proxy: &common::proxy::Proxy, want: &[String]) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = proxy.get("/stats/prometheus");
+        if want.iter().all(|w| text.lines().any(|line| line == w)) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "want {want:#?}\nin\n{}",
+            text.lines()
+                .filter(|l| l.starts_with("istio"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn stats_filter(direction: &str) -> String {
@@ -432,21 +440,6 @@ fn the_tcp_metadata_exchange_tells_each_sidecar_who_the_other_is() {
             format!("istio_tcp_received_bytes_total{{{l}}} 5"),
             format!("istio_tcp_sent_bytes_total{{{l}}} 9"),
         ];
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, text) = p.get("/stats/prometheus");
-            if want.iter().all(|w| text.lines().any(|line| line == w)) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "want {want:#?}\nin\n{}",
-                text.lines()
-                    .filter(|l| l.starts_with("istio"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        scrape_until(p, &want);
     }
 }
