@@ -336,6 +336,7 @@ impl ClusterManager {
                 stats.gauge(&s(&format!("circuit_breakers.high.{n}")));
             }
             // Envoy's cluster counters exist from the start, at 0.
+            let mut tls_cache = transport_socket::UpstreamTlsCache::default();
             for n in [
                 "upstream_rq_timeout",
                 "upstream_rq_per_try_timeout",
@@ -426,14 +427,7 @@ impl ClusterManager {
             let auto = crate::http::upstream::UpstreamHttp::of(&cluster).auto();
             for (name, socket) in sockets {
                 if let Some(ctx) = socket.and_then(upstream_tls_context) {
-                    let built = transport_socket::upstream(set, &ctx).map(|mut t| {
-                        if auto && t.config.alpn_protocols.is_empty() {
-                            let mut config = (*t.config).clone();
-                            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                            t.config = Arc::new(config);
-                        }
-                        Arc::new(t)
-                    });
+                    let built = tls_cache.get(set, &ctx, auto).map(Arc::new);
                     if let Err(e) = &built {
                         tracing::warn!(target: "config", "cluster '{}': upstream TLS ({name}): {e}: connections that need it are closed", r.name);
                     }

@@ -259,6 +259,14 @@ async fn serve(cfg: Config, options: Options) -> u8 {
         tokio::spawn(server::accept_loop(server.clone(), name, l));
     }
     server.live.store(true, Ordering::Relaxed);
+    // Loading the configuration goes through large transient structures (the parsed YAML as
+    // dynamic messages); their freed memory is handed back to the system rather than kept by
+    // the allocator for the life of the proxy.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     tracing::info!(target: "main", "starting main dispatch loop");
     let mut shutdown = server.shutdown.subscribe();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

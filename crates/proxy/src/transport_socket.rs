@@ -601,6 +601,61 @@ impl ServerCertVerifier for EnvoyServerVerifier {
     }
 }
 
+/// Upstream TLS built once per distinct context: clusters whose contexts differ only by SNI
+/// (Istio's thousands of `outbound|...` clusters) share one client configuration (and its
+/// session cache, keyed by server name); each keeps its own SNI.
+#[derive(Default)]
+pub struct UpstreamTlsCache(std::collections::HashMap<Vec<u8>, UpstreamTls>);
+
+impl UpstreamTlsCache {
+    /// `auto`: the cluster speaks what the host picks, so a context naming no ALPN offers h2
+    /// and http/1.1.
+    pub fn get(
+        &mut self,
+        set: &ResourceSet,
+        ctx: &UpstreamTlsContext,
+        auto: bool,
+    ) -> Result<UpstreamTls, String> {
+        let mut key_ctx = ctx.clone();
+        key_ctx.sni.clear();
+        let mut key = prost::Message::encode_to_vec(&key_ctx);
+        key.extend([u8::from(ctx.sni.is_empty()), u8::from(auto)]);
+        if let Some(shared) = self.0.get(&key) {
+            return Ok(UpstreamTls {
+                config: shared.config.clone(),
+                local_uri: shared.local_uri.clone(),
+                server_name: server_name(ctx)?,
+            });
+        }
+        let mut t = upstream(set, ctx)?;
+        if auto && t.config.alpn_protocols.is_empty() {
+            let mut config = (*t.config).clone();
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            t.config = Arc::new(config);
+        }
+        self.0.insert(
+            key,
+            UpstreamTls {
+                config: t.config.clone(),
+                local_uri: t.local_uri.clone(),
+                server_name: t.server_name.clone(),
+            },
+        );
+        Ok(t)
+    }
+}
+
+/// The name the handshake is made for: the SNI, or (without one, when none is sent) a
+/// placeholder that only satisfies rustls.
+fn server_name(ctx: &UpstreamTlsContext) -> Result<ServerName<'static>, String> {
+    if ctx.sni.is_empty() {
+        return Ok(ServerName::IpAddress(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+        ));
+    }
+    ServerName::try_from(ctx.sni.clone()).map_err(|e| format!("sni '{}': {e}", ctx.sni))
+}
+
 pub fn upstream(set: &ResourceSet, ctx: &UpstreamTlsContext) -> Result<UpstreamTls, String> {
     let common = ctx.common_tls_context.clone().unwrap_or_default();
     let provider = provider(common.tls_params.as_ref())?;
@@ -636,12 +691,10 @@ pub fn upstream(set: &ResourceSet, ctx: &UpstreamTlsContext) -> Result<UpstreamT
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();
-    let server_name = if ctx.sni.is_empty() {
+    if ctx.sni.is_empty() {
         config.enable_sni = false;
-        ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())
-    } else {
-        ServerName::try_from(ctx.sni.clone()).map_err(|e| format!("sni '{}': {e}", ctx.sni))?
-    };
+    }
+    let server_name = server_name(ctx)?;
     Ok(UpstreamTls {
         config: Arc::new(config),
         local_uri,
