@@ -91,6 +91,10 @@ pub struct HttpEntry {
     /// response headers as sent.
     pub request_headers: Vec<(String, String)>,
     pub response_headers: Vec<(String, String)>,
+    /// The headers' names and values in bytes (Envoy's header byte size), kept also when the
+    /// lists above are not (nothing reads them).
+    pub request_header_bytes: u64,
+    pub response_header_bytes: u64,
     /// RESPONSE_CODE_DETAILS (`via_upstream`, `route_not_found`, ...).
     pub details: String,
     pub route_name: String,

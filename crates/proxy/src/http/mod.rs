@@ -137,6 +137,9 @@ pub struct HttpConnectionManagerFilter {
     metadata_exchange: Option<istio::MetadataExchange>,
     alpn: Option<istio::AlpnOverride>,
     istio_stats: Option<crate::istio_stats::IstioStats>,
+    /// Whether anything reads a stream's header lists (access logs, local reply mappers):
+    /// without, they are not made.
+    keeps_headers: bool,
 }
 
 impl HttpConnectionManagerFilter {
@@ -161,14 +164,11 @@ impl HttpConnectionManagerFilter {
                 &e.upstream_cluster,
             )
         };
-        let size = |list: &[(String, String)]| -> u64 {
-            list.iter().map(|(n, v)| (n.len() + v.len()) as u64).sum()
-        };
-        let request = size(&h.request_headers)
+        let request = h.request_header_bytes
             + (":authority".len() + h.authority.len() + ":path".len() + h.path.len()) as u64
             + (":method".len() + h.method.len()) as u64
             + e.bytes_received;
-        let response = size(&h.response_headers)
+        let response = h.response_header_bytes
             + (":status".len() + 3) as u64 * u64::from(e.response_code != 0)
             + e.bytes_sent;
         stats.http(&report, e.duration.as_millis() as u64, request, response);
@@ -422,7 +422,9 @@ impl HttpConnectionManagerFilter {
                 |r| cors::Policy::of_route(name, r),
             ))
         });
+        let keeps_headers = !logs.is_empty() || config.local_reply_config.is_some();
         HttpConnectionManagerFilter {
+            keeps_headers,
             conn_limits: timeouts::ConnLimits::of(&config),
             tracing: trace::Tracing::of(set, &config, egress),
             metadata_exchange: config.http_filters.iter().find_map(|f| {
@@ -893,6 +895,12 @@ pub(crate) fn dump(pseudo: &[(&str, &str)], h: &HeaderMap) -> String {
         ));
     }
     out
+}
+
+fn header_bytes(h: &HeaderMap) -> u64 {
+    h.iter()
+        .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+        .sum()
 }
 
 fn header_list(h: &HeaderMap) -> Vec<(String, String)> {
@@ -1393,7 +1401,11 @@ async fn stream(
     }
     // The access log sees the request headers as the connection manager left them (x-request-id,
     // x-forwarded-for, ...), and, once the router has forwarded it, as the upstream got them.
-    let received_headers = header_list(req.headers());
+    let received_headers = if hcm.keeps_headers {
+        header_list(req.headers())
+    } else {
+        vec![]
+    };
     let mut entry = Entry::new(
         start,
         (info.remote, info.local),
@@ -1407,6 +1419,7 @@ async fn stream(
         authority: authority.clone(),
         protocol: protocol.into(),
         request_headers: received_headers,
+        request_header_bytes: header_bytes(req.headers()),
         grpc,
         downstream_peer: downstream_peer.and_then(|p| p.metadata),
         downstream_tls: info.tls.clone(),
@@ -1763,7 +1776,10 @@ async fn stream(
                                 t.propagate(req.headers_mut(), traced, seed);
                             }
                             if let Some(h) = entry.http.as_mut() {
-                                h.request_headers = header_list(req.headers());
+                                if hcm.keeps_headers {
+                                    h.request_headers = header_list(req.headers());
+                                }
+                                h.request_header_bytes = header_bytes(req.headers());
                                 h.path = new_path.clone();
                                 h.authority = host.clone();
                             }
@@ -2053,7 +2069,11 @@ fn finish(
         stats.downstream_rq_xx[(status / 100 - 1) as usize].inc();
     }
     if let Some(http) = entry.http.as_mut() {
-        http.response_headers = header_list(response.headers());
+        // A gRPC stream's status may be in its headers.
+        if hcm.keeps_headers || http.grpc {
+            http.response_headers = header_list(response.headers());
+        }
+        http.response_header_bytes = header_bytes(response.headers());
     }
     let conn = entry.connection_id;
     tracing::debug!(target: "http", connection = conn, stream = stream,
