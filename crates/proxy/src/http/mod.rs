@@ -137,8 +137,8 @@ pub struct HttpConnectionManagerFilter {
     metadata_exchange: Option<istio::MetadataExchange>,
     alpn: Option<istio::AlpnOverride>,
     istio_stats: Option<crate::istio_stats::IstioStats>,
-    /// Whether anything reads a stream's header lists (access logs, local reply mappers):
-    /// without, they are not made.
+    /// Whether anything reads a stream's header lists (access logs, local reply mappers, header
+    /// values with command operators such as `%REQ(...)%`): without, they are not made.
     keeps_headers: bool,
 }
 
@@ -422,7 +422,9 @@ impl HttpConnectionManagerFilter {
                 |r| cors::Policy::of_route(name, r),
             ))
         });
-        let keeps_headers = !logs.is_empty() || config.local_reply_config.is_some();
+        let keeps_headers = !logs.is_empty()
+            || config.local_reply_config.is_some()
+            || routes.as_ref().is_some_and(|t| mutations_format(&t.config));
         HttpConnectionManagerFilter {
             keeps_headers,
             conn_limits: timeouts::ConnLimits::of(&config),
@@ -895,6 +897,25 @@ pub(crate) fn dump(pseudo: &[(&str, &str)], h: &HeaderMap) -> String {
         ));
     }
     out
+}
+
+/// Whether a route configuration's header mutations (at any level) hold command operators
+/// (`%REQ(x)%`, `%DOWNSTREAM_REMOTE_ADDRESS%`, ...), which read the stream's header lists.
+fn mutations_format(rc: &pilotfish_api::pb::envoy::config::route::v3::RouteConfiguration) -> bool {
+    use pilotfish_api::pb::envoy::config::core::v3::HeaderValueOption;
+    let any = |list: &[HeaderValueOption]| {
+        list.iter()
+            .any(|o| o.header.as_ref().is_some_and(|h| h.value.contains('%')))
+    };
+    any(&rc.request_headers_to_add)
+        || any(&rc.response_headers_to_add)
+        || rc.virtual_hosts.iter().any(|v| {
+            any(&v.request_headers_to_add)
+                || any(&v.response_headers_to_add)
+                || v.routes
+                    .iter()
+                    .any(|r| any(&r.request_headers_to_add) || any(&r.response_headers_to_add))
+        })
 }
 
 fn header_bytes(h: &HeaderMap) -> u64 {
