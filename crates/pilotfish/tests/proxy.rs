@@ -303,8 +303,10 @@ fn sigterm_drains_then_exits() {
     let mut p = Proxy::start("drain", &resources, &["--drain-time-s", "30"]);
     // An open connection through the proxy, its upstream holding it.
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     c.write_all(b"open").unwrap();
     let (mut up, _) = slow.accept().unwrap();
+    up.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let mut buf = [0u8; 4];
     up.read_exact(&mut buf).unwrap();
     let pid = p.child.id().to_string();

@@ -421,8 +421,19 @@ pub async fn accept_loop(server: Arc<Server>, name: String, listener: TcpListene
     }
 }
 
+impl Server {
+    /// A listener's counters (a named listener's found without building its key).
+    fn listener_stats_of(&self, l: &Listener) -> Option<&ListenerStats> {
+        if l.name.is_empty() {
+            self.listener_stats.get(&listener_key(l))
+        } else {
+            self.listener_stats.get(l.name.as_str())
+        }
+    }
+}
+
 fn listener_filter_failed(server: &Server, l: &Listener, e: &listener_filter::FilterError) {
-    let Some(stats) = server.listener_stats.get(&listener_key(l)) else {
+    let Some(stats) = server.listener_stats_of(l) else {
         return;
     };
     match e {
@@ -445,12 +456,12 @@ pub fn buffer_limit(v: Option<&pilotfish_api::pb::google::protobuf::UInt32Value>
 async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer: SocketAddr) {
     let conn = server.next_connection_id();
     let _ = stream.set_nodelay(true);
-    let Some(accepted) = server
-        .set
-        .listeners
-        .iter()
-        .find(|r| listener_key(&r.value) == accepted_by)
-    else {
+    // By name without building keys (this runs for every connection); by address for the
+    // unnamed.
+    let Some(accepted) = server.set.listeners.iter().find(|r| {
+        r.value.name == accepted_by
+            || (r.value.name.is_empty() && listener_key(&r.value) == accepted_by)
+    }) else {
         return;
     };
     let Ok(socket_local) = stream.local_addr() else {
@@ -500,7 +511,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             }
         }
     }
-    let Some(stats) = server.listener_stats.get(&listener_key(l)) else {
+    let Some(stats) = server.listener_stats_of(l) else {
         return;
     };
     let input = ChainInput {

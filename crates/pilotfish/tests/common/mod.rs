@@ -170,6 +170,8 @@ pub fn admin_request(port: u16, method: &str, path: &str) -> (u16, String) {
     let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return (0, String::new());
     };
+    // A wait that never ends is a failure to report, not a hung test run.
+    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(15)));
     let _ = write!(
         c,
         "{method} {path} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
