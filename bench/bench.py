@@ -113,7 +113,7 @@ def start_nginx(d, ports):
         if get(f"http://127.0.0.1:{ports['upstream']}/small")[0] == 200:
             return p
         time.sleep(0.05)
-    p.kill()
+    p.terminate()
     raise SystemExit(f"nginx did not start: {open(os.path.join(d, 'nginx-error.log')).read()}")
 
 
@@ -454,7 +454,8 @@ def main():
                     print(f"{name:28} run {run + 1} {kind:9} ready {got['load_s']:.2f} s, RSS {got['rss_kib']} KiB", flush=True)
             results["load"][name] = r
     finally:
-        nginx.kill()
+        # SIGTERM: nginx's master stops its worker too (SIGKILL would leave it running).
+        nginx.terminate()
         nginx.wait()
     write(results, a, d)
 
