@@ -228,6 +228,9 @@ pub struct Cluster {
     pub outlier: Option<crate::outlier::Detector>,
     /// For STRICT_DNS and LOGICAL_DNS: the configured endpoints, resolved into `hosts`.
     pub dns_templates: Vec<Arc<Host>>,
+    /// The protocol (ALPN) of Istio's TCP metadata exchange among its upstream filters
+    /// (`filters`), read once.
+    pub peer_exchange: Option<String>,
     /// Upstream TLS per transport socket (`default` or a transport_socket_matches name), built
     /// once; an error is said at start-up and closes the connections that need it.
     tls: HashMap<String, Result<Arc<UpstreamTls>, String>>,
@@ -411,6 +414,10 @@ impl ClusterManager {
                     .map(|o| crate::outlier::Detector::new(&r.name, o, stats)),
                 tls: HashMap::new(),
                 dns_templates: vec![],
+                peer_exchange: c
+                    .filters
+                    .iter()
+                    .find_map(|f| crate::peer_exchange::configured(f.typed_config.as_ref()?)),
             };
             if crate::dns::is_dns(&cluster) {
                 cluster.dns_templates = std::mem::take(&mut *cluster.hosts.lock().unwrap());

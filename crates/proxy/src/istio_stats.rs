@@ -78,15 +78,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    fn series(&self, metric: &str, labels: Labels, histogram: bool) -> Arc<Series> {
-        let rendered = labels
-            .iter()
-            .map(|(n, v)| format!("{n}=\"{}\"", escape(v)))
-            .collect::<Vec<_>>()
-            .join(",");
+    /// `rendered`: the labels as Prometheus text (`render`).
+    fn series(
+        &self,
+        metric: &str,
+        labels: &Labels,
+        rendered: &str,
+        histogram: bool,
+    ) -> Arc<Series> {
         let mut m = self.series.lock().unwrap();
         let family = m.entry(metric.to_string()).or_default();
-        if let Some((_, s)) = family.get(&rendered) {
+        if let Some((_, s)) = family.get(rendered) {
             return s.clone();
         }
         let s = Arc::new(if histogram {
@@ -98,22 +100,22 @@ impl Registry {
         } else {
             Series::Counter(AtomicU64::new(0))
         });
-        family.insert(rendered, (labels, s.clone()));
+        family.insert(rendered.to_string(), (labels.clone(), s.clone()));
         s
     }
 
-    fn add(&self, metric: &str, labels: Labels, n: u64) {
-        if let Series::Counter(c) = &*self.series(metric, labels, false) {
+    fn add(&self, metric: &str, labels: &Labels, rendered: &str, n: u64) {
+        if let Series::Counter(c) = &*self.series(metric, labels, rendered, false) {
             c.fetch_add(n, Ordering::Relaxed);
         }
     }
 
-    fn record(&self, metric: &str, labels: Labels, value: u64) {
+    fn record(&self, metric: &str, labels: &Labels, rendered: &str, value: u64) {
         if let Series::Histogram {
             buckets,
             count,
             sum,
-        } = &*self.series(metric, labels, true)
+        } = &*self.series(metric, labels, rendered, true)
         {
             for (b, le) in buckets.iter().zip(BUCKETS) {
                 if value as f64 <= le {
@@ -234,6 +236,15 @@ impl Registry {
             })
             .clone()
     }
+}
+
+/// Labels as Prometheus text: `a="x",b="y"`.
+fn render(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(n, v)| format!("{n}=\"{}\"", escape(v)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn escape(v: &str) -> String {
@@ -569,12 +580,23 @@ impl IstioStats {
             upstream: decode(r.upstream_peer),
         };
         let standard = self.standard(r, &peers, tcp);
+        // The metrics of one report mostly share their labels: rendered once for each set.
+        let mut last: Option<(Labels, String)> = None;
         for (metric, value, n) in metrics {
             let labels = self.labels(standard.clone(), metric, &peers, r);
+            let rendered = match &last {
+                Some((l, text)) if *l == labels => text.clone(),
+                _ => render(&labels),
+            };
             match value {
-                None => self.registry.add(&self.name(metric), labels, *n),
-                Some(v) => self.registry.record(&self.name(metric), labels, *v),
+                None => self
+                    .registry
+                    .add(&self.name(metric), &labels, &rendered, *n),
+                Some(v) => self
+                    .registry
+                    .record(&self.name(metric), &labels, &rendered, *v),
             }
+            last = Some((labels, rendered));
         }
     }
 
@@ -618,9 +640,10 @@ mod tests {
     #[test]
     fn histograms_are_cumulative_by_envoys_buckets() {
         let r = Registry::default();
-        let labels = || vec![("a".to_string(), "1".to_string())];
-        r.record("istio_request_bytes", labels(), 7);
-        r.record("istio_request_bytes", labels(), 700);
+        let labels = vec![("a".to_string(), "1".to_string())];
+        let rendered = render(&labels);
+        r.record("istio_request_bytes", &labels, &rendered, 7);
+        r.record("istio_request_bytes", &labels, &rendered, 700);
         let p = r.prometheus();
         assert!(p.contains("# TYPE istio_request_bytes histogram\n"), "{p}");
         assert!(

@@ -219,7 +219,7 @@ pub async fn run<S, F>(
         filter.peer_exchange.as_ref(),
         tls.and_then(|t| t.alpn.as_deref()),
     );
-    let exchange_up = agreed(upstream_exchange(&up.cluster).as_ref(), up.alpn.as_deref());
+    let exchange_up = agreed(up.cluster.peer_exchange.as_ref(), up.alpn.as_deref());
     // What Istio's stats say of the connection; the peers' metadata as the exchange brings it
     // (downstream, upstream).
     let base = crate::istio_stats::Report::of_connection(tls, identity.as_deref(), &name);
@@ -326,14 +326,6 @@ pub async fn run<S, F>(
 /// A stream either side of the relay may be: plain, TLS, or with Istio's exchange on it.
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
-/// The protocol of the cluster's upstream metadata exchange filter (`Cluster.filters`).
-fn upstream_exchange(cluster: &crate::cluster::Cluster) -> Option<String> {
-    cluster.config.filters.iter().find_map(|f| {
-        let any = f.typed_config.as_ref()?;
-        crate::peer_exchange::configured(any)
-    })
-}
 
 /// Up to `attempts` upstream connections, each to the host the load balancer picks.
 async fn connect(
