@@ -52,10 +52,50 @@ def get(url, timeout=1.0):
         return 0, str(e)
 
 
-def rss_kib(pid):
+def perf_record(pid, out, name, duration):
+    """perf sampling the proxy while the load runs (DWARF call graphs: neither proxy keeps frame
+    pointers)."""
+    data = os.path.join(out, f"{name}.perf.data")
+    return subprocess.Popen(["perf", "record", "-q", "-F", "499", "--call-graph", "dwarf,16384", "-p", str(pid),
+                             "-o", data, "--", "sleep", str(duration)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), data
+
+
+def perf_report(rec, out, name):
+    """The top functions (self time, with the share spent in the kernel) as text, and a flame
+    graph where inferno is installed (`cargo install inferno`)."""
+    proc, data = rec
+    proc.wait()
+    def report(*args):
+        return subprocess.run(["perf", "report", "-i", data, "--no-children", "-g", "none", "--stdio", "-q", *args],
+                              capture_output=True, text=True).stdout
+
+    top = (f"# {name}: self time by binary\n" + report("--sort", "dso") +
+           "\n# by function (0.5% and over)\n" + report("--sort", "dso,symbol", "--percent-limit", "0.5"))
+    with open(os.path.join(out, f"{name}.top.txt"), "w") as f:
+        f.write(top)
+    if shutil.which("inferno-collapse-perf") and shutil.which("inferno-flamegraph"):
+        script = subprocess.run(["perf", "script", "-i", data], capture_output=True, text=True).stdout
+        folded = subprocess.run(["inferno-collapse-perf"], input=script, capture_output=True, text=True).stdout
+        svg = subprocess.run(["inferno-flamegraph", "--title", name], input=folded, capture_output=True, text=True).stdout
+        with open(os.path.join(out, f"{name}.flame.svg"), "w") as f:
+            f.write(svg)
+    os.remove(data)
+
+
+def cpu_s(pid):
+    """User and system CPU time a process has used, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid, field="VmRSS"):
+    """VmRSS, or RssAnon: the part that is the process's own. The rest is mapped files, mostly
+    the binary's code, which the page cache shares between every sidecar running it."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -91,6 +131,18 @@ http {{
             proxy_ssl_certificate {dir}/client.pem;
             proxy_ssl_certificate_key {dir}/client.key;
             proxy_ssl_session_reuse on;
+        }}
+    }}
+    # Its HTTP/2 twin: h2c in, HTTP/2 over mTLS (ALPN h2) out. nginx speaks HTTP/2 to an
+    # upstream only in its gRPC module, which passes any HTTP/2 exchange through.
+    upstream mtls_proxy_h2 {{ server 127.0.0.1:{mtls}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{mtls_h2_client} http2;
+        location / {{
+            grpc_pass grpcs://mtls_proxy_h2;
+            grpc_ssl_certificate {dir}/client.pem;
+            grpc_ssl_certificate_key {dir}/client.key;
+            grpc_ssl_session_reuse on;
         }}
     }}
 }}
@@ -333,11 +385,13 @@ def h2load(url, duration, clients=10, streams=10):
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     failed = re.search(r"requests: .* (\d+) failed", out)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
     return {
         "rps": float(m.group(1)),
         "mean_ms": unit(mean.group(1), mean.group(2)) if mean else None,
-        "errors": int(failed.group(1)) if failed else 0,
+        # A proxy's 502 is a completed request to h2load: answers other than 2xx count too.
+        "errors": (int(failed.group(1)) if failed else 0) + (sum(map(int, codes.groups()[1:])) if codes else 0),
     }
 
 
@@ -345,6 +399,7 @@ def scenarios(ports, duration, smoke):
     h = f"http://127.0.0.1:{ports['http']}"
     t = f"http://127.0.0.1:{ports['tcp']}"
     m = f"http://127.0.0.1:{ports['mtls_client']}"
+    m2 = f"http://127.0.0.1:{ports['mtls_h2_client']}"
     up = f"http://127.0.0.1:{ports['upstream']}"
     close = ("Connection: close",)
     out = [
@@ -353,6 +408,7 @@ def scenarios(ports, duration, smoke):
         ("http1_64k", "rps", lambda d: wrk(f"{h}/64k", d), lambda d: wrk(f"{up}/64k", d)),
         ("h2c_multiplexed", "rps", lambda d: h2load(f"{h}/small", d), None),
         ("mtls_inbound_http1", "rps", lambda d: wrk(f"{m}/small", d), None),
+        ("mtls_inbound_h2", "rps", lambda d: h2load(f"{m2}/small", d), None),
         ("new_connections", "rps", lambda d: wrk(f"{h}/small", d, headers=close), lambda d: wrk(f"{up}/small", d, headers=close)),
         ("tcp_proxy_bulk", "mib_s", lambda d: wrk(f"{t}/bulk", d, conns=4), lambda d: wrk(f"{up}/bulk", d, conns=4)),
     ]
@@ -367,7 +423,7 @@ def load_config(kind, config, admin, d, runs):
     for _ in range(runs):
         p = Proxy(kind, config, admin, 1, d)
         time.sleep(1)
-        res.append({"load_s": p.ready_after, "rss_kib": p.rss()})
+        res.append({"load_s": p.ready_after, "rss_kib": p.rss(), "anon_kib": rss_kib(p.p.pid, "RssAnon")})
         p.stop()
     return res
 
@@ -379,15 +435,21 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="one short run of a few scenarios: checks the harness")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--only", default="", help="comma-separated scenario names")
+    ap.add_argument("--profile", action="store_true",
+                    help="record each proxy with perf during the first run of each scenario: flame graphs "
+                         "(with inferno-flamegraph on PATH) and the top functions, in the results directory")
     ap.add_argument("--seed", default=os.path.join(ROOT, "..", "shared", "corpus", "istio-1.14-sidecar-fortio-server.config_dump.yaml"))
     a = ap.parse_args()
     if a.smoke:
         a.runs, a.duration = 1, 1
     only = set(filter(None, a.only.split(",")))
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
+    out = os.path.join(a.out, stamp + ("-smoke" if a.smoke else ""))
+    os.makedirs(out, exist_ok=True)
     d = tempfile.mkdtemp(prefix="pilotfish-bench-")
     # nginx's worker (user nobody when run as root) reads the files it serves here.
     os.chmod(d, 0o755)
-    ports = {k: free_port() for k in ("upstream", "http", "mtls", "mtls_client", "tcp", "admin")}
+    ports = {k: free_port() for k in ("upstream", "http", "mtls", "mtls_client", "mtls_h2_client", "tcp", "admin")}
     make_certs(d)
     config = os.path.join(d, "bootstrap.yaml")
     with open(config, "w") as f:
@@ -405,20 +467,33 @@ def main():
                     continue
                 key = name if workers == 1 else f"{name}_2_workers"
                 r = {"metric": metric, "pilotfish": [], "envoy": [], "direct": []}
-                for run in range(a.runs):
+                # A profiled run (perf costs the proxy some CPU) comes first and is not counted.
+                for run in ([-1] if a.profile else []) + list(range(a.runs)):
                     order = ["pilotfish", "envoy"] if run % 2 == 0 else ["envoy", "pilotfish"]
                     for kind in order:
                         p = Proxy(kind, config, ports["admin"], workers, d, cpus)
                         try:
                             load(1)  # warm-up: connections, pools, caches
+                            cpu = cpu_s(p.p.pid)
+                            rec = perf_record(p.p.pid, out, f"{key}-{kind}", a.duration) if run == -1 else None
                             got = load(a.duration)
+                            if rec:
+                                perf_report(rec, out, f"{key}-{kind}")
+                            # The proxy's CPU per request (or per MiB): where the load side is
+                            # the bottleneck, this still compares the proxies' work.
+                            got["cpu_us"] = (cpu_s(p.p.pid) - cpu) * 1e6 / (got[metric] * a.duration)
                             got["rss_kib"] = p.rss()
                             if got["errors"]:
                                 raise SystemExit(f"{key}: {kind} answered {got['errors']} requests with errors")
                         finally:
                             p.stop()
+                        if run == -1:
+                            print(f"{key:28} profiled  {kind:9} {metric} {got[metric]:.1f}", flush=True)
+                            continue
                         r[kind].append(got)
                         print(f"{key:28} run {run + 1} {kind:9} {metric} {got[metric]:.1f}", flush=True)
+                    if run == -1:
+                        continue
                     if direct and workers == 1:
                         got = direct(a.duration)
                         if got["errors"]:
@@ -451,13 +526,13 @@ def main():
                     else:
                         got = load_config(kind, files[kind], admin, d, 1)[0]
                     r[kind].append(got)
-                    print(f"{name:28} run {run + 1} {kind:9} ready {got['load_s']:.2f} s, RSS {got['rss_kib']} KiB", flush=True)
+                    print(f"{name:28} run {run + 1} {kind:9} ready {got['load_s']:.2f} s, RSS {got['rss_kib']} KiB ({got['anon_kib']} KiB anonymous)", flush=True)
             results["load"][name] = r
     finally:
         # SIGTERM: nginx's master stops its worker too (SIGKILL would leave it running).
         nginx.terminate()
         nginx.wait()
-    write(results, a, d)
+    write(results, a, d, stamp, out)
 
 
 def in_namespace(kind, config, d):
@@ -481,10 +556,10 @@ def in_namespace(kind, config, d):
             time.sleep(0.02)
         time.sleep(1)
         # `ip netns exec` execs: the process is the proxy.
-        rss = rss_kib(p.pid)
+        rss, anon = rss_kib(p.pid), rss_kib(p.pid, "RssAnon")
         p.kill()
         p.wait()
-        return {"load_s": ready, "rss_kib": rss}
+        return {"load_s": ready, "rss_kib": rss, "anon_kib": anon}
     finally:
         subprocess.run(["ip", "netns", "del", ns])
 
@@ -497,6 +572,7 @@ GOALS = {
     "http1_small": ("requests/s", 3.0, True),
     "http1_small:p99": ("p99 latency", 0.5, False),
     "mtls_inbound_http1": ("requests/s", 1.5, True),
+    "mtls_inbound_h2": ("requests/s", 1.5, True),
     "new_connections": ("connections/s", 1.0, True),
     "tcp_proxy_bulk": ("MiB/s", 1.0, True),
     "seed:rss": ("RSS", 0.2, False),
@@ -512,9 +588,7 @@ def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def write(results, a, d):
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
-    out = os.path.join(a.out, stamp + ("-smoke" if a.smoke else ""))
+def write(results, a, d, stamp, out):
     os.makedirs(out, exist_ok=True)
     envoy_version = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout.strip().split("version:")[-1].strip()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
@@ -534,8 +608,12 @@ def write(results, a, d):
             lat = summary([p["p99_ms"] / e["p99_ms"] for p, e in zip(r["pilotfish"], r["envoy"]) if e["p99_ms"]])
             rows.append((name, "p99_ms", summary([x["p99_ms"] for x in r["pilotfish"]]), summary([x["p99_ms"] for x in r["envoy"]]), lat, summary([x["p99_ms"] for x in r["direct"] if x.get("p99_ms")])))
             ratios.append((f"{name}:p99", lat, GOALS.get(f"{name}:p99")))
+        if r["pilotfish"] and "cpu_us" in r["pilotfish"][0]:
+            cpu = summary([p["cpu_us"] / e["cpu_us"] for p, e in zip(r["pilotfish"], r["envoy"]) if e["cpu_us"]])
+            rows.append((name, "cpu_us" + ("_per_mib" if metric == "mib_s" else "_per_req"), summary([x["cpu_us"] for x in r["pilotfish"]]), summary([x["cpu_us"] for x in r["envoy"]]), cpu, None))
+            ratios.append((f"{name}:cpu", cpu, None))
     for name, r in results["load"].items():
-        for what, key in (("rss", "rss_kib"), ("load", "load_s")):
+        for what, key in (("rss", "rss_kib"), ("anon", "anon_kib"), ("load", "load_s")):
             pf = summary([x[key] for x in r["pilotfish"]])
             ev = summary([x[key] for x in r["envoy"]])
             ratio = summary([p[key] / e[key] for p, e in zip(r["pilotfish"], r["envoy"]) if e[key]])
@@ -557,7 +635,7 @@ def write(results, a, d):
           "| scenario | measure | pilotfish | Envoy | pilotfish/Envoy | direct (no proxy) |",
           "|---|---|---|---|---|---|"]
     for name, metric, pf, ev, ratio, direct in rows:
-        digits = 0 if metric in ("rps", "rss_kib") else 2
+        digits = 0 if metric in ("rps", "rss_kib", "anon_kib") else 2
         md.append(f"| {name} | {metric} | {fmt(pf, digits)} | {fmt(ev, digits)} | {fmt(ratio, 2)} | {fmt(direct, digits)} |")
     md += ["", "| goal | target (pilotfish/Envoy) | measured (median) | met |", "|---|---|---|---|"]
     for name, ratio, goal in ratios:

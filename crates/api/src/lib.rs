@@ -10,24 +10,36 @@ pub use extra::{istio, typed_struct, OPAQUE_ANY_TYPE};
 pub use prost_reflect;
 
 use prost_reflect::DescriptorPool;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 /// `envoy-types` 0.7.7's descriptor set without source comments (see `xtask descriptors`).
 const ENVOY_DESCRIPTORS: &[u8] = include_bytes!("../descriptors/envoy.bin");
 
-/// The pool every configuration is read with: Envoy's API plus [`extra`]'s types. Built once.
-pub fn descriptor_pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let mut pool =
-            DescriptorPool::decode(ENVOY_DESCRIPTORS).expect("embedded Envoy descriptors decode");
-        for file in extra::file_descriptors() {
-            pool.add_file_descriptor_proto(file)
-                .expect("pilotfish's own descriptors are consistent with Envoy's");
-        }
-        pool
-    })
+/// The pool every configuration is read with: Envoy's API plus [`extra`]'s types. Built on first
+/// use and kept until [`release_descriptor_pool`]; a clone shares the same pool.
+pub fn descriptor_pool() -> DescriptorPool {
+    POOL.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(|| {
+            let mut pool = DescriptorPool::decode(ENVOY_DESCRIPTORS)
+                .expect("embedded Envoy descriptors decode");
+            for file in extra::file_descriptors() {
+                pool.add_file_descriptor_proto(file)
+                    .expect("pilotfish's own descriptors are consistent with Envoy's");
+            }
+            pool
+        })
+        .clone()
 }
+
+/// Lets the pool go once nothing else holds it. The decoded pool is several megabytes, more than
+/// the rest of a sidecar's configuration: a proxy that has loaded its configuration needs it only
+/// again for the rare admin request or configuration update, which build it anew.
+pub fn release_descriptor_pool() {
+    POOL.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
+static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);
 
 /// The message name inside a `type.googleapis.com/...` URL (anything up to the last `/`).
 pub fn type_url_message_name(type_url: &str) -> &str {

@@ -23,6 +23,7 @@ pub use resources::ResourceSet;
 
 use pilotfish_api::pb::envoy::admin::v3::ConfigDump;
 use pilotfish_api::pb::envoy::config::bootstrap::v3::Bootstrap;
+use prost::Message as _;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -78,6 +79,14 @@ impl Config {
         }
         w
     }
+}
+
+/// Lets go of what reading configuration keeps for the next read: the descriptor pool and the
+/// constraint checks' caches over it. A proxy calls it once its configuration is loaded; the next
+/// read (an admin dump, an update) builds them again.
+pub fn release_load_caches() {
+    pgv::release();
+    pilotfish_api::release_descriptor_pool();
 }
 
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
@@ -162,28 +171,32 @@ fn load_str_as(
     format: Format,
 ) -> Result<Config, ConfigErrors> {
     let kind = kind.unwrap_or_else(|| DocumentKind::detect(text));
-    let parsed = parse::parse(file, text, format, kind)?;
     let mk = |(path, message): (String, String)| ConfigError::new(file, path, message);
-    let (findings, deprecated_uses) = validate::check_document(&parsed.message);
-    if !findings.is_empty() {
-        return Err(ConfigErrors(findings.into_iter().map(mk).collect()));
-    }
+    // Reading goes through a tree of dynamic messages many times the size of what is kept. Built
+    // on a thread of its own (its own allocator arena under glibc), that tree's memory is given
+    // back whole when it goes, instead of staying between the pages the kept configuration
+    // landed on: with 10,000 services that was half of a proxy's memory.
+    let read = std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("config-read".into())
+            // As deep as the main thread's: nesting in a document is the input's to choose.
+            .stack_size(8 << 20)
+            .spawn_scoped(s, || read_document(file, text, format, kind))
+            .expect("a thread to read the configuration")
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
+    let decode_error = |e: prost::DecodeError| ConfigError::new(file, "", e.to_string());
     let resources = match kind {
         DocumentKind::Bootstrap => {
-            let b: Bootstrap = parsed
-                .message
-                .transcode_to()
-                .map_err(|e| ConfigError::new(file, "", e.to_string()))?;
-            ResourceSet::from_bootstrap(b)
+            ResourceSet::from_bootstrap(Bootstrap::decode(&read.bytes[..]).map_err(decode_error)?)
         }
         DocumentKind::ConfigDump => {
-            let d: ConfigDump = parsed
-                .message
-                .transcode_to()
-                .map_err(|e| ConfigError::new(file, "", e.to_string()))?;
+            let d = ConfigDump::decode(&read.bytes[..]).map_err(decode_error)?;
             ResourceSet::from_config_dump(file, &d)?
         }
     };
+    let deprecated_uses = read.deprecated_uses;
     let model = Model::build(&resources, kind == DocumentKind::Bootstrap);
     let findings = validate::check_resources(&resources, &model);
     if !findings.is_empty() {
@@ -206,8 +219,38 @@ fn load_str_as(
         format,
         resources,
         model,
-        opaque_types: parsed.opaque_types,
+        opaque_types: read.opaque_types,
         deprecated,
+    })
+}
+
+/// A document read and checked against the API, as the protobuf encoding of its message.
+struct Read {
+    bytes: Vec<u8>,
+    opaque_types: BTreeSet<String>,
+    deprecated_uses: Vec<(String, String)>,
+}
+
+fn read_document(
+    file: &str,
+    text: &str,
+    format: Format,
+    kind: DocumentKind,
+) -> Result<Read, ConfigErrors> {
+    let parsed = parse::parse(file, text, format, kind)?;
+    let (findings, deprecated_uses) = validate::check_document(&parsed.message);
+    if !findings.is_empty() {
+        return Err(ConfigErrors(
+            findings
+                .into_iter()
+                .map(|(path, message)| ConfigError::new(file, path, message))
+                .collect(),
+        ));
+    }
+    Ok(Read {
+        bytes: parsed.message.encode_to_vec(),
+        opaque_types: parsed.opaque_types,
+        deprecated_uses,
     })
 }
 

@@ -8,63 +8,86 @@ use pilotfish_api::prost_reflect::{
     DynamicMessage, ExtensionDescriptor, FieldDescriptor, Kind, ReflectMessage, Value,
 };
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
+#[derive(Clone)]
 struct Exts {
     field_rules: ExtensionDescriptor,
     oneof_required: ExtensionDescriptor,
     message_disabled: ExtensionDescriptor,
 }
 
-fn exts() -> &'static Exts {
-    static E: OnceLock<Exts> = OnceLock::new();
-    E.get_or_init(|| {
+/// What the checks read from the descriptors, looked up once per field: decoding options is not
+/// free and the walk asks for the same fields over and over. It holds the descriptor pool, so it
+/// goes with it ([`release`]).
+struct Caches {
+    exts: Exts,
+    rules: HashMap<String, Option<DynamicMessage>>,
+    deprecated: HashMap<String, bool>,
+}
+
+static CACHES: Mutex<Option<Caches>> = Mutex::new(None);
+
+fn with_caches<R>(f: impl FnOnce(&mut Caches) -> R) -> R {
+    let mut caches = CACHES.lock().unwrap_or_else(|e| e.into_inner());
+    let caches = caches.get_or_insert_with(|| {
         let pool = descriptor_pool();
         let get = |n: &str| {
             pool.get_extension_by_name(n)
                 .unwrap_or_else(|| panic!("{n} in pool"))
         };
-        Exts {
-            field_rules: get("validate.rules"),
-            oneof_required: get("validate.required"),
-            message_disabled: get("validate.disabled"),
+        Caches {
+            exts: Exts {
+                field_rules: get("validate.rules"),
+                oneof_required: get("validate.required"),
+                message_disabled: get("validate.disabled"),
+            },
+            rules: HashMap::new(),
+            deprecated: HashMap::new(),
         }
-    })
+    });
+    f(caches)
 }
 
-/// Decoding options is not free; the walk asks for the same fields over and over.
+/// Drops the caches and, with them, their hold on the descriptor pool.
+pub(crate) fn release() {
+    CACHES.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
+fn exts() -> Exts {
+    with_caches(|c| c.exts.clone())
+}
+
 fn rules_for(field: &FieldDescriptor) -> Option<DynamicMessage> {
-    static CACHE: OnceLock<Mutex<HashMap<String, Option<DynamicMessage>>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let mut cache = cache.lock().unwrap();
-    cache
-        .entry(field.full_name().to_string())
-        .or_insert_with(|| {
-            let opts = field.options();
-            let ext = &exts().field_rules;
-            if opts.has_extension(ext) {
-                opts.get_extension(ext).as_message().cloned()
-            } else {
-                None
-            }
-        })
-        .clone()
+    with_caches(|c| {
+        if let Some(r) = c.rules.get(field.full_name()) {
+            return r.clone();
+        }
+        let opts = field.options();
+        let ext = &c.exts.field_rules;
+        let r = if opts.has_extension(ext) {
+            opts.get_extension(ext).as_message().cloned()
+        } else {
+            None
+        };
+        c.rules.insert(field.full_name().to_string(), r.clone());
+        r
+    })
 }
 
 /// Whether the API marks a field deprecated (`[deprecated = true]`).
 pub fn is_deprecated(field: &FieldDescriptor) -> bool {
-    static CACHE: OnceLock<Mutex<HashMap<String, bool>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let mut cache = cache.lock().unwrap();
-    *cache
-        .entry(field.full_name().to_string())
-        .or_insert_with(|| {
-            field
-                .options()
-                .get_field_by_name("deprecated")
-                .and_then(|v| v.as_bool())
-                == Some(true)
-        })
+    with_caches(|c| {
+        *c.deprecated
+            .entry(field.full_name().to_string())
+            .or_insert_with(|| {
+                field
+                    .options()
+                    .get_field_by_name("deprecated")
+                    .and_then(|v| v.as_bool())
+                    == Some(true)
+            })
+    })
 }
 
 /// Checks one message's own fields; the walk brings every message.
@@ -72,15 +95,16 @@ pub fn check(node: &Node<'_>, out: &mut Vec<(String, String)>) {
     let msg = node.message;
     let desc = msg.descriptor();
     let mopts = desc.options();
-    if mopts.has_extension(&exts().message_disabled)
-        && mopts.get_extension(&exts().message_disabled).as_bool() == Some(true)
+    let exts = exts();
+    if mopts.has_extension(&exts.message_disabled)
+        && mopts.get_extension(&exts.message_disabled).as_bool() == Some(true)
     {
         return;
     }
     for oneof in desc.oneofs() {
         let oopts = oneof.options();
-        let required = oopts.has_extension(&exts().oneof_required)
-            && oopts.get_extension(&exts().oneof_required).as_bool() == Some(true);
+        let required = oopts.has_extension(&exts.oneof_required)
+            && oopts.get_extension(&exts.oneof_required).as_bool() == Some(true);
         if required && !oneof.fields().any(|f| msg.has_field(&f)) {
             let names: Vec<_> = oneof.fields().map(|f| f.name().to_string()).collect();
             out.push((

@@ -317,6 +317,8 @@ impl ClusterManager {
     pub fn new(set: &ResourceSet, stats: &Store) -> ClusterManager {
         let mut clusters = vec![];
         let mut by_name = HashMap::new();
+        // Across clusters: Istio's clusters differ mostly by SNI.
+        let mut tls_cache = transport_socket::UpstreamTlsCache::default();
         for r in &set.clusters {
             let c = &r.value;
             let d = hosts(set, c, None);
@@ -339,7 +341,6 @@ impl ClusterManager {
                 stats.gauge(&s(&format!("circuit_breakers.high.{n}")));
             }
             // Envoy's cluster counters exist from the start, at 0.
-            let mut tls_cache = transport_socket::UpstreamTlsCache::default();
             for n in [
                 "upstream_rq_timeout",
                 "upstream_rq_per_try_timeout",

@@ -217,6 +217,8 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     for g in proxy_gaps(&cfg) {
         tracing::warn!(target: "config", "not run by the proxy yet: {g}");
     }
+    // Taken before anything can report ready: a SIGTERM from then on drains instead of killing.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let server = server::Server::new(cfg.resources, options);
     if let Some(admin) = server
         .set
@@ -258,18 +260,18 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     for (name, l) in server::bind_listeners(&server) {
         tokio::spawn(server::accept_loop(server.clone(), name, l));
     }
-    server.live.store(true, Ordering::Relaxed);
     // Loading the configuration goes through large transient structures (the parsed YAML as
-    // dynamic messages); their freed memory is handed back to the system rather than kept by
-    // the allocator for the life of the proxy.
+    // dynamic messages, the descriptor pool that reads it); their freed memory is handed back to
+    // the system rather than kept by the allocator for the life of the proxy.
+    pilotfish_config::release_load_caches();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
+    // SAFETY: malloc_trim only gives back memory that no allocation holds.
     unsafe {
         libc::malloc_trim(0);
     }
+    server.live.store(true, Ordering::Relaxed);
     tracing::info!(target: "main", "starting main dispatch loop");
     let mut shutdown = server.shutdown.subscribe();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let term_recv = async {
         match term.as_mut() {
             Some(t) => {

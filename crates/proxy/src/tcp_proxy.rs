@@ -370,6 +370,9 @@ async fn connect(
     Err((last, connect_failed))
 }
 
+/// The read size of a connection that is not moving a bulk transfer.
+const SMALL_READ: usize = 64 * 1024;
+
 /// Copies both ways, half-closing each side when the other finishes sending; returns the bytes
 /// received from and sent to the downstream, and whether the idle timeout ended it. Each
 /// direction runs on its own, so a peer that stops reading holds back only what flows to it;
@@ -418,7 +421,7 @@ async fn relay<D: AsyncRead + AsyncWrite + Unpin, U: AsyncRead + AsyncWrite + Un
     (rx.into_inner(), tx.into_inner(), idled)
 }
 
-/// One direction: reads at most `limit` bytes (16 KiB at a time) before writing them on.
+/// One direction: reads at most `limit` bytes before writing them on.
 async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
@@ -427,9 +430,13 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     activity: &AtomicU64,
     bytes: &AtomicU64,
 ) -> bool {
-    // 64 KiB a read (never more than the buffer limit): fewer system calls per byte on bulk
-    // transfers, as Envoy reads several 16 KiB slices per wakeup.
-    let mut buf = vec![0u8; limit.clamp(1, 64 * 1024)];
+    // Envoy reads what a socket holds, up to the buffer limit, before one write: on bulk
+    // transfers the per-call cost of the system calls (and the peer's wakeups) is spread over
+    // more bytes. The buffer grows while reads fill it and shrinks back when they stop doing
+    // so, so a connection that once moved a burst does not keep a large buffer while quiet.
+    let cap = limit.max(1);
+    let small = cap.min(SMALL_READ);
+    let mut buf = vec![0u8; small];
     let touch = || activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     loop {
         match r.read(&mut buf).await {
@@ -444,6 +451,11 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     return false;
                 }
                 touch();
+                if n == buf.len() && buf.len() < cap {
+                    buf.resize((buf.len() * 4).min(cap), 0);
+                } else if n < small && buf.len() > small {
+                    buf = vec![0u8; small];
+                }
             }
         }
     }
