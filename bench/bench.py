@@ -56,7 +56,7 @@ def perf_record(pid, out, name, duration):
     """perf sampling the proxy while the load runs (DWARF call graphs: neither proxy keeps frame
     pointers)."""
     data = os.path.join(out, f"{name}.perf.data")
-    return subprocess.Popen(["perf", "record", "-q", "-F", "499", "--call-graph", "dwarf,16384", "-p", str(pid),
+    return subprocess.Popen(["perf", "record", "-q", "-F", "199", "--call-graph", "dwarf,16384", "-p", str(pid),
                              "-o", data, "--", "sleep", str(duration)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), data
 
@@ -435,14 +435,15 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="one short run of a few scenarios: checks the harness")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--only", default="", help="comma-separated scenario names")
-    ap.add_argument("--profile", action="store_true",
-                    help="record each proxy with perf during the first run of each scenario: flame graphs "
-                         "(with inferno-flamegraph on PATH) and the top functions, in the results directory")
+    ap.add_argument("--profile", default="", metavar="NAME,...",
+                    help="record each proxy with perf in an extra, uncounted run of these scenarios: the top "
+                         "functions and (with inferno-flamegraph on PATH) flame graphs, in the results directory")
     ap.add_argument("--seed", default=os.path.join(ROOT, "..", "shared", "corpus", "istio-1.14-sidecar-fortio-server.config_dump.yaml"))
     a = ap.parse_args()
     if a.smoke:
         a.runs, a.duration = 1, 1
     only = set(filter(None, a.only.split(",")))
+    profile = set(filter(None, a.profile.split(",")))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
     out = os.path.join(a.out, stamp + ("-smoke" if a.smoke else ""))
     os.makedirs(out, exist_ok=True)
@@ -468,7 +469,7 @@ def main():
                 key = name if workers == 1 else f"{name}_2_workers"
                 r = {"metric": metric, "pilotfish": [], "envoy": [], "direct": []}
                 # A profiled run (perf costs the proxy some CPU) comes first and is not counted.
-                for run in ([-1] if a.profile else []) + list(range(a.runs)):
+                for run in ([-1] if key in profile else []) + list(range(a.runs)):
                     order = ["pilotfish", "envoy"] if run % 2 == 0 else ["envoy", "pilotfish"]
                     for kind in order:
                         p = Proxy(kind, config, ports["admin"], workers, d, cpus)

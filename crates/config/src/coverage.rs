@@ -16,8 +16,30 @@ use std::collections::BTreeMap;
 const FIELDS: &[(&str, &[&str])] = &[
     (
         "envoy.config.bootstrap.v3.Bootstrap",
-        &["node", "static_resources", "admin", "tracing"],
+        &[
+            "node",
+            "static_resources",
+            "dynamic_resources",
+            "admin",
+            "tracing",
+        ],
     ),
+    // xDS: ADS (state of the world) over a static cluster, clusters and listeners through it.
+    (
+        "envoy.config.bootstrap.v3.Bootstrap.DynamicResources",
+        &["lds_config", "cds_config", "ads_config"],
+    ),
+    (
+        "envoy.config.core.v3.ApiConfigSource",
+        &[
+            "api_type",
+            "transport_api_version",
+            "grpc_services",
+            "set_node_on_first_message_only",
+        ],
+    ),
+    ("envoy.config.core.v3.GrpcService", &["envoy_grpc"]),
+    ("envoy.config.core.v3.GrpcService.EnvoyGrpc", &["cluster_name"]),
     ("envoy.config.bootstrap.v3.Admin", &["address"]),
     // The tracer connection managers without their own use.
     ("envoy.config.trace.v3.Tracing", &["http"]),

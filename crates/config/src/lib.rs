@@ -5,6 +5,7 @@
 //! standalone bootstrap.
 
 pub mod coverage;
+pub mod dynamic;
 pub mod error;
 pub mod istio;
 pub mod model;

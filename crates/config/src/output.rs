@@ -144,6 +144,24 @@ pub fn config_dump(set: &ResourceSet, include_eds: bool) -> ConfigDump {
             }
         }
     }
+    // Refused updates: the listener as it was sent and why it was refused.
+    for e in &set.update_errors {
+        if pilotfish_api::type_url_message_name(&e.type_url) != Listener::full_name() {
+            continue;
+        }
+        listeners
+            .dynamic_listeners
+            .push(listeners_config_dump::DynamicListener {
+                name: e.name.clone(),
+                error_state: Some(UpdateFailureState {
+                    failed_configuration: Some(e.failed_configuration.clone()),
+                    last_update_attempt: e.last_update_attempt,
+                    details: e.details.clone(),
+                    version_info: String::new(),
+                }),
+                ..Default::default()
+            });
+    }
     configs.push(pack(&listeners));
     let mut routes = RoutesConfigDump::default();
     for r in &set.route_configs {

@@ -56,6 +56,19 @@ pub struct ResourceSet {
     /// Things in the document that are not part of the running configuration (warming or draining
     /// listeners, warming clusters and secrets, update errors): reported, not loaded.
     pub not_active: Vec<String>,
+    /// xDS updates refused (NACKed), resource by resource, as Envoy's dump shows them
+    /// (`error_state`).
+    pub update_errors: Vec<UpdateError>,
+}
+
+/// A resource of an xDS response that was refused, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateError {
+    pub type_url: String,
+    pub name: String,
+    pub details: String,
+    pub failed_configuration: Any,
+    pub last_update_attempt: Option<Timestamp>,
 }
 
 impl ResourceSet {
@@ -358,7 +371,9 @@ impl ResourceSet {
     }
 }
 
-fn inline_route_configs(listeners: &[Resource<Listener>]) -> Vec<Resource<RouteConfiguration>> {
+pub(crate) fn inline_route_configs(
+    listeners: &[Resource<Listener>],
+) -> Vec<Resource<RouteConfiguration>> {
     use pilotfish_api::pb::envoy::config::listener::v3::filter::ConfigType;
     use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
         http_connection_manager::RouteSpecifier, HttpConnectionManager,

@@ -24,6 +24,7 @@ pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
 pub mod transport_socket;
+pub mod xds;
 
 pub use server::Options;
 
@@ -208,6 +209,21 @@ pub fn run(cfg: Config, options: Options) -> u8 {
 
 async fn serve(cfg: Config, options: Options) -> u8 {
     tracing::info!(target: "main", "initializing pilotfish {} (concurrency {})", env!("CARGO_PKG_VERSION"), options.concurrency);
+    // A control plane's configuration first: the proxy starts with what it sends.
+    let (cfg, ads) = match xds::ads(&cfg.resources) {
+        Ok(None) => (cfg, None),
+        Ok(Some(ads)) => match xds::fetch(&cfg, &ads).await {
+            Ok((cfg, running)) => (cfg, Some(running)),
+            Err(e) => {
+                tracing::error!(target: "main", "{e}");
+                return 1;
+            }
+        },
+        Err(e) => {
+            tracing::error!(target: "main", "{e}");
+            return 1;
+        }
+    };
     for w in cfg.warnings() {
         tracing::warn!(target: "config", "{w}");
     }
@@ -268,6 +284,9 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     // SAFETY: malloc_trim only gives back memory that no allocation holds.
     unsafe {
         libc::malloc_trim(0);
+    }
+    if let Some(ads) = ads {
+        tokio::spawn(ads.serve());
     }
     server.live.store(true, Ordering::Relaxed);
     tracing::info!(target: "main", "starting main dispatch loop");

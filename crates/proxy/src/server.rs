@@ -650,6 +650,7 @@ async fn handshake(
             .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
             .unwrap_or_default(),
         alpn: session.alpn_protocol().map(<[u8]>::to_vec),
+        xfcc_element: Default::default(),
     };
     Some((Box::new(s), Arc::new(info)))
 }

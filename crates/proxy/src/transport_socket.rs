@@ -57,6 +57,9 @@ pub struct TlsInfo {
     pub peer_chain: Vec<Vec<u8>>,
     /// The protocol agreed by ALPN.
     pub alpn: Option<Vec<u8>>,
+    /// This hop's x-forwarded-client-cert element: it depends only on the connection (and its
+    /// one connection manager), so the certificate is parsed and hashed once, not per request.
+    pub xfcc_element: std::sync::OnceLock<String>,
 }
 
 /// A certificate's subject (RFC 2253, as OpenSSL prints it) and its URI and DNS SANs.

@@ -1059,34 +1059,38 @@ fn forward_client_cert(c: &HttpConnectionManager, info: &Downstream, h: &mut Hea
         return;
     };
     let element = || {
-        let d = c.set_current_client_cert_details.unwrap_or_default();
-        let facts = crate::transport_socket::cert_facts(leaf);
-        let mut parts = vec![];
-        if let Some(by) = &tls.local_uri {
-            parts.push(format!("By={by}"));
-        }
-        let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
-        let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        parts.push(format!("Hash={hash}"));
-        if d.cert {
-            parts.push(format!(
-                "Cert=\"{}\"",
-                url_encoded_pem(std::slice::from_ref(leaf))
-            ));
-        }
-        if d.chain {
-            parts.push(format!("Chain=\"{}\"", url_encoded_pem(&tls.peer_chain)));
-        }
-        if d.subject.as_ref().is_some_and(|v| v.value) {
-            parts.push(format!("Subject=\"{}\"", facts.subject));
-        }
-        if d.uri {
-            parts.extend(facts.uris.iter().map(|u| format!("URI={u}")));
-        }
-        if d.dns {
-            parts.extend(facts.dns.iter().map(|n| format!("DNS={n}")));
-        }
-        parts.join(";")
+        tls.xfcc_element
+            .get_or_init(|| {
+                let d = c.set_current_client_cert_details.unwrap_or_default();
+                let facts = crate::transport_socket::cert_facts(leaf);
+                let mut parts = vec![];
+                if let Some(by) = &tls.local_uri {
+                    parts.push(format!("By={by}"));
+                }
+                let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
+                let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                parts.push(format!("Hash={hash}"));
+                if d.cert {
+                    parts.push(format!(
+                        "Cert=\"{}\"",
+                        url_encoded_pem(std::slice::from_ref(leaf))
+                    ));
+                }
+                if d.chain {
+                    parts.push(format!("Chain=\"{}\"", url_encoded_pem(&tls.peer_chain)));
+                }
+                if d.subject.as_ref().is_some_and(|v| v.value) {
+                    parts.push(format!("Subject=\"{}\"", facts.subject));
+                }
+                if d.uri {
+                    parts.extend(facts.uris.iter().map(|u| format!("URI={u}")));
+                }
+                if d.dns {
+                    parts.extend(facts.dns.iter().map(|n| format!("DNS={n}")));
+                }
+                parts.join(";")
+            })
+            .clone()
     };
     match mode {
         F::Sanitize => {

@@ -1,0 +1,313 @@
+#![allow(dead_code)]
+//! A small xDS management server for tests (ADS, state of the world, tonic): it serves a snapshot
+//! of resources by type, pushes each new snapshot to the open streams, and records every request
+//! a proxy sends (type, version, names, nonce, NACK message), so real Envoy and pilotfish can be
+//! driven through the same sequence and their conversations compared.
+
+use pilotfish_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use pilotfish_api::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use pilotfish_api::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// One request as the server saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub type_url: String,
+    pub version_info: String,
+    pub resource_names: Vec<String>,
+    pub response_nonce: String,
+    /// A NACK's message.
+    pub error: Option<String>,
+    pub has_node: bool,
+}
+
+impl Seen {
+    /// `CDS v1 nonce=2 [names]`, or with `NACK`: the shape compared between proxies.
+    pub fn summary(&self) -> String {
+        let kind = match self.type_url.as_str() {
+            CLUSTER => "CDS",
+            ENDPOINT => "EDS",
+            LISTENER => "LDS",
+            ROUTE => "RDS",
+            other => other,
+        };
+        format!(
+            "{kind} version='{}' nonce='{}' names={:?}{}",
+            self.version_info,
+            self.response_nonce,
+            self.resource_names,
+            if self.error.is_some() { " NACK" } else { "" }
+        )
+    }
+}
+
+/// A resource set by type: version and resources (name -> Any).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub version: String,
+    pub resources: BTreeMap<String, BTreeMap<String, Any>>,
+}
+
+impl Snapshot {
+    pub fn new(version: &str) -> Snapshot {
+        Snapshot {
+            version: version.to_string(),
+            resources: BTreeMap::new(),
+        }
+    }
+
+    pub fn with<T: Message + Name>(mut self, name: &str, value: &T) -> Snapshot {
+        self.resources
+            .entry(T::type_url())
+            .or_default()
+            .insert(name.to_string(), any(value));
+        self
+    }
+}
+
+pub fn any<T: Message + Name>(value: &T) -> Any {
+    Any {
+        type_url: T::type_url(),
+        value: value.encode_to_vec(),
+    }
+}
+
+struct State {
+    snapshot: watch::Sender<Snapshot>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+pub struct XdsServer {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for XdsServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl XdsServer {
+    /// Serves `initial` on a free loopback port, on a runtime of its own thread.
+    pub fn start(initial: Snapshot) -> XdsServer {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        l.set_nonblocking(true).unwrap();
+        XdsServer::serve(initial, addr, move || {
+            tokio_stream::wrappers::TcpListenerStream::new(
+                tokio::net::TcpListener::from_std(l).unwrap(),
+            )
+        })
+    }
+
+    /// The same on a Unix socket, as istio-agent serves its sidecar (`addr` is then unused).
+    pub fn start_unix(initial: Snapshot, path: &std::path::Path) -> XdsServer {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        XdsServer::serve(initial, "0.0.0.0:0".parse().unwrap(), move || {
+            tokio_stream::wrappers::UnixListenerStream::new(
+                tokio::net::UnixListener::from_std(l).unwrap(),
+            )
+        })
+    }
+
+    fn serve<I, IO, IE>(
+        initial: Snapshot,
+        addr: SocketAddr,
+        incoming: impl FnOnce() -> I + Send + 'static,
+    ) -> XdsServer
+    where
+        I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let state = Arc::new(State {
+            snapshot: watch::channel(initial).0,
+            seen: Mutex::new(vec![]),
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ads = Ads(state.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                // One service: no router needed.
+                let _ = tonic::transport::Server::builder()
+                    .serve_with_incoming_shutdown(
+                        AggregatedDiscoveryServiceServer::new(ads),
+                        incoming(),
+                        async {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await;
+            });
+        });
+        XdsServer {
+            addr,
+            state,
+            stop: Some(stop),
+        }
+    }
+
+    /// Pushes a new snapshot to every open stream.
+    pub fn set(&self, snapshot: Snapshot) {
+        self.state.snapshot.send_replace(snapshot);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for what was seen (at most 20 s), and returns it.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&[Seen]) -> bool) -> Vec<Seen> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let seen = self.seen();
+            if done(&seen) {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "xDS server: {what} did not happen; seen:\n{}",
+                seen.iter()
+                    .map(Seen::summary)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+struct Ads(Arc<State>);
+
+/// Per stream and type: what was last sent.
+#[derive(Default)]
+struct Sent {
+    version: String,
+    nonce: String,
+    names: Vec<String>,
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
+    type DeltaAggregatedResourcesStream =
+        ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let state = self.0.clone();
+        tokio::spawn(async move {
+            let mut snapshots = state.snapshot.subscribe();
+            let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
+            let mut nonce = 0u64;
+            loop {
+                tokio::select! {
+                    msg = inbound.message() => {
+                        let Ok(Some(req)) = msg else { return };
+                        state.seen.lock().unwrap().push(Seen {
+                            type_url: req.type_url.clone(),
+                            version_info: req.version_info.clone(),
+                            resource_names: req.resource_names.clone(),
+                            response_nonce: req.response_nonce.clone(),
+                            error: req.error_detail.as_ref().map(|e| e.message.clone()),
+                            has_node: req.node.is_some(),
+                        });
+                        let s = sent.entry(req.type_url.clone()).or_default();
+                        // An ACK or NACK of what was sent, names unchanged: nothing to answer.
+                        if !req.response_nonce.is_empty()
+                            && req.response_nonce == s.nonce
+                            && req.resource_names == s.names
+                        {
+                            continue;
+                        }
+                        s.names = req.resource_names.clone();
+                        let snapshot = snapshots.borrow().clone();
+                        nonce += 1;
+                        if tx.send(Ok(respond(&snapshot, &req.type_url, s, nonce))).await.is_err() {
+                            return;
+                        }
+                    }
+                    changed = snapshots.changed() => {
+                        if changed.is_err() { return; }
+                        let snapshot = snapshots.borrow_and_update().clone();
+                        for (type_url, s) in sent.iter_mut() {
+                            if s.version == snapshot.version {
+                                continue;
+                            }
+                            nonce += 1;
+                            if tx.send(Ok(respond(&snapshot, type_url, s, nonce))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "this test server speaks state of the world only",
+        ))
+    }
+}
+
+/// The snapshot's resources of a type: all of them for a wildcard request, else those named.
+fn respond(snapshot: &Snapshot, type_url: &str, s: &mut Sent, nonce: u64) -> DiscoveryResponse {
+    let all = snapshot.resources.get(type_url);
+    let resources = all
+        .map(|m| {
+            m.iter()
+                .filter(|(name, _)| s.names.is_empty() || s.names.contains(name))
+                .map(|(_, a)| a.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    s.version = snapshot.version.clone();
+    s.nonce = nonce.to_string();
+    DiscoveryResponse {
+        version_info: snapshot.version.clone(),
+        resources,
+        type_url: type_url.to_string(),
+        nonce: s.nonce.clone(),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,635 @@
+//! xDS: the configuration a control plane streams over ADS (aggregated, state of the world),
+//! asked for in Envoy's order at start-up: clusters, then the endpoints of the EDS clusters, then
+//! listeners, then the route configurations their connection managers name. Each response is
+//! checked as Envoy checks an update and ACKed, or NACKed with the reason; the accepted whole,
+//! laid over the bootstrap's static resources, is what the proxy starts with.
+//!
+//! Updates after start-up are not applied yet: they are NACKed with that reason, so the control
+//! plane sees that this proxy keeps the configuration it started with.
+
+use pilotfish_api::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use pilotfish_api::pb::envoy::config::core::v3::{
+    address, api_config_source::ApiType, config_source::ConfigSourceSpecifier,
+    grpc_service::TargetSpecifier, ApiConfigSource, ConfigSource, Node,
+};
+use pilotfish_api::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use pilotfish_api::pb::envoy::config::listener::v3::{filter, Listener};
+use pilotfish_api::pb::envoy::config::route::v3::RouteConfiguration;
+use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::RouteSpecifier, HttpConnectionManager,
+};
+use pilotfish_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use pilotfish_api::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use pilotfish_api::pb::google::rpc::Status;
+use pilotfish_config::dynamic::{self, DynamicResources};
+use pilotfish_config::error::ConfigErrors;
+use pilotfish_config::resources::ResourceSet;
+use pilotfish_config::Config;
+use prost::{Message, Name};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// Where the ADS stream goes and how it is asked, from the bootstrap's `dynamic_resources`.
+#[derive(Debug, Clone)]
+pub struct Ads {
+    /// The static cluster that reaches the management server (Istio's `xds-grpc`).
+    pub cluster: String,
+    pub target: Target,
+    pub set_node_on_first_message_only: bool,
+    /// How long start-up waits for clusters (with their endpoints) and for listeners (with
+    /// their routes) before going on without them: each config source's
+    /// `initial_fetch_timeout` (Envoy's default: 15 s).
+    pub cds_timeout: Duration,
+    pub lds_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// The bootstrap's ADS configuration, if it has one; an error for the xDS shapes pilotfish does
+/// not speak yet (Envoy would run them, so the proxy must not start without them).
+pub fn ads(set: &ResourceSet) -> Result<Option<Ads>, String> {
+    let Some(d) = &set.bootstrap.dynamic_resources else {
+        return Ok(None);
+    };
+    let mut timeouts = [Duration::from_secs(15); 2];
+    for (i, (what, source)) in [("cds_config", &d.cds_config), ("lds_config", &d.lds_config)]
+        .into_iter()
+        .enumerate()
+    {
+        let Some(source) = source else { continue };
+        if !matches!(
+            source.config_source_specifier,
+            Some(ConfigSourceSpecifier::Ads(_))
+        ) {
+            return Err(format!(
+                "dynamic_resources.{what}: only ads {{}} is implemented (a config source of its own is not yet)"
+            ));
+        }
+        timeouts[i] = initial_fetch_timeout(source).unwrap_or(timeouts[i]);
+    }
+    if d.lds_config.is_none() && d.cds_config.is_none() {
+        return Ok(None);
+    }
+    let Some(api) = &d.ads_config else {
+        return Err(
+            "dynamic_resources: lds_config or cds_config names ads, and ads_config is not set"
+                .into(),
+        );
+    };
+    let target = ads_target(set, api)?;
+    Ok(Some(Ads {
+        cluster: target.0,
+        target: target.1,
+        set_node_on_first_message_only: api.set_node_on_first_message_only,
+        cds_timeout: timeouts[0],
+        lds_timeout: timeouts[1],
+    }))
+}
+
+fn initial_fetch_timeout(source: &ConfigSource) -> Option<Duration> {
+    let t = source.initial_fetch_timeout.as_ref()?;
+    // 0 means no timeout: wait for the control plane as long as it takes.
+    let d = Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+    Some(if d.is_zero() { Duration::MAX } else { d })
+}
+
+fn ads_target(set: &ResourceSet, api: &ApiConfigSource) -> Result<(String, Target), String> {
+    match ApiType::try_from(api.api_type) {
+        Ok(ApiType::Grpc) => {}
+        Ok(ApiType::DeltaGrpc) => {
+            return Err(
+                "dynamic_resources.ads_config: DELTA_GRPC (incremental xDS) is not implemented yet; GRPC is"
+                    .into(),
+            )
+        }
+        _ => {
+            return Err(format!(
+                "dynamic_resources.ads_config: api_type {} is not implemented; GRPC is",
+                api.api_type
+            ))
+        }
+    }
+    let cluster = match api.grpc_services.first().and_then(|g| g.target_specifier.as_ref()) {
+        Some(TargetSpecifier::EnvoyGrpc(e)) => e.cluster_name.clone(),
+        Some(TargetSpecifier::GoogleGrpc(_)) => {
+            return Err("dynamic_resources.ads_config.grpc_services[0]: google_grpc is not implemented; envoy_grpc is".into())
+        }
+        None => return Err("dynamic_resources.ads_config: no grpc_services".into()),
+    };
+    let c = set.cluster(&cluster).ok_or_else(|| {
+        format!("dynamic_resources.ads_config: cluster '{cluster}' is not a static cluster")
+    })?;
+    if c.value.transport_socket.is_some() || !c.value.transport_socket_matches.is_empty() {
+        return Err(format!(
+            "cluster '{cluster}': TLS to the xDS server is not implemented yet"
+        ));
+    }
+    use pilotfish_api::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    let address = c
+        .value
+        .load_assignment
+        .as_ref()
+        .and_then(|la| la.endpoints.first())
+        .and_then(|e| e.lb_endpoints.first())
+        .and_then(|e| match &e.host_identifier {
+            Some(HostIdentifier::Endpoint(ep)) => ep.address.as_ref(),
+            _ => None,
+        })
+        .ok_or_else(|| format!("cluster '{cluster}': no endpoint address"))?;
+    let target = match &address.address {
+        Some(address::Address::Pipe(p)) => Target::Unix(PathBuf::from(&p.path)),
+        Some(address::Address::SocketAddress(_)) => Target::Tcp(
+            pilotfish_decide::listener::socket_addr(address).ok_or_else(|| {
+                format!("cluster '{cluster}': the xDS server's address must be an IP address")
+            })?,
+        ),
+        _ => return Err(format!("cluster '{cluster}': unsupported address kind")),
+    };
+    Ok((cluster, target))
+}
+
+/// One subscription on the stream: what is asked for, and what was last accepted and seen.
+#[derive(Debug, Default)]
+struct Watch {
+    /// Empty: every resource of the type (CDS, LDS).
+    names: Vec<String>,
+    version: String,
+    nonce: String,
+    requested: bool,
+    /// A response was accepted (or the initial fetch timed out).
+    ready: bool,
+}
+
+struct Stream {
+    tx: UnboundedSender<DiscoveryRequest>,
+    node: Node,
+    node_sent: bool,
+    node_first_only: bool,
+}
+
+impl Stream {
+    fn send(&mut self, type_url: &str, w: &Watch, error: Option<String>) {
+        let node = (!self.node_first_only || !self.node_sent).then(|| self.node.clone());
+        self.node_sent = true;
+        let _ = self.tx.send(DiscoveryRequest {
+            version_info: w.version.clone(),
+            node,
+            resource_names: w.names.clone(),
+            type_url: type_url.to_string(),
+            response_nonce: w.nonce.clone(),
+            error_detail: error.map(|message| Status {
+                // INTERNAL, as Envoy reports a rejected update.
+                code: 13,
+                message,
+                details: vec![],
+            }),
+            ..Default::default()
+        });
+    }
+}
+
+/// The start-up fetch: what has been accepted so far, by type.
+struct Fetch {
+    stream: Stream,
+    cds: Watch,
+    eds: Watch,
+    lds: Watch,
+    rds: Watch,
+    dynamic: DynamicResources,
+}
+
+/// Connects, asks for the configuration in Envoy's order and returns it once every type the
+/// configuration needs has arrived (or timed out), with the stream to keep serving.
+pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String> {
+    let node = base.resources.bootstrap.node.clone().unwrap_or_default();
+    let mut delay = Duration::from_millis(250);
+    let channel = loop {
+        match connect(&ads.target).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(target: "config", "xDS: cannot reach cluster '{}' ({:?}): {e}; again in {delay:?}", ads.cluster, ads.target);
+                tokio::time::sleep(delay).await;
+                // Envoy's backoff: doubling, at most 30 s.
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut f = Fetch {
+        stream: Stream {
+            tx,
+            node,
+            node_sent: false,
+            node_first_only: ads.set_node_on_first_message_only,
+        },
+        cds: Watch::default(),
+        eds: Watch::default(),
+        lds: Watch::default(),
+        rds: Watch::default(),
+        dynamic: DynamicResources::default(),
+    };
+    let wants_cds = base
+        .resources
+        .bootstrap
+        .dynamic_resources
+        .as_ref()
+        .is_some_and(|d| d.cds_config.is_some());
+    if wants_cds {
+        f.cds.requested = true;
+        f.stream.send(CLUSTER, &f.cds, None);
+    } else {
+        f.cds.ready = true;
+        f.eds.ready = true;
+        f.request_listeners(base);
+    }
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let mut inbound = client
+        .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("xDS: the ADS stream was refused: {e}"))?
+        .into_inner();
+    tracing::info!(target: "config", "xDS: ADS stream to cluster '{}' open", ads.cluster);
+    while !f.complete() {
+        let wait = if f.lds.requested {
+            ads.lds_timeout
+        } else {
+            ads.cds_timeout
+        };
+        let next = tokio::time::timeout(wait, inbound.message()).await;
+        match next {
+            Ok(Ok(Some(r))) => f.on_response(base, r),
+            Ok(Ok(None)) => {
+                return Err("xDS: the management server closed the stream during start-up".into())
+            }
+            Ok(Err(e)) => return Err(format!("xDS: the ADS stream failed during start-up: {e}")),
+            Err(_) => {
+                tracing::warn!(target: "config", "xDS: initial fetch timed out after {wait:?}; going on with what has arrived");
+                f.give_up_waiting(base);
+            }
+        }
+    }
+    let config = dynamic::assemble(base, &f.dynamic).map_err(|e| e.to_string())?;
+    Ok((config, Running { fetch: f, inbound }))
+}
+
+/// The stream after start-up.
+pub struct Running {
+    fetch: Fetch,
+    inbound: tonic::Streaming<DiscoveryResponse>,
+}
+
+impl Running {
+    /// Refuses what the control plane sends from now on, saying why, until the stream ends.
+    pub async fn serve(mut self) {
+        loop {
+            match self.inbound.message().await {
+                Ok(Some(r)) => {
+                    let Some(w) = self.fetch.watch(&r.type_url) else {
+                        tracing::warn!(target: "config", "xDS: ignoring a response for {} (not subscribed)", r.type_url);
+                        continue;
+                    };
+                    w.nonce = r.nonce.clone();
+                    let msg = format!("pilotfish applies xDS configuration at start-up only; version {} of {} is not applied (live updates are not implemented yet)", r.version_info, r.type_url);
+                    tracing::warn!(target: "config", "xDS: {msg}");
+                    self.fetch.reply(&r.type_url, Some(msg));
+                }
+                Ok(None) => {
+                    tracing::warn!(target: "config", "xDS: the management server closed the stream; keeping the configuration");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "config", "xDS: the ADS stream failed: {e}; keeping the configuration");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Fetch {
+    fn watch(&mut self, type_url: &str) -> Option<&mut Watch> {
+        match type_url {
+            CLUSTER if self.cds.requested => Some(&mut self.cds),
+            ENDPOINT if self.eds.requested => Some(&mut self.eds),
+            LISTENER if self.lds.requested => Some(&mut self.lds),
+            ROUTE if self.rds.requested => Some(&mut self.rds),
+            _ => None,
+        }
+    }
+
+    /// Tells the server where this type stands: an ACK, or with `error` a NACK.
+    fn reply(&mut self, type_url: &str, error: Option<String>) {
+        let (type_url, w) = match type_url {
+            CLUSTER => (CLUSTER, &self.cds),
+            ENDPOINT => (ENDPOINT, &self.eds),
+            LISTENER => (LISTENER, &self.lds),
+            _ => (ROUTE, &self.rds),
+        };
+        self.stream.send(type_url, w, error);
+    }
+
+    fn complete(&self) -> bool {
+        self.cds.ready && self.eds.ready && self.lds.ready && self.rds.ready
+    }
+
+    fn on_response(&mut self, base: &Config, r: DiscoveryResponse) {
+        if self.watch(&r.type_url).is_none() {
+            tracing::warn!(target: "config", "xDS: ignoring a response for {} (not subscribed)", r.type_url);
+            return;
+        }
+        // A response is taken whole or not at all: checked alone, then with the rest of the
+        // configuration (a cluster may not replace a static one, and so on).
+        let before = self.dynamic.clone();
+        let accepted = match r.type_url.as_str() {
+            CLUSTER => self.on_clusters(&r),
+            ENDPOINT => self.on_endpoints(&r).map(|()| vec![]),
+            LISTENER => self.on_listeners(&r),
+            _ => self.on_routes(&r).map(|()| vec![]),
+        }
+        .and_then(|names| dynamic::assemble(base, &self.dynamic).map(|_| names));
+        if accepted.is_err() {
+            self.dynamic = before;
+            let refused = match r.type_url.as_str() {
+                CLUSTER => dynamic::refused(&r.resources, |c: &Cluster| c.name.clone()),
+                ENDPOINT => dynamic::refused(&r.resources, |c: &ClusterLoadAssignment| {
+                    c.cluster_name.clone()
+                }),
+                LISTENER => dynamic::refused(&r.resources, |l: &Listener| l.name.clone()),
+                _ => dynamic::refused(&r.resources, |rc: &RouteConfiguration| rc.name.clone()),
+            };
+            self.dynamic.refuse(refused);
+        }
+        // What the accepted resources name is asked for (Envoy sends it ahead of the ACK).
+        if let Ok(names) = &accepted {
+            match r.type_url.as_str() {
+                CLUSTER => self.subscribe(ENDPOINT, names.clone()),
+                LISTENER => self.subscribe(ROUTE, names.clone()),
+                _ => {}
+            }
+        }
+        let accepted = accepted.map(|_| ());
+        let type_url = r.type_url.as_str();
+        let w = self.watch(type_url).expect("subscribed");
+        w.nonce = r.nonce.clone();
+        match accepted {
+            Ok(()) => {
+                w.version = r.version_info.clone();
+                w.ready = true;
+                tracing::info!(target: "config", "xDS: {type_url} version {} accepted ({} resources)", r.version_info, r.resources.len());
+                // Initialization moves on while the response is handled: the listeners are
+                // asked for ahead of the ACK of the endpoints that completed the clusters.
+                self.advance(base);
+                self.reply(type_url, None);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::warn!(target: "config", "xDS: {type_url} version {} rejected: {msg}", r.version_info);
+                self.reply(type_url, Some(msg));
+            }
+        }
+    }
+
+    /// Listeners once the clusters and their endpoints are in, as Envoy's initialization goes.
+    fn advance(&mut self, base: &Config) {
+        if self.cds.ready && self.eds.ready && !self.lds.requested {
+            self.request_listeners(base);
+        }
+    }
+
+    fn request_listeners(&mut self, base: &Config) {
+        let wants_lds = base
+            .resources
+            .bootstrap
+            .dynamic_resources
+            .as_ref()
+            .is_some_and(|d| d.lds_config.is_some());
+        if wants_lds {
+            self.lds.requested = true;
+            self.stream.send(LISTENER, &self.lds, None);
+        } else {
+            self.lds.ready = true;
+            self.rds.ready = true;
+        }
+    }
+
+    /// The types being waited for are taken as they stand; the next phase gets its own wait.
+    fn give_up_waiting(&mut self, base: &Config) {
+        for w in [&mut self.cds, &mut self.eds, &mut self.lds, &mut self.rds] {
+            if w.requested {
+                w.ready = true;
+            }
+        }
+        if self.cds.ready && !self.eds.requested {
+            self.eds.ready = true;
+        }
+        if self.lds.ready && !self.rds.requested {
+            self.rds.ready = true;
+        }
+        self.advance(base);
+    }
+
+    /// Takes the clusters; returns the EDS names they ask for.
+    fn on_clusters(&mut self, r: &DiscoveryResponse) -> Result<Vec<String>, ConfigErrors> {
+        let clusters: Vec<Cluster> = decode_all(r)?;
+        let mut eds: Vec<String> = clusters
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c.cluster_discovery_type,
+                    Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Eds as i32
+                )
+            })
+            .map(|c| {
+                c.eds_cluster_config
+                    .as_ref()
+                    .map(|e| e.service_name.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| c.name.clone())
+            })
+            .collect();
+        eds.sort();
+        eds.dedup();
+        self.dynamic.clusters = clusters
+            .into_iter()
+            .map(|c| {
+                dynamic::resource(
+                    c.name.clone(),
+                    format!("clusters[{}]", c.name),
+                    &r.version_info,
+                    c,
+                )
+            })
+            .collect();
+        Ok(eds)
+    }
+
+    /// Subscribes EDS or RDS to `names`; with none, that type has nothing to wait for.
+    fn subscribe(&mut self, type_url: &'static str, names: Vec<String>) {
+        let w = if type_url == ENDPOINT {
+            &mut self.eds
+        } else {
+            &mut self.rds
+        };
+        if names.is_empty() {
+            w.ready = true;
+            return;
+        }
+        if names != w.names || !w.requested {
+            w.names = names;
+            w.requested = true;
+            w.ready = false;
+            self.reply(type_url, None);
+        }
+    }
+
+    fn on_endpoints(&mut self, r: &DiscoveryResponse) -> Result<(), ConfigErrors> {
+        let cla: Vec<ClusterLoadAssignment> = decode_all(r)?;
+        self.dynamic.endpoints = cla
+            .into_iter()
+            .map(|c| {
+                dynamic::resource(
+                    c.cluster_name.clone(),
+                    format!("endpoints[{}]", c.cluster_name),
+                    &r.version_info,
+                    c,
+                )
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Takes the listeners; returns the route configurations they ask RDS for.
+    fn on_listeners(&mut self, r: &DiscoveryResponse) -> Result<Vec<String>, ConfigErrors> {
+        let listeners: Vec<Listener> = decode_all(r)?;
+        let mut rds: Vec<String> = listeners.iter().flat_map(route_config_names).collect();
+        rds.sort();
+        rds.dedup();
+        self.dynamic.listeners = listeners
+            .into_iter()
+            .map(|l| {
+                dynamic::resource(
+                    l.name.clone(),
+                    format!("listeners[{}]", l.name),
+                    &r.version_info,
+                    l,
+                )
+            })
+            .collect();
+        Ok(rds)
+    }
+
+    fn on_routes(&mut self, r: &DiscoveryResponse) -> Result<(), ConfigErrors> {
+        let routes: Vec<RouteConfiguration> = decode_all(r)?;
+        self.dynamic.route_configs = routes
+            .into_iter()
+            .map(|rc| {
+                dynamic::resource(
+                    rc.name.clone(),
+                    format!("route_configs[{}]", rc.name),
+                    &r.version_info,
+                    rc,
+                )
+            })
+            .collect();
+        Ok(())
+    }
+}
+
+/// Every resource of a response, each checked; the errors of all of them together.
+fn decode_all<T: Message + Name + Default>(r: &DiscoveryResponse) -> Result<Vec<T>, ConfigErrors> {
+    let kind = T::NAME.to_ascii_lowercase();
+    let mut out = vec![];
+    let mut errors = vec![];
+    for (i, any) in r.resources.iter().enumerate() {
+        match dynamic::decode_resource::<T>("ads", &format!("{kind}[{i}]"), any) {
+            Ok(v) => out.push(v),
+            Err(ConfigErrors(e)) => errors.extend(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// The route configurations a listener's connection managers ask RDS for.
+fn route_config_names(l: &Listener) -> Vec<String> {
+    let mut out = vec![];
+    for fc in l
+        .filter_chains
+        .iter()
+        .chain(l.default_filter_chain.as_ref())
+    {
+        for f in &fc.filters {
+            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                continue;
+            };
+            if pilotfish_api::type_url_message_name(&any.type_url)
+                != HttpConnectionManager::full_name()
+            {
+                continue;
+            }
+            let Ok(hcm) = HttpConnectionManager::decode(any.value.as_slice()) else {
+                continue;
+            };
+            if let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier {
+                out.push(rds.route_config_name);
+            }
+        }
+    }
+    out
+}
+
+async fn connect(target: &Target) -> Result<tonic::transport::Channel, String> {
+    match target {
+        Target::Tcp(a) => tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string()),
+        Target::Unix(path) => tonic::transport::Endpoint::from_static("http://xds")
+            .connect_with_connector(UnixConnector(path.clone()))
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// gRPC over a Unix socket, as istio-agent serves xDS to its sidecar.
+#[derive(Clone)]
+struct UnixConnector(PathBuf);
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for UnixConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move {
+            Ok(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(path).await?,
+            ))
+        })
+    }
+}
