@@ -527,6 +527,8 @@ def main():
                     else:
                         got = load_config(kind, files[kind], admin, d, 1)[0]
                     r[kind].append(got)
+                    if got["load_s"] is None:
+                        raise SystemExit(f"{name}: {kind} did not become ready")
                     print(f"{name:28} run {run + 1} {kind:9} ready {got['load_s']:.2f} s, RSS {got['rss_kib']} KiB ({got['anon_kib']} KiB anonymous)", flush=True)
             results["load"][name] = r
     finally:

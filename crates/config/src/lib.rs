@@ -176,7 +176,7 @@ fn load_str_as(
     // Reading goes through a tree of dynamic messages many times the size of what is kept. Built
     // on a thread of its own (its own allocator arena under glibc), that tree's memory is given
     // back whole when it goes, instead of staying between the pages the kept configuration
-    // landed on: with 10,000 services that was half of a proxy's memory.
+    // landed on: with 10,000 services that was a fifth of the proxy's memory.
     let read = std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("config-read".into())

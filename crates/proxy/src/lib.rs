@@ -210,7 +210,9 @@ pub fn run(cfg: Config, options: Options) -> u8 {
 async fn serve(cfg: Config, options: Options) -> u8 {
     tracing::info!(target: "main", "initializing pilotfish {} (concurrency {})", env!("CARGO_PKG_VERSION"), options.concurrency);
     // A control plane's configuration first: the proxy starts with what it sends.
-    let (cfg, ads) = match xds::ads(&cfg.resources) {
+    // A dump already holds what its control plane sent: only a bootstrap asks for it.
+    let asks = cfg.kind == pilotfish_config::DocumentKind::Bootstrap;
+    let (cfg, ads) = match xds::ads(&cfg.resources).map(|a| a.filter(|_| asks)) {
         Ok(None) => (cfg, None),
         Ok(Some(ads)) => match xds::fetch(&cfg, &ads).await {
             Ok((cfg, running)) => (cfg, Some(running)),
