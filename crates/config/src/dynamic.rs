@@ -87,14 +87,13 @@ pub fn decode_resource<T: Message + Name + Default>(
     let message = DynamicMessage::decode(desc, any.value.as_slice())
         .map_err(|e| ConfigError::new(source, path, format!("cannot decode: {e}")))?;
     let (findings, _) = validate::check_document(&message);
-    if !findings.is_empty() {
-        return Err(ConfigErrors(
-            findings
-                .into_iter()
-                .map(|(p, m)| ConfigError::new(source, crate::walk::join(path, &p), m))
-                .collect(),
-        ));
-    }
+    ConfigErrors::check(
+        source,
+        findings
+            .into_iter()
+            .map(|(p, m)| (crate::walk::join(path, &p), m))
+            .collect(),
+    )?;
     T::decode(any.value.as_slice())
         .map_err(|e| ConfigError::new(source, path, format!("cannot decode: {e}")).into())
 }
@@ -167,15 +166,7 @@ pub fn assemble(base: &Config, dynamic: &DynamicResources) -> Result<Config, Con
     // References a control plane has yet to fill (a route to a cluster not sent) are what Envoy
     // runs with too: not fatal, as in a dump.
     let model = Model::build(&set, false);
-    let findings = validate::check_resources(&set, &model);
-    if !findings.is_empty() {
-        return Err(ConfigErrors(
-            findings
-                .into_iter()
-                .map(|(p, m)| ConfigError::new("ads", p, m))
-                .collect(),
-        ));
-    }
+    ConfigErrors::check("ads", validate::check_resources(&set, &model))?;
     Ok(Config {
         resources: set,
         model,

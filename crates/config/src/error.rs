@@ -46,6 +46,21 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+impl ConfigErrors {
+    /// Checks' findings (path inside the configuration, problem) in `file`; `Ok` when none.
+    pub fn check(file: &str, findings: Vec<(String, String)>) -> Result<(), ConfigErrors> {
+        if findings.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigErrors(
+            findings
+                .into_iter()
+                .map(|(path, message)| ConfigError::new(file, path, message))
+                .collect(),
+        ))
+    }
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.0.iter().enumerate() {

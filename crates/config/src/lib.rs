@@ -112,15 +112,7 @@ fn load_message_as<T: prost::Message + prost::Name + Default>(
     format: Format,
 ) -> Result<T, ConfigErrors> {
     let message = parse::parse_as(file, text, format, &T::full_name())?;
-    let (findings, _) = validate::check_document(&message);
-    if !findings.is_empty() {
-        return Err(ConfigErrors(
-            findings
-                .into_iter()
-                .map(|(p, m)| ConfigError::new(file, p, m))
-                .collect(),
-        ));
-    }
+    ConfigErrors::check(file, validate::check_document(&message).0)?;
     message
         .transcode_to()
         .map_err(|e| ConfigError::new(file, "", e.to_string()).into())
@@ -172,7 +164,6 @@ fn load_str_as(
     format: Format,
 ) -> Result<Config, ConfigErrors> {
     let kind = kind.unwrap_or_else(|| DocumentKind::detect(text));
-    let mk = |(path, message): (String, String)| ConfigError::new(file, path, message);
     // Reading goes through a tree of dynamic messages many times the size of what is kept. Built
     // on a thread of its own (its own allocator arena under glibc), that tree's memory is given
     // back whole when it goes, instead of staying between the pages the kept configuration
@@ -199,10 +190,7 @@ fn load_str_as(
     };
     let deprecated_uses = read.deprecated_uses;
     let model = Model::build(&resources, kind == DocumentKind::Bootstrap);
-    let findings = validate::check_resources(&resources, &model);
-    if !findings.is_empty() {
-        return Err(ConfigErrors(findings.into_iter().map(mk).collect()));
-    }
+    ConfigErrors::check(file, validate::check_resources(&resources, &model))?;
     let mut deprecated: Vec<Deprecated> = vec![];
     for (path, field) in deprecated_uses {
         match deprecated.iter_mut().find(|d| d.field == field) {
@@ -240,14 +228,7 @@ fn read_document(
 ) -> Result<Read, ConfigErrors> {
     let parsed = parse::parse(file, text, format, kind)?;
     let (findings, deprecated_uses) = validate::check_document(&parsed.message);
-    if !findings.is_empty() {
-        return Err(ConfigErrors(
-            findings
-                .into_iter()
-                .map(|(path, message)| ConfigError::new(file, path, message))
-                .collect(),
-        ));
-    }
+    ConfigErrors::check(file, findings)?;
     Ok(Read {
         bytes: parsed.message.encode_to_vec(),
         opaque_types: parsed.opaque_types,

@@ -460,17 +460,8 @@ impl Fetch {
             .collect();
         eds.sort();
         eds.dedup();
-        self.dynamic.clusters = clusters
-            .into_iter()
-            .map(|c| {
-                dynamic::resource(
-                    c.name.clone(),
-                    format!("clusters[{}]", c.name),
-                    &r.version_info,
-                    c,
-                )
-            })
-            .collect();
+        self.dynamic.clusters =
+            resources(clusters, "clusters", |c| c.name.clone(), &r.version_info);
         Ok(eds)
     }
 
@@ -495,17 +486,12 @@ impl Fetch {
 
     fn on_endpoints(&mut self, r: &DiscoveryResponse) -> Result<(), ConfigErrors> {
         let cla: Vec<ClusterLoadAssignment> = decode_all(r)?;
-        self.dynamic.endpoints = cla
-            .into_iter()
-            .map(|c| {
-                dynamic::resource(
-                    c.cluster_name.clone(),
-                    format!("endpoints[{}]", c.cluster_name),
-                    &r.version_info,
-                    c,
-                )
-            })
-            .collect();
+        self.dynamic.endpoints = resources(
+            cla,
+            "endpoints",
+            |c| c.cluster_name.clone(),
+            &r.version_info,
+        );
         Ok(())
     }
 
@@ -515,35 +501,37 @@ impl Fetch {
         let mut rds: Vec<String> = listeners.iter().flat_map(route_config_names).collect();
         rds.sort();
         rds.dedup();
-        self.dynamic.listeners = listeners
-            .into_iter()
-            .map(|l| {
-                dynamic::resource(
-                    l.name.clone(),
-                    format!("listeners[{}]", l.name),
-                    &r.version_info,
-                    l,
-                )
-            })
-            .collect();
+        self.dynamic.listeners =
+            resources(listeners, "listeners", |l| l.name.clone(), &r.version_info);
         Ok(rds)
     }
 
     fn on_routes(&mut self, r: &DiscoveryResponse) -> Result<(), ConfigErrors> {
         let routes: Vec<RouteConfiguration> = decode_all(r)?;
-        self.dynamic.route_configs = routes
-            .into_iter()
-            .map(|rc| {
-                dynamic::resource(
-                    rc.name.clone(),
-                    format!("route_configs[{}]", rc.name),
-                    &r.version_info,
-                    rc,
-                )
-            })
-            .collect();
+        self.dynamic.route_configs = resources(
+            routes,
+            "route_configs",
+            |rc| rc.name.clone(),
+            &r.version_info,
+        );
         Ok(())
     }
+}
+
+/// Resources as the set keeps them, each under `kind[name]`.
+fn resources<T>(
+    items: Vec<T>,
+    kind: &str,
+    name_of: impl Fn(&T) -> String,
+    version_info: &str,
+) -> Vec<pilotfish_config::resources::Resource<T>> {
+    items
+        .into_iter()
+        .map(|v| {
+            let name = name_of(&v);
+            dynamic::resource(name.clone(), format!("{kind}[{name}]"), version_info, v)
+        })
+        .collect()
 }
 
 /// Every resource of a response, each checked; the errors of all of them together.
