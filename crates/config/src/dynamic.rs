@@ -56,6 +56,12 @@ pub fn refused<T: Message + Name + Default>(
 
 impl DynamicResources {
     /// Records refusals, each replacing an earlier one of the same resource.
+    /// An accepted update of a type: its earlier refusals are over (Envoy's dump drops a
+    /// resource's `error_state` once an update of it is taken).
+    pub fn accepted(&mut self, type_url: &str) {
+        self.errors.retain(|x| x.type_url != type_url);
+    }
+
     pub fn refuse(&mut self, errors: Vec<UpdateError>) {
         for e in errors {
             self.errors

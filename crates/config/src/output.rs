@@ -149,18 +149,27 @@ pub fn config_dump(set: &ResourceSet, include_eds: bool) -> ConfigDump {
         if pilotfish_api::type_url_message_name(&e.type_url) != Listener::full_name() {
             continue;
         }
-        listeners
+        let error_state = Some(UpdateFailureState {
+            failed_configuration: Some(e.failed_configuration.clone()),
+            last_update_attempt: e.last_update_attempt,
+            details: e.details.clone(),
+            version_info: String::new(),
+        });
+        // A listener in service whose update was refused shows both, in one entry.
+        match listeners
             .dynamic_listeners
-            .push(listeners_config_dump::DynamicListener {
-                name: e.name.clone(),
-                error_state: Some(UpdateFailureState {
-                    failed_configuration: Some(e.failed_configuration.clone()),
-                    last_update_attempt: e.last_update_attempt,
-                    details: e.details.clone(),
-                    version_info: String::new(),
+            .iter_mut()
+            .find(|l| !e.name.is_empty() && l.name == e.name)
+        {
+            Some(l) => l.error_state = error_state,
+            None => listeners
+                .dynamic_listeners
+                .push(listeners_config_dump::DynamicListener {
+                    name: e.name.clone(),
+                    error_state,
+                    ..Default::default()
                 }),
-                ..Default::default()
-            });
+        }
     }
     configs.push(pack(&listeners));
     let mut routes = RoutesConfigDump::default();

@@ -46,7 +46,8 @@ struct ServeArgs {
     service_node: String,
     #[arg(long, default_value = "")]
     service_cluster: String,
-    /// How long SIGTERM waits for open connections before exiting.
+    /// How long SIGTERM waits for open connections before exiting, and how long the connections
+    /// of a listener an update replaced or removed have to finish.
     #[arg(long, default_value_t = 600)]
     drain_time_s: u64,
     /// `serve` runs the configuration; `validate` checks it and exits (as `pilotfish validate`).

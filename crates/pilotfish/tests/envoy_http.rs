@@ -1791,7 +1791,9 @@ fn http2_settings_and_stream_resets_as_envoy() {
                     "cluster.h2.upstream_rq_total",
                     "cluster.h2many.upstream_cx_http2_total",
                     "cluster.h2many.upstream_rq_total",
-                    "cluster.h2many.upstream_rq_pending_total",
+                    // Not upstream_rq_pending_total: how many of the concurrent streams find the
+                    // connection still being made is scheduling (Envoy reads all three in one
+                    // event, before its connect completes; pilotfish's tasks may run after).
                 ], seen)
         });
         assert_eq!(results[0], results[1], "{name}: envoy, then pilotfish");

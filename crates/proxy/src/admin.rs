@@ -215,7 +215,8 @@ fn state(server: &Server) -> &'static str {
 fn server_info(server: &Server) -> Value {
     let o = &server.options;
     let up = format!("{}s", server.started.elapsed().as_secs());
-    let node = &server.set.bootstrap.node;
+    let active = server.active();
+    let node = &active.set.bootstrap.node;
     let state = if *server.draining.borrow() {
         "DRAINING"
     } else {
@@ -263,7 +264,7 @@ fn config_dump(
         }
         None => None,
     };
-    let text = pilotfish_config::output::config_dump_json(&server.set, include_eds);
+    let text = pilotfish_config::output::config_dump_json(&server.active().set, include_eds);
     let mut dump: Value = serde_json::from_str(&text).unwrap();
     let named = |item: &Value| -> bool {
         let Some(re) = &name_re else { return true };
@@ -366,8 +367,9 @@ fn keep(v: &mut Value, paths: &[Vec<&str>]) {
 }
 
 fn clusters(server: &Server, as_json: bool) -> Reply {
+    let active = server.active();
     if as_json {
-        let statuses: Vec<Value> = server
+        let statuses: Vec<Value> = active
             .clusters
             .clusters
             .iter()
@@ -401,7 +403,7 @@ fn clusters(server: &Server, as_json: bool) -> Reply {
         return json_reply(&json!({ "cluster_statuses": statuses }));
     }
     let mut out = String::new();
-    for c in &server.clusters.clusters {
+    for c in &active.clusters.clusters {
         let n = &c.name;
         out.push_str(&format!("{n}::observability_name::{n}\n"));
         for (p, t) in ["default_priority", "high_priority"]
@@ -421,7 +423,7 @@ fn clusters(server: &Server, as_json: bool) -> Reply {
         }
         out.push_str(&format!(
             "{n}::added_via_api::{}\n",
-            server
+            active
                 .set
                 .clusters
                 .iter()

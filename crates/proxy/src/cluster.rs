@@ -236,6 +236,9 @@ pub struct Cluster {
     tls: HashMap<String, Result<Arc<UpstreamTls>, String>>,
     /// The cluster's HTTP protocol options, read once, when it first carries a request.
     pub(crate) http: std::sync::OnceLock<crate::http::upstream::UpstreamHttp>,
+    /// Removed or replaced by an update: its health checks, DNS refresh and cleanup stop, and
+    /// its upstream connections are not pooled again; requests under way finish on it.
+    retired: AtomicBool,
 }
 
 /// Why no upstream connection was made.
@@ -284,6 +287,29 @@ pub struct ClusterManager {
     by_name: HashMap<String, usize>,
 }
 
+/// What an update did to the clusters: the ones made new (their health checks, DNS and cleanup
+/// to be started) and the ones it retired (removed, or replaced by a changed configuration).
+#[derive(Default)]
+pub struct ClusterChanges {
+    pub added: Vec<Arc<Cluster>>,
+    pub retired: Vec<Arc<Cluster>>,
+    /// Same configuration, endpoints changed in place.
+    pub endpoints_changed: Vec<String>,
+}
+
+/// An endpoint as the cluster had it: same address and the same attributes.
+fn same_host(old: &Host, new: &pilotfish_decide::cluster::Host) -> bool {
+    old.address == new.address
+        && old.hostname == new.hostname
+        && old.priority == new.priority
+        && (&old.region, &old.zone, &old.sub_zone) == (&new.region, &new.zone, &new.sub_zone)
+        && old.health == new.health
+        && old.weight == new.weight.unwrap_or(1)
+        && old.locality_weight == new.locality_weight
+        && old.hash_key == new.hash_key
+        && old.transport == new.transport
+}
+
 fn upstream_tls_context(ts: &TransportSocket) -> Option<UpstreamTlsContext> {
     match &ts.config_type {
         Some(ConfigType::TypedConfig(any)) => pilotfish_config::model::unpack(any),
@@ -315,13 +341,38 @@ fn make_host(h: &pilotfish_decide::cluster::Host, checked: bool) -> Arc<Host> {
 
 impl ClusterManager {
     pub fn new(set: &ResourceSet, stats: &Store) -> ClusterManager {
+        Self::update(set, stats, None).0
+    }
+
+    /// The clusters of `set`. With the manager it replaces, a cluster whose configuration is
+    /// unchanged is kept (its hosts' health, stats and connections with it; EDS changes are
+    /// applied to its hosts in place, as Envoy updates a cluster's host set); a changed one is
+    /// made anew, as Envoy warms a new cluster and retires the old.
+    pub fn update(
+        set: &ResourceSet,
+        stats: &Store,
+        previous: Option<&ClusterManager>,
+    ) -> (ClusterManager, ClusterChanges) {
         let mut clusters = vec![];
         let mut by_name = HashMap::new();
+        let mut changes = ClusterChanges::default();
         // Across clusters: Istio's clusters differ mostly by SNI.
         let mut tls_cache = transport_socket::UpstreamTlsCache::default();
         for r in &set.clusters {
             let c = &r.value;
             let d = hosts(set, c, None);
+            let kept = previous
+                .and_then(|p| p.get(&r.name))
+                .filter(|old| old.config == *c)
+                .filter(|old| old.keep_with(d.hosts.as_slice()));
+            if let Some(old) = kept {
+                if old.replace_hosts(&d.hosts) {
+                    changes.endpoints_changed.push(r.name.clone());
+                }
+                by_name.insert(r.name.clone(), clusters.len());
+                clusters.push(old.clone());
+                continue;
+            }
             let s = |n: &str| format!("cluster.{}.{n}", r.name);
             let thresholds = Thresholds::of(c);
             let track_remaining = c
@@ -381,6 +432,7 @@ impl ClusterManager {
                 breakers,
                 retries: AtomicU64::new(0),
                 http: std::sync::OnceLock::new(),
+                retired: AtomicBool::new(false),
                 lb: crate::lb::LoadBalancer::of(c),
                 hosts: Mutex::new(
                     d.hosts
@@ -455,9 +507,22 @@ impl ClusterManager {
                 }
             }
             by_name.insert(r.name.clone(), clusters.len());
-            clusters.push(Arc::new(cluster));
+            let cluster = Arc::new(cluster);
+            changes.added.push(cluster.clone());
+            clusters.push(cluster);
         }
-        ClusterManager { clusters, by_name }
+        if let Some(p) = previous {
+            for old in &p.clusters {
+                let same = by_name
+                    .get(&old.name)
+                    .is_some_and(|&i| Arc::ptr_eq(&clusters[i], old));
+                if !same {
+                    old.retired.store(true, Ordering::Relaxed);
+                    changes.retired.push(old.clone());
+                }
+            }
+        }
+        (ClusterManager { clusters, by_name }, changes)
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
@@ -590,6 +655,50 @@ impl Cluster {
         self.lb.choose(&hosts, ctx.hash, random)
     }
 
+    /// Removed or replaced by an update.
+    pub fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Whether an update with the same configuration keeps this cluster: DNS and ORIGINAL_DST
+    /// clusters make their own hosts, and a health-checked cluster whose endpoints changed is
+    /// made anew so each new host gets its checks.
+    fn keep_with(&self, hosts: &[pilotfish_decide::cluster::Host]) -> bool {
+        if crate::dns::is_dns(self)
+            || self.kind == "ORIGINAL_DST"
+            || self.config.health_checks.is_empty()
+        {
+            return true;
+        }
+        let current = self.hosts.lock().unwrap();
+        current.len() == hosts.len() && current.iter().zip(hosts).all(|(o, n)| same_host(o, n))
+    }
+
+    /// The endpoints of an update, in place: hosts already known are kept (their stats,
+    /// outlier standing and connections); returns whether anything changed.
+    fn replace_hosts(&self, hosts: &[pilotfish_decide::cluster::Host]) -> bool {
+        if crate::dns::is_dns(self) || self.kind == "ORIGINAL_DST" {
+            return false;
+        }
+        let mut current = self.hosts.lock().unwrap();
+        if current.len() == hosts.len() && current.iter().zip(hosts).all(|(o, n)| same_host(o, n)) {
+            return false;
+        }
+        let checked = !self.config.health_checks.is_empty();
+        let next = hosts
+            .iter()
+            .map(|n| {
+                current
+                    .iter()
+                    .find(|o| same_host(o, n))
+                    .cloned()
+                    .unwrap_or_else(|| make_host(n, checked))
+            })
+            .collect();
+        *current = next;
+        true
+    }
+
     /// ORIGINAL_DST's cleanup: every `cleanup_interval` (5 s by default), hosts neither picked
     /// since the last round nor carrying a connection are removed.
     pub fn start_cleanup(self: &Arc<Self>) {
@@ -604,6 +713,9 @@ impl Cluster {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
+                if cluster.retired() {
+                    return;
+                }
                 let mut hosts = cluster.hosts.lock().unwrap();
                 tracing::trace!(target: "upstream", "Cleaning up stale original dst hosts.");
                 hosts.retain(|h| {

@@ -111,6 +111,9 @@ pub async fn start(cluster: &Arc<Cluster>) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(rate).await;
+            if cluster.retired() {
+                return;
+            }
             resolve(&cluster).await;
         }
     });

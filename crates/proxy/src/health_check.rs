@@ -86,7 +86,7 @@ async fn session(cluster: Arc<Cluster>, host: Arc<Host>, hc: HealthCheck, st: Ar
         .map_or(1, |v| v.value.max(1));
     let healthy_threshold = hc.healthy_threshold.as_ref().map_or(1, |v| v.value.max(1));
     let (mut successes, mut failures, mut first) = (0u32, 0u32, true);
-    loop {
+    while !cluster.retired() {
         st.attempt.inc();
         let outcome = check(&cluster, &host, &hc, timeout).await;
         let failed = host.active_hc_failed.load(Ordering::Relaxed);

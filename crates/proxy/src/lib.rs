@@ -238,7 +238,8 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     // Taken before anything can report ready: a SIGTERM from then on drains instead of killing.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let server = server::Server::new(cfg.resources, options);
-    if let Some(admin) = server
+    let active = server.active();
+    if let Some(admin) = active
         .set
         .bootstrap
         .admin
@@ -258,7 +259,7 @@ async fn serve(cfg: Config, options: Options) -> u8 {
         }
     }
     // DNS clusters resolve before the listeners start, as Envoy's cluster initialization does.
-    let resolving: Vec<_> = server
+    let resolving: Vec<_> = active
         .clusters
         .clusters
         .iter()
@@ -270,14 +271,13 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     for r in resolving {
         let _ = r.await;
     }
-    for c in &server.clusters.clusters {
+    for c in &active.clusters.clusters {
         crate::health_check::start(c, &server.stats);
         crate::outlier::start(c);
         c.start_cleanup();
     }
-    for (name, l) in server::bind_listeners(&server) {
-        tokio::spawn(server::accept_loop(server.clone(), name, l));
-    }
+    drop(active);
+    server::start_listeners(&server);
     // Loading the configuration goes through large transient structures (the parsed YAML as
     // dynamic messages, the descriptor pool that reads it); their freed memory is handed back to
     // the system rather than kept by the allocator for the life of the proxy.
@@ -288,7 +288,7 @@ async fn serve(cfg: Config, options: Options) -> u8 {
         libc::malloc_trim(0);
     }
     if let Some(ads) = ads {
-        tokio::spawn(ads.serve());
+        tokio::spawn(ads.serve(server.clone()));
     }
     server.live.store(true, Ordering::Relaxed);
     tracing::info!(target: "main", "starting main dispatch loop");

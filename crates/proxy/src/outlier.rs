@@ -187,6 +187,9 @@ pub fn start(cluster: &Arc<Cluster>) {
         t.tick().await;
         loop {
             t.tick().await;
+            if cluster.retired() {
+                return;
+            }
             let hosts = cluster.hosts.lock().unwrap().clone();
             if let Some(d) = &cluster.outlier {
                 d.tick(&hosts);

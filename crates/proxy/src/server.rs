@@ -3,10 +3,11 @@
 //! hand-off, filter chain selection and the network filters — every decision the shared one from
 //! `pilotfish_decide`.
 
-use crate::cluster::{ClusterManager, Io};
+use crate::cluster::{Cluster, ClusterManager, Io};
 use crate::stats::{Stat, Store};
 use crate::transport_socket::{check_sans, DownstreamTls, TlsInfo};
 use crate::{listener_filter, tcp_proxy};
+use arc_swap::ArcSwap;
 use pilotfish_api::pb::envoy::config::listener::v3::{filter, Listener};
 use pilotfish_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 use pilotfish_config::model::{format_address, unpack};
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 /// Command-line settings the server reports in `/server_info` and obeys.
 #[derive(Debug, Clone, Default)]
@@ -34,8 +36,9 @@ pub struct Options {
 }
 
 pub struct Server {
-    pub set: ResourceSet,
-    pub clusters: ClusterManager,
+    /// The configuration in service: swapped whole by each accepted update. A connection takes
+    /// the one in service when it is accepted and keeps its listener's part to the end.
+    active: ArcSwap<Active>,
     pub stats: Store,
     pub options: Options,
     pub started: Instant,
@@ -48,9 +51,6 @@ pub struct Server {
     pub shutdown: watch::Sender<bool>,
     pub draining: watch::Sender<bool>,
     pub active_connections: AtomicU64,
-    /// What each filter chain's network filters end in, per (listener, chain key), built at
-    /// start-up so a connection only looks it up.
-    terminals: std::collections::HashMap<(String, String), Terminal>,
     /// tcp_proxy access logs, built once per distinct configuration (files opened once).
     access_logs: std::sync::Mutex<
         std::collections::HashMap<Vec<u8>, Arc<Vec<crate::access_log::AccessLog>>>,
@@ -59,45 +59,87 @@ pub struct Server {
     pub http_pools: crate::http::upstream::Pools,
     /// This node's frame for Istio's TCP metadata exchange.
     pub peer_exchange_frame: Vec<u8>,
-    /// Each listener's counters, by listener name.
-    listener_stats: std::collections::HashMap<String, ListenerStats>,
-    /// Downstream TLS per (listener, filter chain index or `default`), built at start-up.
-    pub downstream_tls:
-        std::collections::HashMap<(String, String), Result<Arc<DownstreamTls>, String>>,
+    /// The accept loop of each bound listener (by `listener_key`): its address and its task.
+    accepting: std::sync::Mutex<std::collections::HashMap<String, (SocketAddr, AbortHandle)>>,
+}
+
+/// One version of the configuration as the proxy runs it: the resources, the clusters and
+/// every listener's filter chains made ready.
+pub struct Active {
+    pub set: ResourceSet,
+    pub clusters: ClusterManager,
+    /// By `listener_key`.
+    listeners: std::collections::HashMap<String, Arc<ActiveListener>>,
+}
+
+/// A listener as its connections use it: counters, what each filter chain ends in, downstream
+/// TLS, and its drain.
+pub struct ActiveListener {
+    pub config: Listener,
+    stats: ListenerStats,
+    /// What each filter chain's network filters end in, by chain key.
+    terminals: std::collections::HashMap<String, Terminal>,
+    /// Downstream TLS per filter chain key (index or `default`).
+    downstream_tls: std::collections::HashMap<String, Result<Arc<DownstreamTls>, String>>,
+    /// Set when an update removes or replaces the listener: its connections drain.
+    drain: watch::Sender<bool>,
+}
+
+/// What an update changed, as the log and the tests see it.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub listeners_added: Vec<String>,
+    pub listeners_replaced: Vec<String>,
+    pub listeners_removed: Vec<String>,
+    /// Listeners kept whose connection managers got new route configurations.
+    pub routes_changed: Vec<String>,
+    pub clusters_added: Vec<String>,
+    pub clusters_removed: Vec<String>,
+    pub endpoints_changed: Vec<String>,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            ("listeners added", &self.listeners_added),
+            (
+                "listeners replaced (the old draining)",
+                &self.listeners_replaced,
+            ),
+            ("listeners removed (draining)", &self.listeners_removed),
+            ("routes changed on listeners", &self.routes_changed),
+            ("clusters added or changed", &self.clusters_added),
+            ("clusters removed", &self.clusters_removed),
+            ("endpoints changed", &self.endpoints_changed),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(what, v)| format!("{what}: {}", v.join(", ")))
+        .collect();
+        if parts.is_empty() {
+            write!(f, "no change")
+        } else {
+            write!(f, "{}", parts.join("; "))
+        }
+    }
+}
+
+impl Active {
+    /// The listener by its key (its name, or for a nameless one its address).
+    pub fn listener(&self, key: &str) -> Option<&Arc<ActiveListener>> {
+        self.listeners.get(key)
+    }
 }
 
 impl Server {
     pub fn new(set: ResourceSet, options: Options) -> Arc<Server> {
-        let stats = Store::default();
-        let clusters = ClusterManager::new(&set, &stats);
-        // Envoy creates a listener's counters with the listener, so they read 0 before use.
-        let listener_stats = set
-            .listeners
-            .iter()
-            .map(|l| (listener_key(&l.value), ListenerStats::new(&l.value, &stats)))
-            .collect();
-        let mut downstream_tls = std::collections::HashMap::new();
-        for l in &set.listeners {
-            for (key, fc) in chains(&l.value) {
-                let Some(ctx) = fc
-                    .transport_socket
-                    .as_ref()
-                    .and_then(downstream_tls_context)
-                else {
-                    continue;
-                };
-                let built = crate::transport_socket::downstream(&set, &ctx).map(Arc::new);
-                if let Err(e) = &built {
-                    tracing::warn!(target: "config", "listener '{}' filter chain {key}: TLS: {e}: connections to this chain are closed", l.name);
-                }
-                downstream_tls.insert((listener_key(&l.value), key), built);
-            }
-        }
-        let server = Arc::new(Server {
-            terminals: Default::default(),
+        let server = Server {
+            active: ArcSwap::from_pointee(Active {
+                set: ResourceSet::default(),
+                clusters: ClusterManager::new(&ResourceSet::default(), &Store::default()),
+                listeners: Default::default(),
+            }),
             access_logs: Default::default(),
-            downstream_tls,
-            listener_stats,
             http_pools: Default::default(),
             peer_exchange_frame: {
                 let node = set.bootstrap.node.as_ref();
@@ -106,9 +148,7 @@ impl Server {
                     node.and_then(|n| n.metadata.as_ref()),
                 )
             },
-            set,
-            clusters,
-            stats,
+            stats: Store::default(),
             options,
             started: Instant::now(),
             next_id: AtomicU64::new(0),
@@ -118,65 +158,222 @@ impl Server {
             shutdown: watch::channel(false).0,
             draining: watch::channel(false).0,
             active_connections: AtomicU64::new(0),
-        });
-        // Each chain's terminal filter, its counters and access logs, made now (their problems
-        // are said at start-up).
-        let mut terminals = std::collections::HashMap::new();
-        for l in &server.set.listeners {
-            for (key, fc) in chains(&l.value) {
-                let mut terminal = Terminal::None;
-                // Istio's stats filter ahead of tcp_proxy counts its connections.
-                let mut istio_stats = None;
-                // Istio's TCP metadata exchange ahead of it, by its protocol (ALPN).
-                let mut peer_exchange = None;
-                for f in &fc.filters {
-                    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-                        continue;
-                    };
-                    if let Some(protocol) = crate::peer_exchange::configured(any) {
-                        peer_exchange = Some(protocol);
-                        continue;
+            accepting: Default::default(),
+        };
+        let (active, _) = server.make_active(set, None);
+        server.active.store(Arc::new(active));
+        Arc::new(server)
+    }
+
+    /// A cluster of the configuration in service, by name (a request routes by the clusters
+    /// of now, also on a connection accepted before an update).
+    pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.active.load().clusters.get(name).cloned()
+    }
+
+    /// The configuration in service now.
+    pub fn active(&self) -> Arc<Active> {
+        self.active.load_full()
+    }
+
+    /// Makes the listeners and clusters of `set`; with the configuration it replaces, what is
+    /// unchanged is kept (a listener with the same configuration keeps its connections and
+    /// gets new routes in place; a cluster with the same configuration keeps its hosts).
+    fn make_active(&self, set: ResourceSet, previous: Option<&Active>) -> (Active, Applied) {
+        let mut applied = Applied::default();
+        let (clusters, changes) =
+            ClusterManager::update(&set, &self.stats, previous.map(|p| &p.clusters));
+        if previous.is_some() {
+            applied.clusters_added = changes.added.iter().map(|c| c.name.clone()).collect();
+        }
+        applied.clusters_removed = changes
+            .retired
+            .iter()
+            .filter(|c| clusters.get(&c.name).is_none())
+            .map(|c| c.name.clone())
+            .collect();
+        applied.endpoints_changed = changes.endpoints_changed;
+        let mut listeners = std::collections::HashMap::new();
+        for l in &set.listeners {
+            let key = listener_key(&l.value);
+            let old = previous.and_then(|p| p.listeners.get(&key));
+            match old {
+                Some(old) if old.config == l.value => {
+                    if self.refresh_routes(&set, old) {
+                        applied.routes_changed.push(key.clone());
                     }
-                    if let Some(json) = pilotfish_config::istio::stats_configuration(any) {
-                        istio_stats = crate::istio_stats::IstioStats::new(
-                            &server.set,
-                            &json,
-                            l.value.traffic_direction,
-                            server.stats.istio.clone(),
-                        )
-                        .map_err(|e| tracing::warn!(target: "config", "listener '{}': {e}: its Istio TCP metrics are not kept", l.name))
-                        .ok();
-                        continue;
-                    }
-                    if let Some(tcp) = unpack::<TcpProxy>(any) {
-                        let logs = server.access_logs(&tcp);
-                        let mut filter = tcp_proxy::TcpProxyFilter::new(tcp, &server.stats, logs);
-                        filter.istio_stats = istio_stats.take();
-                        filter.peer_exchange = peer_exchange.take();
-                        terminal = Terminal::TcpProxy(Arc::new(filter));
-                        break;
-                    }
-                    if let Some(hcm) = unpack::<
-                        pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager,
-                    >(any)
-                    {
-                        terminal = Terminal::Http(Arc::new(
-                            crate::http::HttpConnectionManagerFilter::new(
-                                &server.set,
-                                hcm,
-                                &server.stats,
-                                l.value.traffic_direction,
-                            ),
-                        ));
-                        break;
-                    }
+                    listeners.insert(key, old.clone());
                 }
-                terminals.insert((listener_key(&l.value), key), terminal);
+                _ => {
+                    if old.is_some() {
+                        applied.listeners_replaced.push(key.clone());
+                    } else if previous.is_some() {
+                        applied.listeners_added.push(key.clone());
+                    }
+                    let made = self.make_listener(&set, &l.value, &l.name);
+                    listeners.insert(key, Arc::new(made));
+                }
             }
         }
-        let mut server = server;
-        Arc::get_mut(&mut server).expect("not shared yet").terminals = terminals;
-        server
+        if let Some(p) = previous {
+            applied.listeners_removed = p
+                .listeners
+                .keys()
+                .filter(|k| !listeners.contains_key(*k))
+                .cloned()
+                .collect();
+        }
+        (
+            Active {
+                set,
+                clusters,
+                listeners,
+            },
+            applied,
+        )
+    }
+
+    /// A kept listener's connection managers whose route configuration changed get new ones;
+    /// returns whether any did.
+    fn refresh_routes(&self, set: &ResourceSet, l: &ActiveListener) -> bool {
+        let mut changed = false;
+        for t in l.terminals.values() {
+            let Terminal::Http(slot) = t else { continue };
+            let hcm = slot.load();
+            let now = crate::http::route_configuration(set, &hcm.config).ok();
+            if hcm.route_config() != now.as_ref() {
+                slot.store(Arc::new(crate::http::HttpConnectionManagerFilter::new(
+                    set,
+                    hcm.config.clone(),
+                    &self.stats,
+                    l.config.traffic_direction,
+                )));
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn make_listener(&self, set: &ResourceSet, l: &Listener, name: &str) -> ActiveListener {
+        let mut downstream_tls = std::collections::HashMap::new();
+        let mut terminals = std::collections::HashMap::new();
+        for (key, fc) in chains(l) {
+            if let Some(ctx) = fc
+                .transport_socket
+                .as_ref()
+                .and_then(downstream_tls_context)
+            {
+                let built = crate::transport_socket::downstream(set, &ctx).map(Arc::new);
+                if let Err(e) = &built {
+                    tracing::warn!(target: "config", "listener '{name}' filter chain {key}: TLS: {e}: connections to this chain are closed");
+                }
+                downstream_tls.insert(key.clone(), built);
+            }
+            terminals.insert(key, self.make_terminal(set, l, name, fc));
+        }
+        ActiveListener {
+            // Envoy creates a listener's counters with the listener, so they read 0 before use.
+            stats: ListenerStats::new(l, &self.stats),
+            config: l.clone(),
+            terminals,
+            downstream_tls,
+            drain: watch::channel(false).0,
+        }
+    }
+
+    /// A filter chain's terminal filter with its counters and access logs, made with the
+    /// listener (their problems are said then).
+    fn make_terminal(
+        &self,
+        set: &ResourceSet,
+        l: &Listener,
+        name: &str,
+        fc: &pilotfish_api::pb::envoy::config::listener::v3::FilterChain,
+    ) -> Terminal {
+        // Istio's stats filter ahead of tcp_proxy counts its connections.
+        let mut istio_stats = None;
+        // Istio's TCP metadata exchange ahead of it, by its protocol (ALPN).
+        let mut peer_exchange = None;
+        for f in &fc.filters {
+            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                continue;
+            };
+            if let Some(protocol) = crate::peer_exchange::configured(any) {
+                peer_exchange = Some(protocol);
+                continue;
+            }
+            if let Some(json) = pilotfish_config::istio::stats_configuration(any) {
+                istio_stats = crate::istio_stats::IstioStats::new(
+                    set,
+                    &json,
+                    l.traffic_direction,
+                    self.stats.istio.clone(),
+                )
+                .map_err(|e| tracing::warn!(target: "config", "listener '{name}': {e}: its Istio TCP metrics are not kept"))
+                .ok();
+                continue;
+            }
+            if let Some(tcp) = unpack::<TcpProxy>(any) {
+                let logs = self.access_logs(&tcp);
+                let mut filter = tcp_proxy::TcpProxyFilter::new(tcp, &self.stats, logs);
+                filter.istio_stats = istio_stats.take();
+                filter.peer_exchange = peer_exchange.take();
+                return Terminal::TcpProxy(Arc::new(filter));
+            }
+            if let Some(hcm) = unpack::<
+                pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager,
+            >(any)
+            {
+                return Terminal::Http(Arc::new(ArcSwap::from_pointee(
+                    crate::http::HttpConnectionManagerFilter::new(
+                        set,
+                        hcm,
+                        &self.stats,
+                        l.traffic_direction,
+                    ),
+                )));
+            }
+        }
+        Terminal::None
+    }
+
+    /// Puts an accepted configuration in service: new connections use it at once; connections
+    /// of a replaced or removed listener drain (`--drain-time-s`) on the configuration they
+    /// started with; listeners are bound and unbound to match; clusters no longer in it stop
+    /// their checks and leave the pools.
+    pub async fn apply(self: &Arc<Self>, set: ResourceSet) -> Applied {
+        let old = self.active();
+        let (next, applied) = self.make_active(set, Some(&old));
+        // New DNS clusters resolve before they are used, as Envoy warms a cluster.
+        let fresh: Vec<Arc<Cluster>> = next
+            .clusters
+            .clusters
+            .iter()
+            .filter(|c| old.clusters.get(&c.name).is_none_or(|o| !Arc::ptr_eq(o, c)))
+            .cloned()
+            .collect();
+        for c in &fresh {
+            crate::dns::start(c).await;
+        }
+        let next = Arc::new(next);
+        self.active.store(next.clone());
+        for c in &fresh {
+            crate::health_check::start(c, &self.stats);
+            crate::outlier::start(c);
+            c.start_cleanup();
+        }
+        for c in &old.clusters.clusters {
+            if c.retired() {
+                self.http_pools.retire_cluster(&c.name);
+            }
+        }
+        for (key, l) in &old.listeners {
+            if next.listeners.get(key).is_none_or(|n| !Arc::ptr_eq(n, l)) {
+                let _ = l.drain.send(true);
+            }
+        }
+        start_listeners(self);
+        applied
     }
 
     /// The access logs of a tcp_proxy configuration, built on first use.
@@ -223,7 +420,7 @@ fn downstream_tls_context(
 /// Where a filter chain's network filters lead.
 pub enum Terminal {
     TcpProxy(Arc<tcp_proxy::TcpProxyFilter>),
-    Http(Arc<crate::http::HttpConnectionManagerFilter>),
+    Http(Arc<crate::http::HcmSlot>),
     /// No terminal filter pilotfish knows.
     None,
 }
@@ -331,11 +528,16 @@ fn binds(l: &Listener) -> bool {
     l.bind_to_port.as_ref().is_none_or(|v| v.value)
 }
 
-/// Binds every listener that binds a port; a listener whose address cannot be bound here is
-/// reported and left out, the others come up. Each comes with its `listener_key`.
-pub fn bind_listeners(server: &Arc<Server>) -> Vec<(String, TcpListener)> {
-    let mut out = vec![];
-    for r in &server.set.listeners {
+/// Binds every listener of the configuration in service that binds a port and is not bound
+/// yet, each with its accept loop, and stops the loops of listeners no longer in it (or now at
+/// another address). A listener whose address cannot be bound here is reported and left out,
+/// the others come up. A listener replaced at the same address keeps its socket: connections
+/// accepted from then on go to the new version.
+pub fn start_listeners(server: &Arc<Server>) {
+    let active = server.active();
+    let mut accepting = server.accepting.lock().unwrap();
+    let mut wanted = std::collections::HashMap::new();
+    for r in &active.set.listeners {
         let l = &r.value;
         if !binds(l) {
             continue;
@@ -348,19 +550,34 @@ pub fn bind_listeners(server: &Arc<Server>) -> Vec<(String, TcpListener)> {
             tracing::warn!(target: "config", "listener '{}': only socket addresses are implemented; not started", r.name);
             continue;
         };
+        wanted.insert(listener_key(l), (addr, r.name.clone(), l));
+    }
+    accepting.retain(|key, (addr, task)| {
+        let keep = wanted.get(key).is_some_and(|w| w.0 == *addr);
+        if !keep {
+            task.abort();
+            server.bound.lock().unwrap().retain(|(n, _)| n != key);
+            tracing::info!(target: "config", "listener '{key}' ({addr}) stopped accepting");
+        }
+        keep
+    });
+    for (key, (addr, name, l)) in wanted {
+        if accepting.contains_key(&key) {
+            continue;
+        }
         match bind(addr, l) {
             Ok(listener) => {
                 let local = listener.local_addr().unwrap_or(addr);
-                tracing::info!(target: "config", "listener '{}' listening on {local}", r.name);
-                server.bound.lock().unwrap().push((r.name.clone(), local));
-                out.push((listener_key(l), listener));
+                tracing::info!(target: "config", "listener '{name}' listening on {local}");
+                server.bound.lock().unwrap().push((name, local));
+                let task = tokio::spawn(accept_loop(server.clone(), key.clone(), listener));
+                accepting.insert(key, (addr, task.abort_handle()));
             }
             Err(e) => {
-                tracing::error!(target: "config", "listener '{}' failed to bind or apply socket options: cannot bind '{addr}': {e}", r.name);
+                tracing::error!(target: "config", "listener '{name}' failed to bind or apply socket options: cannot bind '{addr}': {e}");
             }
         }
     }
-    out
 }
 
 fn bind(addr: SocketAddr, l: &Listener) -> std::io::Result<TcpListener> {
@@ -421,21 +638,8 @@ pub async fn accept_loop(server: Arc<Server>, name: String, listener: TcpListene
     }
 }
 
-impl Server {
-    /// A listener's counters (a named listener's found without building its key).
-    fn listener_stats_of(&self, l: &Listener) -> Option<&ListenerStats> {
-        if l.name.is_empty() {
-            self.listener_stats.get(&listener_key(l))
-        } else {
-            self.listener_stats.get(l.name.as_str())
-        }
-    }
-}
-
-fn listener_filter_failed(server: &Server, l: &Listener, e: &listener_filter::FilterError) {
-    let Some(stats) = server.listener_stats_of(l) else {
-        return;
-    };
+fn listener_filter_failed(server: &Server, l: &ActiveListener, e: &listener_filter::FilterError) {
+    let stats = &l.stats;
     match e {
         listener_filter::FilterError::Timeout => stats.downstream_pre_cx_timeout.inc(),
         listener_filter::FilterError::Closed => stats.downstream_listener_filter_remote_close.inc(),
@@ -452,26 +656,23 @@ pub fn buffer_limit(v: Option<&pilotfish_api::pb::google::protobuf::UInt32Value>
     v.map_or(1024 * 1024, |v| v.value as usize)
 }
 
-/// One downstream connection, from accept to close.
+/// One downstream connection, from accept to close, on the configuration in service when it
+/// was accepted.
 async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer: SocketAddr) {
     let conn = server.next_connection_id();
     let _ = stream.set_nodelay(true);
-    // By name without building keys (this runs for every connection); by address for the
-    // unnamed.
-    let Some(accepted) = server.set.listeners.iter().find(|r| {
-        r.value.name == accepted_by
-            || (r.value.name.is_empty() && listener_key(&r.value) == accepted_by)
-    }) else {
+    let active = server.active();
+    let Some(accepted) = active.listener(accepted_by) else {
         return;
     };
     let Ok(socket_local) = stream.local_addr() else {
         return;
     };
-    let mut l = &accepted.value;
-    let found = match listener_filter::run(l, &stream, socket_local, conn).await {
+    let mut al = accepted.clone();
+    let found = match listener_filter::run(&al.config, &stream, socket_local, conn).await {
         Ok(f) => f,
         Err(e) => {
-            listener_filter_failed(server, l, &e);
+            listener_filter_failed(server, &al, &e);
             tracing::debug!(target: "conn_handler", connection = conn, "listener filter: {e:?}: closing connection from {peer}");
             return;
         }
@@ -480,7 +681,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
     let mut found = found;
     // use_original_dst: the listener owning the restored destination takes the connection and
     // runs its own listener filters.
-    if l.use_original_dst.as_ref().is_some_and(|v| v.value) && found.local.is_some() {
+    if al.config.use_original_dst.as_ref().is_some_and(|v| v.value) && found.local.is_some() {
         let c = Connection {
             destination: local,
             source: peer,
@@ -489,31 +690,37 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             alpn: found.application_protocols.clone(),
             http: None,
         };
-        if let Ok(d) = pilotfish_decide::listener::select(
-            &server.set,
+        let handed = pilotfish_decide::listener::select(
+            &active.set,
             &c,
             &Entry::Listener(accepted_by.to_string()),
-        ) {
-            if d.serves.name != accepted.name {
-                tracing::debug!(target: "conn_handler", connection = conn, "use_original_dst: handing the connection to listener '{}' ({local})", d.serves.name);
-                l = &d.serves.value;
-                match listener_filter::run(l, &stream, local, conn).await {
-                    Ok(f) => {
-                        local = f.local.unwrap_or(local);
-                        found = f;
-                    }
-                    Err(e) => {
-                        listener_filter_failed(server, l, &e);
-                        tracing::debug!(target: "conn_handler", connection = conn, "listener filter: {e:?}: closing connection from {peer}");
-                        return;
-                    }
+        )
+        .ok()
+        .filter(|d| d.serves.name != al.config.name)
+        .and_then(|d| {
+            let to = active.listener(&listener_key(&d.serves.value))?;
+            tracing::debug!(target: "conn_handler", connection = conn, "use_original_dst: handing the connection to listener '{}' ({local})", d.serves.name);
+            Some(to.clone())
+        });
+        if let Some(to) = handed {
+            al = to;
+            match listener_filter::run(&al.config, &stream, local, conn).await {
+                Ok(f) => {
+                    local = f.local.unwrap_or(local);
+                    found = f;
+                }
+                Err(e) => {
+                    listener_filter_failed(server, &al, &e);
+                    tracing::debug!(target: "conn_handler", connection = conn, "listener filter: {e:?}: closing connection from {peer}");
+                    return;
                 }
             }
         }
     }
-    let Some(stats) = server.listener_stats_of(l) else {
-        return;
-    };
+    // The connection keeps its listener, not the whole configuration.
+    drop(active);
+    let l = &al.config;
+    let stats = &al.stats;
     let input = ChainInput {
         local,
         source: found.source.unwrap_or(peer),
@@ -541,8 +748,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         Selected::Chain(i) => i.to_string(),
         _ => "default".into(),
     };
-    let key = (listener_key(l), chain_key);
-    let tls = server.downstream_tls.get(&key);
+    let tls = al.downstream_tls.get(&chain_key);
     if let Some(Err(e)) = tls {
         tracing::debug!(target: "connection", connection = conn, "filter chain {chain_name}: TLS context unusable ({e}): closing");
         finish(stats, conn);
@@ -558,13 +764,18 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             _ => Some((Box::new(stream) as Box<dyn Io>, None)),
         }
     };
-    match server.terminals.get(&key) {
+    let drain = Some((
+        al.drain.subscribe(),
+        std::time::Duration::from_secs(server.options.drain_time_s),
+    ));
+    match al.terminals.get(&chain_key) {
         Some(Terminal::TcpProxy(tcp)) => {
             let info = tcp_proxy::Downstream {
                 remote: found.source.unwrap_or(peer),
                 local,
                 server_name: found.server_name.clone(),
                 buffer_limit: buffer_limit(l.per_connection_buffer_limit_bytes.as_ref()),
+                drain,
             };
             tcp_proxy::run(server, tcp, ready, &info, conn, new_connection).await;
         }
@@ -576,6 +787,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
                     local,
                     tls: tls_info,
                     server_name: found.server_name.clone(),
+                    drain,
                 });
                 crate::http::serve(server.clone(), hcm.clone(), io, info, conn).await;
             }

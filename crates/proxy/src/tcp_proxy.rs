@@ -90,6 +90,10 @@ pub struct Downstream {
     pub server_name: Option<String>,
     /// The listener's `per_connection_buffer_limit_bytes`.
     pub buffer_limit: usize,
+    /// The listener's drain (an update removed or replaced it) and how long a connection lasts
+    /// once it has begun (`--drain-time-s`): then the connection is closed, as Envoy closes a
+    /// drained listener's connections.
+    pub drain: Option<(tokio::sync::watch::Receiver<bool>, Duration)>,
 }
 
 pub async fn run<S, F>(
@@ -137,7 +141,7 @@ pub async fn run<S, F>(
             s.tcp_closed(&r, 0, 0);
         }
     };
-    let Some(cluster) = server.clusters.get(&name) else {
+    let Some(cluster) = server.cluster(&name) else {
         tracing::debug!(target: "filter", connection = conn, "Cluster not found {name} and no on demand cluster set.");
         stats.downstream_cx_no_route.inc();
         started();
@@ -162,7 +166,7 @@ pub async fn run<S, F>(
         });
     let mut connecting = std::pin::pin!(connect(
         server,
-        cluster,
+        &cluster,
         &name,
         attempts,
         original_destination,
@@ -293,7 +297,17 @@ pub async fn run<S, F>(
         info.buffer_limit,
         crate::server::buffer_limit(up.cluster.config.per_connection_buffer_limit_bytes.as_ref()),
     );
-    let (rx, tx, idled) = relay(&mut downstream, &mut upstream, idle, limits).await;
+    let drained = async {
+        match info.drain.clone() {
+            Some((mut rx, time)) => {
+                let _ = rx.wait_for(|d| *d).await;
+                tokio::time::sleep(time).await;
+                tracing::debug!(target: "connection", connection = conn, "listener drained: closing");
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let (rx, tx, idled) = relay(&mut downstream, &mut upstream, idle, limits, drained).await;
     drop((downstream, upstream));
     stats.downstream_cx_rx_bytes_total.add(rx);
     stats.downstream_cx_tx_bytes_total.add(tx);
@@ -383,6 +397,7 @@ async fn relay<D: AsyncRead + AsyncWrite + Unpin, U: AsyncRead + AsyncWrite + Un
     up: &mut U,
     idle: Option<Duration>,
     limits: (usize, usize),
+    drained: impl Future<Output = ()>,
 ) -> (u64, u64, bool) {
     let (mut dr, mut dw) = tokio::io::split(down);
     let (mut ur, mut uw) = tokio::io::split(up);
@@ -417,6 +432,7 @@ async fn relay<D: AsyncRead + AsyncWrite + Unpin, U: AsyncRead + AsyncWrite + Un
     let idled = tokio::select! {
         _ = both => false,
         _ = watchdog => true,
+        _ = drained => false,
     };
     (rx.into_inner(), tx.into_inner(), idled)
 }

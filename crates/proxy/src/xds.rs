@@ -4,8 +4,10 @@
 //! checked as Envoy checks an update and ACKed, or NACKed with the reason; the accepted whole,
 //! laid over the bootstrap's static resources, is what the proxy starts with.
 //!
-//! Updates after start-up are not applied yet: they are NACKed with that reason, so the control
-//! plane sees that this proxy keeps the configuration it started with.
+//! After start-up the stream stays open and each update is taken the same way, then put in
+//! service (`Server::apply`) once nothing it names is still being asked for (a listener whose
+//! new route configuration has not arrived does not replace the old one yet, as Envoy warms
+//! it). A refused update leaves the configuration in service as it is.
 
 use pilotfish_api::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use pilotfish_api::pb::envoy::config::core::v3::{
@@ -207,6 +209,11 @@ struct Fetch {
     lds: Watch,
     rds: Watch,
     dynamic: DynamicResources,
+    /// The route configurations of listeners an update replaced or removed, kept asked for
+    /// until their drain ends (as Envoy's draining listener keeps its RDS subscription).
+    draining_routes: Vec<(String, tokio::time::Instant)>,
+    /// `--drain-time-s` (set once the proxy serves; nothing drains at start-up).
+    drain_time: Duration,
 }
 
 /// Connects, asks for the configuration in Envoy's order and returns it once every type the
@@ -238,6 +245,8 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         lds: Watch::default(),
         rds: Watch::default(),
         dynamic: DynamicResources::default(),
+        draining_routes: vec![],
+        drain_time: Duration::ZERO,
     };
     let wants_cds = base
         .resources
@@ -280,29 +289,63 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         }
     }
     let config = dynamic::assemble(base, &f.dynamic).map_err(|e| e.to_string())?;
-    Ok((config, Running { fetch: f, inbound }))
+    Ok((
+        config,
+        Running {
+            fetch: f,
+            inbound,
+            base: base.clone(),
+            ads: ads.clone(),
+        },
+    ))
 }
 
 /// The stream after start-up.
 pub struct Running {
     fetch: Fetch,
     inbound: tonic::Streaming<DiscoveryResponse>,
+    /// The bootstrap the dynamic resources are laid over.
+    base: Config,
+    ads: Ads,
 }
 
 impl Running {
-    /// Refuses what the control plane sends from now on, saying why, until the stream ends.
-    pub async fn serve(mut self) {
+    /// Takes what the control plane sends from now on, puts each accepted update in service,
+    /// until the stream ends.
+    pub async fn serve(mut self, server: std::sync::Arc<crate::server::Server>) {
+        self.fetch.drain_time = Duration::from_secs(server.options.drain_time_s);
+        // While an update waits for what it names: until when (the LDS initial_fetch_timeout,
+        // as a warming listener waits), then it is applied with what has come.
+        let mut warming: Option<tokio::time::Instant> = None;
         loop {
-            match self.inbound.message().await {
+            let drain_ends = self.fetch.draining_routes.iter().map(|(_, end)| *end).min();
+            let message = tokio::select! {
+                m = self.inbound.message() => m,
+                _ = sleep_until(drain_ends) => {
+                    self.fetch.drain_ended();
+                    continue;
+                }
+                _ = sleep_until(warming) => {
+                    tracing::warn!(target: "config", "xDS: what the update names has not all come; applying it with what has");
+                    warming = None;
+                    self.apply(&server, "the update").await;
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(r)) => {
-                    let Some(w) = self.fetch.watch(&r.type_url) else {
-                        tracing::warn!(target: "config", "xDS: ignoring a response for {} (not subscribed)", r.type_url);
+                    let what = format!("{} version {}", short(&r.type_url), r.version_info);
+                    self.fetch.on_response(&self.base, r);
+                    // A refused update is applied too: the configuration stays as it was, and
+                    // /config_dump shows what was refused.
+                    if !(self.fetch.eds.ready && self.fetch.rds.ready) {
+                        tracing::debug!(target: "config", "xDS: {what}: waiting for what it names before applying");
+                        let wait = self.ads.lds_timeout.min(Duration::from_secs(3600));
+                        warming.get_or_insert(tokio::time::Instant::now() + wait);
                         continue;
-                    };
-                    w.nonce = r.nonce.clone();
-                    let msg = format!("pilotfish applies xDS configuration at start-up only; version {} of {} is not applied (live updates are not implemented yet)", r.version_info, r.type_url);
-                    tracing::warn!(target: "config", "xDS: {msg}");
-                    self.fetch.reply(&r.type_url, Some(msg));
+                    }
+                    warming = None;
+                    self.apply(&server, &what).await;
                 }
                 Ok(None) => {
                     tracing::warn!(target: "config", "xDS: the management server closed the stream; keeping the configuration");
@@ -314,6 +357,36 @@ impl Running {
                 }
             }
         }
+    }
+
+    async fn apply(&self, server: &std::sync::Arc<crate::server::Server>, what: &str) {
+        let config = match dynamic::assemble(&self.base, &self.fetch.dynamic) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(target: "config", "xDS: {what}: not applied: {e}");
+                return;
+            }
+        };
+        let applied = server.apply(config.resources).await;
+        tracing::info!(target: "config", "xDS: {what} in service: {applied}");
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `CDS`, `EDS`, `LDS`, `RDS` for the type URLs.
+fn short(type_url: &str) -> &str {
+    match type_url {
+        CLUSTER => "CDS",
+        ENDPOINT => "EDS",
+        LISTENER => "LDS",
+        ROUTE => "RDS",
+        other => other,
     }
 }
 
@@ -350,7 +423,7 @@ impl Fetch {
         }
         // A response is taken whole or not at all: checked alone, then with the rest of the
         // configuration (a cluster may not replace a static one, and so on).
-        let before = self.dynamic.clone();
+        let before = (self.dynamic.clone(), self.draining_routes.clone());
         let accepted = match r.type_url.as_str() {
             CLUSTER => self.on_clusters(&r),
             ENDPOINT => self.on_endpoints(&r).map(|()| vec![]),
@@ -359,7 +432,7 @@ impl Fetch {
         }
         .and_then(|names| dynamic::assemble(base, &self.dynamic).map(|_| names));
         if accepted.is_err() {
-            self.dynamic = before;
+            (self.dynamic, self.draining_routes) = before;
             let refused = match r.type_url.as_str() {
                 CLUSTER => dynamic::refused(&r.resources, |c: &Cluster| c.name.clone()),
                 ENDPOINT => dynamic::refused(&r.resources, |c: &ClusterLoadAssignment| {
@@ -380,12 +453,20 @@ impl Fetch {
         }
         let accepted = accepted.map(|_| ());
         let type_url = r.type_url.as_str();
+        // EDS and RDS are done when every name asked for has come (a response to an earlier
+        // subscription may lack the new ones), as Envoy's clusters and listeners warm.
+        let complete = match type_url {
+            ENDPOINT => has_all(&self.eds.names, &self.dynamic.endpoints),
+            ROUTE => has_all(&self.rds.names, &self.dynamic.route_configs),
+            _ => true,
+        };
         let w = self.watch(type_url).expect("subscribed");
         w.nonce = r.nonce.clone();
         match accepted {
             Ok(()) => {
                 w.version = r.version_info.clone();
-                w.ready = true;
+                w.ready = complete;
+                self.dynamic.accepted(type_url);
                 tracing::info!(target: "config", "xDS: {type_url} version {} accepted ({} resources)", r.version_info, r.resources.len());
                 // Initialization moves on while the response is handled: the listeners are
                 // asked for ahead of the ACK of the endpoints that completed the clusters.
@@ -460,9 +541,31 @@ impl Fetch {
             .collect();
         eds.sort();
         eds.dedup();
-        self.dynamic.clusters =
-            resources(clusters, "clusters", |c| c.name.clone(), &r.version_info);
+        resources(
+            &mut self.dynamic.clusters,
+            Keep::Listed,
+            clusters,
+            "clusters",
+            |c| c.name.clone(),
+            &r.version_info,
+        );
         Ok(eds)
+    }
+
+    /// Drained listeners' route configurations are no longer asked for.
+    fn drain_ended(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.draining_routes.retain(|(_, end)| *end > now);
+        let mut rds: Vec<String> = self
+            .dynamic
+            .listeners
+            .iter()
+            .flat_map(|l| route_config_names(&l.value))
+            .chain(self.draining_routes.iter().map(|(n, _)| n.clone()))
+            .collect();
+        rds.sort();
+        rds.dedup();
+        self.subscribe(ROUTE, rds);
     }
 
     /// Subscribes EDS or RDS to `names`; with none, that type has nothing to wait for.
@@ -477,16 +580,31 @@ impl Fetch {
             return;
         }
         if names != w.names || !w.requested {
+            // Only names not asked for before have something to wait for.
+            if !w.requested || names.iter().any(|n| !w.names.contains(n)) {
+                w.ready = false;
+            }
             w.names = names;
             w.requested = true;
-            w.ready = false;
+            // What is no longer asked for is gone (EDS and RDS responses name only what they
+            // carry: an absent resource is not a removed one).
+            let names = w.names.clone();
+            if type_url == ENDPOINT {
+                self.dynamic.endpoints.retain(|r| names.contains(&r.name));
+            } else {
+                self.dynamic
+                    .route_configs
+                    .retain(|r| names.contains(&r.name));
+            }
             self.reply(type_url, None);
         }
     }
 
     fn on_endpoints(&mut self, r: &DiscoveryResponse) -> Result<(), ConfigErrors> {
         let cla: Vec<ClusterLoadAssignment> = decode_all(r)?;
-        self.dynamic.endpoints = resources(
+        resources(
+            &mut self.dynamic.endpoints,
+            Keep::Absent,
             cla,
             "endpoints",
             |c| c.cluster_name.clone(),
@@ -498,17 +616,37 @@ impl Fetch {
     /// Takes the listeners; returns the route configurations they ask RDS for.
     fn on_listeners(&mut self, r: &DiscoveryResponse) -> Result<Vec<String>, ConfigErrors> {
         let listeners: Vec<Listener> = decode_all(r)?;
+        let now = tokio::time::Instant::now();
+        if !self.drain_time.is_zero() {
+            for old in &self.dynamic.listeners {
+                if !listeners.contains(&old.value) {
+                    for name in route_config_names(&old.value) {
+                        self.draining_routes.push((name, now + self.drain_time));
+                    }
+                }
+            }
+        }
         let mut rds: Vec<String> = listeners.iter().flat_map(route_config_names).collect();
+        self.draining_routes.retain(|(_, end)| *end > now);
+        rds.extend(self.draining_routes.iter().map(|(n, _)| n.clone()));
         rds.sort();
         rds.dedup();
-        self.dynamic.listeners =
-            resources(listeners, "listeners", |l| l.name.clone(), &r.version_info);
+        resources(
+            &mut self.dynamic.listeners,
+            Keep::Listed,
+            listeners,
+            "listeners",
+            |l| l.name.clone(),
+            &r.version_info,
+        );
         Ok(rds)
     }
 
     fn on_routes(&mut self, r: &DiscoveryResponse) -> Result<(), ConfigErrors> {
         let routes: Vec<RouteConfiguration> = decode_all(r)?;
-        self.dynamic.route_configs = resources(
+        resources(
+            &mut self.dynamic.route_configs,
+            Keep::Absent,
             routes,
             "route_configs",
             |rc| rc.name.clone(),
@@ -518,20 +656,51 @@ impl Fetch {
     }
 }
 
-/// Resources as the set keeps them, each under `kind[name]`.
-fn resources<T>(
+/// Resources as the set keeps them, each under `kind[name]`. One the update leaves as it was
+/// keeps its version and time (Envoy skips an unchanged resource, so its dump shows the
+/// version that last changed it).
+fn resources<T: PartialEq>(
+    previous: &mut Vec<pilotfish_config::resources::Resource<T>>,
+    keep: Keep,
     items: Vec<T>,
     kind: &str,
     name_of: impl Fn(&T) -> String,
     version_info: &str,
-) -> Vec<pilotfish_config::resources::Resource<T>> {
-    items
+) {
+    let mut old: std::collections::HashMap<String, pilotfish_config::resources::Resource<T>> =
+        std::mem::take(previous)
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+    *previous = items
         .into_iter()
         .map(|v| {
             let name = name_of(&v);
-            dynamic::resource(name.clone(), format!("{kind}[{name}]"), version_info, v)
+            match old.remove(&name) {
+                Some(r) if r.value == v => r,
+                _ => dynamic::resource(name.clone(), format!("{kind}[{name}]"), version_info, v),
+            }
         })
-        .collect()
+        .collect();
+    if keep == Keep::Absent {
+        let mut rest: Vec<_> = old.into_values().collect();
+        rest.sort_by(|a, b| a.name.cmp(&b.name));
+        previous.extend(rest);
+    }
+}
+
+/// What a state-of-the-world response means for the resources it leaves out.
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Keep {
+    /// CDS and LDS: the response lists every resource; one left out is removed.
+    Listed,
+    /// EDS and RDS: the response carries what it updates; the rest stay as they are.
+    Absent,
+}
+
+/// Every name has its resource.
+fn has_all<T>(names: &[String], have: &[pilotfish_config::resources::Resource<T>]) -> bool {
+    names.iter().all(|n| have.iter().any(|r| &r.name == n))
 }
 
 /// Every resource of a response, each checked; the errors of all of them together.

@@ -46,11 +46,13 @@ impl Seen {
             ROUTE => "RDS",
             other => other,
         };
+        // Names are a set: Envoy sends them in its hash set's order.
+        let mut names = self.resource_names.clone();
+        names.sort();
         format!(
-            "{kind} version='{}' nonce='{}' names={:?}{}",
+            "{kind} version='{}' nonce='{}' names={names:?}{}",
             self.version_info,
             self.response_nonce,
-            self.resource_names,
             if self.error.is_some() { " NACK" } else { "" }
         )
     }
@@ -90,6 +92,8 @@ pub fn any<T: Message + Name>(value: &T) -> Any {
 struct State {
     snapshot: watch::Sender<Snapshot>,
     seen: Mutex<Vec<Seen>>,
+    /// The nonce of the last response sent, by type.
+    last_sent: Mutex<BTreeMap<String, String>>,
 }
 
 pub struct XdsServer {
@@ -149,6 +153,7 @@ impl XdsServer {
         let state = Arc::new(State {
             snapshot: watch::channel(initial).0,
             seen: Mutex::new(vec![]),
+            last_sent: Mutex::new(BTreeMap::new()),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let ads = Ads(state.clone());
@@ -184,6 +189,20 @@ impl XdsServer {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Every response sent has been answered (ACK or NACK) and the snapshot of `version` was
+    /// sent: the proxy has caught up with it.
+    pub fn settled(&self, version: &str) -> bool {
+        let last = self.state.last_sent.lock().unwrap().clone();
+        let pushed = self.state.snapshot.borrow().version == version;
+        let seen = self.seen();
+        pushed
+            && !last.is_empty()
+            && last.iter().all(|(t, nonce)| {
+                seen.iter()
+                    .any(|s| &s.type_url == t && &s.response_nonce == nonce)
+            })
     }
 
     /// Waits until `done` holds for what was seen (at most 20 s), and returns it.
@@ -247,17 +266,20 @@ impl AggregatedDiscoveryService for Ads {
                             has_node: req.node.is_some(),
                         });
                         let s = sent.entry(req.type_url.clone()).or_default();
-                        // An ACK or NACK of what was sent, names unchanged: nothing to answer.
+                        // A request answering an older response is stale (the proxy answers the
+                        // newer one too, names included), as go-control-plane treats it; an
+                        // ACK or NACK of the last one with the same names needs no answer.
                         if !req.response_nonce.is_empty()
-                            && req.response_nonce == s.nonce
-                            && req.resource_names == s.names
+                            && (req.response_nonce != s.nonce || req.resource_names == s.names)
                         {
                             continue;
                         }
                         s.names = req.resource_names.clone();
                         let snapshot = snapshots.borrow().clone();
                         nonce += 1;
-                        if tx.send(Ok(respond(&snapshot, &req.type_url, s, nonce))).await.is_err() {
+                        let r = respond(&snapshot, &req.type_url, s, nonce);
+                        state.last_sent.lock().unwrap().insert(req.type_url.clone(), r.nonce.clone());
+                        if tx.send(Ok(r)).await.is_err() {
                             return;
                         }
                     }
@@ -269,7 +291,9 @@ impl AggregatedDiscoveryService for Ads {
                                 continue;
                             }
                             nonce += 1;
-                            if tx.send(Ok(respond(&snapshot, type_url, s, nonce))).await.is_err() {
+                            let r = respond(&snapshot, type_url, s, nonce);
+                            state.last_sent.lock().unwrap().insert(type_url.clone(), r.nonce.clone());
+                            if tx.send(Ok(r)).await.is_err() {
                                 return;
                             }
                         }

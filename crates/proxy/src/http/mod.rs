@@ -35,7 +35,7 @@ use pilotfish_decide::router::{Action, RouteTable};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -52,7 +52,14 @@ pub struct Downstream {
     /// What its TLS handshake established; None in plaintext.
     pub tls: Option<Arc<crate::transport_socket::TlsInfo>>,
     pub server_name: Option<String>,
+    /// The listener's drain (an update removed or replaced it), and `--drain-time-s`.
+    pub drain: Option<(tokio::sync::watch::Receiver<bool>, Duration)>,
 }
+
+/// A listener's connection manager: replaced whole when an update changes the route
+/// configuration it uses, so each new stream, also on a connection already open, routes by
+/// the latest routes (as Envoy's RDS does).
+pub type HcmSlot = arc_swap::ArcSwap<HttpConnectionManagerFilter>;
 
 /// `http.<stat_prefix>.*`
 struct HcmStats {
@@ -483,6 +490,13 @@ impl HttpConnectionManagerFilter {
         }
     }
 
+    /// The route configuration the connection manager routes by, if it has one.
+    pub fn route_config(
+        &self,
+    ) -> Option<&pilotfish_api::pb::envoy::config::route::v3::RouteConfiguration> {
+        self.routes.as_ref().map(|t| &t.config)
+    }
+
     /// common_http_protocol_options.max_headers_count, when set.
     fn max_headers_count(&self) -> Option<usize> {
         self.config
@@ -503,22 +517,25 @@ impl HttpConnectionManagerFilter {
 
 /// Serves the HTTP connection until either side closes it, or until it has been idle or open
 /// too long: then it is drained (HTTP/2: GOAWAY at once; HTTP/1: closed at the end of the
-/// drain period, when idle) and closed after `drain_timeout`.
+/// drain period, when idle) and closed after `drain_timeout`. When its listener drains (an
+/// update replaced or removed it), HTTP/2 gets GOAWAY at once and each HTTP/1 response says
+/// `connection: close`; what is still open at the end of `--drain-time-s` is closed.
 pub async fn serve(
     server: Arc<Server>,
-    hcm: Arc<HttpConnectionManagerFilter>,
+    slot: Arc<HcmSlot>,
     io: Box<dyn crate::cluster::Io>,
     info: Arc<Downstream>,
     conn: u64,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
+    let hcm = slot.load_full();
     hcm.stats.downstream_cx_total.inc();
     hcm.stats.downstream_cx_active.inc();
     let streams = timeouts::ConnStreams::new();
     let http2_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc = {
-        let (hcm, streams, http2_seen, info) = (
-            hcm.clone(),
+        let (slot, streams, http2_seen, info) = (
+            slot.clone(),
             streams.clone(),
             http2_seen.clone(),
             info.clone(),
@@ -526,6 +543,7 @@ pub async fn serve(
         // The codec is known with the first request: count the connection under it then.
         let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         hyper::service::service_fn(move |req: Request<Incoming>| {
+            let hcm = slot.load_full();
             if !counted.swap(true, Ordering::Relaxed) {
                 if req.version() == hyper::Version::HTTP_2 {
                     http2_seen.store(true, Ordering::Relaxed);
@@ -535,7 +553,7 @@ pub async fn serve(
                 }
             }
             let slot = streams.open();
-            let (server, hcm, info) = (server.clone(), hcm.clone(), info.clone());
+            let (server, info) = (server.clone(), info.clone());
             async move {
                 Ok::<_, std::convert::Infallible>(
                     stream(&server, &hcm, &info, req, conn, slot).await,
@@ -569,8 +587,30 @@ pub async fn serve(
     };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(connection);
+    let listener_drained = async {
+        match info.drain.clone() {
+            Some((mut rx, _)) => {
+                let _ = rx.wait_for(|d| *d).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
         r = connection.as_mut() => Some(r),
+        _ = listener_drained => {
+            let time = info.drain.as_ref().map_or(Duration::ZERO, |d| d.1);
+            tracing::debug!(target: "connection", connection = conn, "listener draining: closing within {time:?}");
+            if http2_seen.load(Ordering::Relaxed) {
+                connection.as_mut().graceful_shutdown();
+            }
+            // HTTP/1: each response from now on says close, so a client that keeps sending
+            // loses no request; a connection still open at the end is closed.
+            let r = match tokio::time::timeout(time, connection.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            };
+            return done_serving(&hcm, conn, r, header_timeout, &info);
+        }
         why = limits.drain_due(&streams) => {
             match why {
                 timeouts::Drain::Idle => hcm.stats.downstream_cx_idle_timeout.inc(),
@@ -1352,6 +1392,7 @@ async fn stream(
         decorator: None,
         grpc_call,
         last_on_connection: false,
+        listener_drain: None,
         connect: false,
         _active: RqActive::new(hcm),
         _slot: slot,
@@ -1371,6 +1412,9 @@ async fn stream(
     }
     stats.downstream_rq_total.inc();
     let http2 = req.version() == hyper::Version::HTTP_2;
+    if !http2 {
+        clock.listener_drain = info.drain.as_ref().map(|d| d.0.clone());
+    }
     if http2 {
         stats.downstream_rq_http2_total.inc();
     } else {
@@ -1753,7 +1797,7 @@ async fn stream(
                             u.upgrade_type.eq_ignore_ascii_case("CONNECT")
                                 && u.connect_config.is_some()
                         });
-                    match server.clusters.get(&cluster) {
+                    match server.cluster(&cluster).as_ref() {
                         Some(c) if terminate => {
                             let opened = clock
                                 .limits
@@ -1946,6 +1990,8 @@ struct Clock {
     grpc_call: Option<GrpcCall>,
     /// The connection's last stream (max_requests_per_connection): its response says close.
     last_on_connection: bool,
+    /// An HTTP/1 stream's listener drain: once it has begun, the response says close.
+    listener_drain: Option<tokio::sync::watch::Receiver<bool>>,
     /// A CONNECT: unless it becomes a tunnel, its connection is closed after the reply.
     connect: bool,
     _active: RqActive,
@@ -1996,6 +2042,7 @@ fn finish(
         decorator,
         grpc_call,
         last_on_connection,
+        listener_drain,
         connect,
         _active,
         _slot,
@@ -2066,6 +2113,7 @@ fn finish(
     .contains(&details_of(&entry))
         || (timeout && refused_408)
         || last_on_connection
+        || listener_drain.is_some_and(|d| *d.borrow())
         || (connect && splice_with.is_none())
     {
         h.insert("connection", HeaderValue::from_static("close"));

@@ -207,6 +207,13 @@ impl Drop for Waiting {
 }
 
 impl Pools {
+    /// A retired cluster's connections leave the pools: idle ones close, busy ones finish
+    /// their streams and close.
+    pub fn retire_cluster(&self, cluster: &str) {
+        self.http1.lock().unwrap().retain(|k, _| k.0 != cluster);
+        self.http2.lock().unwrap().retain(|k, _| k.0 != cluster);
+    }
+
     /// Takes the connection out of its pool if no stream is under way on it (else it stays).
     fn remove_if_idle(&self, key: &HostKey, conn: &Arc<PooledConn>, http2: bool) -> bool {
         let idle = |c: &Arc<PooledConn>| {
@@ -1381,8 +1388,12 @@ async fn attempt_once(
             // it has carried all it may (its pool closes it then).
             if let Some((c, mut s)) = sender {
                 let pools = server.clone();
+                let cluster = cluster.clone();
                 tokio::spawn(async move {
-                    if s.ready().await.is_ok() && c.retired.load(Ordering::Relaxed) == 0 {
+                    if s.ready().await.is_ok()
+                        && c.retired.load(Ordering::Relaxed) == 0
+                        && !cluster.retired()
+                    {
                         pools.http_pools.release(key, (c, s));
                     }
                 });
