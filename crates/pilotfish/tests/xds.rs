@@ -138,20 +138,7 @@ fn http_upstream(name: &'static str) -> u16 {
 
 /// GET / through the proxy: status and body (0 when the connection fails).
 fn get(port: u16) -> (u16, String) {
-    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    let _ = c.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
-    let mut raw = String::new();
-    let _ = c.read_to_string(&mut raw);
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-    (status, body.unwrap_or_default())
+    get_path(port, "/")
 }
 
 /// The dynamic resources `/config_dump` shows: (kind, name, version).
@@ -511,8 +498,7 @@ fn ads_updates_applied_as_envoy_applies_them() {
     };
     let dir = common::proxy::temp_dir("xds-updates");
     let (a, b, c) = (http_upstream("a"), http_upstream("b"), http_upstream("c"));
-    let versions = |listen| {
-        let _ = listen;
+    let versions = || {
         vec![
             Version {
                 version: "1",
@@ -574,11 +560,11 @@ fn ads_updates_applied_as_envoy_applies_them() {
     };
     let run = |bin: &Path, is_envoy| {
         let listen = common::free_port();
-        drive_updates(bin, is_envoy, &dir, &versions(listen), listen)
+        drive_updates(bin, is_envoy, &dir, &versions(), listen)
     };
     let (ev, ev_times) = run(&envoy, true);
     let (pf, pf_times) = run(pilotfish_bin(), false);
-    for (i, v) in versions(0).iter().enumerate() {
+    for (i, v) in versions().iter().enumerate() {
         let want: Vec<(String, (u16, String))> = v
             .expect
             .iter()

@@ -536,7 +536,8 @@ fn binds(l: &Listener) -> bool {
 pub fn start_listeners(server: &Arc<Server>) {
     let active = server.active();
     let mut accepting = server.accepting.lock().unwrap();
-    let mut wanted = std::collections::HashMap::new();
+    // In configuration order: listeners are bound, and listed by /listeners, as configured.
+    let mut wanted = vec![];
     for r in &active.set.listeners {
         let l = &r.value;
         if !binds(l) {
@@ -550,10 +551,10 @@ pub fn start_listeners(server: &Arc<Server>) {
             tracing::warn!(target: "config", "listener '{}': only socket addresses are implemented; not started", r.name);
             continue;
         };
-        wanted.insert(listener_key(l), (addr, r.name.clone(), l));
+        wanted.push((listener_key(l), addr, r.name.clone(), l));
     }
     accepting.retain(|key, (addr, task)| {
-        let keep = wanted.get(key).is_some_and(|w| w.0 == *addr);
+        let keep = wanted.iter().any(|w| w.0 == *key && w.1 == *addr);
         if !keep {
             task.abort();
             server.bound.lock().unwrap().retain(|(n, _)| n != key);
@@ -561,7 +562,7 @@ pub fn start_listeners(server: &Arc<Server>) {
         }
         keep
     });
-    for (key, (addr, name, l)) in wanted {
+    for (key, addr, name, l) in wanted {
         if accepting.contains_key(&key) {
             continue;
         }
