@@ -297,6 +297,11 @@ pub struct ClusterChanges {
     pub endpoints_changed: Vec<String>,
 }
 
+/// The endpoints as the cluster has them, in the same order.
+fn same_hosts(current: &[Arc<Host>], hosts: &[pilotfish_decide::cluster::Host]) -> bool {
+    current.len() == hosts.len() && current.iter().zip(hosts).all(|(o, n)| same_host(o, n))
+}
+
 /// An endpoint as the cluster had it: same address and the same attributes.
 fn same_host(old: &Host, new: &pilotfish_decide::cluster::Host) -> bool {
     old.address == new.address
@@ -670,8 +675,7 @@ impl Cluster {
         {
             return true;
         }
-        let current = self.hosts.lock().unwrap();
-        current.len() == hosts.len() && current.iter().zip(hosts).all(|(o, n)| same_host(o, n))
+        same_hosts(&self.hosts.lock().unwrap(), hosts)
     }
 
     /// The endpoints of an update, in place: hosts already known are kept (their stats,
@@ -681,7 +685,7 @@ impl Cluster {
             return false;
         }
         let mut current = self.hosts.lock().unwrap();
-        if current.len() == hosts.len() && current.iter().zip(hosts).all(|(o, n)| same_host(o, n)) {
+        if same_hosts(&current, hosts) {
             return false;
         }
         let checked = !self.config.health_checks.is_empty();

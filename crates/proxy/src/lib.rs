@@ -258,24 +258,8 @@ async fn serve(cfg: Config, options: Options) -> u8 {
             }
         }
     }
-    // DNS clusters resolve before the listeners start, as Envoy's cluster initialization does.
-    let resolving: Vec<_> = active
-        .clusters
-        .clusters
-        .iter()
-        .map(|c| {
-            let c = c.clone();
-            tokio::spawn(async move { crate::dns::start(&c).await })
-        })
-        .collect();
-    for r in resolving {
-        let _ = r.await;
-    }
-    for c in &active.clusters.clusters {
-        crate::health_check::start(c, &server.stats);
-        crate::outlier::start(c);
-        c.start_cleanup();
-    }
+    // DNS clusters resolve before the listeners start.
+    server.start_clusters(&active.clusters.clusters).await;
     drop(active);
     server::start_listeners(&server);
     // Loading the configuration goes through large transient structures (the parsed YAML as

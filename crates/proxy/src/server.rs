@@ -3,7 +3,7 @@
 //! hand-off, filter chain selection and the network filters — every decision the shared one from
 //! `pilotfish_decide`.
 
-use crate::cluster::{Cluster, ClusterManager, Io};
+use crate::cluster::{Cluster, ClusterChanges, ClusterManager, Io};
 use crate::stats::{Stat, Store};
 use crate::transport_socket::{check_sans, DownstreamTls, TlsInfo};
 use crate::{listener_filter, tcp_proxy};
@@ -129,6 +129,16 @@ impl Active {
     pub fn listener(&self, key: &str) -> Option<&Arc<ActiveListener>> {
         self.listeners.get(key)
     }
+
+    /// The same for a listener of the configuration: a named one found without building its
+    /// key (this runs for every connection handed on by `use_original_dst`).
+    fn listener_of(&self, l: &Listener) -> Option<&Arc<ActiveListener>> {
+        if l.name.is_empty() {
+            self.listeners.get(&listener_key(l))
+        } else {
+            self.listeners.get(l.name.as_str())
+        }
+    }
 }
 
 impl Server {
@@ -160,7 +170,7 @@ impl Server {
             active_connections: AtomicU64::new(0),
             accepting: Default::default(),
         };
-        let (active, _) = server.make_active(set, None);
+        let (active, ..) = server.make_active(set, None);
         server.active.store(Arc::new(active));
         Arc::new(server)
     }
@@ -179,9 +189,13 @@ impl Server {
     /// Makes the listeners and clusters of `set`; with the configuration it replaces, what is
     /// unchanged is kept (a listener with the same configuration keeps its connections and
     /// gets new routes in place; a cluster with the same configuration keeps its hosts).
-    fn make_active(&self, set: ResourceSet, previous: Option<&Active>) -> (Active, Applied) {
+    fn make_active(
+        &self,
+        set: ResourceSet,
+        previous: Option<&Active>,
+    ) -> (Active, Applied, ClusterChanges) {
         let mut applied = Applied::default();
-        let (clusters, changes) =
+        let (clusters, mut changes) =
             ClusterManager::update(&set, &self.stats, previous.map(|p| &p.clusters));
         if previous.is_some() {
             applied.clusters_added = changes.added.iter().map(|c| c.name.clone()).collect();
@@ -192,7 +206,7 @@ impl Server {
             .filter(|c| clusters.get(&c.name).is_none())
             .map(|c| c.name.clone())
             .collect();
-        applied.endpoints_changed = changes.endpoints_changed;
+        applied.endpoints_changed = std::mem::take(&mut changes.endpoints_changed);
         let mut listeners = std::collections::HashMap::new();
         for l in &set.listeners {
             let key = listener_key(&l.value);
@@ -230,6 +244,7 @@ impl Server {
                 listeners,
             },
             applied,
+            changes,
         )
     }
 
@@ -343,29 +358,12 @@ impl Server {
     /// their checks and leave the pools.
     pub async fn apply(self: &Arc<Self>, set: ResourceSet) -> Applied {
         let old = self.active();
-        let (next, applied) = self.make_active(set, Some(&old));
-        // New DNS clusters resolve before they are used, as Envoy warms a cluster.
-        let fresh: Vec<Arc<Cluster>> = next
-            .clusters
-            .clusters
-            .iter()
-            .filter(|c| old.clusters.get(&c.name).is_none_or(|o| !Arc::ptr_eq(o, c)))
-            .cloned()
-            .collect();
-        for c in &fresh {
-            crate::dns::start(c).await;
-        }
+        let (next, applied, changes) = self.make_active(set, Some(&old));
+        self.start_clusters(&changes.added).await;
         let next = Arc::new(next);
         self.active.store(next.clone());
-        for c in &fresh {
-            crate::health_check::start(c, &self.stats);
-            crate::outlier::start(c);
-            c.start_cleanup();
-        }
-        for c in &old.clusters.clusters {
-            if c.retired() {
-                self.http_pools.retire_cluster(&c.name);
-            }
+        for c in &changes.retired {
+            self.http_pools.retire_cluster(&c.name);
         }
         for (key, l) in &old.listeners {
             if next.listeners.get(key).is_none_or(|n| !Arc::ptr_eq(n, l)) {
@@ -374,6 +372,27 @@ impl Server {
         }
         start_listeners(self);
         applied
+    }
+
+    /// Starts what new clusters run on their own: DNS clusters resolve first (all at once), as
+    /// Envoy's cluster initialization does before a cluster is used; then health checks,
+    /// outlier detection and ORIGINAL_DST cleanup.
+    pub async fn start_clusters(&self, clusters: &[Arc<Cluster>]) {
+        let resolving: Vec<_> = clusters
+            .iter()
+            .map(|c| {
+                let c = c.clone();
+                tokio::spawn(async move { crate::dns::start(&c).await })
+            })
+            .collect();
+        for r in resolving {
+            let _ = r.await;
+        }
+        for c in clusters {
+            crate::health_check::start(c, &self.stats);
+            crate::outlier::start(c);
+            c.start_cleanup();
+        }
     }
 
     /// The access logs of a tcp_proxy configuration, built on first use.
@@ -699,7 +718,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         .ok()
         .filter(|d| d.serves.name != al.config.name)
         .and_then(|d| {
-            let to = active.listener(&listener_key(&d.serves.value))?;
+            let to = active.listener_of(&d.serves.value)?;
             tracing::debug!(target: "conn_handler", connection = conn, "use_original_dst: handing the connection to listener '{}' ({local})", d.serves.name);
             Some(to.clone())
         });
