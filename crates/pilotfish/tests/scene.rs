@@ -283,7 +283,7 @@ fn comparable(saw: &[(String, String)]) -> Vec<(String, String)> {
         .map(|(n, v)| {
             let fresh = matches!(
                 n.as_str(),
-                "x-request-id" | "x-b3-traceid" | "x-b3-spanid" | "x-b3-parentspanid"
+                "x-b3-traceid" | "x-b3-spanid" | "x-b3-parentspanid"
             );
             (n.clone(), if fresh { "*".into() } else { v.clone() })
         })
@@ -309,25 +309,46 @@ fn envoy_and_pilotfish_sidecars_interoperate() {
         (&envoy, &pilotfish()),
     ] {
         start(&mut s, client, server);
-        let pair = format!("{} -> {}", client.name(), server.name());
-        let (r, _) = s
-            .curl()
-            .unwrap_or_else(|e| panic!("{pair}: {e}\n{}", s.server.log()));
-        assert_eq!(r.status, 200, "{pair}: {r:?}\n{}", s.server.log());
-        let (peer, saw) = app_saw(&r.body);
-        assert!(
-            peer.starts_with("fortio-server saw 127.0.0.6:"),
-            "{pair}: {peer}"
-        );
-        assert!(
-            header(&saw, "x-forwarded-client-cert")
-                .is_some_and(|x| x.contains(&format!("URI={IDENTITY}"))),
+        // The seed's tracing samples 1% at random, by the request id: the app's own ids make the
+        // decision the same for every pair, one sampled (0 % 10000 < 100) and one not.
+        for request_id in [
+            "00000000-0000-4000-8000-000000000001",
+            "0000ffff-0000-4000-8000-000000000002",
+        ] {
+            let pair = format!("{} -> {} ({request_id})", client.name(), server.name());
+            let (r, _) = s
+                .request(
+                    &s.service,
+                    "fortio-server:8080",
+                    "/",
+                    &[("x-request-id", request_id)],
+                    None,
+                )
+                .unwrap_or_else(|e| panic!("{pair}: {e}\n{}", s.server.log()));
+            assert_eq!(r.status, 200, "{pair}: {r:?}\n{}", s.server.log());
+            let (peer, saw) = app_saw(&r.body);
+            assert!(
+                peer.starts_with("fortio-server saw 127.0.0.6:"),
+                "{pair}: {peer}"
+            );
+            assert!(
+                header(&saw, "x-forwarded-client-cert")
+                    .is_some_and(|x| x.contains(&format!("URI={IDENTITY}"))),
+                "{pair}: {saw:?}"
+            );
+            seen.push((pair, comparable(&saw)));
+        }
+    }
+    let (envoy_pairs, others) = seen.split_at(2);
+    for ((pair, saw), sampled) in envoy_pairs.iter().zip(["1", "0"]) {
+        assert_eq!(
+            header(saw, "x-b3-sampled"),
+            Some(sampled),
             "{pair}: {saw:?}"
         );
-        seen.push((pair, comparable(&saw)));
     }
-    let (first, want) = &seen[0];
-    for (pair, got) in &seen[1..] {
+    for (i, (pair, got)) in others.iter().enumerate() {
+        let (first, want) = &envoy_pairs[i % 2];
         assert_eq!(
             got, want,
             "the app saw different headers with {pair} than with {first}"
