@@ -335,6 +335,8 @@ struct Version {
     route_name: &'static str,
     routes: Vec<(&'static str, &'static str)>,
     stat_prefix: &'static str,
+    /// The management server goes away before this version and comes back with it.
+    restart: bool,
     /// Requests and what Envoy answers them once the version is in service.
     expect: Vec<(&'static str, (u16, &'static str))>,
 }
@@ -430,6 +432,52 @@ struct StepSeen {
     dumped: Vec<(String, String, String)>,
     /// The requests the server saw for this step, in order.
     conversation: Vec<String>,
+    /// The xDS counters and gauges (`control_plane.*`, CDS, LDS, RDS, EDS updates).
+    stats: Vec<(String, String)>,
+}
+
+/// The stats an xDS client keeps, by name, in a form both proxies must agree on: times are
+/// only set or not, and stream failures only happened or not (how many connection attempts
+/// fail while the management server is away is the backoff's chance), so attempts are counted
+/// without them. Left out: the `update_duration` histograms, and the update stats Envoy keeps
+/// for static clusters (always zero).
+fn xds_stats(admin: u16) -> Vec<(String, String)> {
+    let (_, body) = common::admin_request(admin, "GET", "/stats");
+    let re = regex::Regex::new(
+        r"^(control_plane\.|cluster_manager\.cds\.|listener_manager\.lds\.|http\.[^.]+\.rds\.|cluster\.[^.]+\.(update_|init_fetch|version))",
+    )
+    .unwrap();
+    let stats: std::collections::BTreeMap<&str, &str> = body
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(n, _)| {
+            re.is_match(n)
+                && !n.ends_with(".update_duration")
+                && !n.starts_with("cluster.xds-grpc.")
+        })
+        .collect();
+    let number = |n: &str| {
+        stats
+            .get(n)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    stats
+        .iter()
+        .map(|(n, v)| {
+            let v = if n.ends_with(".update_time")
+                || n.ends_with("_time_ms")
+                || n.ends_with(".update_failure")
+            {
+                (if *v == "0" { "0" } else { ">0" }).to_string()
+            } else if let Some(sub) = n.strip_suffix("update_attempt") {
+                (number(n) - number(&format!("{sub}update_failure"))).to_string()
+            } else {
+                v.to_string()
+            };
+            (n.to_string(), v)
+        })
+        .collect()
 }
 
 /// Drives `bin` through `versions` from one management server: after each push, waits until
@@ -444,14 +492,36 @@ fn drive_updates(
     listen: u16,
 ) -> (Vec<StepSeen>, Vec<std::time::Duration>) {
     let tag = if is_envoy { "envoy" } else { "pilotfish" };
-    let server = XdsServer::start(version_snapshot(&versions[0], listen));
+    let mut server = XdsServer::start(version_snapshot(&versions[0], listen));
     let proxy = side_by_side::start(bin, is_envoy, &bootstrap(server.addr.port(), ""), dir, tag);
     let mut steps = vec![];
     let mut times = vec![];
     let mut before = 0;
     for (i, v) in versions.iter().enumerate() {
         let pushed = std::time::Instant::now();
-        if i > 0 {
+        if v.restart {
+            let previous = &versions[i - 1];
+            server.restart(version_snapshot(v, listen), || {
+                // While the management server is away the proxy serves what it has, and says
+                // it is not connected; down long enough for it to find the port closed and
+                // back off.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let stats = xds_stats(proxy.admin);
+                assert!(
+                    stats.contains(&("control_plane.connected_state".into(), "0".into())),
+                    "{tag}: connected while the management server is away: {stats:?}"
+                );
+                for (path, want) in &previous.expect {
+                    let got = get_path(listen, path);
+                    assert_eq!(
+                        (got.0, got.1.as_str()),
+                        *want,
+                        "{tag}: {path} while the management server is away"
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1300));
+            });
+        } else if i > 0 {
             server.set(version_snapshot(v, listen));
         }
         let deadline = pushed + std::time::Duration::from_secs(10);
@@ -480,6 +550,7 @@ fn drive_updates(
         steps.push(StepSeen {
             answers,
             dumped: dumped(proxy.admin),
+            stats: xds_stats(proxy.admin),
             conversation: by_type(&seen[before..]),
         });
         before = seen.len();
@@ -506,6 +577,7 @@ fn ads_updates_applied_as_envoy_applies_them() {
                 route_name: "local_route",
                 routes: vec![("/", "backend")],
                 stat_prefix: "http",
+                restart: false,
                 expect: vec![("/", (200, "a"))],
             },
             Version {
@@ -514,6 +586,7 @@ fn ads_updates_applied_as_envoy_applies_them() {
                 route_name: "local_route",
                 routes: vec![("/second", "second"), ("/", "backend")],
                 stat_prefix: "http",
+                restart: false,
                 expect: vec![("/second", (200, "b")), ("/", (200, "a"))],
             },
             Version {
@@ -522,6 +595,7 @@ fn ads_updates_applied_as_envoy_applies_them() {
                 route_name: "local_route",
                 routes: vec![("/second", "second"), ("/", "second")],
                 stat_prefix: "http",
+                restart: false,
                 expect: vec![("/", (200, "b"))],
             },
             Version {
@@ -530,6 +604,7 @@ fn ads_updates_applied_as_envoy_applies_them() {
                 route_name: "local_route",
                 routes: vec![("/second", "second"), ("/", "backend")],
                 stat_prefix: "http",
+                restart: false,
                 expect: vec![("/", (200, "c")), ("/second", (200, "b"))],
             },
             Version {
@@ -538,6 +613,7 @@ fn ads_updates_applied_as_envoy_applies_them() {
                 route_name: "local_route",
                 routes: vec![("/second", "second"), ("/", "backend")],
                 stat_prefix: "http",
+                restart: false,
                 expect: vec![("/", (200, "c")), ("/second", (503, ""))],
             },
             Version {
@@ -546,6 +622,7 @@ fn ads_updates_applied_as_envoy_applies_them() {
                 route_name: "local_route",
                 routes: vec![("/", "backend")],
                 stat_prefix: "",
+                restart: false,
                 expect: vec![("/", (200, "c"))],
             },
             Version {
@@ -554,7 +631,17 @@ fn ads_updates_applied_as_envoy_applies_them() {
                 route_name: "route_b",
                 routes: vec![("/", "=route_b")],
                 stat_prefix: "http_b",
+                restart: false,
                 expect: vec![("/", (200, "route_b"))],
+            },
+            Version {
+                version: "8",
+                clusters: vec![("backend", c), ("second", b)],
+                route_name: "route_b",
+                routes: vec![("/second", "second"), ("/", "=route_b")],
+                stat_prefix: "http_b",
+                restart: true,
+                expect: vec![("/second", (200, "b")), ("/", (200, "route_b"))],
             },
         ]
     };
@@ -564,6 +651,12 @@ fn ads_updates_applied_as_envoy_applies_them() {
     };
     let (ev, ev_times) = run(&envoy, true);
     let (pf, pf_times) = run(pilotfish_bin(), false);
+    for (i, v) in versions().iter().enumerate() {
+        eprintln!(
+            "version {}: Envoy {:#?}\npilotfish {:#?}",
+            v.version, ev[i], pf[i]
+        );
+    }
     for (i, v) in versions().iter().enumerate() {
         let want: Vec<(String, (u16, String))> = v
             .expect
@@ -584,6 +677,11 @@ fn ads_updates_applied_as_envoy_applies_them() {
         assert_eq!(
             pf[i].conversation, ev[i].conversation,
             "version {}: the same requests, ACKs and NACKs",
+            v.version
+        );
+        assert_eq!(
+            pf[i].stats, ev[i].stats,
+            "version {}: the same xDS stats",
             v.version
         );
         eprintln!(
@@ -749,6 +847,7 @@ fn ads_hundred_updates_under_load_lose_no_request() {
                 vec![("/", "backend")]
             },
             stat_prefix: if replaced { "http_b" } else { "http" },
+            restart: false,
             expect: vec![],
         }
     };

@@ -237,7 +237,8 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     }
     // Taken before anything can report ready: a SIGTERM from then on drains instead of killing.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let server = server::Server::new(cfg.resources, options);
+    let stats = ads.as_ref().map(xds::Running::stats).unwrap_or_default();
+    let server = server::Server::with_stats(cfg.resources, options, stats);
     let active = server.active();
     if let Some(admin) = active
         .set

@@ -39,7 +39,7 @@ pub struct Server {
     /// The configuration in service: swapped whole by each accepted update. A connection takes
     /// the one in service when it is accepted and keeps its listener's part to the end.
     active: ArcSwap<Active>,
-    pub stats: Store,
+    pub stats: Arc<Store>,
     pub options: Options,
     pub started: Instant,
     next_id: AtomicU64,
@@ -143,6 +143,11 @@ impl Active {
 
 impl Server {
     pub fn new(set: ResourceSet, options: Options) -> Arc<Server> {
+        Server::with_stats(set, options, Default::default())
+    }
+
+    /// The same with stats already kept (the xDS client's, from before the proxy started).
+    pub fn with_stats(set: ResourceSet, options: Options, stats: Arc<Store>) -> Arc<Server> {
         let server = Server {
             active: ArcSwap::from_pointee(Active {
                 set: ResourceSet::default(),
@@ -158,7 +163,7 @@ impl Server {
                     node.and_then(|n| n.metadata.as_ref()),
                 )
             },
-            stats: Store::default(),
+            stats,
             options,
             started: Instant::now(),
             next_id: AtomicU64::new(0),

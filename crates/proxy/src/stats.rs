@@ -39,6 +39,8 @@ impl Stat {
 #[derive(Debug, Default)]
 pub struct Store {
     stats: Mutex<BTreeMap<String, Arc<Stat>>>,
+    /// Envoy's text readouts (`cluster_manager.cds.version_text: "3"`).
+    texts: Mutex<BTreeMap<String, String>>,
     /// Istio's standard metrics (`istio.stats`), with their labels.
     pub istio: Arc<crate::istio_stats::Registry>,
 }
@@ -60,6 +62,32 @@ impl Store {
     }
     pub fn gauge(&self, name: &str) -> Arc<Stat> {
         self.get(name, Kind::Gauge)
+    }
+    pub fn set_text(&self, name: &str, value: &str) {
+        let mut m = self.texts.lock().unwrap();
+        match m.get_mut(name) {
+            Some(v) => value.clone_into(v),
+            None => {
+                m.insert(name.to_string(), value.to_string());
+            }
+        }
+    }
+    /// Forgets stats whose owner is gone (a removed cluster's subscription): a later one of
+    /// the same name starts from zero, as in Envoy.
+    pub fn remove(&self, names: &[String]) {
+        let mut m = self.stats.lock().unwrap();
+        let mut t = self.texts.lock().unwrap();
+        for n in names {
+            m.remove(n);
+            t.remove(n);
+        }
+    }
+    fn texts(&self, filter: Option<&regex::Regex>) -> Vec<(String, String)> {
+        let t = self.texts.lock().unwrap();
+        t.iter()
+            .filter(|(n, _)| filter.is_none_or(|f| f.is_match(n)))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
     }
     /// Every counter and gauge by name, Istio's counters by their flattened names among them.
     pub fn snapshot(&self) -> Vec<(String, Kind, u64)> {
@@ -90,6 +118,10 @@ impl Store {
 
     pub fn text(&self, filter: Option<&regex::Regex>) -> String {
         let mut out = String::new();
+        // Text readouts first, quoted, as Envoy lists them.
+        for (name, v) in self.texts(filter) {
+            out.push_str(&format!("{name}: {v:?}\n"));
+        }
         for (name, _, v) in self.snapshot() {
             if filter.is_none_or(|f| f.is_match(&name)) {
                 out.push_str(&format!("{name}: {v}\n"));
@@ -100,10 +132,15 @@ impl Store {
 
     pub fn json(&self, filter: Option<&regex::Regex>) -> serde_json::Value {
         let stats: Vec<serde_json::Value> = self
-            .snapshot()
+            .texts(filter)
             .into_iter()
-            .filter(|(n, _, _)| filter.is_none_or(|f| f.is_match(n)))
-            .map(|(n, _, v)| serde_json::json!({"name": n, "value": v}))
+            .map(|(n, v)| serde_json::json!({"name": n, "value": v}))
+            .chain(
+                self.snapshot()
+                    .into_iter()
+                    .filter(|(n, _, _)| filter.is_none_or(|f| f.is_match(n)))
+                    .map(|(n, _, v)| serde_json::json!({"name": n, "value": v})),
+            )
             .collect();
         serde_json::json!({ "stats": stats })
     }

@@ -33,6 +33,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
+mod stats;
+
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -209,33 +211,24 @@ struct Fetch {
     lds: Watch,
     rds: Watch,
     dynamic: DynamicResources,
-    /// The route configurations of listeners an update replaced or removed, kept asked for
-    /// until their drain ends (as Envoy's draining listener keeps its RDS subscription).
-    draining_routes: Vec<(String, tokio::time::Instant)>,
+    /// The route configurations (stat prefix, name) of listeners an update replaced or
+    /// removed, kept asked for until their drain ends (as Envoy's draining listener keeps its
+    /// RDS subscription).
+    draining_routes: Vec<((String, String), tokio::time::Instant)>,
     /// `--drain-time-s` (set once the proxy serves; nothing drains at start-up).
     drain_time: Duration,
+    /// The EDS clusters: (cluster name, the service name it asks EDS for).
+    eds_clusters: Vec<(String, String)>,
+    stats: stats::XdsStats,
 }
 
 /// Connects, asks for the configuration in Envoy's order and returns it once every type the
 /// configuration needs has arrived (or timed out), with the stream to keep serving.
 pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String> {
     let node = base.resources.bootstrap.node.clone().unwrap_or_default();
-    let mut delay = Duration::from_millis(250);
-    let channel = loop {
-        match connect(&ads.target).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(target: "config", "xDS: cannot reach cluster '{}' ({:?}): {e}; again in {delay:?}", ads.cluster, ads.target);
-                tokio::time::sleep(delay).await;
-                // Envoy's backoff: doubling, at most 30 s.
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-        }
-    };
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut f = Fetch {
         stream: Stream {
-            tx,
+            tx: tokio::sync::mpsc::unbounded_channel().0,
             node,
             node_sent: false,
             node_first_only: ads.set_node_on_first_message_only,
@@ -247,7 +240,11 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         dynamic: DynamicResources::default(),
         draining_routes: vec![],
         drain_time: Duration::ZERO,
+        eds_clusters: vec![],
+        stats: stats::XdsStats::new(Default::default()),
     };
+    let mut backoff = Backoff::new();
+    let mut inbound = f.open(ads, &mut backoff).await;
     let wants_cds = base
         .resources
         .bootstrap
@@ -256,19 +253,13 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         .is_some_and(|d| d.cds_config.is_some());
     if wants_cds {
         f.cds.requested = true;
+        f.stats.start_cds();
         f.stream.send(CLUSTER, &f.cds, None);
     } else {
         f.cds.ready = true;
         f.eds.ready = true;
         f.request_listeners(base);
     }
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let mut inbound = client
-        .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .map_err(|e| format!("xDS: the ADS stream was refused: {e}"))?
-        .into_inner();
-    tracing::info!(target: "config", "xDS: ADS stream to cluster '{}' open", ads.cluster);
     while !f.complete() {
         let wait = if f.lds.requested {
             ads.lds_timeout
@@ -277,11 +268,20 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         };
         let next = tokio::time::timeout(wait, inbound.message()).await;
         match next {
-            Ok(Ok(Some(r))) => f.on_response(base, r),
-            Ok(Ok(None)) => {
-                return Err("xDS: the management server closed the stream during start-up".into())
+            Ok(Ok(Some(r))) => {
+                backoff.reset();
+                f.on_response(base, r)
             }
-            Ok(Err(e)) => return Err(format!("xDS: the ADS stream failed during start-up: {e}")),
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let why = match next {
+                    Ok(Err(e)) => format!("failed: {e}"),
+                    _ => "was closed by the management server".into(),
+                };
+                tracing::warn!(target: "config", "xDS: the ADS stream {why} during start-up; reconnecting");
+                f.stats.stream_failed();
+                backoff.wait().await;
+                inbound = f.open(ads, &mut backoff).await;
+            }
             Err(_) => {
                 tracing::warn!(target: "config", "xDS: initial fetch timed out after {wait:?}; going on with what has arrived");
                 f.give_up_waiting(base);
@@ -294,22 +294,60 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         Running {
             fetch: f,
             inbound,
+            backoff,
             base: base.clone(),
             ads: ads.clone(),
         },
     ))
 }
 
+/// Envoy's reconnection backoff for xDS streams: a random wait below an interval that starts at
+/// 500 ms and doubles up to 30 s, back to the start once a response arrives.
+struct Backoff {
+    interval: Duration,
+    attempt: u64,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Backoff {
+        Backoff {
+            interval: Backoff::BASE,
+            attempt: 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.interval = Backoff::BASE;
+    }
+
+    async fn wait(&mut self) {
+        self.attempt += 1;
+        let ms = self.interval.as_millis().max(1) as u64;
+        let wait = Duration::from_millis(crate::random(self.attempt) % ms);
+        self.interval = (self.interval * 2).min(Backoff::MAX);
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// The stream after start-up.
 pub struct Running {
     fetch: Fetch,
     inbound: tonic::Streaming<DiscoveryResponse>,
+    backoff: Backoff,
     /// The bootstrap the dynamic resources are laid over.
     base: Config,
     ads: Ads,
 }
 
 impl Running {
+    /// The stats the client has kept since it started, for the proxy to go on with.
+    pub fn stats(&self) -> std::sync::Arc<crate::stats::Store> {
+        self.fetch.stats.store.clone()
+    }
+
     /// Takes what the control plane sends from now on, puts each accepted update in service,
     /// until the stream ends.
     pub async fn serve(mut self, server: std::sync::Arc<crate::server::Server>) {
@@ -334,6 +372,7 @@ impl Running {
             };
             match message {
                 Ok(Some(r)) => {
+                    self.backoff.reset();
                     let what = format!("{} version {}", short(&r.type_url), r.version_info);
                     self.fetch.on_response(&self.base, r);
                     // A refused update is applied too: the configuration stays as it was, and
@@ -347,13 +386,15 @@ impl Running {
                     warming = None;
                     self.apply(&server, &what).await;
                 }
-                Ok(None) => {
-                    tracing::warn!(target: "config", "xDS: the management server closed the stream; keeping the configuration");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(target: "config", "xDS: the ADS stream failed: {e}; keeping the configuration");
-                    return;
+                Ok(None) | Err(_) => {
+                    let why = match message {
+                        Err(e) => format!("failed: {e}"),
+                        _ => "was closed by the management server".into(),
+                    };
+                    tracing::warn!(target: "config", "xDS: the ADS stream {why}; keeping the configuration in service and reconnecting");
+                    self.fetch.stats.stream_failed();
+                    self.backoff.wait().await;
+                    self.inbound = self.fetch.open(&self.ads, &mut self.backoff).await;
                 }
             }
         }
@@ -391,6 +432,54 @@ fn short(type_url: &str) -> &str {
 }
 
 impl Fetch {
+    /// Opens an ADS stream, trying again with backoff until one opens, and asks on it for
+    /// everything subscribed so far with the versions last accepted, as Envoy does on a new
+    /// stream (node again, no nonce: the new server has sent nothing yet).
+    async fn open(
+        &mut self,
+        ads: &Ads,
+        backoff: &mut Backoff,
+    ) -> tonic::Streaming<DiscoveryResponse> {
+        loop {
+            let opened = async {
+                let channel = connect(&ads.target).await?;
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                self.stream.tx = tx;
+                self.stream.node_sent = false;
+                for (type_url, w) in [
+                    (CLUSTER, &mut self.cds),
+                    (ENDPOINT, &mut self.eds),
+                    (LISTENER, &mut self.lds),
+                    (ROUTE, &mut self.rds),
+                ] {
+                    w.nonce.clear();
+                    if w.requested {
+                        self.stream.send(type_url, w, None);
+                    }
+                }
+                AggregatedDiscoveryServiceClient::new(channel)
+                    .stream_aggregated_resources(
+                        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                    )
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|e| format!("the ADS stream was refused: {e}"))
+            };
+            match opened.await {
+                Ok(inbound) => {
+                    tracing::info!(target: "config", "xDS: ADS stream to cluster '{}' open", ads.cluster);
+                    self.stats.connected(true);
+                    return inbound;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "config", "xDS: cannot reach cluster '{}' ({:?}): {e}; trying again", ads.cluster, ads.target);
+                    self.stats.stream_failed();
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
     fn watch(&mut self, type_url: &str) -> Option<&mut Watch> {
         match type_url {
             CLUSTER if self.cds.requested => Some(&mut self.cds),
@@ -423,16 +512,20 @@ impl Fetch {
         }
         // A response is taken whole or not at all: checked alone, then with the rest of the
         // configuration (a cluster may not replace a static one, and so on).
-        let before = (self.dynamic.clone(), self.draining_routes.clone());
+        let before = (
+            self.dynamic.clone(),
+            self.draining_routes.clone(),
+            self.eds_clusters.clone(),
+        );
         let accepted = match r.type_url.as_str() {
             CLUSTER => self.on_clusters(&r),
-            ENDPOINT => self.on_endpoints(&r).map(|()| vec![]),
+            ENDPOINT => self.on_endpoints(&r),
             LISTENER => self.on_listeners(&r),
-            _ => self.on_routes(&r).map(|()| vec![]),
+            _ => self.on_routes(&r),
         }
-        .and_then(|names| dynamic::assemble(base, &self.dynamic).map(|_| names));
+        .and_then(|next| dynamic::assemble(base, &self.dynamic).map(|_| next));
         if accepted.is_err() {
-            (self.dynamic, self.draining_routes) = before;
+            (self.dynamic, self.draining_routes, self.eds_clusters) = before;
             let refused = match r.type_url.as_str() {
                 CLUSTER => dynamic::refused(&r.resources, |c: &Cluster| c.name.clone()),
                 ENDPOINT => dynamic::refused(&r.resources, |c: &ClusterLoadAssignment| {
@@ -444,11 +537,49 @@ impl Fetch {
             self.dynamic.refuse(refused);
         }
         // What the accepted resources name is asked for (Envoy sends it ahead of the ACK).
-        if let Ok(names) = &accepted {
-            match r.type_url.as_str() {
-                CLUSTER => self.subscribe(ENDPOINT, names.clone()),
-                LISTENER => self.subscribe(ROUTE, names.clone()),
-                _ => {}
+        match &accepted {
+            Ok(Accepted::Clusters(changed)) => {
+                if let Some(s) = &self.stats.cds {
+                    s.accepted(&self.stats.store, &r.version_info, *changed);
+                }
+                self.stats
+                    .follow_eds(self.eds_clusters.iter().map(|(c, _)| c.as_str()));
+                let mut names: Vec<String> =
+                    self.eds_clusters.iter().map(|(_, s)| s.clone()).collect();
+                names.sort();
+                names.dedup();
+                self.subscribe(ENDPOINT, names);
+            }
+            Ok(Accepted::Listeners(routes)) => {
+                if let Some(s) = &self.stats.lds {
+                    s.accepted(&self.stats.store, &r.version_info, true);
+                }
+                self.subscribe_routes(routes);
+            }
+            Ok(Accepted::Named(changed)) => {
+                for (name, changed) in changed {
+                    let subs: Vec<&stats::Subscription> = if r.type_url == ENDPOINT {
+                        self.eds_clusters
+                            .iter()
+                            .filter(|(_, service)| service == name)
+                            .filter_map(|(c, _)| self.stats.eds.get(c))
+                            .collect()
+                    } else {
+                        self.stats.rds.get(name).into_iter().collect()
+                    };
+                    for s in subs {
+                        s.accepted(&self.stats.store, &r.version_info, *changed);
+                    }
+                }
+            }
+            Err(_) => {
+                let subs: Vec<&stats::Subscription> = match r.type_url.as_str() {
+                    CLUSTER => self.stats.cds.iter().collect(),
+                    LISTENER => self.stats.lds.iter().collect(),
+                    ENDPOINT => self.stats.eds.values().collect(),
+                    _ => self.stats.rds.values().collect(),
+                };
+                subs.into_iter().for_each(stats::Subscription::rejected);
             }
         }
         let accepted = accepted.map(|_| ());
@@ -497,6 +628,7 @@ impl Fetch {
             .is_some_and(|d| d.lds_config.is_some());
         if wants_lds {
             self.lds.requested = true;
+            self.stats.start_lds();
             self.stream.send(LISTENER, &self.lds, None);
         } else {
             self.lds.ready = true;
@@ -506,9 +638,41 @@ impl Fetch {
 
     /// The types being waited for are taken as they stand; the next phase gets its own wait.
     fn give_up_waiting(&mut self, base: &Config) {
-        for w in [&mut self.cds, &mut self.eds, &mut self.lds, &mut self.rds] {
-            if w.requested {
+        let st = &self.stats;
+        for (w, subs) in [
+            (
+                &mut self.cds,
+                st.cds.iter().map(|s| ("", s)).collect::<Vec<_>>(),
+            ),
+            (
+                &mut self.eds,
+                self.eds_clusters
+                    .iter()
+                    .filter_map(|(c, service)| Some((service.as_str(), st.eds.get(c)?)))
+                    .collect(),
+            ),
+            (&mut self.lds, st.lds.iter().map(|s| ("", s)).collect()),
+            (
+                &mut self.rds,
+                st.rds.iter().map(|(n, s)| (n.as_str(), s)).collect(),
+            ),
+        ] {
+            if w.requested && !w.ready {
                 w.ready = true;
+                // Each subscription still without its resource timed out (CDS and LDS have
+                // one, waiting for the first response).
+                for (name, s) in subs {
+                    let has = match name {
+                        "" => false,
+                        n => {
+                            self.dynamic.endpoints.iter().any(|r| r.name == n)
+                                || self.dynamic.route_configs.iter().any(|r| r.name == n)
+                        }
+                    };
+                    if !has {
+                        s.timed_out();
+                    }
+                }
             }
         }
         if self.cds.ready && !self.eds.requested {
@@ -520,10 +684,11 @@ impl Fetch {
         self.advance(base);
     }
 
-    /// Takes the clusters; returns the EDS names they ask for.
-    fn on_clusters(&mut self, r: &DiscoveryResponse) -> Result<Vec<String>, ConfigErrors> {
+    /// Takes the clusters and which of them ask EDS for what; says whether any was added or
+    /// changed.
+    fn on_clusters(&mut self, r: &DiscoveryResponse) -> Result<Accepted, ConfigErrors> {
         let clusters: Vec<Cluster> = decode_all(r)?;
-        let mut eds: Vec<String> = clusters
+        self.eds_clusters = clusters
             .iter()
             .filter(|c| {
                 matches!(
@@ -532,15 +697,16 @@ impl Fetch {
                 )
             })
             .map(|c| {
-                c.eds_cluster_config
+                let service = c
+                    .eds_cluster_config
                     .as_ref()
                     .map(|e| e.service_name.clone())
                     .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| c.name.clone())
+                    .unwrap_or_else(|| c.name.clone());
+                (c.name.clone(), service)
             })
             .collect();
-        eds.sort();
-        eds.dedup();
+        let changed = changed(&self.dynamic.clusters, &clusters, |c| c.name.clone());
         resources(
             &mut self.dynamic.clusters,
             Keep::Listed,
@@ -549,23 +715,36 @@ impl Fetch {
             |c| c.name.clone(),
             &r.version_info,
         );
-        Ok(eds)
+        Ok(Accepted::Clusters(changed.iter().any(|(_, c)| *c)))
     }
 
     /// Drained listeners' route configurations are no longer asked for.
     fn drain_ended(&mut self) {
         let now = tokio::time::Instant::now();
         self.draining_routes.retain(|(_, end)| *end > now);
-        let mut rds: Vec<String> = self
+        let rds: Vec<(String, String)> = self
             .dynamic
             .listeners
             .iter()
             .flat_map(|l| route_config_names(&l.value))
             .chain(self.draining_routes.iter().map(|(n, _)| n.clone()))
             .collect();
-        rds.sort();
-        rds.dedup();
-        self.subscribe(ROUTE, rds);
+        self.subscribe_routes(&rds);
+    }
+
+    /// RDS follows the route configurations the listeners name, (stat prefix, name) in
+    /// listener order: a name's stats go under the first connection manager naming it.
+    fn subscribe_routes(&mut self, routes: &[(String, String)]) {
+        let mut first: Vec<(String, String)> = vec![];
+        for r in routes {
+            if !first.iter().any(|f| f.1 == r.1) {
+                first.push(r.clone());
+            }
+        }
+        self.stats.follow_rds(&first);
+        let mut names: Vec<String> = first.into_iter().map(|(_, n)| n).collect();
+        names.sort();
+        self.subscribe(ROUTE, names);
     }
 
     /// Subscribes EDS or RDS to `names`; with none, that type has nothing to wait for.
@@ -600,8 +779,9 @@ impl Fetch {
         }
     }
 
-    fn on_endpoints(&mut self, r: &DiscoveryResponse) -> Result<(), ConfigErrors> {
+    fn on_endpoints(&mut self, r: &DiscoveryResponse) -> Result<Accepted, ConfigErrors> {
         let cla: Vec<ClusterLoadAssignment> = decode_all(r)?;
+        let changed = changed(&self.dynamic.endpoints, &cla, |c| c.cluster_name.clone());
         resources(
             &mut self.dynamic.endpoints,
             Keep::Absent,
@@ -610,11 +790,11 @@ impl Fetch {
             |c| c.cluster_name.clone(),
             &r.version_info,
         );
-        Ok(())
+        Ok(Accepted::Named(changed))
     }
 
     /// Takes the listeners; returns the route configurations they ask RDS for.
-    fn on_listeners(&mut self, r: &DiscoveryResponse) -> Result<Vec<String>, ConfigErrors> {
+    fn on_listeners(&mut self, r: &DiscoveryResponse) -> Result<Accepted, ConfigErrors> {
         let listeners: Vec<Listener> = decode_all(r)?;
         let now = tokio::time::Instant::now();
         if !self.drain_time.is_zero() {
@@ -626,11 +806,10 @@ impl Fetch {
                 }
             }
         }
-        let mut rds: Vec<String> = listeners.iter().flat_map(route_config_names).collect();
+        let mut rds: Vec<(String, String)> =
+            listeners.iter().flat_map(route_config_names).collect();
         self.draining_routes.retain(|(_, end)| *end > now);
         rds.extend(self.draining_routes.iter().map(|(n, _)| n.clone()));
-        rds.sort();
-        rds.dedup();
         resources(
             &mut self.dynamic.listeners,
             Keep::Listed,
@@ -639,11 +818,12 @@ impl Fetch {
             |l| l.name.clone(),
             &r.version_info,
         );
-        Ok(rds)
+        Ok(Accepted::Listeners(rds))
     }
 
-    fn on_routes(&mut self, r: &DiscoveryResponse) -> Result<(), ConfigErrors> {
+    fn on_routes(&mut self, r: &DiscoveryResponse) -> Result<Accepted, ConfigErrors> {
         let routes: Vec<RouteConfiguration> = decode_all(r)?;
+        let changed = changed(&self.dynamic.route_configs, &routes, |rc| rc.name.clone());
         resources(
             &mut self.dynamic.route_configs,
             Keep::Absent,
@@ -652,8 +832,34 @@ impl Fetch {
             |rc| rc.name.clone(),
             &r.version_info,
         );
-        Ok(())
+        Ok(Accepted::Named(changed))
     }
+}
+
+/// What an accepted response brings for the subscriptions that follow from it.
+enum Accepted {
+    /// Whether any cluster was added or changed.
+    Clusters(bool),
+    /// The route configurations the listeners name: (stat prefix, name).
+    Listeners(Vec<(String, String)>),
+    /// EDS and RDS: each resource carried, and whether it changed.
+    Named(Vec<(String, bool)>),
+}
+
+/// Each item by name, and whether it differs from what `previous` holds under that name.
+fn changed<T: PartialEq>(
+    previous: &[pilotfish_config::resources::Resource<T>],
+    items: &[T],
+    name_of: impl Fn(&T) -> String,
+) -> Vec<(String, bool)> {
+    items
+        .iter()
+        .map(|v| {
+            let name = name_of(v);
+            let same = previous.iter().any(|p| p.name == name && &p.value == v);
+            (name, !same)
+        })
+        .collect()
 }
 
 /// Resources as the set keeps them, each under `kind[name]`. One the update leaves as it was
@@ -721,8 +927,9 @@ fn decode_all<T: Message + Name + Default>(r: &DiscoveryResponse) -> Result<Vec<
     }
 }
 
-/// The route configurations a listener's connection managers ask RDS for.
-fn route_config_names(l: &Listener) -> Vec<String> {
+/// The route configurations a listener's connection managers ask RDS for: (the connection
+/// manager's stat prefix, route configuration name).
+fn route_config_names(l: &Listener) -> Vec<(String, String)> {
     let mut out = vec![];
     for fc in l
         .filter_chains
@@ -742,7 +949,7 @@ fn route_config_names(l: &Listener) -> Vec<String> {
                 continue;
             };
             if let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier {
-                out.push(rds.route_config_name);
+                out.push((hcm.stat_prefix, rds.route_config_name));
             }
         }
     }

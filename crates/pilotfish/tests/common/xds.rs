@@ -50,10 +50,11 @@ impl Seen {
         let mut names = self.resource_names.clone();
         names.sort();
         format!(
-            "{kind} version='{}' nonce='{}' names={names:?}{}",
+            "{kind} version='{}' nonce='{}' names={names:?}{}{}",
             self.version_info,
             self.response_nonce,
-            if self.error.is_some() { " NACK" } else { "" }
+            if self.error.is_some() { " NACK" } else { "" },
+            if self.has_node { " node" } else { "" }
         )
     }
 }
@@ -94,33 +95,77 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     /// The nonce of the last response sent, by type.
     last_sent: Mutex<BTreeMap<String, String>>,
+    /// Nonces go on across restarts, so a request answering a response before the restart
+    /// cannot be taken for one answering a response after it.
+    nonce: std::sync::atomic::AtomicU64,
+}
+
+impl State {
+    fn new(initial: Snapshot) -> Arc<State> {
+        Arc::new(State {
+            snapshot: watch::channel(initial).0,
+            seen: Mutex::new(vec![]),
+            last_sent: Mutex::new(BTreeMap::new()),
+            nonce: Default::default(),
+        })
+    }
 }
 
 pub struct XdsServer {
     pub addr: SocketAddr,
     state: Arc<State>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for XdsServer {
     fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
+        self.kill();
     }
 }
 
 impl XdsServer {
     /// Serves `initial` on a free loopback port, on a runtime of its own thread.
     pub fn start(initial: Snapshot) -> XdsServer {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
+        let mut server = XdsServer {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            state: State::new(initial),
+            stop: None,
+            thread: None,
+        };
+        server.listen_tcp();
+        server
+    }
+
+    fn listen_tcp(&mut self) {
+        let l = std::net::TcpListener::bind(self.addr).unwrap();
+        self.addr = l.local_addr().unwrap();
         l.set_nonblocking(true).unwrap();
-        XdsServer::serve(initial, addr, move || {
+        self.serve(move || {
             tokio_stream::wrappers::TcpListenerStream::new(
                 tokio::net::TcpListener::from_std(l).unwrap(),
             )
-        })
+        });
+    }
+
+    /// The server goes away as a killed process does (its streams and connections closed, the
+    /// port refusing connections) and comes back on the same port after `while_down`, serving the
+    /// `snapshot` (set while it was away), with fresh streams; what it saw before stays
+    /// recorded.
+    pub fn restart(&mut self, snapshot: Snapshot, while_down: impl FnOnce()) {
+        self.kill();
+        self.set(snapshot);
+        while_down();
+        self.listen_tcp();
+    }
+
+    fn kill(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 
     /// The same on a Unix socket, as istio-agent serves its sidecar (`addr` is then unused).
@@ -128,18 +173,21 @@ impl XdsServer {
         let _ = std::fs::remove_file(path);
         let l = std::os::unix::net::UnixListener::bind(path).unwrap();
         l.set_nonblocking(true).unwrap();
-        XdsServer::serve(initial, "0.0.0.0:0".parse().unwrap(), move || {
+        let mut server = XdsServer {
+            addr: "0.0.0.0:0".parse().unwrap(),
+            state: State::new(initial),
+            stop: None,
+            thread: None,
+        };
+        server.serve(move || {
             tokio_stream::wrappers::UnixListenerStream::new(
                 tokio::net::UnixListener::from_std(l).unwrap(),
             )
-        })
+        });
+        server
     }
 
-    fn serve<I, IO, IE>(
-        initial: Snapshot,
-        addr: SocketAddr,
-        incoming: impl FnOnce() -> I + Send + 'static,
-    ) -> XdsServer
+    fn serve<I, IO, IE>(&mut self, incoming: impl FnOnce() -> I + Send + 'static)
     where
         I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
         IO: tokio::io::AsyncRead
@@ -150,36 +198,25 @@ impl XdsServer {
             + 'static,
         IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let state = Arc::new(State {
-            snapshot: watch::channel(initial).0,
-            seen: Mutex::new(vec![]),
-            last_sent: Mutex::new(BTreeMap::new()),
-        });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let ads = Ads(state.clone());
-        std::thread::spawn(move || {
+        let ads = Ads(self.state.clone());
+        self.thread = Some(std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                // One service: no router needed.
-                let _ = tonic::transport::Server::builder()
-                    .serve_with_incoming_shutdown(
-                        AggregatedDiscoveryServiceServer::new(ads),
-                        incoming(),
-                        async {
-                            let _ = stopped.await;
-                        },
-                    )
-                    .await;
+                // One service: no router needed. Stopped abruptly: leaving block_on drops the
+                // runtime, and with it every connection's task.
+                let serve = tonic::transport::Server::builder()
+                    .serve_with_incoming(AggregatedDiscoveryServiceServer::new(ads), incoming());
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stopped => {}
+                }
             });
-        });
-        XdsServer {
-            addr,
-            state,
-            stop: Some(stop),
-        }
+        }));
+        self.stop = Some(stop);
     }
 
     /// Pushes a new snapshot to every open stream.
@@ -252,7 +289,12 @@ impl AggregatedDiscoveryService for Ads {
         tokio::spawn(async move {
             let mut snapshots = state.snapshot.subscribe();
             let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
-            let mut nonce = 0u64;
+            let next_nonce = || {
+                state
+                    .nonce
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1
+            };
             loop {
                 tokio::select! {
                     msg = inbound.message() => {
@@ -276,8 +318,7 @@ impl AggregatedDiscoveryService for Ads {
                         }
                         s.names = req.resource_names.clone();
                         let snapshot = snapshots.borrow().clone();
-                        nonce += 1;
-                        let r = respond(&snapshot, &req.type_url, s, nonce);
+                        let r = respond(&snapshot, &req.type_url, s, next_nonce());
                         state.last_sent.lock().unwrap().insert(req.type_url.clone(), r.nonce.clone());
                         if tx.send(Ok(r)).await.is_err() {
                             return;
@@ -290,8 +331,7 @@ impl AggregatedDiscoveryService for Ads {
                             if s.version == snapshot.version {
                                 continue;
                             }
-                            nonce += 1;
-                            let r = respond(&snapshot, type_url, s, nonce);
+                            let r = respond(&snapshot, type_url, s, next_nonce());
                             state.last_sent.lock().unwrap().insert(type_url.clone(), r.nonce.clone());
                             if tx.send(Ok(r)).await.is_err() {
                                 return;

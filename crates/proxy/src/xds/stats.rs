@@ -1,0 +1,239 @@
+//! The xDS client's stats, under Envoy's names: the stream (`control_plane.*`) and each
+//! subscription's updates — CDS (`cluster_manager.cds.*`), LDS (`listener_manager.lds.*`), each
+//! route configuration (`http.<stat_prefix>.rds.<name>.*`) and each EDS cluster
+//! (`cluster.<name>.*`) — counted as Envoy counts them: a subscription's start and every update,
+//! rejection or stream failure is an attempt; EDS and RDS subscriptions count only the responses
+//! that carry their resource; a subscription that ends takes its stats with it.
+
+use crate::stats::{Stat, Store};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// What a subscription keeps beyond Envoy's common set.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Cds,
+    Lds,
+    Rds,
+    Eds,
+}
+
+pub struct Subscription {
+    prefix: String,
+    attempt: Arc<Stat>,
+    success: Arc<Stat>,
+    rejected: Arc<Stat>,
+    failure: Arc<Stat>,
+    init_fetch_timeout: Arc<Stat>,
+    version: Arc<Stat>,
+    update_time: Arc<Stat>,
+    /// CDS and RDS: updates that changed something, and when the last did.
+    config_reload: Option<(Arc<Stat>, Arc<Stat>)>,
+    /// EDS: updates that left the cluster's hosts as they were.
+    no_rebuild: Option<Arc<Stat>>,
+}
+
+impl Subscription {
+    /// Its stats, and the start counted as the first attempt.
+    fn start(store: &Store, prefix: String, kind: Kind) -> Subscription {
+        let c = |n: &str| store.counter(&format!("{prefix}{n}"));
+        let g = |n: &str| store.gauge(&format!("{prefix}{n}"));
+        if matches!(kind, Kind::Rds | Kind::Eds) {
+            // Never counted: a response that carries the resource is never empty.
+            c("update_empty");
+        }
+        let s = Subscription {
+            attempt: c("update_attempt"),
+            success: c("update_success"),
+            rejected: c("update_rejected"),
+            failure: c("update_failure"),
+            init_fetch_timeout: c("init_fetch_timeout"),
+            version: g("version"),
+            update_time: g("update_time"),
+            config_reload: matches!(kind, Kind::Cds | Kind::Rds)
+                .then(|| (c("config_reload"), g("config_reload_time_ms"))),
+            no_rebuild: (kind == Kind::Eds).then(|| c("update_no_rebuild")),
+            prefix,
+        };
+        store.set_text(&format!("{}version_text", s.prefix), "");
+        s.attempt.inc();
+        s
+    }
+
+    /// An accepted update of `version_info`; `changed`: it changed what this subscription holds.
+    pub fn accepted(&self, store: &Store, version_info: &str, changed: bool) {
+        self.attempt.inc();
+        self.success.inc();
+        // Envoy's version gauge is the version string's xxHash64.
+        self.version
+            .set(xxhash_rust::xxh64::xxh64(version_info.as_bytes(), 0));
+        store.set_text(&format!("{}version_text", self.prefix), version_info);
+        let now = now_ms();
+        self.update_time.set(now);
+        if let Some((reload, at)) = &self.config_reload {
+            if changed {
+                reload.inc();
+                at.set(now);
+            }
+        }
+        if let Some(no_rebuild) = &self.no_rebuild {
+            if !changed {
+                no_rebuild.inc();
+            }
+        }
+    }
+
+    pub fn rejected(&self) {
+        self.attempt.inc();
+        self.rejected.inc();
+    }
+
+    fn failed(&self) {
+        self.attempt.inc();
+        self.failure.inc();
+    }
+
+    pub fn timed_out(&self) {
+        self.init_fetch_timeout.inc();
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = [
+            "update_attempt",
+            "update_success",
+            "update_rejected",
+            "update_failure",
+            "update_empty",
+            "init_fetch_timeout",
+            "version",
+            "version_text",
+            "update_time",
+            "config_reload",
+            "config_reload_time_ms",
+            "update_no_rebuild",
+        ]
+        .iter()
+        .map(|n| format!("{}{n}", self.prefix))
+        .collect();
+        names.sort();
+        names
+    }
+}
+
+/// The stream's stats and every subscription's.
+pub struct XdsStats {
+    pub store: Arc<Store>,
+    connected_state: Arc<Stat>,
+    pub cds: Option<Subscription>,
+    pub lds: Option<Subscription>,
+    /// By cluster name.
+    pub eds: BTreeMap<String, Subscription>,
+    /// By route configuration name.
+    pub rds: BTreeMap<String, Subscription>,
+}
+
+impl XdsStats {
+    pub fn new(store: Arc<Store>) -> XdsStats {
+        store.counter("control_plane.rate_limit_enforced");
+        store.gauge("control_plane.pending_requests");
+        store.set_text("control_plane.identifier", "");
+        XdsStats {
+            connected_state: store.gauge("control_plane.connected_state"),
+            store,
+            cds: None,
+            lds: None,
+            eds: BTreeMap::new(),
+            rds: BTreeMap::new(),
+        }
+    }
+
+    pub fn start_cds(&mut self) {
+        self.cds = Some(Subscription::start(
+            &self.store,
+            "cluster_manager.cds.".into(),
+            Kind::Cds,
+        ));
+    }
+
+    pub fn start_lds(&mut self) {
+        self.lds = Some(Subscription::start(
+            &self.store,
+            "listener_manager.lds.".into(),
+            Kind::Lds,
+        ));
+    }
+
+    /// EDS subscriptions become `clusters` (names); those gone take their stats along.
+    pub fn follow_eds<'a>(&mut self, clusters: impl IntoIterator<Item = &'a str>) {
+        let want: Vec<&str> = clusters.into_iter().collect();
+        let store = self.store.clone();
+        follow(
+            &store,
+            &mut self.eds,
+            want.iter()
+                .map(|c| (c.to_string(), format!("cluster.{c}."), Kind::Eds)),
+        );
+    }
+
+    /// RDS subscriptions become `routes` (stat prefix of the connection manager that first
+    /// names it, route configuration name).
+    pub fn follow_rds(&mut self, routes: &[(String, String)]) {
+        let store = self.store.clone();
+        follow(
+            &store,
+            &mut self.rds,
+            routes.iter().map(|(prefix, name)| {
+                (
+                    name.clone(),
+                    format!("http.{prefix}.rds.{name}."),
+                    Kind::Rds,
+                )
+            }),
+        );
+    }
+
+    pub fn connected(&self, up: bool) {
+        self.connected_state.set(up as u64);
+    }
+
+    /// The stream failed (closed, or no connection): every subscription counts a failure.
+    pub fn stream_failed(&self) {
+        self.connected(false);
+        self.all().for_each(Subscription::failed);
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Subscription> {
+        self.cds
+            .iter()
+            .chain(self.lds.iter())
+            .chain(self.eds.values())
+            .chain(self.rds.values())
+    }
+}
+
+fn follow(
+    store: &Store,
+    subs: &mut BTreeMap<String, Subscription>,
+    want: impl Iterator<Item = (String, String, Kind)>,
+) {
+    let mut old = std::mem::take(subs);
+    for (key, prefix, kind) in want {
+        if subs.contains_key(&key) {
+            continue;
+        }
+        let s = old
+            .remove(&key)
+            .unwrap_or_else(|| Subscription::start(store, prefix, kind));
+        subs.insert(key, s);
+    }
+    for gone in old.values() {
+        store.remove(&gone.names());
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
