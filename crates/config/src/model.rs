@@ -605,6 +605,49 @@ impl Model {
     }
 }
 
+/// The SDS secrets a transport socket's TLS context names, with their config sources.
+pub fn sds_secret_configs(ts: &TransportSocket) -> Vec<SdsSecretConfig> {
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+        return vec![];
+    };
+    let common = if let Some(d) = unpack::<DownstreamTlsContext>(any) {
+        d.common_tls_context
+    } else if let Some(u) = unpack::<UpstreamTlsContext>(any) {
+        u.common_tls_context
+    } else {
+        None
+    };
+    let Some(c) = common else { return vec![] };
+    let mut out = c.tls_certificate_sds_secret_configs.clone();
+    match c.validation_context_type {
+        Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(s)) => {
+            out.push(s)
+        }
+        Some(common_tls_context::ValidationContextType::CombinedValidationContext(cv)) => {
+            out.extend(cv.validation_context_sds_secret_config)
+        }
+        _ => {}
+    }
+    out
+}
+
+/// Every transport socket of a listener (its filter chains') or a cluster (its own and its
+/// matches').
+pub fn listener_transport_sockets(l: &Listener) -> impl Iterator<Item = &TransportSocket> {
+    l.filter_chains
+        .iter()
+        .chain(l.default_filter_chain.as_ref())
+        .filter_map(|fc| fc.transport_socket.as_ref())
+}
+
+pub fn cluster_transport_sockets(c: &Cluster) -> impl Iterator<Item = &TransportSocket> {
+    c.transport_socket.iter().chain(
+        c.transport_socket_matches
+            .iter()
+            .filter_map(|m| m.transport_socket.as_ref()),
+    )
+}
+
 /// Every SDS secret name a TLS context refers to: (name, path, has a config source).
 fn sds_configs(c: &CommonTlsContext, at: &str) -> Vec<(String, String, bool)> {
     let mut out = vec![];

@@ -12,6 +12,7 @@ use pilotfish_api::pb::envoy::config::cluster::v3::Cluster;
 use pilotfish_api::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use pilotfish_api::pb::envoy::config::listener::v3::Listener;
 use pilotfish_api::pb::envoy::config::route::v3::RouteConfiguration;
+use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use std::io::{Read, Write};
 use std::path::Path;
 use xds_server::{Seen, Snapshot, XdsServer};
@@ -652,12 +653,6 @@ fn ads_updates_applied_as_envoy_applies_them() {
     let (ev, ev_times) = run(&envoy, true);
     let (pf, pf_times) = run(pilotfish_bin(), false);
     for (i, v) in versions().iter().enumerate() {
-        eprintln!(
-            "version {}: Envoy {:#?}\npilotfish {:#?}",
-            v.version, ev[i], pf[i]
-        );
-    }
-    for (i, v) in versions().iter().enumerate() {
         let want: Vec<(String, (u16, String))> = v
             .expect
             .iter()
@@ -917,4 +912,287 @@ fn ads_hundred_updates_under_load_lose_no_request() {
     assert!(ok > 100, "the clients kept sending: {ok}");
     assert_eq!(nacks, 0, "every update is taken");
     assert_eq!(failed, 0, "no request lost: {why:?}");
+}
+
+/// A bootstrap in the shape of Istio's inbound mTLS: a listener terminating TLS with the
+/// certificate `default` and the trust bundle `ROOTCA`, both from SDS (istio-agent's `sds-grpc`
+/// cluster on a Unix socket), answering `ok`.
+fn sds_bootstrap(socket: &Path) -> String {
+    let sds = "{ api_config_source: { api_type: GRPC, transport_api_version: V3, set_node_on_first_message_only: true, grpc_services: [{ envoy_grpc: { cluster_name: sds-grpc } }] }, resource_api_version: V3, initial_fetch_timeout: 0s }";
+    format!(
+        r#"node: {{ id: "sidecar~127.0.0.1~test.default~default.svc.cluster.local", cluster: test }}
+static_resources:
+  clusters:
+  - name: sds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ pipe: {{ path: {socket} }} }} }} }}] }}]
+  listeners:
+  - name: mtls
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{L}} }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificate_sds_secret_configs: [{{ name: default, sds_config: {sds} }}]
+            validation_context_sds_secret_config: {{ name: ROOTCA, sds_config: {sds} }}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: mtls
+          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]
+          route_config:
+            virtual_hosts: [{{ name: all, domains: ["*"], routes: [{{ match: {{ prefix: "/" }}, direct_response: {{ status: 200, body: {{ inline_string: ok }} }} }}] }}]
+"#,
+        socket = socket.display()
+    )
+}
+
+fn sds_snapshot(version: &str, default: &common::tls::Leaf, root_ca: &str) -> Snapshot {
+    let cert: Secret = load(&format!(
+        "name: default\ntls_certificate: {{ certificate_chain: {{ inline_string: {:?} }}, private_key: {{ inline_string: {:?} }} }}\n",
+        default.cert, default.key
+    ));
+    let ca: Secret = load(&format!(
+        "name: ROOTCA\nvalidation_context: {{ trusted_ca: {{ inline_string: {root_ca:?} }} }}\n"
+    ));
+    Snapshot::new(version)
+        .with("default", &cert)
+        .with("ROOTCA", &ca)
+}
+
+/// An mTLS connection to the listener, as the workload `client`: the certificate the proxy
+/// served, and the connection for more requests.
+fn mtls_connect(
+    port: u16,
+    ca: &str,
+    client: &common::tls::Leaf,
+) -> Result<
+    (
+        Vec<u8>,
+        rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    ),
+    String,
+> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(client.cert.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(client.key.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        "server.example".try_into().unwrap(),
+    )
+    .unwrap();
+    let sock = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
+    }
+    let served = s
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .ok_or("no server certificate")?;
+    Ok((served, s))
+}
+
+/// One keep-alive GET on an open connection: the status and body.
+fn mtls_get(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+) -> Result<(u16, String), String> {
+    s.write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&raw).ends_with("\r\n\r\nok") {
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("closed after {:?}", String::from_utf8_lossy(&raw)));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, "ok".into()))
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+/// What one proxy did through the certificate rotation.
+#[derive(Debug, PartialEq)]
+struct Rotation {
+    /// Per step: which certificate a new connection got ("a", "b"), and whether the
+    /// connection opened before the rotation still answered.
+    steps: Vec<(String, String)>,
+    conversation: Vec<String>,
+    /// Secrets in /config_dump: (name, version).
+    dumped: Vec<(String, String)>,
+}
+
+fn rotate(bin: &Path, is_envoy: bool, dir: &Path) -> Rotation {
+    let tag = if is_envoy { "envoy" } else { "pilotfish" };
+    let pki = common::tls::Pki::new("test root");
+    let (a, b) = (
+        pki.leaf(
+            &["server.example"],
+            "spiffe://cluster.local/ns/default/sa/a",
+        ),
+        pki.leaf(
+            &["server.example"],
+            "spiffe://cluster.local/ns/default/sa/b",
+        ),
+    );
+    let client = pki.leaf(
+        &["client.example"],
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    let which = |served: &[u8]| {
+        if served == der(&a.cert) {
+            "a"
+        } else if served == der(&b.cert) {
+            "b"
+        } else {
+            "another"
+        }
+        .to_string()
+    };
+    let socket = dir.join(format!("{tag}.sds.sock"));
+    let server = XdsServer::start_sds_unix(sds_snapshot("1", &a, &pki.ca_pem), &socket);
+    let proxy = side_by_side::start(bin, is_envoy, &sds_bootstrap(&socket), dir, tag);
+    let mut steps = vec![];
+    let (served, mut before) = mtls_connect(proxy.listen, &pki.ca_pem, &client)
+        .unwrap_or_else(|e| panic!("{tag}: mTLS with the SDS certificate: {e}"));
+    let answer = mtls_get(&mut before).map(|(s, _)| s.to_string());
+    steps.push((which(&served), answer.unwrap_or_else(|e| e)));
+    // Rotated; then a version that cannot be used (refused: the last good one stays); then
+    // back to the first.
+    let bad = common::tls::Leaf {
+        cert: "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n".into(),
+        key: b.key.clone(),
+    };
+    for (version, leaf, want) in [("2", &b, "b"), ("3", &bad, "b"), ("4", &a, "a")] {
+        server.set(sds_snapshot(version, leaf, &pki.ca_pem));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut got;
+        loop {
+            got = mtls_connect(proxy.listen, &pki.ca_pem, &client)
+                .map(|(served, _)| which(&served))
+                .unwrap_or_else(|_| "refused".into());
+            let answered = server
+                .seen()
+                .iter()
+                .any(|s| s.version_info == version || (version == "3" && s.error.is_some()));
+            if (got == want && answered) || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The connection made before the rotation goes on.
+        let answer = mtls_get(&mut before).map(|(s, _)| s.to_string());
+        steps.push((got, answer.unwrap_or_else(|e| e)));
+    }
+    // One stream per secret, in order; how the two interleave (and so which nonce each
+    // response got from the one server) is scheduling.
+    let mut conversation: Vec<String> = vec![];
+    for secret in ["ROOTCA", "default"] {
+        for s in server
+            .seen()
+            .iter()
+            .filter(|s| s.resource_names == [secret])
+        {
+            let nonce = format!("nonce='{}'", s.response_nonce);
+            let answered = if s.response_nonce.is_empty() {
+                ""
+            } else {
+                "answer"
+            };
+            conversation.push(s.summary().replace(&nonce, answered));
+        }
+    }
+    let (_, body) = common::admin_request(proxy.admin, "GET", "/config_dump");
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut dumped = vec![];
+    for config in dump["configs"].as_array().unwrap() {
+        for s in config["dynamic_active_secrets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            dumped.push((
+                s["name"].as_str().unwrap_or("").to_string(),
+                s["version_info"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+    }
+    dumped.sort();
+    Rotation {
+        steps,
+        conversation,
+        dumped,
+    }
+}
+
+/// SDS as istio-agent serves it: the listener's certificate and trust bundle come from an SDS
+/// server on a Unix socket; the certificate rotates (new connections get the new one, the
+/// connection made before goes on), an unusable version is refused (NACK) and the last good one
+/// stays, then the first comes back — through Envoy and pilotfish, with the same conversation
+/// and the same dump.
+#[test]
+fn sds_certificates_rotate_as_envoy_rotates_them() {
+    let Some(envoy) = common::envoy("sds_certificates_rotate_as_envoy_rotates_them") else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-sds");
+    let ev = rotate(&envoy, true, &dir);
+    let pf = rotate(pilotfish_bin(), false, &dir);
+    assert_eq!(
+        ev.steps,
+        vec![
+            ("a".to_string(), "200".to_string()),
+            ("b".into(), "200".into()),
+            ("b".into(), "200".into()),
+            ("a".into(), "200".into())
+        ],
+        "Envoy: {ev:#?}"
+    );
+    assert_eq!(pf.steps, ev.steps, "pilotfish: {pf:#?}");
+    assert_eq!(pf.conversation, ev.conversation, "the SDS conversation");
+    assert_eq!(pf.dumped, ev.dumped, "the secrets in /config_dump");
 }

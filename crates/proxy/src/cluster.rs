@@ -346,7 +346,7 @@ fn make_host(h: &pilotfish_decide::cluster::Host, checked: bool) -> Arc<Host> {
 
 impl ClusterManager {
     pub fn new(set: &ResourceSet, stats: &Store) -> ClusterManager {
-        Self::update(set, stats, None).0
+        Self::update(set, stats, None, &[]).0
     }
 
     /// The clusters of `set`. With the manager it replaces, a cluster whose configuration is
@@ -357,6 +357,7 @@ impl ClusterManager {
         set: &ResourceSet,
         stats: &Store,
         previous: Option<&ClusterManager>,
+        rotated_secrets: &[&str],
     ) -> (ClusterManager, ClusterChanges) {
         let mut clusters = vec![];
         let mut by_name = HashMap::new();
@@ -369,7 +370,15 @@ impl ClusterManager {
             let kept = previous
                 .and_then(|p| p.get(&r.name))
                 .filter(|old| old.config == *c)
-                .filter(|old| old.keep_with(d.hosts.as_slice()));
+                .filter(|old| old.keep_with(d.hosts.as_slice()))
+                // A rotated secret remakes the cluster: its pooled connections finish on the
+                // old certificate, new ones use the new.
+                .filter(|_| {
+                    !crate::server::uses_secret(
+                        pilotfish_config::model::cluster_transport_sockets(c),
+                        rotated_secrets,
+                    )
+                });
             if let Some(old) = kept {
                 if old.replace_hosts(&d.hosts) {
                     changes.endpoints_changed.push(r.name.clone());

@@ -226,6 +226,14 @@ async fn serve(cfg: Config, options: Options) -> u8 {
             return 1;
         }
     };
+    // Then the secrets its TLS contexts name through SDS (istio-agent's sds-grpc).
+    let sds = match xds::sds::fetch(&cfg.resources).await {
+        Ok(sds) => sds,
+        Err(e) => {
+            tracing::error!(target: "main", "{e}");
+            return 1;
+        }
+    };
     for w in cfg.warnings() {
         tracing::warn!(target: "config", "{w}");
     }
@@ -238,7 +246,11 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     // Taken before anything can report ready: a SIGTERM from then on drains instead of killing.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let stats = ads.as_ref().map(xds::Running::stats).unwrap_or_default();
-    let server = server::Server::with_stats(cfg.resources, options, stats);
+    let (sds_secrets, sds) = match sds {
+        Some((secrets, sds)) => (secrets, Some(sds)),
+        None => (vec![], None),
+    };
+    let server = server::Server::with_stats(cfg.resources, options, stats, sds_secrets);
     let active = server.active();
     if let Some(admin) = active
         .set
@@ -274,6 +286,9 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     }
     if let Some(ads) = ads {
         tokio::spawn(ads.serve(server.clone()));
+    }
+    if let Some(sds) = sds {
+        tokio::spawn(sds.serve(server.clone()));
     }
     server.live.store(true, Ordering::Relaxed);
     tracing::info!(target: "main", "starting main dispatch loop");

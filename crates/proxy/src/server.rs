@@ -10,6 +10,7 @@ use crate::{listener_filter, tcp_proxy};
 use arc_swap::ArcSwap;
 use pilotfish_api::pb::envoy::config::listener::v3::{filter, Listener};
 use pilotfish_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use pilotfish_config::model::{format_address, unpack};
 use pilotfish_config::resources::ResourceSet;
 use pilotfish_decide::filter_chain::{self, ChainInput, Selected};
@@ -34,6 +35,8 @@ pub struct Options {
     pub service_cluster: String,
     pub drain_time_s: u64,
 }
+
+type DownstreamTlsByChain = std::collections::HashMap<String, Result<Arc<DownstreamTls>, String>>;
 
 pub struct Server {
     /// The configuration in service: swapped whole by each accepted update. A connection takes
@@ -61,6 +64,13 @@ pub struct Server {
     pub peer_exchange_frame: Vec<u8>,
     /// The accept loop of each bound listener (by `listener_key`): its address and its task.
     accepting: std::sync::Mutex<std::collections::HashMap<String, (SocketAddr, AbortHandle)>>,
+    /// Secrets from SDS, laid over every configuration put in service.
+    sds_secrets: std::sync::Mutex<Vec<pilotfish_config::resources::Resource<Secret>>>,
+    /// One update at a time (xDS and SDS apply from their own tasks).
+    applying: tokio::sync::Mutex<()>,
+    /// Counts the updates put in service, for those that follow the configuration (SDS
+    /// subscribes to the secrets it names).
+    pub applied: watch::Sender<u64>,
 }
 
 /// One version of the configuration as the proxy runs it: the resources, the clusters and
@@ -80,7 +90,9 @@ pub struct ActiveListener {
     /// What each filter chain's network filters end in, by chain key.
     terminals: std::collections::HashMap<String, Terminal>,
     /// Downstream TLS per filter chain key (index or `default`).
-    downstream_tls: std::collections::HashMap<String, Result<Arc<DownstreamTls>, String>>,
+    /// Swapped in place when a secret it uses rotates: connections under way keep their
+    /// session, new ones get the new certificate, nothing drains.
+    downstream_tls: ArcSwap<DownstreamTlsByChain>,
     /// Set when an update removes or replaces the listener: its connections drain.
     drain: watch::Sender<bool>,
 }
@@ -96,6 +108,8 @@ pub struct Applied {
     pub clusters_added: Vec<String>,
     pub clusters_removed: Vec<String>,
     pub endpoints_changed: Vec<String>,
+    /// Listeners kept whose TLS got a rotated secret.
+    pub secrets_rotated: Vec<String>,
 }
 
 impl std::fmt::Display for Applied {
@@ -111,6 +125,7 @@ impl std::fmt::Display for Applied {
             ("clusters added or changed", &self.clusters_added),
             ("clusters removed", &self.clusters_removed),
             ("endpoints changed", &self.endpoints_changed),
+            ("secrets rotated on listeners", &self.secrets_rotated),
         ]
         .into_iter()
         .filter(|(_, v)| !v.is_empty())
@@ -143,11 +158,16 @@ impl Active {
 
 impl Server {
     pub fn new(set: ResourceSet, options: Options) -> Arc<Server> {
-        Server::with_stats(set, options, Default::default())
+        Server::with_stats(set, options, Default::default(), vec![])
     }
 
     /// The same with stats already kept (the xDS client's, from before the proxy started).
-    pub fn with_stats(set: ResourceSet, options: Options, stats: Arc<Store>) -> Arc<Server> {
+    pub fn with_stats(
+        set: ResourceSet,
+        options: Options,
+        stats: Arc<Store>,
+        sds_secrets: Vec<pilotfish_config::resources::Resource<Secret>>,
+    ) -> Arc<Server> {
         let server = Server {
             active: ArcSwap::from_pointee(Active {
                 set: ResourceSet::default(),
@@ -174,7 +194,13 @@ impl Server {
             draining: watch::channel(false).0,
             active_connections: AtomicU64::new(0),
             accepting: Default::default(),
+            sds_secrets: Default::default(),
+            applying: Default::default(),
+            applied: watch::channel(0).0,
         };
+        *server.sds_secrets.lock().unwrap() = sds_secrets;
+        let mut set = set;
+        server.lay_sds_secrets(&mut set);
         let (active, ..) = server.make_active(set, None);
         server.active.store(Arc::new(active));
         Arc::new(server)
@@ -200,8 +226,18 @@ impl Server {
         previous: Option<&Active>,
     ) -> (Active, Applied, ClusterChanges) {
         let mut applied = Applied::default();
+        // Secrets whose value changed (rotated): what uses them gets new TLS contexts.
+        let rotated: Vec<&str> = previous
+            .map(|p| {
+                set.secrets
+                    .iter()
+                    .filter(|s| p.set.secret(&s.name).is_none_or(|old| old.value != s.value))
+                    .map(|s| s.name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
         let (clusters, mut changes) =
-            ClusterManager::update(&set, &self.stats, previous.map(|p| &p.clusters));
+            ClusterManager::update(&set, &self.stats, previous.map(|p| &p.clusters), &rotated);
         if previous.is_some() {
             applied.clusters_added = changes.added.iter().map(|c| c.name.clone()).collect();
         }
@@ -220,6 +256,14 @@ impl Server {
                 Some(old) if old.config == l.value => {
                     if self.refresh_routes(&set, old) {
                         applied.routes_changed.push(key.clone());
+                    }
+                    if uses_secret(
+                        pilotfish_config::model::listener_transport_sockets(&l.value),
+                        &rotated,
+                    ) {
+                        old.downstream_tls
+                            .store(Arc::new(downstream_tls_of(&set, &l.value, &l.name)));
+                        applied.secrets_rotated.push(key.clone());
                     }
                     listeners.insert(key, old.clone());
                 }
@@ -275,22 +319,11 @@ impl Server {
     }
 
     fn make_listener(&self, set: &ResourceSet, l: &Listener, name: &str) -> ActiveListener {
-        let mut downstream_tls = std::collections::HashMap::new();
         let mut terminals = std::collections::HashMap::new();
         for (key, fc) in chains(l) {
-            if let Some(ctx) = fc
-                .transport_socket
-                .as_ref()
-                .and_then(downstream_tls_context)
-            {
-                let built = crate::transport_socket::downstream(set, &ctx).map(Arc::new);
-                if let Err(e) = &built {
-                    tracing::warn!(target: "config", "listener '{name}' filter chain {key}: TLS: {e}: connections to this chain are closed");
-                }
-                downstream_tls.insert(key.clone(), built);
-            }
             terminals.insert(key, self.make_terminal(set, l, name, fc));
         }
+        let downstream_tls = ArcSwap::from_pointee(downstream_tls_of(set, l, name));
         ActiveListener {
             // Envoy creates a listener's counters with the listener, so they read 0 before use.
             stats: ListenerStats::new(l, &self.stats),
@@ -361,7 +394,9 @@ impl Server {
     /// of a replaced or removed listener drain (`--drain-time-s`) on the configuration they
     /// started with; listeners are bound and unbound to match; clusters no longer in it stop
     /// their checks and leave the pools.
-    pub async fn apply(self: &Arc<Self>, set: ResourceSet) -> Applied {
+    pub async fn apply(self: &Arc<Self>, mut set: ResourceSet) -> Applied {
+        let _one = self.applying.lock().await;
+        self.lay_sds_secrets(&mut set);
         let old = self.active();
         let (next, applied, changes) = self.make_active(set, Some(&old));
         self.start_clusters(&changes.added).await;
@@ -376,7 +411,31 @@ impl Server {
             }
         }
         start_listeners(self);
+        self.applied.send_modify(|n| *n += 1);
         applied
+    }
+
+    /// A secret from SDS (new or rotated) is put in service with the configuration as it is.
+    pub async fn apply_secret(
+        self: &Arc<Self>,
+        secret: pilotfish_config::resources::Resource<Secret>,
+    ) -> Applied {
+        {
+            let mut sds = self.sds_secrets.lock().unwrap();
+            sds.retain(|s| s.name != secret.name);
+            sds.push(secret);
+        }
+        let set = self.active().set.clone();
+        self.apply(set).await
+    }
+
+    /// The secrets SDS delivered, over those the configuration carries under the same name.
+    fn lay_sds_secrets(&self, set: &mut ResourceSet) {
+        for s in self.sds_secrets.lock().unwrap().iter() {
+            set.secrets
+                .retain(|have| have.name != s.name || have.origin.is_static());
+            set.secrets.push(s.clone());
+        }
     }
 
     /// Starts what new clusters run on their own: DNS clusters resolve first (all at once), as
@@ -425,6 +484,36 @@ impl Server {
     pub fn next_connection_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// Each filter chain's TLS context, made from the secrets `set` holds now.
+fn downstream_tls_of(set: &ResourceSet, l: &Listener, name: &str) -> DownstreamTlsByChain {
+    let mut out = std::collections::HashMap::new();
+    for (key, fc) in chains(l) {
+        if let Some(ctx) = fc
+            .transport_socket
+            .as_ref()
+            .and_then(downstream_tls_context)
+        {
+            let built = crate::transport_socket::downstream(set, &ctx).map(Arc::new);
+            if let Err(e) = &built {
+                tracing::warn!(target: "config", "listener '{name}' filter chain {key}: TLS: {e}: connections to this chain are closed");
+            }
+            out.insert(key, built);
+        }
+    }
+    out
+}
+
+/// Whether any of these transport sockets names one of `secrets` through SDS.
+pub fn uses_secret<'a>(
+    sockets: impl Iterator<Item = &'a pilotfish_api::pb::envoy::config::core::v3::TransportSocket>,
+    secrets: &[&str],
+) -> bool {
+    !secrets.is_empty()
+        && sockets
+            .flat_map(pilotfish_config::model::sds_secret_configs)
+            .any(|s| secrets.contains(&s.name.as_str()))
 }
 
 fn downstream_tls_context(
@@ -773,8 +862,10 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
         Selected::Chain(i) => i.to_string(),
         _ => "default".into(),
     };
-    let tls = al.downstream_tls.get(&chain_key);
-    if let Some(Err(e)) = tls {
+    let tls_contexts = al.downstream_tls.load();
+    let tls = tls_contexts.get(&chain_key).cloned();
+    drop(tls_contexts);
+    if let Some(Err(e)) = &tls {
         tracing::debug!(target: "connection", connection = conn, "filter chain {chain_name}: TLS context unusable ({e}): closing");
         finish(stats, conn);
         return;
@@ -783,7 +874,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
     // Envoy: tcp_proxy connects upstream meanwhile.
     let ready = async {
         match tls {
-            Some(Ok(tls)) => handshake(stats.ssl.as_ref(), tls, stream, conn)
+            Some(Ok(tls)) => handshake(stats.ssl.as_ref(), &tls, stream, conn)
                 .await
                 .map(|(io, info)| (io, Some(info))),
             _ => Some((Box::new(stream) as Box<dyn Io>, None)),

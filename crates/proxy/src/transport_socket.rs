@@ -150,6 +150,51 @@ fn sds<'a>(set: &'a ResourceSet, c: &SdsSecretConfig) -> Result<&'a secret::Type
         .ok_or_else(|| format!("SDS secret '{}' is not in the configuration", c.name))
 }
 
+/// An SDS secret that could not be used is refused when it arrives (Envoy NACKs it when its
+/// TLS contexts fail to build, and keeps the previous one): its certificate and key, or trusted
+/// CA, must read as PEM.
+pub fn check_secret(
+    s: &pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::Secret,
+) -> Result<(), String> {
+    match &s.r#type {
+        Some(secret::Type::TlsCertificate(c)) => {
+            let common = CommonTlsContext {
+                tls_certificates: vec![c.clone()],
+                ..Default::default()
+            };
+            let chain = certificate(&ResourceSet::default(), &common)?.map(|(chain, _)| chain);
+            chain
+                .unwrap_or_default()
+                .iter()
+                .try_for_each(|c| x509(c, "certificate_chain"))
+        }
+        Some(secret::Type::ValidationContext(v)) => {
+            if let Some(ca) = &v.trusted_ca {
+                let pem = data(Some(ca), "trusted_ca")?;
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("trusted_ca: {e}"))?;
+                if certs.is_empty() {
+                    return Err("trusted_ca: no PEM certificate".into());
+                }
+                certs.iter().try_for_each(|c| x509(c, "trusted_ca"))?;
+            }
+            Ok(())
+        }
+        Some(_) => Err(format!(
+            "secret '{}': only TLS certificates and validation contexts are implemented",
+            s.name
+        )),
+        None => Err(format!("secret '{}': no secret in it", s.name)),
+    }
+}
+
+fn x509(c: &CertificateDer<'_>, what: &str) -> Result<(), String> {
+    x509_parser::parse_x509_certificate(c)
+        .map(|_| ())
+        .map_err(|e| format!("{what}: not an X.509 certificate: {e}"))
+}
+
 fn certificate(
     set: &ResourceSet,
     common: &CommonTlsContext,

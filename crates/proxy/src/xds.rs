@@ -33,6 +33,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
+pub mod sds;
 mod stats;
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -124,16 +125,31 @@ fn ads_target(set: &ResourceSet, api: &ApiConfigSource) -> Result<(String, Targe
             ))
         }
     }
-    let cluster = match api.grpc_services.first().and_then(|g| g.target_specifier.as_ref()) {
+    grpc_target(set, api, "dynamic_resources.ads_config")
+}
+
+/// The static cluster a gRPC config source names, and where it reaches.
+fn grpc_target(
+    set: &ResourceSet,
+    api: &ApiConfigSource,
+    at: &str,
+) -> Result<(String, Target), String> {
+    let cluster = match api
+        .grpc_services
+        .first()
+        .and_then(|g| g.target_specifier.as_ref())
+    {
         Some(TargetSpecifier::EnvoyGrpc(e)) => e.cluster_name.clone(),
         Some(TargetSpecifier::GoogleGrpc(_)) => {
-            return Err("dynamic_resources.ads_config.grpc_services[0]: google_grpc is not implemented; envoy_grpc is".into())
+            return Err(format!(
+                "{at}.grpc_services[0]: google_grpc is not implemented; envoy_grpc is"
+            ))
         }
-        None => return Err("dynamic_resources.ads_config: no grpc_services".into()),
+        None => return Err(format!("{at}: no grpc_services")),
     };
-    let c = set.cluster(&cluster).ok_or_else(|| {
-        format!("dynamic_resources.ads_config: cluster '{cluster}' is not a static cluster")
-    })?;
+    let c = set
+        .cluster(&cluster)
+        .ok_or_else(|| format!("{at}: cluster '{cluster}' is not a static cluster"))?;
     if c.value.transport_socket.is_some() || !c.value.transport_socket_matches.is_empty() {
         return Err(format!(
             "cluster '{cluster}': TLS to the xDS server is not implemented yet"

@@ -10,6 +10,9 @@ use pilotfish_api::pb::envoy::service::discovery::v3::aggregated_discovery_servi
 use pilotfish_api::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use pilotfish_api::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
 use pilotfish_api::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use std::collections::BTreeMap;
@@ -23,6 +26,7 @@ pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// One request as the server saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +48,7 @@ impl Seen {
             ENDPOINT => "EDS",
             LISTENER => "LDS",
             ROUTE => "RDS",
+            SECRET => "SDS",
             other => other,
         };
         // Names are a set: Envoy sends them in its hash set's order.
@@ -116,6 +121,8 @@ pub struct XdsServer {
     state: Arc<State>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Serves SDS instead of ADS.
+    sds: bool,
 }
 
 impl Drop for XdsServer {
@@ -132,6 +139,7 @@ impl XdsServer {
             state: State::new(initial),
             stop: None,
             thread: None,
+            sds: false,
         };
         server.listen_tcp();
         server
@@ -170,6 +178,15 @@ impl XdsServer {
 
     /// The same on a Unix socket, as istio-agent serves its sidecar (`addr` is then unused).
     pub fn start_unix(initial: Snapshot, path: &std::path::Path) -> XdsServer {
+        XdsServer::unix(initial, path, false)
+    }
+
+    /// An SDS server on a Unix socket (istio-agent's `sds-grpc`), holding secrets by name.
+    pub fn start_sds_unix(initial: Snapshot, path: &std::path::Path) -> XdsServer {
+        XdsServer::unix(initial, path, true)
+    }
+
+    fn unix(initial: Snapshot, path: &std::path::Path, sds: bool) -> XdsServer {
         let _ = std::fs::remove_file(path);
         let l = std::os::unix::net::UnixListener::bind(path).unwrap();
         l.set_nonblocking(true).unwrap();
@@ -178,6 +195,7 @@ impl XdsServer {
             state: State::new(initial),
             stop: None,
             thread: None,
+            sds,
         };
         server.serve(move || {
             tokio_stream::wrappers::UnixListenerStream::new(
@@ -199,7 +217,8 @@ impl XdsServer {
         IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let ads = Ads(self.state.clone());
+        let state = self.state.clone();
+        let sds = self.sds;
         self.thread = Some(std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -208,8 +227,18 @@ impl XdsServer {
             rt.block_on(async move {
                 // One service: no router needed. Stopped abruptly: leaving block_on drops the
                 // runtime, and with it every connection's task.
-                let serve = tonic::transport::Server::builder()
-                    .serve_with_incoming(AggregatedDiscoveryServiceServer::new(ads), incoming());
+                let builder = tonic::transport::Server::builder();
+                let serve: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = if sds {
+                    Box::pin(builder.serve_with_incoming(
+                        SecretDiscoveryServiceServer::new(Sds(state)),
+                        incoming(),
+                    ))
+                } else {
+                    Box::pin(builder.serve_with_incoming(
+                        AggregatedDiscoveryServiceServer::new(Ads(state)),
+                        incoming(),
+                    ))
+                };
                 tokio::select! {
                     _ = serve => {}
                     _ = stopped => {}
@@ -283,9 +312,65 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let state = self.0.clone();
+        Ok(tonic::Response::new(converse(
+            self.0.clone(),
+            request.into_inner(),
+        )))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "this test server speaks state of the world only",
+        ))
+    }
+}
+
+/// The same conversation for SDS, as istio-agent serves secrets on its own socket.
+struct Sds(Arc<State>);
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for Sds {
+    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
+    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
+
+    async fn stream_secrets(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamSecretsStream>, tonic::Status> {
+        Ok(tonic::Response::new(converse(
+            self.0.clone(),
+            request.into_inner(),
+        )))
+    }
+
+    async fn delta_secrets(
+        &self,
+        _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaSecretsStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "this test server speaks state of the world only",
+        ))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _: tonic::Request<DiscoveryRequest>,
+    ) -> Result<tonic::Response<DiscoveryResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("streams only"))
+    }
+}
+
+/// One stream: answers each request from the snapshot, pushes each new snapshot, and records
+/// what the proxy sent.
+fn converse(
+    state: Arc<State>,
+    mut inbound: tonic::Streaming<DiscoveryRequest>,
+) -> ReceiverStream<Result<DiscoveryResponse, tonic::Status>> {
+    let (tx, rx) = mpsc::channel(16);
+    {
         tokio::spawn(async move {
             let mut snapshots = state.snapshot.subscribe();
             let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
@@ -341,17 +426,8 @@ impl AggregatedDiscoveryService for Ads {
                 }
             }
         });
-        Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
-
-    async fn delta_aggregated_resources(
-        &self,
-        _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented(
-            "this test server speaks state of the world only",
-        ))
-    }
+    ReceiverStream::new(rx)
 }
 
 /// The snapshot's resources of a type: all of them for a wildcard request, else those named.

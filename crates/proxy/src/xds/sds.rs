@@ -1,0 +1,303 @@
+//! SDS: the certificates and trust bundles TLS contexts name (`tls_certificate_sds_secret_configs`,
+//! `validation_context_sds_secret_config`) from an SDS server over gRPC — istio-agent's
+//! `sds-grpc` cluster on a Unix socket — one stream per secret, as Envoy subscribes each. The
+//! proxy starts once every named secret has come (or its `initial_fetch_timeout` ends; Istio's
+//! 0 waits for ever); a later version (a rotated certificate) is put in service in place: new
+//! connections get it, those under way keep their session.
+
+use super::{connect, grpc_target, Backoff, Target};
+use pilotfish_api::pb::envoy::config::core::v3::{
+    api_config_source::ApiType, config_source::ConfigSourceSpecifier, Node,
+};
+use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::{SdsSecretConfig, Secret};
+use pilotfish_api::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use pilotfish_api::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use pilotfish_api::pb::google::rpc::Status;
+use pilotfish_config::dynamic;
+use pilotfish_config::resources::{Resource, ResourceSet};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// Where a secret comes from.
+#[derive(Debug, Clone)]
+struct Source {
+    cluster: String,
+    target: Target,
+    node_first_only: bool,
+    initial_fetch_timeout: Duration,
+}
+
+/// The secrets the configuration names with a gRPC config source, by name; an error for the
+/// SDS shapes pilotfish does not speak yet.
+fn wanted(set: &ResourceSet) -> Result<BTreeMap<String, Source>, String> {
+    let sockets = set
+        .listeners
+        .iter()
+        .flat_map(|l| pilotfish_config::model::listener_transport_sockets(&l.value))
+        .chain(
+            set.clusters
+                .iter()
+                .flat_map(|c| pilotfish_config::model::cluster_transport_sockets(&c.value)),
+        );
+    let mut out = BTreeMap::new();
+    for c in sockets.flat_map(pilotfish_config::model::sds_secret_configs) {
+        if out.contains_key(&c.name) {
+            continue;
+        }
+        if let Some(source) = source(set, &c)? {
+            out.insert(c.name.clone(), source);
+        }
+    }
+    Ok(out)
+}
+
+fn source(set: &ResourceSet, c: &SdsSecretConfig) -> Result<Option<Source>, String> {
+    let Some(cs) = &c.sds_config else {
+        // A static secret.
+        return Ok(None);
+    };
+    let at = format!("SDS secret '{}': sds_config", c.name);
+    let api = match &cs.config_source_specifier {
+        Some(ConfigSourceSpecifier::ApiConfigSource(api)) => api,
+        Some(ConfigSourceSpecifier::Ads(_)) => {
+            return Err(format!("{at}: SDS over ADS is not implemented yet; a gRPC api_config_source (istio-agent's sds-grpc) is"))
+        }
+        _ => {
+            return Err(format!(
+                "{at}: only a gRPC api_config_source is implemented (files and others are not yet)"
+            ))
+        }
+    };
+    if ApiType::try_from(api.api_type) != Ok(ApiType::Grpc) {
+        return Err(format!(
+            "{at}.api_config_source: api_type {} is not implemented; GRPC is",
+            api.api_type
+        ));
+    }
+    let (cluster, target) = grpc_target(set, api, &format!("{at}.api_config_source"))?;
+    Ok(Some(Source {
+        cluster,
+        target,
+        node_first_only: api.set_node_on_first_message_only,
+        initial_fetch_timeout: super::initial_fetch_timeout(cs).unwrap_or(Duration::from_secs(15)),
+    }))
+}
+
+/// The secrets being followed; each stream sends what it accepts here.
+pub struct Sds {
+    node: Node,
+    streams: BTreeMap<String, tokio::task::AbortHandle>,
+    updates: mpsc::UnboundedReceiver<Resource<Secret>>,
+    tx: mpsc::UnboundedSender<Resource<Secret>>,
+}
+
+impl Drop for Sds {
+    fn drop(&mut self) {
+        for s in self.streams.values() {
+            s.abort();
+        }
+    }
+}
+
+/// Subscribes to every secret `set` names through SDS and waits for them (each at most its
+/// `initial_fetch_timeout`); `None` when it names none.
+pub async fn fetch(set: &ResourceSet) -> Result<Option<(Vec<Resource<Secret>>, Sds)>, String> {
+    let wanted = wanted(set)?;
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let (tx, updates) = mpsc::unbounded_channel();
+    let mut sds = Sds {
+        node: set.bootstrap.node.clone().unwrap_or_default(),
+        streams: BTreeMap::new(),
+        updates,
+        tx,
+    };
+    let wait = wanted
+        .values()
+        .map(|s| s.initial_fetch_timeout)
+        .max()
+        .unwrap_or_default();
+    let mut missing: Vec<String> = wanted.keys().cloned().collect();
+    for (name, source) in wanted {
+        sds.subscribe(name, source);
+    }
+    let deadline = tokio::time::Instant::now().checked_add(wait);
+    let mut got: Vec<Resource<Secret>> = vec![];
+    while !missing.is_empty() {
+        let next = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, sds.updates.recv()).await.ok(),
+                None => Some(sds.updates.recv().await),
+            }
+        };
+        match next.await {
+            Some(Some(secret)) => {
+                missing.retain(|n| *n != secret.name);
+                got.retain(|s| s.name != secret.name);
+                got.push(secret);
+            }
+            Some(None) => break,
+            None => {
+                tracing::warn!(target: "config", "SDS: initial fetch timed out after {wait:?}; going on without {}", missing.join(", "));
+                break;
+            }
+        }
+    }
+    Ok(Some((got, sds)))
+}
+
+impl Sds {
+    fn subscribe(&mut self, name: String, source: Source) {
+        let task = tokio::spawn(stream_secret(
+            name.clone(),
+            source,
+            self.node.clone(),
+            self.tx.clone(),
+        ));
+        self.streams.insert(name, task.abort_handle());
+    }
+
+    /// Puts each new secret version in service; follows the secrets each new configuration
+    /// names (a listener from xDS may name one not asked for yet).
+    pub async fn serve(mut self, server: Arc<crate::server::Server>) {
+        let mut applied = server.applied.subscribe();
+        loop {
+            tokio::select! {
+                secret = self.updates.recv() => {
+                    let Some(secret) = secret else { return };
+                    let name = secret.name.clone();
+                    let done = server.apply_secret(secret).await;
+                    tracing::info!(target: "config", "SDS: secret '{name}' in service: {done}");
+                }
+                changed = applied.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    match wanted(&server.active().set) {
+                        Ok(wanted) => {
+                            for (name, source) in wanted {
+                                if !self.streams.contains_key(&name) {
+                                    self.subscribe(name, source);
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(target: "config", "SDS: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One secret's stream: asks for it, checks each version as a loaded secret is checked, ACKs
+/// or NACKs, and hands on what it accepts; reconnects with backoff when the stream ends.
+async fn stream_secret(
+    name: String,
+    source: Source,
+    node: Node,
+    out: mpsc::UnboundedSender<Resource<Secret>>,
+) {
+    let mut backoff = Backoff::new();
+    let mut version = String::new();
+    // What is in service: a response that leaves it as it is only moves the version ACKed
+    // (the dump keeps the version that changed it, as Envoy's does).
+    let mut current: Option<Secret> = None;
+    loop {
+        let channel = match connect(&source.target).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(target: "config", "SDS: cannot reach cluster '{}' for secret '{name}': {e}; trying again", source.cluster);
+                backoff.wait().await;
+                continue;
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut node_sent = false;
+        let mut send = |version: &str, nonce: &str, error: Option<String>| {
+            let node = (!source.node_first_only || !node_sent).then(|| node.clone());
+            node_sent = true;
+            let _ = tx.send(DiscoveryRequest {
+                version_info: version.to_string(),
+                node,
+                resource_names: vec![name.clone()],
+                type_url: SECRET.to_string(),
+                response_nonce: nonce.to_string(),
+                error_detail: error.map(|message| Status {
+                    code: 13,
+                    message,
+                    details: vec![],
+                }),
+                ..Default::default()
+            });
+        };
+        send(&version, "", None);
+        let inbound = SecretDiscoveryServiceClient::new(channel)
+            .stream_secrets(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await;
+        let mut inbound = match inbound {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                tracing::warn!(target: "config", "SDS: the stream for secret '{name}' was refused: {e}; trying again");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        loop {
+            match inbound.message().await {
+                Ok(Some(r)) => {
+                    backoff.reset();
+                    match secret_of(&name, &r) {
+                        Ok(secret) => {
+                            version.clone_from(&r.version_info);
+                            tracing::info!(target: "config", "SDS: secret '{name}' version {version} accepted");
+                            send(&version, &r.nonce, None);
+                            if current.as_ref() == Some(&secret) {
+                                continue;
+                            }
+                            current = Some(secret.clone());
+                            let _ = out.send(dynamic::resource(
+                                name.clone(),
+                                format!("secrets[{name}]"),
+                                &r.version_info,
+                                secret,
+                            ));
+                        }
+                        Err(e) => {
+                            tracing::warn!(target: "config", "SDS: secret '{name}' version {} rejected: {e}", r.version_info);
+                            send(&version, &r.nonce, Some(e));
+                        }
+                    }
+                }
+                end => {
+                    let why = match end {
+                        Err(e) => format!("failed: {e}"),
+                        _ => "was closed by the server".into(),
+                    };
+                    tracing::warn!(target: "config", "SDS: the stream for secret '{name}' {why}; keeping the secret in service and reconnecting");
+                    backoff.wait().await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The response's secret of that name, checked as a secret in a file is.
+fn secret_of(name: &str, r: &DiscoveryResponse) -> Result<Secret, String> {
+    let mut found = None;
+    for (i, any) in r.resources.iter().enumerate() {
+        let s = dynamic::decode_resource::<Secret>("sds", &format!("secret[{i}]"), any)
+            .map_err(|e| e.to_string())?;
+        if s.name == name {
+            found = Some(s);
+        }
+    }
+    let s = found.ok_or_else(|| format!("the response has no secret '{name}'"))?;
+    crate::transport_socket::check_secret(&s)?;
+    Ok(s)
+}
