@@ -491,10 +491,15 @@ fn drive_updates(
     dir: &Path,
     versions: &[Version],
     listen: u16,
+    delta: bool,
 ) -> (Vec<StepSeen>, Vec<std::time::Duration>) {
     let tag = if is_envoy { "envoy" } else { "pilotfish" };
     let mut server = XdsServer::start(version_snapshot(&versions[0], listen));
-    let proxy = side_by_side::start(bin, is_envoy, &bootstrap(server.addr.port(), ""), dir, tag);
+    let mut boot = bootstrap(server.addr.port(), "");
+    if delta {
+        boot = boot.replace("api_type: GRPC", "api_type: DELTA_GRPC");
+    }
+    let proxy = side_by_side::start(bin, is_envoy, &boot, dir, tag);
     let mut steps = vec![];
     let mut times = vec![];
     let mut before = 0;
@@ -560,15 +565,26 @@ fn drive_updates(
 }
 
 /// Envoy's update sequence, the same for both: cluster added, route changed, endpoint changed,
-/// cluster removed, invalid listener refused, listener replaced with a new route configuration.
-/// After each step both proxies must answer alike, dump the same resources and versions, and
-/// the management server must have seen the same requests, ACKs and NACKs.
+/// cluster removed, invalid listener refused, listener replaced with a new route configuration,
+/// management server restarted. After each step both proxies must answer alike, dump the same
+/// resources and versions, keep the same xDS stats, and the management server must have seen
+/// the same requests, ACKs and NACKs.
 #[test]
 fn ads_updates_applied_as_envoy_applies_them() {
-    let Some(envoy) = common::envoy("ads_updates_applied_as_envoy_applies_them") else {
+    updates_applied_as_envoy_applies_them("ads_updates_applied_as_envoy_applies_them", false);
+}
+
+/// The same sequence over delta (incremental) xDS.
+#[test]
+fn ads_delta_updates_applied_as_envoy_applies_them() {
+    updates_applied_as_envoy_applies_them("ads_delta_updates_applied_as_envoy_applies_them", true);
+}
+
+fn updates_applied_as_envoy_applies_them(test: &str, delta: bool) {
+    let Some(envoy) = common::envoy(test) else {
         return;
     };
-    let dir = common::proxy::temp_dir("xds-updates");
+    let dir = common::proxy::temp_dir(if delta { "xds-delta" } else { "xds-updates" });
     let (a, b, c) = (http_upstream("a"), http_upstream("b"), http_upstream("c"));
     let versions = || {
         vec![
@@ -646,13 +662,38 @@ fn ads_updates_applied_as_envoy_applies_them() {
             },
         ]
     };
-    let run = |bin: &Path, is_envoy| {
-        let listen = common::free_port();
-        drive_updates(bin, is_envoy, &dir, &versions(), listen)
+    // Envoy 1.40 over delta xDS after the management server comes back says it holds only
+    // some of its route configurations, and keeps routing by the earlier version of the one it
+    // is sent anew (observed: `/second` answered by the v7 route after the v8 one was ACKed and
+    // dumped): not a behaviour to copy. Over delta, Envoy is compared up to the restart, and
+    // pilotfish must then serve what the version says.
+    let compared = || {
+        let mut v = versions();
+        if delta {
+            v.retain(|v| !v.restart);
+        }
+        v
     };
-    let (ev, ev_times) = run(&envoy, true);
-    let (pf, pf_times) = run(pilotfish_bin(), false);
-    for (i, v) in versions().iter().enumerate() {
+    let run = |bin: &Path, is_envoy, versions: &[Version]| {
+        let listen = common::free_port();
+        drive_updates(bin, is_envoy, &dir, versions, listen, delta)
+    };
+    let (ev, ev_times) = run(&envoy, true, &compared());
+    let (pf, pf_times) = run(pilotfish_bin(), false, &versions());
+    for (v, step) in versions().iter().zip(&pf).skip(ev.len()) {
+        let want: Vec<(String, (u16, String))> = v
+            .expect
+            .iter()
+            .map(|(p, (s, b))| (p.to_string(), (*s, b.to_string())))
+            .collect();
+        assert_eq!(step.answers, want, "pilotfish at version {}", v.version);
+        assert!(
+            step.conversation.iter().any(|c| c.ends_with(" node")),
+            "the new stream says the node: {:?}",
+            step.conversation
+        );
+    }
+    for (i, v) in compared().iter().enumerate() {
         let want: Vec<(String, (u16, String))> = v
             .expect
             .iter()
@@ -822,8 +863,18 @@ fn load_loop(
 /// the new one. Real Envoy is driven through the same and must lose none either.
 #[test]
 fn ads_hundred_updates_under_load_lose_no_request() {
-    let envoy = common::envoy("ads_hundred_updates_under_load_lose_no_request");
-    let dir = common::proxy::temp_dir("xds-load");
+    hundred_updates_under_load("ads_hundred_updates_under_load_lose_no_request", false);
+}
+
+/// The same over delta xDS.
+#[test]
+fn ads_delta_hundred_updates_under_load_lose_no_request() {
+    hundred_updates_under_load("ads_delta_hundred_updates_under_load_lose_no_request", true);
+}
+
+fn hundred_updates_under_load(test: &str, delta: bool) {
+    let envoy = common::envoy(test);
+    let dir = common::proxy::temp_dir(if delta { "xds-load-delta" } else { "xds-load" });
     let (a, b) = (keepalive_upstream("a"), keepalive_upstream("b"));
     let version = |i: usize| {
         let v: &'static str = Box::leak(i.to_string().into_boxed_str());
@@ -854,8 +905,11 @@ fn ads_hundred_updates_under_load_lose_no_request() {
             "pilotfish-load"
         };
         let server = XdsServer::start(version_snapshot(&version(0), listen));
-        let _proxy =
-            side_by_side::start(bin, is_envoy, &bootstrap(server.addr.port(), ""), &dir, tag);
+        let mut boot = bootstrap(server.addr.port(), "");
+        if delta {
+            boot = boot.replace("api_type: GRPC", "api_type: DELTA_GRPC");
+        }
+        let _proxy = side_by_side::start(bin, is_envoy, &boot, &dir, tag);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let clients: Vec<_> = (0..4)
             .map(|_| {
@@ -864,6 +918,7 @@ fn ads_hundred_updates_under_load_lose_no_request() {
             })
             .collect();
         std::thread::sleep(std::time::Duration::from_millis(200));
+        let began = std::time::Instant::now();
         for i in 1..=100 {
             let v = version(i);
             server.set(version_snapshot(&v, listen));
@@ -899,7 +954,8 @@ fn ads_hundred_updates_under_load_lose_no_request() {
         }
         let nacks = server.seen().iter().filter(|s| s.error.is_some()).count();
         eprintln!(
-            "{tag}: {ok} requests answered, {failed} failed, {nacks} NACKs during 100 updates"
+            "{tag}: {ok} requests answered, {failed} failed, {nacks} NACKs during 100 updates in {:?}",
+            began.elapsed()
         );
         (ok, failed, why, nacks)
     };

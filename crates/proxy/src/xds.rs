@@ -21,7 +21,10 @@ use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_mana
     http_connection_manager::RouteSpecifier, HttpConnectionManager,
 };
 use pilotfish_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use pilotfish_api::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use pilotfish_api::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use pilotfish_api::pb::google::protobuf::Any;
 use pilotfish_api::pb::google::rpc::Status;
 use pilotfish_config::dynamic::{self, DynamicResources};
 use pilotfish_config::error::ConfigErrors;
@@ -48,6 +51,8 @@ pub struct Ads {
     pub cluster: String,
     pub target: Target,
     pub set_node_on_first_message_only: bool,
+    /// Delta (incremental) xDS rather than state of the world.
+    pub delta: bool,
     /// How long start-up waits for clusters (with their endpoints) and for listeners (with
     /// their routes) before going on without them: each config source's
     /// `initial_fetch_timeout` (Envoy's default: 15 s).
@@ -97,6 +102,7 @@ pub fn ads(set: &ResourceSet) -> Result<Option<Ads>, String> {
         cluster: target.0,
         target: target.1,
         set_node_on_first_message_only: api.set_node_on_first_message_only,
+        delta: ApiType::try_from(api.api_type) == Ok(ApiType::DeltaGrpc),
         cds_timeout: timeouts[0],
         lds_timeout: timeouts[1],
     }))
@@ -111,18 +117,12 @@ fn initial_fetch_timeout(source: &ConfigSource) -> Option<Duration> {
 
 fn ads_target(set: &ResourceSet, api: &ApiConfigSource) -> Result<(String, Target), String> {
     match ApiType::try_from(api.api_type) {
-        Ok(ApiType::Grpc) => {}
-        Ok(ApiType::DeltaGrpc) => {
-            return Err(
-                "dynamic_resources.ads_config: DELTA_GRPC (incremental xDS) is not implemented yet; GRPC is"
-                    .into(),
-            )
-        }
+        Ok(ApiType::Grpc | ApiType::DeltaGrpc) => {}
         _ => {
             return Err(format!(
-                "dynamic_resources.ads_config: api_type {} is not implemented; GRPC is",
-                api.api_type
-            ))
+            "dynamic_resources.ads_config: api_type {} is not implemented; GRPC and DELTA_GRPC are",
+            api.api_type
+        ))
         }
     }
     grpc_target(set, api, "dynamic_resources.ads_config")
@@ -189,31 +189,154 @@ struct Watch {
     requested: bool,
     /// A response was accepted (or the initial fetch timed out).
     ready: bool,
+    /// Delta: the names subscribed on this stream so far.
+    sent: Vec<String>,
+    /// Delta: on a new stream, the resources held (name, version), said once.
+    initial: Vec<(String, String)>,
 }
 
 struct Stream {
-    tx: UnboundedSender<DiscoveryRequest>,
+    tx: Sender,
     node: Node,
     node_sent: bool,
     node_first_only: bool,
 }
 
+enum Sender {
+    Sotw(UnboundedSender<DiscoveryRequest>),
+    Delta(UnboundedSender<DeltaDiscoveryRequest>),
+}
+
+/// A response of either variant, as the fetch takes it.
+struct Update {
+    type_url: String,
+    /// State of the world's `version_info`; delta's `system_version_info`.
+    version_info: String,
+    nonce: String,
+    /// Each resource with its version (state of the world: the response's).
+    resources: Vec<(Any, String)>,
+    /// Delta: names removed.
+    removed: Vec<String>,
+    delta: bool,
+}
+
+impl From<DiscoveryResponse> for Update {
+    fn from(r: DiscoveryResponse) -> Update {
+        Update {
+            resources: r
+                .resources
+                .into_iter()
+                .map(|a| (a, r.version_info.clone()))
+                .collect(),
+            type_url: r.type_url,
+            version_info: r.version_info,
+            nonce: r.nonce,
+            removed: vec![],
+            delta: false,
+        }
+    }
+}
+
+impl From<DeltaDiscoveryResponse> for Update {
+    fn from(r: DeltaDiscoveryResponse) -> Update {
+        Update {
+            resources: r
+                .resources
+                .into_iter()
+                .filter_map(|res| Some((res.resource?, res.version)))
+                .collect(),
+            type_url: r.type_url,
+            version_info: r.system_version_info,
+            nonce: r.nonce,
+            removed: r.removed_resources,
+            delta: true,
+        }
+    }
+}
+
+/// The ADS stream's responses, of either variant.
+enum Inbound {
+    Sotw(tonic::Streaming<DiscoveryResponse>),
+    Delta(tonic::Streaming<DeltaDiscoveryResponse>),
+}
+
+impl Inbound {
+    async fn message(&mut self) -> Result<Option<Update>, tonic::Status> {
+        match self {
+            Inbound::Sotw(s) => Ok(s.message().await?.map(Update::from)),
+            Inbound::Delta(s) => Ok(s.message().await?.map(Update::from)),
+        }
+    }
+}
+
+fn nack(error: Option<String>) -> Option<Status> {
+    error.map(|message| Status {
+        // INTERNAL, as Envoy reports a rejected update.
+        code: 13,
+        message,
+        details: vec![],
+    })
+}
+
 impl Stream {
-    fn send(&mut self, type_url: &str, w: &Watch, error: Option<String>) {
+    fn node(&mut self) -> Option<Node> {
         let node = (!self.node_first_only || !self.node_sent).then(|| self.node.clone());
         self.node_sent = true;
-        let _ = self.tx.send(DiscoveryRequest {
+        node
+    }
+
+    /// Asks for what `w` follows. Delta: the names not asked for yet on this stream and those
+    /// no longer wanted (and, first on a new stream, what is held), without a nonce.
+    fn subscribe(&mut self, type_url: &str, w: &mut Watch) {
+        let tx = match &self.tx {
+            Sender::Sotw(_) => return self.send(type_url, w, None),
+            Sender::Delta(tx) => tx.clone(),
+        };
+        let subscribe: Vec<String> = w
+            .names
+            .iter()
+            .filter(|n| !w.sent.contains(n))
+            .cloned()
+            .collect();
+        let unsubscribe: Vec<String> = w
+            .sent
+            .iter()
+            .filter(|n| !w.names.contains(n))
+            .cloned()
+            .collect();
+        w.sent.clone_from(&w.names);
+        let node = self.node();
+        let _ = tx.send(DeltaDiscoveryRequest {
+            node,
+            type_url: type_url.to_string(),
+            resource_names_subscribe: subscribe,
+            resource_names_unsubscribe: unsubscribe,
+            initial_resource_versions: std::mem::take(&mut w.initial).into_iter().collect(),
+            ..Default::default()
+        });
+    }
+
+    /// An ACK, or with `error` a NACK, of the last response of the type.
+    fn send(&mut self, type_url: &str, w: &Watch, error: Option<String>) {
+        let node = self.node();
+        if let Sender::Delta(tx) = &self.tx {
+            let _ = tx.send(DeltaDiscoveryRequest {
+                node,
+                type_url: type_url.to_string(),
+                response_nonce: w.nonce.clone(),
+                error_detail: nack(error),
+                ..Default::default()
+            });
+            return;
+        }
+        let Sender::Sotw(tx) = &self.tx else { return };
+        let _ = tx.send(DiscoveryRequest {
             version_info: w.version.clone(),
             node,
             resource_names: w.names.clone(),
             type_url: type_url.to_string(),
             response_nonce: w.nonce.clone(),
-            error_detail: error.map(|message| Status {
-                // INTERNAL, as Envoy reports a rejected update.
-                code: 13,
-                message,
-                details: vec![],
-            }),
+            error_detail: nack(error),
             ..Default::default()
         });
     }
@@ -244,7 +367,7 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
     let node = base.resources.bootstrap.node.clone().unwrap_or_default();
     let mut f = Fetch {
         stream: Stream {
-            tx: tokio::sync::mpsc::unbounded_channel().0,
+            tx: Sender::Sotw(tokio::sync::mpsc::unbounded_channel().0),
             node,
             node_sent: false,
             node_first_only: ads.set_node_on_first_message_only,
@@ -270,7 +393,7 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
     if wants_cds {
         f.cds.requested = true;
         f.stats.start_cds();
-        f.stream.send(CLUSTER, &f.cds, None);
+        f.stream.subscribe(CLUSTER, &mut f.cds);
     } else {
         f.cds.ready = true;
         f.eds.ready = true;
@@ -351,7 +474,7 @@ impl Backoff {
 /// The stream after start-up.
 pub struct Running {
     fetch: Fetch,
-    inbound: tonic::Streaming<DiscoveryResponse>,
+    inbound: Inbound,
     backoff: Backoff,
     /// The bootstrap the dynamic resources are laid over.
     base: Config,
@@ -451,35 +574,61 @@ impl Fetch {
     /// Opens an ADS stream, trying again with backoff until one opens, and asks on it for
     /// everything subscribed so far with the versions last accepted, as Envoy does on a new
     /// stream (node again, no nonce: the new server has sent nothing yet).
-    async fn open(
-        &mut self,
-        ads: &Ads,
-        backoff: &mut Backoff,
-    ) -> tonic::Streaming<DiscoveryResponse> {
+    async fn open(&mut self, ads: &Ads, backoff: &mut Backoff) -> Inbound {
         loop {
             let opened = async {
                 let channel = connect(&ads.target).await?;
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                self.stream.tx = tx;
+                let mut client = AggregatedDiscoveryServiceClient::new(channel);
                 self.stream.node_sent = false;
-                for (type_url, w) in [
+                let (sotw, delta) = if ads.delta {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    self.stream.tx = Sender::Delta(tx);
+                    (None, Some(rx))
+                } else {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    self.stream.tx = Sender::Sotw(tx);
+                    (Some(rx), None)
+                };
+                let versions = [
+                    versions_of(&self.dynamic.clusters),
+                    versions_of(&self.dynamic.endpoints),
+                    versions_of(&self.dynamic.listeners),
+                    versions_of(&self.dynamic.route_configs),
+                ];
+                for ((type_url, w), initial) in [
                     (CLUSTER, &mut self.cds),
                     (ENDPOINT, &mut self.eds),
                     (LISTENER, &mut self.lds),
                     (ROUTE, &mut self.rds),
-                ] {
+                ]
+                .into_iter()
+                .zip(versions)
+                {
                     w.nonce.clear();
+                    w.sent.clear();
                     if w.requested {
-                        self.stream.send(type_url, w, None);
+                        w.initial = initial;
+                        self.stream.subscribe(type_url, w);
                     }
                 }
-                AggregatedDiscoveryServiceClient::new(channel)
-                    .stream_aggregated_resources(
-                        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
-                    )
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|e| format!("the ADS stream was refused: {e}"))
+                let refused = |e| format!("the ADS stream was refused: {e}");
+                match (sotw, delta) {
+                    (Some(rx), _) => client
+                        .stream_aggregated_resources(
+                            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                        )
+                        .await
+                        .map(|r| Inbound::Sotw(r.into_inner()))
+                        .map_err(refused),
+                    (_, Some(rx)) => client
+                        .delta_aggregated_resources(
+                            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                        )
+                        .await
+                        .map(|r| Inbound::Delta(r.into_inner()))
+                        .map_err(refused),
+                    _ => unreachable!("one variant"),
+                }
             };
             match opened.await {
                 Ok(inbound) => {
@@ -521,7 +670,7 @@ impl Fetch {
         self.cds.ready && self.eds.ready && self.lds.ready && self.rds.ready
     }
 
-    fn on_response(&mut self, base: &Config, r: DiscoveryResponse) {
+    fn on_response(&mut self, base: &Config, r: Update) {
         if self.watch(&r.type_url).is_none() {
             tracing::warn!(target: "config", "xDS: ignoring a response for {} (not subscribed)", r.type_url);
             return;
@@ -542,13 +691,14 @@ impl Fetch {
         .and_then(|next| dynamic::assemble(base, &self.dynamic).map(|_| next));
         if accepted.is_err() {
             (self.dynamic, self.draining_routes, self.eds_clusters) = before;
+            let anys: Vec<Any> = r.resources.iter().map(|(a, _)| a.clone()).collect();
             let refused = match r.type_url.as_str() {
-                CLUSTER => dynamic::refused(&r.resources, |c: &Cluster| c.name.clone()),
-                ENDPOINT => dynamic::refused(&r.resources, |c: &ClusterLoadAssignment| {
-                    c.cluster_name.clone()
-                }),
-                LISTENER => dynamic::refused(&r.resources, |l: &Listener| l.name.clone()),
-                _ => dynamic::refused(&r.resources, |rc: &RouteConfiguration| rc.name.clone()),
+                CLUSTER => dynamic::refused(&anys, |c: &Cluster| c.name.clone()),
+                ENDPOINT => {
+                    dynamic::refused(&anys, |c: &ClusterLoadAssignment| c.cluster_name.clone())
+                }
+                LISTENER => dynamic::refused(&anys, |l: &Listener| l.name.clone()),
+                _ => dynamic::refused(&anys, |rc: &RouteConfiguration| rc.name.clone()),
             };
             self.dynamic.refuse(refused);
         }
@@ -573,7 +723,15 @@ impl Fetch {
                 self.subscribe_routes(routes);
             }
             Ok(Accepted::Named(changed)) => {
-                for (name, changed) in changed {
+                // A delta response naming a route configuration as removed is an update of
+                // its subscription to Envoy (counted; the configuration is kept).
+                let removed = r
+                    .removed
+                    .iter()
+                    .filter(|_| r.type_url == ROUTE)
+                    .map(|n| (n.clone(), false));
+                let changed: Vec<(String, bool)> = changed.iter().cloned().chain(removed).collect();
+                for (name, changed) in &changed {
                     let subs: Vec<&stats::Subscription> = if r.type_url == ENDPOINT {
                         self.eds_clusters
                             .iter()
@@ -595,7 +753,7 @@ impl Fetch {
                     ENDPOINT => self.stats.eds.values().collect(),
                     _ => self.stats.rds.values().collect(),
                 };
-                subs.into_iter().for_each(stats::Subscription::rejected);
+                subs.into_iter().for_each(|s| s.rejected(r.delta));
             }
         }
         let accepted = accepted.map(|_| ());
@@ -645,7 +803,7 @@ impl Fetch {
         if wants_lds {
             self.lds.requested = true;
             self.stats.start_lds();
-            self.stream.send(LISTENER, &self.lds, None);
+            self.stream.subscribe(LISTENER, &mut self.lds);
         } else {
             self.lds.ready = true;
             self.rds.ready = true;
@@ -702,10 +860,21 @@ impl Fetch {
 
     /// Takes the clusters and which of them ask EDS for what; says whether any was added or
     /// changed.
-    fn on_clusters(&mut self, r: &DiscoveryResponse) -> Result<Accepted, ConfigErrors> {
-        let clusters: Vec<Cluster> = decode_all(r)?;
-        self.eds_clusters = clusters
+    fn on_clusters(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {
+        let clusters: Vec<(Cluster, String)> = decode_all(r)?;
+        let changed = changed(&self.dynamic.clusters, &clusters, |c| c.name.clone());
+        resources(
+            &mut self.dynamic.clusters,
+            Keep::listed(r),
+            clusters,
+            "clusters",
+            |c| c.name.clone(),
+        );
+        self.eds_clusters = self
+            .dynamic
+            .clusters
             .iter()
+            .map(|r| &r.value)
             .filter(|c| {
                 matches!(
                     c.cluster_discovery_type,
@@ -722,15 +891,6 @@ impl Fetch {
                 (c.name.clone(), service)
             })
             .collect();
-        let changed = changed(&self.dynamic.clusters, &clusters, |c| c.name.clone());
-        resources(
-            &mut self.dynamic.clusters,
-            Keep::Listed,
-            clusters,
-            "clusters",
-            |c| c.name.clone(),
-            &r.version_info,
-        );
         Ok(Accepted::Clusters(changed.iter().any(|(_, c)| *c)))
     }
 
@@ -791,62 +951,74 @@ impl Fetch {
                     .route_configs
                     .retain(|r| names.contains(&r.name));
             }
-            self.reply(type_url, None);
+            let w = if type_url == ENDPOINT {
+                &mut self.eds
+            } else {
+                &mut self.rds
+            };
+            self.stream.subscribe(type_url, w);
         }
     }
 
-    fn on_endpoints(&mut self, r: &DiscoveryResponse) -> Result<Accepted, ConfigErrors> {
-        let cla: Vec<ClusterLoadAssignment> = decode_all(r)?;
+    fn on_endpoints(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {
+        let cla: Vec<(ClusterLoadAssignment, String)> = decode_all(r)?;
         let changed = changed(&self.dynamic.endpoints, &cla, |c| c.cluster_name.clone());
         resources(
             &mut self.dynamic.endpoints,
-            Keep::Absent,
+            Keep::Absent(&[]),
             cla,
             "endpoints",
             |c| c.cluster_name.clone(),
-            &r.version_info,
         );
         Ok(Accepted::Named(changed))
     }
 
     /// Takes the listeners; returns the route configurations they ask RDS for.
-    fn on_listeners(&mut self, r: &DiscoveryResponse) -> Result<Accepted, ConfigErrors> {
-        let listeners: Vec<Listener> = decode_all(r)?;
+    fn on_listeners(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {
+        let listeners: Vec<(Listener, String)> = decode_all(r)?;
+        let before: Vec<Listener> = self
+            .dynamic
+            .listeners
+            .iter()
+            .map(|l| l.value.clone())
+            .collect();
+        resources(
+            &mut self.dynamic.listeners,
+            Keep::listed(r),
+            listeners,
+            "listeners",
+            |l| l.name.clone(),
+        );
         let now = tokio::time::Instant::now();
         if !self.drain_time.is_zero() {
-            for old in &self.dynamic.listeners {
-                if !listeners.contains(&old.value) {
-                    for name in route_config_names(&old.value) {
+            for old in &before {
+                if !self.dynamic.listeners.iter().any(|l| &l.value == old) {
+                    for name in route_config_names(old) {
                         self.draining_routes.push((name, now + self.drain_time));
                     }
                 }
             }
         }
-        let mut rds: Vec<(String, String)> =
-            listeners.iter().flat_map(route_config_names).collect();
+        let mut rds: Vec<(String, String)> = self
+            .dynamic
+            .listeners
+            .iter()
+            .flat_map(|l| route_config_names(&l.value))
+            .collect();
         self.draining_routes.retain(|(_, end)| *end > now);
         rds.extend(self.draining_routes.iter().map(|(n, _)| n.clone()));
-        resources(
-            &mut self.dynamic.listeners,
-            Keep::Listed,
-            listeners,
-            "listeners",
-            |l| l.name.clone(),
-            &r.version_info,
-        );
         Ok(Accepted::Listeners(rds))
     }
 
-    fn on_routes(&mut self, r: &DiscoveryResponse) -> Result<Accepted, ConfigErrors> {
-        let routes: Vec<RouteConfiguration> = decode_all(r)?;
+    fn on_routes(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {
+        let routes: Vec<(RouteConfiguration, String)> = decode_all(r)?;
         let changed = changed(&self.dynamic.route_configs, &routes, |rc| rc.name.clone());
         resources(
             &mut self.dynamic.route_configs,
-            Keep::Absent,
+            Keep::Absent(&[]),
             routes,
             "route_configs",
             |rc| rc.name.clone(),
-            &r.version_info,
         );
         Ok(Accepted::Named(changed))
     }
@@ -865,12 +1037,12 @@ enum Accepted {
 /// Each item by name, and whether it differs from what `previous` holds under that name.
 fn changed<T: PartialEq>(
     previous: &[pilotfish_config::resources::Resource<T>],
-    items: &[T],
+    items: &[(T, String)],
     name_of: impl Fn(&T) -> String,
 ) -> Vec<(String, bool)> {
     items
         .iter()
-        .map(|v| {
+        .map(|(v, _)| {
             let name = name_of(v);
             let same = previous.iter().any(|p| p.name == name && &p.value == v);
             (name, !same)
@@ -884,10 +1056,9 @@ fn changed<T: PartialEq>(
 fn resources<T: PartialEq>(
     previous: &mut Vec<pilotfish_config::resources::Resource<T>>,
     keep: Keep,
-    items: Vec<T>,
+    items: Vec<(T, String)>,
     kind: &str,
     name_of: impl Fn(&T) -> String,
-    version_info: &str,
 ) {
     let mut old: std::collections::HashMap<String, pilotfish_config::resources::Resource<T>> =
         std::mem::take(previous)
@@ -896,28 +1067,60 @@ fn resources<T: PartialEq>(
             .collect();
     *previous = items
         .into_iter()
-        .map(|v| {
+        .map(|(v, version)| {
             let name = name_of(&v);
             match old.remove(&name) {
                 Some(r) if r.value == v => r,
-                _ => dynamic::resource(name.clone(), format!("{kind}[{name}]"), version_info, v),
+                _ => dynamic::resource(name.clone(), format!("{kind}[{name}]"), &version, v),
             }
         })
         .collect();
-    if keep == Keep::Absent {
-        let mut rest: Vec<_> = old.into_values().collect();
+    if let Keep::Absent(removed) = keep {
+        let mut rest: Vec<_> = old
+            .into_values()
+            .filter(|r| !removed.contains(&r.name))
+            .collect();
         rest.sort_by(|a, b| a.name.cmp(&b.name));
         previous.extend(rest);
     }
 }
 
-/// What a state-of-the-world response means for the resources it leaves out.
+/// Delta: what each held resource's version is, to say on a new stream.
+fn versions_of<T>(held: &[pilotfish_config::resources::Resource<T>]) -> Vec<(String, String)> {
+    held.iter()
+        .map(|r| {
+            let version = match &r.origin {
+                pilotfish_config::resources::Origin::Dynamic { version_info, .. } => {
+                    version_info.clone()
+                }
+                _ => String::new(),
+            };
+            (r.name.clone(), version)
+        })
+        .collect()
+}
+
+/// What a response means for the resources it leaves out.
 #[derive(PartialEq, Eq, Clone, Copy)]
-enum Keep {
-    /// CDS and LDS: the response lists every resource; one left out is removed.
+enum Keep<'a> {
+    /// State of the world CDS and LDS: the response lists every resource; one left out is
+    /// removed.
     Listed,
-    /// EDS and RDS: the response carries what it updates; the rest stay as they are.
-    Absent,
+    /// EDS and RDS, and every delta response: the response carries what it updates; the rest
+    /// stay as they are, but for those a delta CDS or LDS response names as removed. (Envoy
+    /// keeps a route configuration or an assignment a delta response removes while it is
+    /// asked for: a draining listener still routes by it.)
+    Absent(&'a [String]),
+}
+
+impl Keep<'_> {
+    fn listed(r: &Update) -> Keep<'_> {
+        if r.delta {
+            Keep::Absent(&r.removed)
+        } else {
+            Keep::Listed
+        }
+    }
 }
 
 /// Every name has its resource.
@@ -926,13 +1129,13 @@ fn has_all<T>(names: &[String], have: &[pilotfish_config::resources::Resource<T>
 }
 
 /// Every resource of a response, each checked; the errors of all of them together.
-fn decode_all<T: Message + Name + Default>(r: &DiscoveryResponse) -> Result<Vec<T>, ConfigErrors> {
+fn decode_all<T: Message + Name + Default>(r: &Update) -> Result<Vec<(T, String)>, ConfigErrors> {
     let kind = T::NAME.to_ascii_lowercase();
     let mut out = vec![];
     let mut errors = vec![];
-    for (i, any) in r.resources.iter().enumerate() {
+    for (i, (any, version)) in r.resources.iter().enumerate() {
         match dynamic::decode_resource::<T>("ads", &format!("{kind}[{i}]"), any) {
-            Ok(v) => out.push(v),
+            Ok(v) => out.push((v, version.clone())),
             Err(ConfigErrors(e)) => errors.extend(e),
         }
     }

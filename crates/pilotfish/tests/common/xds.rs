@@ -38,6 +38,17 @@ pub struct Seen {
     /// A NACK's message.
     pub error: Option<String>,
     pub has_node: bool,
+    /// Delta xDS: the names subscribed and unsubscribed, and the versions the proxy says it
+    /// holds (on a new stream).
+    pub delta: Option<DeltaSeen>,
+}
+
+/// What a delta request says beyond the nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaSeen {
+    pub subscribe: Vec<String>,
+    pub unsubscribe: Vec<String>,
+    pub initial: Vec<(String, String)>,
 }
 
 impl Seen {
@@ -54,6 +65,28 @@ impl Seen {
         // Names are a set: Envoy sends them in its hash set's order.
         let mut names = self.resource_names.clone();
         names.sort();
+        if let Some(DeltaSeen {
+            subscribe: sub,
+            unsubscribe: unsub,
+            initial,
+        }) = &self.delta
+        {
+            let sorted = |v: &Vec<String>| {
+                let mut v = v.clone();
+                v.sort();
+                v
+            };
+            let mut initial = initial.clone();
+            initial.sort();
+            return format!(
+                "{kind} delta nonce='{}' subscribe={:?} unsubscribe={:?} initial={initial:?}{}{}",
+                self.response_nonce,
+                sorted(sub),
+                sorted(unsub),
+                if self.error.is_some() { " NACK" } else { "" },
+                if self.has_node { " node" } else { "" }
+            );
+        }
         format!(
             "{kind} version='{}' nonce='{}' names={names:?}{}{}",
             self.version_info,
@@ -69,6 +102,9 @@ impl Seen {
 pub struct Snapshot {
     pub version: String,
     pub resources: BTreeMap<String, BTreeMap<String, Any>>,
+    /// Delta xDS: each resource's version, the snapshot version that last changed it (filled
+    /// in when the snapshot is served).
+    versions: BTreeMap<(String, String), String>,
 }
 
 impl Snapshot {
@@ -76,7 +112,24 @@ impl Snapshot {
         Snapshot {
             version: version.to_string(),
             resources: BTreeMap::new(),
+            versions: BTreeMap::new(),
         }
+    }
+
+    /// Versions for delta xDS: a resource unchanged since `previous` keeps its version.
+    fn versioned(mut self, previous: Option<&Snapshot>) -> Snapshot {
+        for (type_url, all) in &self.resources {
+            for (name, any) in all {
+                let key = (type_url.clone(), name.clone());
+                let kept = previous.and_then(|p| {
+                    let same = p.resources.get(type_url)?.get(name)? == any;
+                    same.then(|| p.versions.get(&key).cloned()).flatten()
+                });
+                self.versions
+                    .insert(key, kept.unwrap_or_else(|| self.version.clone()));
+            }
+        }
+        self
     }
 
     pub fn with<T: Message + Name>(mut self, name: &str, value: &T) -> Snapshot {
@@ -108,7 +161,7 @@ struct State {
 impl State {
     fn new(initial: Snapshot) -> Arc<State> {
         Arc::new(State {
-            snapshot: watch::channel(initial).0,
+            snapshot: watch::channel(initial.versioned(None)).0,
             seen: Mutex::new(vec![]),
             last_sent: Mutex::new(BTreeMap::new()),
             nonce: Default::default(),
@@ -250,6 +303,7 @@ impl XdsServer {
 
     /// Pushes a new snapshot to every open stream.
     pub fn set(&self, snapshot: Snapshot) {
+        let snapshot = snapshot.versioned(Some(&self.state.snapshot.borrow()));
         self.state.snapshot.send_replace(snapshot);
     }
 
@@ -320,12 +374,156 @@ impl AggregatedDiscoveryService for Ads {
 
     async fn delta_aggregated_resources(
         &self,
-        _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented(
-            "this test server speaks state of the world only",
-        ))
+        Ok(tonic::Response::new(converse_delta(
+            self.0.clone(),
+            request.into_inner(),
+        )))
     }
+}
+
+/// Per stream and type, in delta xDS: what the proxy follows and holds.
+#[derive(Default)]
+struct DeltaState {
+    started: bool,
+    wildcard: bool,
+    names: std::collections::BTreeSet<String>,
+    /// Name -> version the proxy holds.
+    held: BTreeMap<String, String>,
+}
+
+/// What the proxy lacks of `snapshot` for a type: changed or new resources it follows, and
+/// those it holds that are gone. `None` when nothing differs.
+fn delta_response(
+    snapshot: &Snapshot,
+    type_url: &str,
+    st: &mut DeltaState,
+    nonce: u64,
+    always: bool,
+) -> Option<DeltaDiscoveryResponse> {
+    let empty = BTreeMap::new();
+    let all = snapshot.resources.get(type_url).unwrap_or(&empty);
+    let mut resources = vec![];
+    for (name, any) in all {
+        if !(st.wildcard || st.names.contains(name)) {
+            continue;
+        }
+        let version = snapshot.versions[&(type_url.to_string(), name.clone())].clone();
+        if st.held.get(name) != Some(&version) {
+            st.held.insert(name.clone(), version.clone());
+            resources.push(pilotfish_api::pb::envoy::service::discovery::v3::Resource {
+                name: name.clone(),
+                version,
+                resource: Some(any.clone()),
+                ..Default::default()
+            });
+        }
+    }
+    let removed: Vec<String> = st
+        .held
+        .keys()
+        .filter(|n| !all.contains_key(*n))
+        .cloned()
+        .collect();
+    for n in &removed {
+        st.held.remove(n);
+    }
+    if resources.is_empty() && removed.is_empty() && !always {
+        return None;
+    }
+    Some(DeltaDiscoveryResponse {
+        system_version_info: snapshot.version.clone(),
+        resources,
+        removed_resources: removed,
+        type_url: type_url.to_string(),
+        nonce: nonce.to_string(),
+        ..Default::default()
+    })
+}
+
+/// One delta stream: answers subscriptions with what the proxy lacks, pushes what each new
+/// snapshot changes (and removes), records what the proxy sent.
+fn converse_delta(
+    state: Arc<State>,
+    mut inbound: tonic::Streaming<DeltaDiscoveryRequest>,
+) -> ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut snapshots = state.snapshot.subscribe();
+        let mut types: BTreeMap<String, DeltaState> = BTreeMap::new();
+        let next_nonce = || {
+            state
+                .nonce
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1
+        };
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let Ok(Some(req)) = msg else { return };
+                    state.seen.lock().unwrap().push(Seen {
+                        type_url: req.type_url.clone(),
+                        version_info: String::new(),
+                        resource_names: vec![],
+                        response_nonce: req.response_nonce.clone(),
+                        error: req.error_detail.as_ref().map(|e| e.message.clone()),
+                        has_node: req.node.is_some(),
+                        delta: Some(DeltaSeen {
+                            subscribe: req.resource_names_subscribe.clone(),
+                            unsubscribe: req.resource_names_unsubscribe.clone(),
+                            initial: req.initial_resource_versions.clone().into_iter().collect(),
+                        }),
+                    });
+                    let st = types.entry(req.type_url.clone()).or_default();
+                    let first = !st.started;
+                    if first {
+                        st.started = true;
+                        st.wildcard = req.resource_names_subscribe.is_empty();
+                        st.held = req.initial_resource_versions.clone().into_iter().collect();
+                    }
+                    for n in &req.resource_names_subscribe {
+                        if n == "*" {
+                            st.wildcard = true;
+                        } else {
+                            st.names.insert(n.clone());
+                        }
+                    }
+                    for n in &req.resource_names_unsubscribe {
+                        if n == "*" {
+                            st.wildcard = false;
+                        }
+                        st.names.remove(n);
+                        st.held.remove(n);
+                    }
+                    if !first && req.resource_names_subscribe.is_empty() {
+                        // An ACK or NACK, or only unsubscribing: nothing to send.
+                        continue;
+                    }
+                    let snapshot = snapshots.borrow().clone();
+                    if let Some(r) = delta_response(&snapshot, &req.type_url, st, next_nonce(), first) {
+                        state.last_sent.lock().unwrap().insert(req.type_url.clone(), r.nonce.clone());
+                        if tx.send(Ok(r)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                changed = snapshots.changed() => {
+                    if changed.is_err() { return; }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    for (type_url, st) in types.iter_mut() {
+                        if let Some(r) = delta_response(&snapshot, type_url, st, next_nonce(), false) {
+                            state.last_sent.lock().unwrap().insert(type_url.clone(), r.nonce.clone());
+                            if tx.send(Ok(r)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 /// The same conversation for SDS, as istio-agent serves secrets on its own socket.
@@ -391,6 +589,7 @@ fn converse(
                             response_nonce: req.response_nonce.clone(),
                             error: req.error_detail.as_ref().map(|e| e.message.clone()),
                             has_node: req.node.is_some(),
+                            delta: None,
                         });
                         let s = sent.entry(req.type_url.clone()).or_default();
                         // A request answering an older response is stale (the proxy answers the

@@ -83,8 +83,10 @@ impl Subscription {
         }
     }
 
-    pub fn rejected(&self) {
-        self.attempt.inc();
+    /// A refused update. Over delta xDS Envoy counts it as two attempts (the update tried,
+    /// then its failure), as observed against Envoy 1.40.
+    pub fn rejected(&self, delta: bool) {
+        self.attempt.add(1 + delta as u64);
         self.rejected.inc();
     }
 
