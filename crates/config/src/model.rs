@@ -577,18 +577,10 @@ impl Model {
         set: &ResourceSet,
         static_bootstrap: bool,
     ) {
-        let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+        let Some(common) = common_tls_context(ts) else {
             return;
         };
         let at = format!("{path}.typed_config");
-        let common = if let Some(d) = unpack::<DownstreamTlsContext>(any) {
-            d.common_tls_context
-        } else if let Some(u) = unpack::<UpstreamTlsContext>(any) {
-            u.common_tls_context
-        } else {
-            None
-        };
-        let Some(common) = common else { return };
         for (name, from, sds) in sds_configs(&common, &format!("{at}.common_tls_context")) {
             let resolved = set.secret(&name).is_some();
             // Without a config source the name can only mean a static secret (Envoy refuses the
@@ -605,19 +597,23 @@ impl Model {
     }
 }
 
+/// A TLS transport socket's common context, downstream or upstream.
+fn common_tls_context(ts: &TransportSocket) -> Option<CommonTlsContext> {
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+        return None;
+    };
+    if let Some(d) = unpack::<DownstreamTlsContext>(any) {
+        d.common_tls_context
+    } else {
+        unpack::<UpstreamTlsContext>(any).and_then(|u| u.common_tls_context)
+    }
+}
+
 /// The SDS secrets a transport socket's TLS context names, with their config sources.
 pub fn sds_secret_configs(ts: &TransportSocket) -> Vec<SdsSecretConfig> {
-    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+    let Some(c) = common_tls_context(ts) else {
         return vec![];
     };
-    let common = if let Some(d) = unpack::<DownstreamTlsContext>(any) {
-        d.common_tls_context
-    } else if let Some(u) = unpack::<UpstreamTlsContext>(any) {
-        u.common_tls_context
-    } else {
-        None
-    };
-    let Some(c) = common else { return vec![] };
     let mut out = c.tls_certificate_sds_secret_configs.clone();
     match c.validation_context_type {
         Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(s)) => {

@@ -226,8 +226,14 @@ async fn serve(cfg: Config, options: Options) -> u8 {
             return 1;
         }
     };
-    // Then the secrets its TLS contexts name through SDS (istio-agent's sds-grpc).
-    let sds = match xds::sds::fetch(&cfg.resources).await {
+    // Then the secrets its TLS contexts name through SDS (istio-agent's sds-grpc); a dump
+    // carries the secrets its proxy had.
+    let sds = if asks {
+        xds::sds::fetch(&cfg.resources).await
+    } else {
+        Ok(None)
+    };
+    let sds = match sds {
         Ok(sds) => sds,
         Err(e) => {
             tracing::error!(target: "main", "{e}");

@@ -568,64 +568,62 @@ fn converse(
     mut inbound: tonic::Streaming<DiscoveryRequest>,
 ) -> ReceiverStream<Result<DiscoveryResponse, tonic::Status>> {
     let (tx, rx) = mpsc::channel(16);
-    {
-        tokio::spawn(async move {
-            let mut snapshots = state.snapshot.subscribe();
-            let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
-            let next_nonce = || {
-                state
-                    .nonce
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    + 1
-            };
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => {
-                        let Ok(Some(req)) = msg else { return };
-                        state.seen.lock().unwrap().push(Seen {
-                            type_url: req.type_url.clone(),
-                            version_info: req.version_info.clone(),
-                            resource_names: req.resource_names.clone(),
-                            response_nonce: req.response_nonce.clone(),
-                            error: req.error_detail.as_ref().map(|e| e.message.clone()),
-                            has_node: req.node.is_some(),
-                            delta: None,
-                        });
-                        let s = sent.entry(req.type_url.clone()).or_default();
-                        // A request answering an older response is stale (the proxy answers the
-                        // newer one too, names included), as go-control-plane treats it; an
-                        // ACK or NACK of the last one with the same names needs no answer.
-                        if !req.response_nonce.is_empty()
-                            && (req.response_nonce != s.nonce || req.resource_names == s.names)
-                        {
+    tokio::spawn(async move {
+        let mut snapshots = state.snapshot.subscribe();
+        let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
+        let next_nonce = || {
+            state
+                .nonce
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1
+        };
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let Ok(Some(req)) = msg else { return };
+                    state.seen.lock().unwrap().push(Seen {
+                        type_url: req.type_url.clone(),
+                        version_info: req.version_info.clone(),
+                        resource_names: req.resource_names.clone(),
+                        response_nonce: req.response_nonce.clone(),
+                        error: req.error_detail.as_ref().map(|e| e.message.clone()),
+                        has_node: req.node.is_some(),
+                        delta: None,
+                    });
+                    let s = sent.entry(req.type_url.clone()).or_default();
+                    // A request answering an older response is stale (the proxy answers the
+                    // newer one too, names included), as go-control-plane treats it; an
+                    // ACK or NACK of the last one with the same names needs no answer.
+                    if !req.response_nonce.is_empty()
+                        && (req.response_nonce != s.nonce || req.resource_names == s.names)
+                    {
+                        continue;
+                    }
+                    s.names = req.resource_names.clone();
+                    let snapshot = snapshots.borrow().clone();
+                    let r = respond(&snapshot, &req.type_url, s, next_nonce());
+                    state.last_sent.lock().unwrap().insert(req.type_url.clone(), r.nonce.clone());
+                    if tx.send(Ok(r)).await.is_err() {
+                        return;
+                    }
+                }
+                changed = snapshots.changed() => {
+                    if changed.is_err() { return; }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    for (type_url, s) in sent.iter_mut() {
+                        if s.version == snapshot.version {
                             continue;
                         }
-                        s.names = req.resource_names.clone();
-                        let snapshot = snapshots.borrow().clone();
-                        let r = respond(&snapshot, &req.type_url, s, next_nonce());
-                        state.last_sent.lock().unwrap().insert(req.type_url.clone(), r.nonce.clone());
+                        let r = respond(&snapshot, type_url, s, next_nonce());
+                        state.last_sent.lock().unwrap().insert(type_url.clone(), r.nonce.clone());
                         if tx.send(Ok(r)).await.is_err() {
                             return;
                         }
                     }
-                    changed = snapshots.changed() => {
-                        if changed.is_err() { return; }
-                        let snapshot = snapshots.borrow_and_update().clone();
-                        for (type_url, s) in sent.iter_mut() {
-                            if s.version == snapshot.version {
-                                continue;
-                            }
-                            let r = respond(&snapshot, type_url, s, next_nonce());
-                            state.last_sent.lock().unwrap().insert(type_url.clone(), r.nonce.clone());
-                            if tx.send(Ok(r)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
                 }
             }
-        });
-    }
+        }
+    });
     ReceiverStream::new(rx)
 }
 
