@@ -26,6 +26,16 @@ fn bootstrap(xds_port: u16, extra_lds: &str) -> String {
     )
 }
 
+/// The same over state of the world or delta xDS.
+fn ads_bootstrap(xds_port: u16, delta: bool) -> String {
+    let boot = bootstrap(xds_port, "");
+    if delta {
+        boot.replace("api_type: GRPC", "api_type: DELTA_GRPC")
+    } else {
+        boot
+    }
+}
+
 /// The same with the management server at `address` (a socket address or a pipe).
 fn bootstrap_at(address: &str, extra_lds: &str) -> String {
     format!(
@@ -495,10 +505,7 @@ fn drive_updates(
 ) -> (Vec<StepSeen>, Vec<std::time::Duration>) {
     let tag = if is_envoy { "envoy" } else { "pilotfish" };
     let mut server = XdsServer::start(version_snapshot(&versions[0], listen));
-    let mut boot = bootstrap(server.addr.port(), "");
-    if delta {
-        boot = boot.replace("api_type: GRPC", "api_type: DELTA_GRPC");
-    }
+    let boot = ads_bootstrap(server.addr.port(), delta);
     let proxy = side_by_side::start(bin, is_envoy, &boot, dir, tag);
     let mut steps = vec![];
     let mut times = vec![];
@@ -905,10 +912,7 @@ fn hundred_updates_under_load(test: &str, delta: bool) {
             "pilotfish-load"
         };
         let server = XdsServer::start(version_snapshot(&version(0), listen));
-        let mut boot = bootstrap(server.addr.port(), "");
-        if delta {
-            boot = boot.replace("api_type: GRPC", "api_type: DELTA_GRPC");
-        }
+        let boot = ads_bootstrap(server.addr.port(), delta);
         let _proxy = side_by_side::start(bin, is_envoy, &boot, &dir, tag);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let clients: Vec<_> = (0..4)
@@ -1040,23 +1044,13 @@ fn mtls_connect(
     ),
     String,
 > {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(client.cert.as_bytes())
-        .map(|c| c.unwrap())
-        .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(client.key.as_bytes()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
+    let (chain, key) = common::tls::chain(client);
+    let config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(common::tls::roots(ca))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
     let conn = rustls::ClientConnection::new(
         std::sync::Arc::new(config),
         "server.example".try_into().unwrap(),
@@ -1102,15 +1096,6 @@ fn mtls_get(
     Ok((status, "ok".into()))
 }
 
-fn der(pem: &str) -> Vec<u8> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-        .next()
-        .unwrap()
-        .unwrap()
-        .to_vec()
-}
-
 /// What one proxy did through the certificate rotation.
 #[derive(Debug, PartialEq)]
 struct Rotation {
@@ -1139,10 +1124,12 @@ fn rotate(bin: &Path, is_envoy: bool, dir: &Path) -> Rotation {
         &["client.example"],
         "spiffe://cluster.local/ns/default/sa/client",
     );
+    let der = |leaf: &common::tls::Leaf| common::tls::chain(leaf).0[0].to_vec();
+    let (der_a, der_b) = (der(&a), der(&b));
     let which = |served: &[u8]| {
-        if served == der(&a.cert) {
+        if served == der_a {
             "a"
-        } else if served == der(&b.cert) {
+        } else if served == der_b {
             "b"
         } else {
             "another"

@@ -319,17 +319,19 @@ impl Stream {
     /// An ACK, or with `error` a NACK, of the last response of the type.
     fn send(&mut self, type_url: &str, w: &Watch, error: Option<String>) {
         let node = self.node();
-        if let Sender::Delta(tx) = &self.tx {
-            let _ = tx.send(DeltaDiscoveryRequest {
-                node,
-                type_url: type_url.to_string(),
-                response_nonce: w.nonce.clone(),
-                error_detail: nack(error),
-                ..Default::default()
-            });
-            return;
-        }
-        let Sender::Sotw(tx) = &self.tx else { return };
+        let tx = match &self.tx {
+            Sender::Sotw(tx) => tx,
+            Sender::Delta(tx) => {
+                let _ = tx.send(DeltaDiscoveryRequest {
+                    node,
+                    type_url: type_url.to_string(),
+                    response_nonce: w.nonce.clone(),
+                    error_detail: nack(error),
+                    ..Default::default()
+                });
+                return;
+            }
+        };
         let _ = tx.send(DiscoveryRequest {
             version_info: w.version.clone(),
             node,
@@ -411,15 +413,15 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
                 backoff.reset();
                 f.on_response(base, r)
             }
-            Ok(Ok(None)) | Ok(Err(_)) => {
-                let why = match next {
-                    Ok(Err(e)) => format!("failed: {e}"),
-                    _ => "was closed by the management server".into(),
-                };
-                tracing::warn!(target: "config", "xDS: the ADS stream {why} during start-up; reconnecting");
-                f.stats.stream_failed();
-                backoff.wait().await;
-                inbound = f.open(ads, &mut backoff).await;
+            Ok(Ok(None)) => {
+                inbound = f
+                    .reconnect(ads, &mut backoff, "was closed by the management server")
+                    .await
+            }
+            Ok(Err(e)) => {
+                inbound = f
+                    .reconnect(ads, &mut backoff, &format!("failed: {e}"))
+                    .await
             }
             Err(_) => {
                 tracing::warn!(target: "config", "xDS: initial fetch timed out after {wait:?}; going on with what has arrived");
@@ -525,15 +527,21 @@ impl Running {
                     warming = None;
                     self.apply(&server, &what).await;
                 }
-                Ok(None) | Err(_) => {
-                    let why = match message {
-                        Err(e) => format!("failed: {e}"),
-                        _ => "was closed by the management server".into(),
-                    };
-                    tracing::warn!(target: "config", "xDS: the ADS stream {why}; keeping the configuration in service and reconnecting");
-                    self.fetch.stats.stream_failed();
-                    self.backoff.wait().await;
-                    self.inbound = self.fetch.open(&self.ads, &mut self.backoff).await;
+                Ok(None) => {
+                    self.inbound = self
+                        .fetch
+                        .reconnect(
+                            &self.ads,
+                            &mut self.backoff,
+                            "was closed by the management server",
+                        )
+                        .await
+                }
+                Err(e) => {
+                    self.inbound = self
+                        .fetch
+                        .reconnect(&self.ads, &mut self.backoff, &format!("failed: {e}"))
+                        .await
                 }
             }
         }
@@ -571,6 +579,14 @@ fn short(type_url: &str) -> &str {
 }
 
 impl Fetch {
+    /// The stream ended: the configuration in service stays; a new stream after the backoff.
+    async fn reconnect(&mut self, ads: &Ads, backoff: &mut Backoff, why: &str) -> Inbound {
+        tracing::warn!(target: "config", "xDS: the ADS stream {why}; what was accepted stays, reconnecting");
+        self.stats.stream_failed();
+        backoff.wait().await;
+        self.open(ads, backoff).await
+    }
+
     /// Opens an ADS stream, trying again with backoff until one opens, and asks on it for
     /// everything subscribed so far with the versions last accepted, as Envoy does on a new
     /// stream (node again, no nonce: the new server has sent nothing yet).
@@ -589,12 +605,17 @@ impl Fetch {
                     self.stream.tx = Sender::Sotw(tx);
                     (Some(rx), None)
                 };
-                let versions = [
-                    versions_of(&self.dynamic.clusters),
-                    versions_of(&self.dynamic.endpoints),
-                    versions_of(&self.dynamic.listeners),
-                    versions_of(&self.dynamic.route_configs),
-                ];
+                // Delta says what it holds; state of the world says it by version_info.
+                let versions = if ads.delta {
+                    [
+                        versions_of(&self.dynamic.clusters),
+                        versions_of(&self.dynamic.endpoints),
+                        versions_of(&self.dynamic.listeners),
+                        versions_of(&self.dynamic.route_configs),
+                    ]
+                } else {
+                    Default::default()
+                };
                 for ((type_url, w), initial) in [
                     (CLUSTER, &mut self.cds),
                     (ENDPOINT, &mut self.eds),
@@ -812,41 +833,30 @@ impl Fetch {
 
     /// The types being waited for are taken as they stand; the next phase gets its own wait.
     fn give_up_waiting(&mut self, base: &Config) {
-        let st = &self.stats;
-        for (w, subs) in [
-            (
-                &mut self.cds,
-                st.cds.iter().map(|s| ("", s)).collect::<Vec<_>>(),
-            ),
-            (
-                &mut self.eds,
-                self.eds_clusters
-                    .iter()
-                    .filter_map(|(c, service)| Some((service.as_str(), st.eds.get(c)?)))
-                    .collect(),
-            ),
-            (&mut self.lds, st.lds.iter().map(|s| ("", s)).collect()),
-            (
-                &mut self.rds,
-                st.rds.iter().map(|(n, s)| (n.as_str(), s)).collect(),
-            ),
+        let (st, d) = (&self.stats, &self.dynamic);
+        // Each type's subscriptions still without their resource (CDS and LDS have one, waiting
+        // for the first response).
+        let eds_waiting = self
+            .eds_clusters
+            .iter()
+            .filter(|(_, service)| !d.endpoints.iter().any(|r| &r.name == service))
+            .filter_map(|(c, _)| st.eds.get(c))
+            .collect();
+        let rds_waiting = st
+            .rds
+            .iter()
+            .filter(|(name, _)| !d.route_configs.iter().any(|r| &r.name == *name))
+            .map(|(_, s)| s)
+            .collect();
+        for (w, waiting) in [
+            (&mut self.cds, st.cds.iter().collect::<Vec<_>>()),
+            (&mut self.eds, eds_waiting),
+            (&mut self.lds, st.lds.iter().collect()),
+            (&mut self.rds, rds_waiting),
         ] {
             if w.requested && !w.ready {
                 w.ready = true;
-                // Each subscription still without its resource timed out (CDS and LDS have
-                // one, waiting for the first response).
-                for (name, s) in subs {
-                    let has = match name {
-                        "" => false,
-                        n => {
-                            self.dynamic.endpoints.iter().any(|r| r.name == n)
-                                || self.dynamic.route_configs.iter().any(|r| r.name == n)
-                        }
-                    };
-                    if !has {
-                        s.timed_out();
-                    }
-                }
+                waiting.into_iter().for_each(stats::Subscription::timed_out);
             }
         }
         if self.cds.ready && !self.eds.requested {
@@ -896,16 +906,21 @@ impl Fetch {
 
     /// Drained listeners' route configurations are no longer asked for.
     fn drain_ended(&mut self) {
+        let rds = self.routes_followed();
+        self.subscribe_routes(&rds);
+    }
+
+    /// The route configurations RDS follows: those the listeners name, then those of listeners
+    /// still draining.
+    fn routes_followed(&mut self) -> Vec<(String, String)> {
         let now = tokio::time::Instant::now();
         self.draining_routes.retain(|(_, end)| *end > now);
-        let rds: Vec<(String, String)> = self
-            .dynamic
+        self.dynamic
             .listeners
             .iter()
             .flat_map(|l| route_config_names(&l.value))
             .chain(self.draining_routes.iter().map(|(n, _)| n.clone()))
-            .collect();
-        self.subscribe_routes(&rds);
+            .collect()
     }
 
     /// RDS follows the route configurations the listeners name, (stat prefix, name) in
@@ -999,15 +1014,7 @@ impl Fetch {
                 }
             }
         }
-        let mut rds: Vec<(String, String)> = self
-            .dynamic
-            .listeners
-            .iter()
-            .flat_map(|l| route_config_names(&l.value))
-            .collect();
-        self.draining_routes.retain(|(_, end)| *end > now);
-        rds.extend(self.draining_routes.iter().map(|(n, _)| n.clone()));
-        Ok(Accepted::Listeners(rds))
+        Ok(Accepted::Listeners(self.routes_followed()))
     }
 
     fn on_routes(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {

@@ -50,11 +50,11 @@ impl Pki {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(pem: &str) -> Arc<rustls::RootCertStore> {
+pub fn roots(pem: &str) -> Arc<rustls::RootCertStore> {
     let mut r = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         r.add(c.unwrap()).unwrap();
@@ -62,7 +62,7 @@ fn roots(pem: &str) -> Arc<rustls::RootCertStore> {
     Arc::new(r)
 }
 
-fn chain(l: &Leaf) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+pub fn chain(l: &Leaf) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     (
         CertificateDer::pem_slice_iter(l.cert.as_bytes())
             .map(|c| c.unwrap())

@@ -12,7 +12,6 @@ use pilotfish_api::pb::envoy::config::core::v3::{
 use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::{SdsSecretConfig, Secret};
 use pilotfish_api::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use pilotfish_api::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use pilotfish_api::pb::google::rpc::Status;
 use pilotfish_config::dynamic;
 use pilotfish_config::resources::{Resource, ResourceSet};
 use std::collections::BTreeMap;
@@ -227,11 +226,7 @@ async fn stream_secret(
                 resource_names: vec![name.clone()],
                 type_url: SECRET.to_string(),
                 response_nonce: nonce.to_string(),
-                error_detail: error.map(|message| Status {
-                    code: 13,
-                    message,
-                    details: vec![],
-                }),
+                error_detail: super::nack(error),
                 ..Default::default()
             });
         };
