@@ -750,6 +750,209 @@ fn ads_over_a_unix_socket() {
     assert_eq!(dumped(proxy.admin).len(), 3);
 }
 
+/// The `xds-grpc` cluster over mutual TLS, as a sidecar reaching istiod on 15012 itself: its
+/// certificate and key and the mesh root from files, istiod's DNS name checked; the initial
+/// fetches give up after 1 s (so a proxy that cannot connect still starts).
+fn tls_bootstrap(xds_port: u16, dir: &Path, root: &Path) -> String {
+    let file = |n: &str| dir.join(n).display().to_string();
+    let socket = format!(
+        r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: istiod.istio-system.svc
+        common_tls_context:
+          tls_certificates: [{{ certificate_chain: {{ filename: {cert} }}, private_key: {{ filename: {key} }} }}]
+          validation_context:
+            trusted_ca: {{ filename: {root} }}
+            match_typed_subject_alt_names: [{{ san_type: DNS, matcher: {{ exact: istiod.istio-system.svc }} }}]
+"#,
+        cert = file("workload.pem"),
+        key = file("workload.key"),
+        root = root.display(),
+    );
+    bootstrap(xds_port, ", initial_fetch_timeout: 1s")
+        .replacen(
+            "cds_config: { ads: {}, resource_api_version: V3 }",
+            "cds_config: { ads: {}, resource_api_version: V3, initial_fetch_timeout: 1s }",
+            1,
+        )
+        .replacen(
+            "    connect_timeout: 1s\n",
+            &format!("    connect_timeout: 1s\n{socket}"),
+            1,
+        )
+}
+
+/// What a proxy did with a management server over TLS.
+#[derive(Debug)]
+struct OverTls {
+    handshakes: Vec<xds_server::Handshake>,
+    conversation: Vec<String>,
+    dumped: Vec<(String, String, String)>,
+    answer: (u16, String),
+    connected: String,
+}
+
+#[test]
+fn ads_over_mutual_tls_as_envoy_connects() {
+    let Some(envoy) = common::envoy("ads_over_mutual_tls_as_envoy_connects") else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-tls");
+    let mesh = common::tls::Pki::new("mesh root");
+    let istiod = mesh.leaf(
+        &["istiod.istio-system.svc"],
+        "spiffe://cluster.local/ns/istio-system/sa/istiod-service-account",
+    );
+    let workload = mesh.leaf(&[], "spiffe://cluster.local/ns/default/sa/test");
+    std::fs::write(dir.join("workload.pem"), &workload.cert).unwrap();
+    std::fs::write(dir.join("workload.key"), &workload.key).unwrap();
+    std::fs::write(dir.join("root.pem"), &mesh.ca_pem).unwrap();
+    std::fs::write(
+        dir.join("other-root.pem"),
+        &common::tls::Pki::new("another root").ca_pem,
+    )
+    .unwrap();
+    let workload_der = common::tls::chain(&workload).0[0].to_vec();
+
+    // `trusting`: the root file the proxy checks istiod's certificate with. `done`: when the
+    // server has seen enough.
+    let run = |bin: &Path, is_envoy: bool, trusting: &str, done: &dyn Fn(&XdsServer) -> bool| {
+        let tag = if is_envoy { "envoy" } else { "pilotfish" };
+        let listen = common::free_port();
+        let upstream = http_upstream("backend-1");
+        let server = XdsServer::start_tls(snapshot("1", listen, upstream), &istiod, &mesh.ca_pem);
+        let boot = tls_bootstrap(server.addr.port(), &dir, &dir.join(trusting));
+        let proxy = side_by_side::start(bin, is_envoy, &boot, &dir, tag);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done(&server) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{tag}: the server saw {:?} and handshakes {:?}",
+                server.seen(),
+                server.handshakes()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let connected = xds_stats(proxy.admin)
+            .into_iter()
+            .find(|(n, _)| n == "control_plane.connected_state")
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        OverTls {
+            handshakes: server.handshakes(),
+            conversation: server.seen().iter().map(Seen::summary).collect(),
+            dumped: dumped(proxy.admin),
+            answer: get(listen),
+            connected,
+        }
+    };
+
+    // Trusting the mesh root: connected, configured, serving.
+    let acked = |s: &XdsServer| s.seen().iter().filter(|r| r.version_info == "1").count() >= 4;
+    let pf = run(pilotfish_bin(), false, "root.pem", &acked);
+    let ev = run(&envoy, true, "root.pem", &acked);
+    assert_eq!(ev.answer, (200, "backend-1".to_string()), "Envoy: {ev:?}");
+    assert_eq!(pf.answer, ev.answer, "pilotfish routes as Envoy does");
+    assert_eq!(pf.conversation, ev.conversation, "the same conversation");
+    assert_eq!(pf.dumped, ev.dumped, "the same resources and versions");
+    assert_eq!((pf.connected.as_str(), ev.connected.as_str()), ("1", "1"));
+    // One connection each, presenting the workload's certificate, with the SNI and ALPN Envoy
+    // sends.
+    let shook = |o: &OverTls| {
+        o.handshakes
+            .iter()
+            .map(|h| {
+                (
+                    h.sni.clone(),
+                    h.alpn.clone(),
+                    h.client_cert.as_deref() == Some(&workload_der[..]),
+                    h.error.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        shook(&ev),
+        vec![(
+            Some("istiod.istio-system.svc".to_string()),
+            vec!["h2".to_string()],
+            true,
+            None
+        )],
+        "Envoy's handshake"
+    );
+    assert_eq!(shook(&pf), shook(&ev), "pilotfish's handshake is Envoy's");
+
+    // Trusting another root: istiod's certificate is refused, nothing is asked, and the proxy
+    // tries again (with backoff) rather than giving up, serving nothing meanwhile.
+    let refused = |s: &XdsServer| s.handshakes().iter().filter(|h| h.error.is_some()).count() >= 2;
+    let pf = run(pilotfish_bin(), false, "other-root.pem", &refused);
+    let ev = run(&envoy, true, "other-root.pem", &refused);
+    for (tag, o) in [("Envoy", &ev), ("pilotfish", &pf)] {
+        assert!(
+            o.handshakes.iter().all(|h| h.error.is_some()),
+            "{tag}: {o:?}"
+        );
+        assert!(o.conversation.is_empty(), "{tag}: {o:?}");
+        assert_eq!(o.connected, "0", "{tag}: not connected");
+        assert_eq!(o.answer.0, 0, "{tag}: no listener");
+        assert!(o.dumped.is_empty(), "{tag}: {o:?}");
+    }
+}
+
+/// A proxy started before its management server: the initial fetches time out (1 s each), it
+/// serves its static configuration alone and keeps trying; once the server is up it takes the
+/// configuration from it, asking as Envoy asks.
+#[test]
+fn ads_management_server_up_after_the_proxy() {
+    let Some(envoy) = common::envoy("ads_management_server_up_after_the_proxy") else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-late");
+    let run = |bin: &Path, is_envoy: bool| {
+        let tag = if is_envoy { "envoy" } else { "pilotfish" };
+        let (listen, xds_port) = (common::free_port(), common::free_port());
+        let boot = bootstrap(xds_port, ", initial_fetch_timeout: 1s").replacen(
+            "cds_config: { ads: {}, resource_api_version: V3 }",
+            "cds_config: { ads: {}, resource_api_version: V3, initial_fetch_timeout: 1s }",
+            1,
+        );
+        let proxy = side_by_side::start(bin, is_envoy, &boot, &dir, tag);
+        let before = (get(listen).0, dumped(proxy.admin));
+        let server = XdsServer::start_at(
+            snapshot("1", listen, http_upstream("backend-1")),
+            format!("127.0.0.1:{xds_port}").parse().unwrap(),
+        );
+        let seen = server.wait_for("the ACK of every type", |s: &[Seen]| {
+            s.iter().filter(|r| r.version_info == "1").count() >= 4
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while get(listen).0 != 200 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        (
+            before,
+            seen.iter().map(Seen::summary).collect::<Vec<_>>(),
+            get(listen),
+            dumped(proxy.admin),
+        )
+    };
+    let pf = run(pilotfish_bin(), false);
+    let ev = run(&envoy, true);
+    assert_eq!(
+        ev.0,
+        (0, vec![]),
+        "Envoy serves nothing before the server is up"
+    );
+    assert_eq!(pf.0, ev.0, "nor does pilotfish");
+    assert_eq!(ev.2, (200, "backend-1".to_string()), "Envoy, once it is up");
+    assert_eq!(pf.2, ev.2, "pilotfish, once it is up");
+    assert_eq!(pf.1, ev.1, "the same conversation with the late server");
+    assert_eq!(pf.3, ev.3, "the same resources and versions");
+}
+
 /// An HTTP/1.1 upstream answering every request with `name`, keeping its connections open.
 fn keepalive_upstream(name: &'static str) -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1107,7 +1310,7 @@ struct Rotation {
     dumped: Vec<(String, String)>,
 }
 
-fn rotate(bin: &Path, is_envoy: bool, dir: &Path) -> Rotation {
+fn rotate(bin: &Path, is_envoy: bool, dir: &Path, delta: bool) -> Rotation {
     let tag = if is_envoy { "envoy" } else { "pilotfish" };
     let pki = common::tls::Pki::new("test root");
     let (a, b) = (
@@ -1138,7 +1341,11 @@ fn rotate(bin: &Path, is_envoy: bool, dir: &Path) -> Rotation {
     };
     let socket = dir.join(format!("{tag}.sds.sock"));
     let server = XdsServer::start_sds_unix(sds_snapshot("1", &a, &pki.ca_pem), &socket);
-    let proxy = side_by_side::start(bin, is_envoy, &sds_bootstrap(&socket), dir, tag);
+    let mut boot = sds_bootstrap(&socket);
+    if delta {
+        boot = boot.replace("api_type: GRPC", "api_type: DELTA_GRPC");
+    }
+    let proxy = side_by_side::start(bin, is_envoy, &boot, dir, tag);
     let mut steps = vec![];
     let (served, mut before) = mtls_connect(proxy.listen, &pki.ca_pem, &client)
         .unwrap_or_else(|e| panic!("{tag}: mTLS with the SDS certificate: {e}"));
@@ -1158,10 +1365,11 @@ fn rotate(bin: &Path, is_envoy: bool, dir: &Path) -> Rotation {
             got = mtls_connect(proxy.listen, &pki.ca_pem, &client)
                 .map(|(served, _)| which(&served))
                 .unwrap_or_else(|_| "refused".into());
-            let answered = server
-                .seen()
-                .iter()
-                .any(|s| s.version_info == version || (version == "3" && s.error.is_some()));
+            // Delta requests carry no version: there the answer to the push is waited for.
+            let answered = server.settled(version)
+                && server.seen().iter().any(|s| {
+                    s.version_info == version || delta || (version == "3" && s.error.is_some())
+                });
             if (got == want && answered) || std::time::Instant::now() > deadline {
                 break;
             }
@@ -1173,13 +1381,19 @@ fn rotate(bin: &Path, is_envoy: bool, dir: &Path) -> Rotation {
     }
     // One stream per secret, in order; how the two interleave (and so which nonce each
     // response got from the one server) is scheduling.
+    let seen = server.seen();
+    let secret_of_stream = |stream: u64| {
+        seen.iter()
+            .filter(|s| s.stream == stream)
+            .find_map(|s| {
+                let delta = s.delta.as_ref().map(|d| &d.subscribe);
+                delta.unwrap_or(&s.resource_names).first().cloned()
+            })
+            .unwrap_or_default()
+    };
     let mut conversation: Vec<String> = vec![];
     for secret in ["ROOTCA", "default"] {
-        for s in server
-            .seen()
-            .iter()
-            .filter(|s| s.resource_names == [secret])
-        {
+        for s in seen.iter().filter(|s| secret_of_stream(s.stream) == secret) {
             let nonce = format!("nonce='{}'", s.response_nonce);
             let answered = if s.response_nonce.is_empty() {
                 ""
@@ -1223,8 +1437,23 @@ fn sds_certificates_rotate_as_envoy_rotates_them() {
         return;
     };
     let dir = common::proxy::temp_dir("xds-sds");
-    let ev = rotate(&envoy, true, &dir);
-    let pf = rotate(pilotfish_bin(), false, &dir);
+    certificates_rotate_as_envoy_rotates_them(&envoy, &dir, false);
+}
+
+/// The same over delta xDS (`DELTA_GRPC`): a secret's versions are its own, ACK and NACK go by
+/// nonce.
+#[test]
+fn sds_delta_certificates_rotate_as_envoy_rotates_them() {
+    let Some(envoy) = common::envoy("sds_delta_certificates_rotate_as_envoy_rotates_them") else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-sds-delta");
+    certificates_rotate_as_envoy_rotates_them(&envoy, &dir, true);
+}
+
+fn certificates_rotate_as_envoy_rotates_them(envoy: &Path, dir: &Path, delta: bool) {
+    let ev = rotate(envoy, true, dir, delta);
+    let pf = rotate(pilotfish_bin(), false, dir, delta);
     assert_eq!(
         ev.steps,
         vec![

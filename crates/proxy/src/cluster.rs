@@ -315,7 +315,7 @@ fn same_host(old: &Host, new: &pilotfish_decide::cluster::Host) -> bool {
         && old.transport == new.transport
 }
 
-fn upstream_tls_context(ts: &TransportSocket) -> Option<UpstreamTlsContext> {
+pub(crate) fn upstream_tls_context(ts: &TransportSocket) -> Option<UpstreamTlsContext> {
     match &ts.config_type {
         Some(ConfigType::TypedConfig(any)) => pilotfish_config::model::unpack(any),
         _ => None,

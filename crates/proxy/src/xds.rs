@@ -33,6 +33,7 @@ use pilotfish_config::Config;
 use prost::{Message, Name};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -60,10 +61,46 @@ pub struct Ads {
     pub lds_timeout: Duration,
 }
 
+/// How the management server is reached: the one endpoint of the static cluster a gRPC config
+/// source names, with TLS where that cluster has a TLS transport socket.
+#[derive(Clone)]
+pub struct Target {
+    pub address: TargetAddress,
+    tls: Option<Arc<crate::transport_socket::UpstreamTls>>,
+    connect_timeout: Duration,
+    /// The `:authority` of the gRPC requests: the cluster's name unless `envoy_grpc.authority`
+    /// says otherwise, as Envoy sends it.
+    authority: String,
+}
+
 #[derive(Debug, Clone)]
-pub enum Target {
+pub enum TargetAddress {
     Tcp(SocketAddr),
     Unix(PathBuf),
+}
+
+/// `127.0.0.1:15012 over TLS`, `/etc/istio/proxy/XDS`: where, for the log.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.address {
+            TargetAddress::Tcp(a) => write!(f, "{a}")?,
+            TargetAddress::Unix(p) => write!(f, "{}", p.display())?,
+        }
+        if self.tls.is_some() {
+            write!(f, " over TLS")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("address", &self.address)
+            .field("tls", &self.tls.is_some())
+            .field("authority", &self.authority)
+            .finish()
+    }
 }
 
 /// The bootstrap's ADS configuration, if it has one; an error for the xDS shapes pilotfish does
@@ -134,12 +171,12 @@ fn grpc_target(
     api: &ApiConfigSource,
     at: &str,
 ) -> Result<(String, Target), String> {
-    let cluster = match api
+    let (cluster, authority) = match api
         .grpc_services
         .first()
         .and_then(|g| g.target_specifier.as_ref())
     {
-        Some(TargetSpecifier::EnvoyGrpc(e)) => e.cluster_name.clone(),
+        Some(TargetSpecifier::EnvoyGrpc(e)) => (e.cluster_name.clone(), e.authority.clone()),
         Some(TargetSpecifier::GoogleGrpc(_)) => {
             return Err(format!(
                 "{at}.grpc_services[0]: google_grpc is not implemented; envoy_grpc is"
@@ -150,11 +187,37 @@ fn grpc_target(
     let c = set
         .cluster(&cluster)
         .ok_or_else(|| format!("{at}: cluster '{cluster}' is not a static cluster"))?;
-    if c.value.transport_socket.is_some() || !c.value.transport_socket_matches.is_empty() {
+    if !c.value.transport_socket_matches.is_empty() {
         return Err(format!(
-            "cluster '{cluster}': TLS to the xDS server is not implemented yet"
+            "cluster '{cluster}': transport_socket_matches on the xDS server's cluster is not implemented; one transport_socket is"
         ));
     }
+    let raw_buffer = |ts: &pilotfish_api::pb::envoy::config::core::v3::TransportSocket| {
+        use pilotfish_api::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        match &ts.config_type {
+            Some(ConfigType::TypedConfig(any)) => any.type_url.ends_with(".RawBuffer"),
+            None => ts.name == "envoy.transport_sockets.raw_buffer",
+        }
+    };
+    let tls = match &c.value.transport_socket {
+        None => None,
+        Some(ts) if raw_buffer(ts) => None,
+        Some(ts) => {
+            let ctx = crate::cluster::upstream_tls_context(ts).ok_or_else(|| {
+                format!("cluster '{cluster}'.transport_socket: only TLS (UpstreamTlsContext) is implemented for the xDS server's cluster")
+            })?;
+            let mut tls = crate::transport_socket::upstream(set, &ctx)
+                .map_err(|e| format!("cluster '{cluster}'.transport_socket: {e}"))?;
+            // gRPC is HTTP/2: where the context names no protocol, h2 is offered, as Envoy's
+            // HTTP/2 connection pools fall back to it.
+            if tls.config.alpn_protocols.is_empty() {
+                let mut config = (*tls.config).clone();
+                config.alpn_protocols = vec![b"h2".to_vec()];
+                tls.config = Arc::new(config);
+            }
+            Some(Arc::new(tls))
+        }
+    };
     use pilotfish_api::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
     let address = c
         .value
@@ -167,14 +230,30 @@ fn grpc_target(
             _ => None,
         })
         .ok_or_else(|| format!("cluster '{cluster}': no endpoint address"))?;
-    let target = match &address.address {
-        Some(address::Address::Pipe(p)) => Target::Unix(PathBuf::from(&p.path)),
-        Some(address::Address::SocketAddress(_)) => Target::Tcp(
-            pilotfish_decide::listener::socket_addr(address).ok_or_else(|| {
-                format!("cluster '{cluster}': the xDS server's address must be an IP address")
-            })?,
-        ),
+    let address = match &address.address {
+        Some(address::Address::Pipe(p)) => TargetAddress::Unix(PathBuf::from(&p.path)),
+        Some(address::Address::SocketAddress(_)) => {
+            TargetAddress::Tcp(pilotfish_decide::listener::socket_addr(address).ok_or_else(
+                || format!("cluster '{cluster}': the xDS server's address must be an IP address"),
+            )?)
+        }
         _ => return Err(format!("cluster '{cluster}': unsupported address kind")),
+    };
+    let connect_timeout = c
+        .value
+        .connect_timeout
+        .as_ref()
+        .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+        .unwrap_or(Duration::from_secs(5));
+    let target = Target {
+        address,
+        tls,
+        connect_timeout,
+        authority: if authority.is_empty() {
+            cluster.clone()
+        } else {
+            authority
+        },
     };
     Ok((cluster, target))
 }
@@ -360,6 +439,13 @@ struct Fetch {
     drain_time: Duration,
     /// The EDS clusters: (cluster name, the service name it asks EDS for).
     eds_clusters: Vec<(String, String)>,
+    /// The clusters' initialization is over (each came with its endpoints, or timed out):
+    /// from then on a cluster added by an update warms while the rest serve.
+    clusters_initialized: bool,
+    /// The reply to a CDS response held while clusters it added warm (Some(NACK message or
+    /// None for an ACK)): Envoy pauses CDS requests while any cluster is warming, so its ACK
+    /// tells the server the clusters are ready for routes that use them.
+    cds_held: Option<Option<String>>,
     stats: stats::XdsStats,
 }
 
@@ -382,10 +468,15 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         draining_routes: vec![],
         drain_time: Duration::ZERO,
         eds_clusters: vec![],
+        clusters_initialized: false,
+        cds_held: None,
         stats: stats::XdsStats::new(Default::default()),
     };
     let mut backoff = Backoff::new();
-    let mut inbound = f.open(ads, &mut backoff).await;
+    // Not connected yet. The initial fetch timeouts run from the subscriptions, connected or
+    // not: a proxy that cannot reach its management server starts without it, as Envoy does,
+    // and keeps trying.
+    let mut inbound: Option<Inbound> = None;
     let wants_cds = base
         .resources
         .bootstrap
@@ -407,21 +498,30 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         } else {
             ads.cds_timeout
         };
-        let next = tokio::time::timeout(wait, inbound.message()).await;
+        let Some(stream) = &mut inbound else {
+            match tokio::time::timeout(wait, f.open(ads, &mut backoff)).await {
+                Ok(opened) => inbound = Some(opened),
+                Err(_) => {
+                    tracing::warn!(target: "config", "xDS: initial fetch timed out after {wait:?} without reaching the management server; going on without it");
+                    f.give_up_waiting(base);
+                }
+            }
+            continue;
+        };
+        let next = tokio::time::timeout(wait, stream.message()).await;
         match next {
             Ok(Ok(Some(r))) => {
                 backoff.reset();
                 f.on_response(base, r)
             }
             Ok(Ok(None)) => {
-                inbound = f
-                    .reconnect(ads, &mut backoff, "was closed by the management server")
-                    .await
+                f.stream_ended(&mut backoff, "was closed by the management server")
+                    .await;
+                inbound = None;
             }
             Ok(Err(e)) => {
-                inbound = f
-                    .reconnect(ads, &mut backoff, &format!("failed: {e}"))
-                    .await
+                f.stream_ended(&mut backoff, &format!("failed: {e}")).await;
+                inbound = None;
             }
             Err(_) => {
                 tracing::warn!(target: "config", "xDS: initial fetch timed out after {wait:?}; going on with what has arrived");
@@ -476,7 +576,8 @@ impl Backoff {
 /// The stream after start-up.
 pub struct Running {
     fetch: Fetch,
-    inbound: Inbound,
+    /// None until the management server has been reached (start-up may end without it).
+    inbound: Option<Inbound>,
     backoff: Backoff,
     /// The bootstrap the dynamic resources are laid over.
     base: Config,
@@ -497,9 +598,13 @@ impl Running {
         // as a warming listener waits), then it is applied with what has come.
         let mut warming: Option<tokio::time::Instant> = None;
         loop {
+            let Some(inbound) = &mut self.inbound else {
+                self.inbound = Some(self.fetch.open(&self.ads, &mut self.backoff).await);
+                continue;
+            };
             let drain_ends = self.fetch.draining_routes.iter().map(|(_, end)| *end).min();
             let message = tokio::select! {
-                m = self.inbound.message() => m,
+                m = inbound.message() => m,
                 _ = sleep_until(drain_ends) => {
                     self.fetch.drain_ended();
                     continue;
@@ -507,6 +612,7 @@ impl Running {
                 _ = sleep_until(warming) => {
                     tracing::warn!(target: "config", "xDS: what the update names has not all come; applying it with what has");
                     warming = None;
+                    self.fetch.release_cds();
                     self.apply(&server, "the update").await;
                     continue;
                 }
@@ -528,20 +634,16 @@ impl Running {
                     self.apply(&server, &what).await;
                 }
                 Ok(None) => {
-                    self.inbound = self
-                        .fetch
-                        .reconnect(
-                            &self.ads,
-                            &mut self.backoff,
-                            "was closed by the management server",
-                        )
-                        .await
+                    self.fetch
+                        .stream_ended(&mut self.backoff, "was closed by the management server")
+                        .await;
+                    self.inbound = None;
                 }
                 Err(e) => {
-                    self.inbound = self
-                        .fetch
-                        .reconnect(&self.ads, &mut self.backoff, &format!("failed: {e}"))
-                        .await
+                    self.fetch
+                        .stream_ended(&mut self.backoff, &format!("failed: {e}"))
+                        .await;
+                    self.inbound = None;
                 }
             }
         }
@@ -579,12 +681,12 @@ fn short(type_url: &str) -> &str {
 }
 
 impl Fetch {
-    /// The stream ended: the configuration in service stays; a new stream after the backoff.
-    async fn reconnect(&mut self, ads: &Ads, backoff: &mut Backoff, why: &str) -> Inbound {
+    /// The stream ended: the configuration in service stays; a new stream (`open`) after the
+    /// backoff.
+    async fn stream_ended(&mut self, backoff: &mut Backoff, why: &str) {
         tracing::warn!(target: "config", "xDS: the ADS stream {why}; what was accepted stays, reconnecting");
         self.stats.stream_failed();
         backoff.wait().await;
-        self.open(ads, backoff).await
     }
 
     /// Opens an ADS stream, trying again with backoff until one opens, and asks on it for
@@ -616,6 +718,8 @@ impl Fetch {
                 } else {
                     Default::default()
                 };
+                // A new stream asks afresh for everything, CDS included.
+                self.cds_held = None;
                 for ((type_url, w), initial) in [
                     (CLUSTER, &mut self.cds),
                     (ENDPOINT, &mut self.eds),
@@ -658,7 +762,7 @@ impl Fetch {
                     return inbound;
                 }
                 Err(e) => {
-                    tracing::warn!(target: "config", "xDS: cannot reach cluster '{}' ({:?}): {e}; trying again", ads.cluster, ads.target);
+                    tracing::warn!(target: "config", "xDS: cannot reach cluster '{}' at {}: {e}; trying again", ads.cluster, ads.target);
                     self.stats.stream_failed();
                     backoff.wait().await;
                 }
@@ -797,18 +901,42 @@ impl Fetch {
                 // Initialization moves on while the response is handled: the listeners are
                 // asked for ahead of the ACK of the endpoints that completed the clusters.
                 self.advance(base);
-                self.reply(type_url, None);
+                if type_url == ENDPOINT && self.eds.ready {
+                    self.release_cds();
+                }
+                self.reply_or_hold(type_url, None);
             }
             Err(e) => {
                 let msg = e.to_string();
                 tracing::warn!(target: "config", "xDS: {type_url} version {} rejected: {msg}", r.version_info);
-                self.reply(type_url, Some(msg));
+                self.reply_or_hold(type_url, Some(msg));
             }
+        }
+    }
+
+    /// Replies, except to CDS while clusters warm after initialization (Envoy's cluster manager
+    /// keeps CDS paused until no cluster is warming).
+    fn reply_or_hold(&mut self, type_url: &str, error: Option<String>) {
+        if type_url == CLUSTER && self.clusters_initialized && !self.eds.ready {
+            tracing::debug!(target: "config", "xDS: clusters warming; the CDS reply waits for their endpoints");
+            self.cds_held = Some(error);
+            return;
+        }
+        self.reply(type_url, error);
+    }
+
+    /// The warming clusters are ready (or gave up waiting): the held CDS reply goes.
+    fn release_cds(&mut self) {
+        if let Some(error) = self.cds_held.take() {
+            self.reply(CLUSTER, error);
         }
     }
 
     /// Listeners once the clusters and their endpoints are in, as Envoy's initialization goes.
     fn advance(&mut self, base: &Config) {
+        if self.cds.ready && self.eds.ready {
+            self.clusters_initialized = true;
+        }
         if self.cds.ready && self.eds.ready && !self.lds.requested {
             self.request_listeners(base);
         }
@@ -864,6 +992,9 @@ impl Fetch {
         }
         if self.lds.ready && !self.rds.requested {
             self.rds.ready = true;
+        }
+        if self.eds.ready {
+            self.release_cds();
         }
         self.advance(base);
     }
@@ -1183,25 +1314,36 @@ fn route_config_names(l: &Listener) -> Vec<(String, String)> {
 }
 
 async fn connect(target: &Target) -> Result<tonic::transport::Channel, String> {
-    match target {
-        Target::Tcp(a) => tonic::transport::Endpoint::from_shared(format!("http://{a}"))
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| e.to_string()),
-        Target::Unix(path) => tonic::transport::Endpoint::from_static("http://xds")
-            .connect_with_connector(UnixConnector(path.clone()))
-            .await
-            .map_err(|e| e.to_string()),
-    }
+    // The connector below decides where the connection goes; the URI only gives the requests
+    // their authority (a cluster name that is no valid one, `outbound|15012||istiod...`, gets a
+    // plain placeholder).
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", target.authority))
+        .unwrap_or_else(|_| tonic::transport::Endpoint::from_static("http://xds-grpc"));
+    endpoint
+        .connect_with_connector(Connector(target.clone()))
+        .await
+        .map_err(|e| {
+            // tonic's own message ("transport error") hides the cause.
+            let mut out = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                let s_text = s.to_string();
+                if !out.contains(&s_text) {
+                    out = format!("{out}: {s_text}");
+                }
+                source = s.source();
+            }
+            out
+        })
 }
 
-/// gRPC over a Unix socket, as istio-agent serves xDS to its sidecar.
+/// Connects to the management server: TCP or a Unix socket (istio-agent serves its sidecar on
+/// one), then TLS where the cluster has it.
 #[derive(Clone)]
-struct UnixConnector(PathBuf);
+struct Connector(Target);
 
-impl tonic::codegen::Service<tonic::codegen::http::Uri> for UnixConnector {
-    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<Box<dyn crate::cluster::Io>>;
     type Error = std::io::Error;
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
@@ -1215,10 +1357,35 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for UnixConnector {
     }
 
     fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
-        let path = self.0.clone();
+        let target = self.0.clone();
         Box::pin(async move {
+            let connected = async {
+                let stream: Box<dyn crate::cluster::Io> = match &target.address {
+                    TargetAddress::Tcp(a) => {
+                        let s = tokio::net::TcpStream::connect(a).await?;
+                        s.set_nodelay(true)?;
+                        Box::new(s)
+                    }
+                    TargetAddress::Unix(path) => {
+                        Box::new(tokio::net::UnixStream::connect(path).await?)
+                    }
+                };
+                std::io::Result::Ok(stream)
+            };
+            let stream = tokio::time::timeout(target.connect_timeout, connected)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
+                })??;
+            let Some(tls) = &target.tls else {
+                return Ok(hyper_util::rt::TokioIo::new(stream));
+            };
+            let tls_stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
             Ok(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(path).await?,
+                Box::new(tls_stream) as Box<dyn crate::cluster::Io>
             ))
         })
     }

@@ -41,6 +41,8 @@ pub struct Seen {
     /// Delta xDS: the names subscribed and unsubscribed, and the versions the proxy says it
     /// holds (on a new stream).
     pub delta: Option<DeltaSeen>,
+    /// Which stream it came on (numbered from 1 as they opened).
+    pub stream: u64,
 }
 
 /// What a delta request says beyond the nonce.
@@ -148,14 +150,28 @@ pub fn any<T: Message + Name>(value: &T) -> Any {
     }
 }
 
+/// One TLS handshake a proxy made with the server: what it offered and presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    pub sni: Option<String>,
+    /// The ALPN protocols offered, in the client's order.
+    pub alpn: Vec<String>,
+    /// The client certificate (DER), when one was presented.
+    pub client_cert: Option<Vec<u8>>,
+    /// Why the handshake failed; None when it completed.
+    pub error: Option<String>,
+}
+
 struct State {
     snapshot: watch::Sender<Snapshot>,
     seen: Mutex<Vec<Seen>>,
+    handshakes: Mutex<Vec<Handshake>>,
     /// The nonce of the last response sent, by type.
     last_sent: Mutex<BTreeMap<String, String>>,
     /// Nonces go on across restarts, so a request answering a response before the restart
     /// cannot be taken for one answering a response after it.
     nonce: std::sync::atomic::AtomicU64,
+    streams: std::sync::atomic::AtomicU64,
 }
 
 impl State {
@@ -163,8 +179,10 @@ impl State {
         Arc::new(State {
             snapshot: watch::channel(initial.versioned(None)).0,
             seen: Mutex::new(vec![]),
+            handshakes: Mutex::new(vec![]),
             last_sent: Mutex::new(BTreeMap::new()),
             nonce: Default::default(),
+            streams: Default::default(),
         })
     }
 }
@@ -176,6 +194,9 @@ pub struct XdsServer {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Serves SDS instead of ADS.
     sds: bool,
+    /// Serves over TLS with this configuration (client certificates optional or required as
+    /// it says).
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Drop for XdsServer {
@@ -193,15 +214,75 @@ impl XdsServer {
             stop: None,
             thread: None,
             sds: false,
+            tls: None,
         };
         server.listen_tcp();
         server
+    }
+
+    /// Serves `initial` on `addr` (a port a proxy was told of before the server came up).
+    pub fn start_at(initial: Snapshot, addr: SocketAddr) -> XdsServer {
+        let mut server = XdsServer {
+            addr,
+            state: State::new(initial),
+            stop: None,
+            thread: None,
+            sds: false,
+            tls: None,
+        };
+        server.listen_tcp();
+        server
+    }
+
+    /// Serves `initial` over TLS on a free loopback port, as istiod serves xDS on 15012: the
+    /// certificate `leaf`, and a client certificate from `client_ca` required. Each handshake
+    /// is recorded (`handshakes`).
+    pub fn start_tls(
+        initial: Snapshot,
+        leaf: &crate::common::tls::Leaf,
+        client_ca: &str,
+    ) -> XdsServer {
+        let (chain, key) = crate::common::tls::chain(leaf);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            crate::common::tls::roots(client_ca),
+            crate::common::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(crate::common::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)
+                .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let mut server = XdsServer {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            state: State::new(initial),
+            stop: None,
+            thread: None,
+            sds: false,
+            tls: Some(Arc::new(config)),
+        };
+        server.listen_tcp();
+        server
+    }
+
+    /// The TLS handshakes proxies made with the server, in order.
+    pub fn handshakes(&self) -> Vec<Handshake> {
+        self.state.handshakes.lock().unwrap().clone()
     }
 
     fn listen_tcp(&mut self) {
         let l = std::net::TcpListener::bind(self.addr).unwrap();
         self.addr = l.local_addr().unwrap();
         l.set_nonblocking(true).unwrap();
+        if let Some(config) = self.tls.clone() {
+            let state = self.state.clone();
+            self.serve(move || tls_incoming(l, config, state));
+            return;
+        }
         self.serve(move || {
             tokio_stream::wrappers::TcpListenerStream::new(
                 tokio::net::TcpListener::from_std(l).unwrap(),
@@ -249,6 +330,7 @@ impl XdsServer {
             stop: None,
             thread: None,
             sds,
+            tls: None,
         };
         server.serve(move || {
             tokio_stream::wrappers::UnixListenerStream::new(
@@ -449,6 +531,10 @@ fn converse_delta(
     mut inbound: tonic::Streaming<DeltaDiscoveryRequest>,
 ) -> ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>> {
     let (tx, rx) = mpsc::channel(16);
+    let stream = state
+        .streams
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
     tokio::spawn(async move {
         let mut snapshots = state.snapshot.subscribe();
         let mut types: BTreeMap<String, DeltaState> = BTreeMap::new();
@@ -474,6 +560,7 @@ fn converse_delta(
                             unsubscribe: req.resource_names_unsubscribe.clone(),
                             initial: req.initial_resource_versions.clone().into_iter().collect(),
                         }),
+                        stream,
                     });
                     let st = types.entry(req.type_url.clone()).or_default();
                     let first = !st.started;
@@ -546,11 +633,12 @@ impl SecretDiscoveryService for Sds {
 
     async fn delta_secrets(
         &self,
-        _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaSecretsStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented(
-            "this test server speaks state of the world only",
-        ))
+        Ok(tonic::Response::new(converse_delta(
+            self.0.clone(),
+            request.into_inner(),
+        )))
     }
 
     async fn fetch_secrets(
@@ -568,6 +656,10 @@ fn converse(
     mut inbound: tonic::Streaming<DiscoveryRequest>,
 ) -> ReceiverStream<Result<DiscoveryResponse, tonic::Status>> {
     let (tx, rx) = mpsc::channel(16);
+    let stream = state
+        .streams
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
     tokio::spawn(async move {
         let mut snapshots = state.snapshot.subscribe();
         let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
@@ -589,6 +681,7 @@ fn converse(
                         error: req.error_detail.as_ref().map(|e| e.message.clone()),
                         has_node: req.node.is_some(),
                         delta: None,
+                        stream,
                     });
                     let s = sent.entry(req.type_url.clone()).or_default();
                     // A request answering an older response is stale (the proxy answers the
@@ -646,5 +739,100 @@ fn respond(snapshot: &Snapshot, type_url: &str, s: &mut Sent, nonce: u64) -> Dis
         type_url: type_url.to_string(),
         nonce: s.nonce.clone(),
         ..Default::default()
+    }
+}
+
+/// Accepted connections after their TLS handshake, each handshake on a task of its own (a slow
+/// or failing one holds up no other) and recorded with what the client offered.
+fn tls_incoming(
+    l: std::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    state: Arc<State>,
+) -> ReceiverStream<std::io::Result<TlsConn>> {
+    let (tx, rx) = mpsc::channel(16);
+    let l = tokio::net::TcpListener::from_std(l).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = l.accept().await else {
+                continue;
+            };
+            let (tx, config, state) = (tx.clone(), config.clone(), state.clone());
+            tokio::spawn(async move {
+                let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+                    rustls::server::Acceptor::default(),
+                    sock,
+                );
+                let Ok(start) = acceptor.await else { return };
+                let hello = start.client_hello();
+                let mut shake = Handshake {
+                    sni: hello.server_name().map(str::to_string),
+                    alpn: hello
+                        .alpn()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                        .collect(),
+                    client_cert: None,
+                    error: None,
+                };
+                match start.into_stream(config).await {
+                    Ok(tls) => {
+                        shake.client_cert = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| c.to_vec());
+                        state.handshakes.lock().unwrap().push(shake);
+                        let _ = tx.send(Ok(TlsConn(tls))).await;
+                    }
+                    Err(e) => {
+                        shake.error = Some(e.to_string());
+                        state.handshakes.lock().unwrap().push(shake);
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// A server-side TLS connection as tonic takes it.
+struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }

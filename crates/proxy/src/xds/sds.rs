@@ -10,7 +10,7 @@ use pilotfish_api::pb::envoy::config::core::v3::{
     api_config_source::ApiType, config_source::ConfigSourceSpecifier, Node,
 };
 use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::{SdsSecretConfig, Secret};
-use pilotfish_api::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use pilotfish_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use pilotfish_api::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use pilotfish_config::dynamic;
 use pilotfish_config::resources::{Resource, ResourceSet};
@@ -28,6 +28,8 @@ struct Source {
     target: Target,
     node_first_only: bool,
     initial_fetch_timeout: Duration,
+    /// Delta xDS (DELTA_GRPC) rather than state of the world.
+    delta: bool,
 }
 
 /// The secrets the configuration names with a gRPC config source, by name; an error for the
@@ -71,18 +73,23 @@ fn source(set: &ResourceSet, c: &SdsSecretConfig) -> Result<Option<Source>, Stri
             ))
         }
     };
-    if ApiType::try_from(api.api_type) != Ok(ApiType::Grpc) {
-        return Err(format!(
-            "{at}.api_config_source: api_type {} is not implemented; GRPC is",
-            api.api_type
-        ));
-    }
+    let delta = match ApiType::try_from(api.api_type) {
+        Ok(ApiType::Grpc) => false,
+        Ok(ApiType::DeltaGrpc) => true,
+        _ => {
+            return Err(format!(
+                "{at}.api_config_source: api_type {} is not implemented; GRPC and DELTA_GRPC are",
+                api.api_type
+            ))
+        }
+    };
     let (cluster, target) = grpc_target(set, api, &format!("{at}.api_config_source"))?;
     Ok(Some(Source {
         cluster,
         target,
         node_first_only: api.set_node_on_first_message_only,
         initial_fetch_timeout: super::initial_fetch_timeout(cs).unwrap_or(Duration::from_secs(15)),
+        delta,
     }))
 }
 
@@ -202,90 +209,196 @@ async fn stream_secret(
     out: mpsc::UnboundedSender<Resource<Secret>>,
 ) {
     let mut backoff = Backoff::new();
-    let mut version = String::new();
-    // What is in service: a response that leaves it as it is only moves the version ACKed
-    // (the dump keeps the version that changed it, as Envoy's does).
-    let mut current: Option<Secret> = None;
+    let mut held = Held {
+        name,
+        out,
+        version: String::new(),
+        current: None,
+    };
     loop {
         let channel = match connect(&source.target).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(target: "config", "SDS: cannot reach cluster '{}' for secret '{name}': {e}; trying again", source.cluster);
+                tracing::warn!(target: "config", "SDS: cannot reach cluster '{}' at {} for secret '{}': {e}; trying again", source.cluster, source.target, held.name);
                 backoff.wait().await;
                 continue;
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut node_sent = false;
-        let mut send = |version: &str, nonce: &str, error: Option<String>| {
-            let node = (!source.node_first_only || !node_sent).then(|| node.clone());
-            node_sent = true;
-            let _ = tx.send(DiscoveryRequest {
-                version_info: version.to_string(),
-                node,
-                resource_names: vec![name.clone()],
-                type_url: SECRET.to_string(),
-                response_nonce: nonce.to_string(),
-                error_detail: super::nack(error),
-                ..Default::default()
-            });
+        let client = SecretDiscoveryServiceClient::new(channel);
+        let why = if source.delta {
+            delta_stream(client, &source, &node, &mut held, &mut backoff).await
+        } else {
+            sotw_stream(client, &source, &node, &mut held, &mut backoff).await
         };
-        send(&version, "", None);
-        let inbound = SecretDiscoveryServiceClient::new(channel)
-            .stream_secrets(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-            .await;
-        let mut inbound = match inbound {
-            Ok(r) => r.into_inner(),
+        tracing::warn!(target: "config", "SDS: the stream for secret '{}' {why}; keeping the secret in service and reconnecting", held.name);
+        backoff.wait().await;
+    }
+}
+
+/// A secret's stream state across reconnections.
+struct Held {
+    name: String,
+    out: mpsc::UnboundedSender<Resource<Secret>>,
+    /// The version last accepted.
+    version: String,
+    /// What is in service: a response that leaves it as it is only moves the version ACKed
+    /// (the dump keeps the version that changed it, as Envoy's does).
+    current: Option<Secret>,
+}
+
+impl Held {
+    /// Takes an accepted version, and puts it in service if it changes the secret.
+    fn accept(&mut self, version: &str, secret: Secret) {
+        version.clone_into(&mut self.version);
+        tracing::info!(target: "config", "SDS: secret '{}' version {version} accepted", self.name);
+        if self.current.as_ref() == Some(&secret) {
+            return;
+        }
+        self.current = Some(secret.clone());
+        let _ = self.out.send(dynamic::resource(
+            self.name.clone(),
+            format!("secrets[{}]", self.name),
+            version,
+            secret,
+        ));
+    }
+}
+
+/// State of the world: each response carries the secret; the request names it and says the
+/// version held. Returns why the stream ended.
+async fn sotw_stream(
+    mut client: SecretDiscoveryServiceClient<tonic::transport::Channel>,
+    source: &Source,
+    node: &Node,
+    held: &mut Held,
+    backoff: &mut Backoff,
+) -> String {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut node_sent = false;
+    let name = held.name.clone();
+    let mut send = |version: &str, nonce: &str, error: Option<String>| {
+        let node = (!source.node_first_only || !node_sent).then(|| node.clone());
+        node_sent = true;
+        let _ = tx.send(DiscoveryRequest {
+            version_info: version.to_string(),
+            node,
+            resource_names: vec![name.clone()],
+            type_url: SECRET.to_string(),
+            response_nonce: nonce.to_string(),
+            error_detail: super::nack(error),
+            ..Default::default()
+        });
+    };
+    send(&held.version, "", None);
+    let mut inbound = match client
+        .stream_secrets(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(e) => return format!("was refused: {e}"),
+    };
+    loop {
+        let r = match inbound.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return "was closed by the server".into(),
+            Err(e) => return format!("failed: {e}"),
+        };
+        backoff.reset();
+        match secret_of(&name, r.resources.iter()) {
+            Ok(secret) => {
+                send(&r.version_info, &r.nonce, None);
+                held.accept(&r.version_info, secret);
+            }
             Err(e) => {
-                tracing::warn!(target: "config", "SDS: the stream for secret '{name}' was refused: {e}; trying again");
-                backoff.wait().await;
-                continue;
+                tracing::warn!(target: "config", "SDS: secret '{name}' version {} rejected: {e}", r.version_info);
+                send(&held.version, &r.nonce, Some(e));
             }
+        }
+    }
+}
+
+/// Delta xDS: the request subscribes the one name (saying, on a new stream, the version held);
+/// a response carries the secret with its own version; ACK and NACK go by nonce. A response
+/// removing the secret is taken and the secret kept, as Envoy's SDS does.
+async fn delta_stream(
+    mut client: SecretDiscoveryServiceClient<tonic::transport::Channel>,
+    source: &Source,
+    node: &Node,
+    held: &mut Held,
+    backoff: &mut Backoff,
+) -> String {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let name = held.name.clone();
+    let first = DeltaDiscoveryRequest {
+        node: Some(node.clone()),
+        type_url: SECRET.to_string(),
+        resource_names_subscribe: vec![name.clone()],
+        initial_resource_versions: (!held.version.is_empty())
+            .then(|| (name.clone(), held.version.clone()))
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    let _ = tx.send(first);
+    let reply = |nonce: String, error: Option<String>| {
+        let _ = tx.send(DeltaDiscoveryRequest {
+            node: (!source.node_first_only).then(|| node.clone()),
+            type_url: SECRET.to_string(),
+            response_nonce: nonce,
+            error_detail: super::nack(error),
+            ..Default::default()
+        });
+    };
+    let mut inbound = match client
+        .delta_secrets(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(e) => return format!("was refused: {e}"),
+    };
+    loop {
+        let r = match inbound.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return "was closed by the server".into(),
+            Err(e) => return format!("failed: {e}"),
         };
-        loop {
-            match inbound.message().await {
-                Ok(Some(r)) => {
-                    backoff.reset();
-                    match secret_of(&name, &r) {
-                        Ok(secret) => {
-                            version.clone_from(&r.version_info);
-                            tracing::info!(target: "config", "SDS: secret '{name}' version {version} accepted");
-                            send(&version, &r.nonce, None);
-                            if current.as_ref() == Some(&secret) {
-                                continue;
-                            }
-                            current = Some(secret.clone());
-                            let _ = out.send(dynamic::resource(
-                                name.clone(),
-                                format!("secrets[{name}]"),
-                                &r.version_info,
-                                secret,
-                            ));
-                        }
-                        Err(e) => {
-                            tracing::warn!(target: "config", "SDS: secret '{name}' version {} rejected: {e}", r.version_info);
-                            send(&version, &r.nonce, Some(e));
-                        }
-                    }
-                }
-                end => {
-                    let why = match end {
-                        Err(e) => format!("failed: {e}"),
-                        _ => "was closed by the server".into(),
-                    };
-                    tracing::warn!(target: "config", "SDS: the stream for secret '{name}' {why}; keeping the secret in service and reconnecting");
-                    backoff.wait().await;
-                    break;
-                }
+        backoff.reset();
+        if r.resources.is_empty() {
+            if r.removed_resources.contains(&name) {
+                tracing::debug!(target: "config", "SDS: the server removed secret '{name}'; keeping it, as Envoy does");
+            }
+            reply(r.nonce, None);
+            continue;
+        }
+        let version = r
+            .resources
+            .iter()
+            .find(|res| res.name == name)
+            .map(|res| res.version.clone())
+            .unwrap_or_default();
+        match secret_of(
+            &name,
+            r.resources.iter().filter_map(|res| res.resource.as_ref()),
+        ) {
+            Ok(secret) => {
+                reply(r.nonce, None);
+                held.accept(&version, secret);
+            }
+            Err(e) => {
+                tracing::warn!(target: "config", "SDS: secret '{name}' version {version} rejected: {e}");
+                reply(r.nonce, Some(e));
             }
         }
     }
 }
 
 /// The response's secret of that name, checked as a secret in a file is.
-fn secret_of(name: &str, r: &DiscoveryResponse) -> Result<Secret, String> {
+fn secret_of<'a>(
+    name: &str,
+    resources: impl Iterator<Item = &'a pilotfish_api::pb::google::protobuf::Any>,
+) -> Result<Secret, String> {
     let mut found = None;
-    for (i, any) in r.resources.iter().enumerate() {
+    for (i, any) in resources.enumerate() {
         let s = dynamic::decode_resource::<Secret>("sds", &format!("secret[{i}]"), any)
             .map_err(|e| e.to_string())?;
         if s.name == name {
