@@ -50,6 +50,10 @@ struct ServeArgs {
     /// of a listener an update replaced or removed have to finish.
     #[arg(long, default_value_t = 600)]
     drain_time_s: u64,
+    /// How a draining listener's connections are told to close: `gradual` (Envoy's default:
+    /// ever more of its responses over the drain time) or `immediate` (every response at once).
+    #[arg(long, default_value = "gradual", value_parser = ["gradual", "immediate"])]
+    drain_strategy: String,
     /// `serve` runs the configuration; `validate` checks it and exits (as `pilotfish validate`).
     #[arg(long, default_value = "serve", value_parser = ["serve", "validate"])]
     mode: String,
@@ -446,6 +450,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         service_node: a.service_node.clone(),
         service_cluster: a.service_cluster.clone(),
         drain_time_s: a.drain_time_s,
+        drain_immediate: a.drain_strategy == "immediate",
     };
     if let Err(e) = pilotfish_proxy::init_log(&options) {
         eprintln!("error: {e}");

@@ -18,7 +18,7 @@ use pilotfish_decide::listener::{Connection, Entry};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -34,6 +34,51 @@ pub struct Options {
     pub service_node: String,
     pub service_cluster: String,
     pub drain_time_s: u64,
+    /// `--drain-strategy immediate`: a draining listener's connections are told to close at
+    /// once; otherwise (Envoy's default, gradual) ever more of them over the drain time.
+    pub drain_immediate: bool,
+}
+
+/// A filter chain's drain as its connections see it: when it began (an update removed or
+/// replaced the chain), how long it lasts (`--drain-time-s`), and Envoy's drain strategy.
+#[derive(Clone)]
+pub struct Drain {
+    began: watch::Receiver<Option<Instant>>,
+    pub time: Duration,
+    immediate: bool,
+}
+
+impl Drain {
+    /// Waits for the drain to begin; returns when it ends (then what is left is closed).
+    pub async fn began(&mut self) -> tokio::time::Instant {
+        let began = self
+            .began
+            .wait_for(|b| b.is_some())
+            .await
+            .ok()
+            .and_then(|b| *b);
+        match began {
+            Some(b) => tokio::time::Instant::from_std(b) + self.time,
+            // Its chain is gone (and so are its connections): no drain will begin.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Whether a response now tells its connection to close (HTTP/1 `connection: close`,
+    /// HTTP/2 GOAWAY), as Envoy's drain manager decides: always once draining with the
+    /// immediate strategy; with the gradual one, with a chance that grows from 0 to 1 over the
+    /// drain time (in whole seconds, as Envoy counts it), so clients reconnect spread out
+    /// rather than all at once.
+    pub fn close_now(&self) -> bool {
+        let Some(began) = *self.began.borrow() else {
+            return false;
+        };
+        let elapsed = began.elapsed();
+        if self.immediate || elapsed >= self.time || self.time.as_secs() == 0 {
+            return true;
+        }
+        elapsed.as_secs() > crate::random(elapsed.as_nanos() as u64) % self.time.as_secs()
+    }
 }
 
 type DownstreamTlsByChain = std::collections::HashMap<String, Result<Arc<DownstreamTls>, String>>;
@@ -93,8 +138,10 @@ pub struct ActiveListener {
     /// Swapped in place when a secret it uses rotates: connections under way keep their
     /// session, new ones get the new certificate, nothing drains.
     downstream_tls: ArcSwap<DownstreamTlsByChain>,
-    /// Set when an update removes or replaces the listener: its connections drain.
-    drain: watch::Sender<bool>,
+    /// Per filter chain key: set when an update removes or replaces the listener, or (in place)
+    /// the chain: its connections drain. A chain an in-place update keeps shares its sender
+    /// with the version before, so its connections never drain.
+    chain_drains: std::collections::HashMap<String, Arc<watch::Sender<Option<Instant>>>>,
 }
 
 /// What an update changed, as the log and the tests see it.
@@ -103,6 +150,9 @@ pub struct Applied {
     pub listeners_added: Vec<String>,
     pub listeners_replaced: Vec<String>,
     pub listeners_removed: Vec<String>,
+    /// Listeners whose filter chains alone changed: updated in place, the connections of the
+    /// chains kept go on, those of the chains changed or removed drain.
+    pub listeners_updated_in_place: Vec<String>,
     /// Listeners kept whose connection managers got new route configurations.
     pub routes_changed: Vec<String>,
     pub clusters_added: Vec<String>,
@@ -121,6 +171,10 @@ impl std::fmt::Display for Applied {
                 &self.listeners_replaced,
             ),
             ("listeners removed (draining)", &self.listeners_removed),
+            (
+                "listeners updated in place (changed filter chains draining)",
+                &self.listeners_updated_in_place,
+            ),
             ("routes changed on listeners", &self.routes_changed),
             ("clusters added or changed", &self.clusters_added),
             ("clusters removed", &self.clusters_removed),
@@ -267,13 +321,20 @@ impl Server {
                     }
                     listeners.insert(key, old.clone());
                 }
+                Some(old) if filter_chains_only_change(&old.config, &l.value) => {
+                    applied.listeners_updated_in_place.push(key.clone());
+                    let made = self.make_listener(&set, &l.value, &l.name, Some(old));
+                    // A kept chain's connection manager follows the routes as they are now.
+                    self.refresh_routes(&set, &made);
+                    listeners.insert(key, Arc::new(made));
+                }
                 _ => {
                     if old.is_some() {
                         applied.listeners_replaced.push(key.clone());
                     } else if previous.is_some() {
                         applied.listeners_added.push(key.clone());
                     }
-                    let made = self.make_listener(&set, &l.value, &l.name);
+                    let made = self.make_listener(&set, &l.value, &l.name, None);
                     listeners.insert(key, Arc::new(made));
                 }
             }
@@ -318,10 +379,35 @@ impl Server {
         changed
     }
 
-    fn make_listener(&self, set: &ResourceSet, l: &Listener, name: &str) -> ActiveListener {
+    /// Makes a listener; updating `in_place_of` (its filter chains alone changed), a filter
+    /// chain equal to one of the version before is that chain: same terminal (counters,
+    /// connection manager) and same drain, so its connections go on untouched, as in Envoy's
+    /// in-place filter chain update.
+    fn make_listener(
+        &self,
+        set: &ResourceSet,
+        l: &Listener,
+        name: &str,
+        in_place_of: Option<&ActiveListener>,
+    ) -> ActiveListener {
         let mut terminals = std::collections::HashMap::new();
+        let mut chain_drains = std::collections::HashMap::new();
         for (key, fc) in chains(l) {
-            terminals.insert(key, self.make_terminal(set, l, name, fc));
+            let kept = in_place_of.and_then(|old| {
+                let (old_key, _) = chains(&old.config).find(|(_, ofc)| *ofc == fc)?;
+                Some((
+                    old.terminals.get(&old_key)?.clone(),
+                    old.chain_drains.get(&old_key)?.clone(),
+                ))
+            });
+            let (terminal, drain) = kept.unwrap_or_else(|| {
+                (
+                    self.make_terminal(set, l, name, fc),
+                    Arc::new(watch::channel(None).0),
+                )
+            });
+            terminals.insert(key.clone(), terminal);
+            chain_drains.insert(key, drain);
         }
         let downstream_tls = ArcSwap::from_pointee(downstream_tls_of(set, l, name));
         ActiveListener {
@@ -330,7 +416,7 @@ impl Server {
             config: l.clone(),
             terminals,
             downstream_tls,
-            drain: watch::channel(false).0,
+            chain_drains,
         }
     }
 
@@ -406,8 +492,21 @@ impl Server {
             self.http_pools.retire_cluster(&c.name);
         }
         for (key, l) in &old.listeners {
-            if next.listeners.get(key).is_none_or(|n| !Arc::ptr_eq(n, l)) {
-                let _ = l.drain.send(true);
+            let now = next.listeners.get(key);
+            if now.is_some_and(|n| Arc::ptr_eq(n, l)) {
+                continue;
+            }
+            // Replaced or removed: every chain drains; updated in place: the chains not kept.
+            for drain in l.chain_drains.values() {
+                let kept =
+                    now.is_some_and(|n| n.chain_drains.values().any(|d| Arc::ptr_eq(d, drain)));
+                if !kept {
+                    drain.send_if_modified(|began| {
+                        let first = began.is_none();
+                        began.get_or_insert_with(Instant::now);
+                        first
+                    });
+                }
             }
         }
         start_listeners(self);
@@ -531,6 +630,7 @@ fn downstream_tls_context(
 }
 
 /// Where a filter chain's network filters lead.
+#[derive(Clone)]
 pub enum Terminal {
     TcpProxy(Arc<tcp_proxy::TcpProxyFilter>),
     Http(Arc<crate::http::HcmSlot>),
@@ -548,6 +648,17 @@ pub fn listener_key(l: &Listener) -> String {
         .as_ref()
         .and_then(pilotfish_config::model::format_address)
         .unwrap_or_default()
+}
+
+/// Whether `new` differs from `old` in its filter chains alone (`filter_chains`,
+/// `default_filter_chain`): Envoy then updates the listener in place rather than replacing it.
+pub(crate) fn filter_chains_only_change(old: &Listener, new: &Listener) -> bool {
+    let bare = |l: &Listener| Listener {
+        filter_chains: vec![],
+        default_filter_chain: None,
+        ..l.clone()
+    };
+    bare(old) == bare(new)
 }
 
 /// A listener's filter chains with their keys (index, or `default` for the default chain).
@@ -880,10 +991,11 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
             _ => Some((Box::new(stream) as Box<dyn Io>, None)),
         }
     };
-    let drain = Some((
-        al.drain.subscribe(),
-        std::time::Duration::from_secs(server.options.drain_time_s),
-    ));
+    let drain = al.chain_drains.get(&chain_key).map(|d| Drain {
+        began: d.subscribe(),
+        time: std::time::Duration::from_secs(server.options.drain_time_s),
+        immediate: server.options.drain_immediate,
+    });
     match al.terminals.get(&chain_key) {
         Some(Terminal::TcpProxy(tcp)) => {
             let info = tcp_proxy::Downstream {
@@ -904,6 +1016,7 @@ async fn handle(server: &Arc<Server>, accepted_by: &str, stream: TcpStream, peer
                     tls: tls_info,
                     server_name: found.server_name.clone(),
                     drain,
+                    goaway: tokio::sync::Notify::new(),
                 });
                 crate::http::serve(server.clone(), hcm.clone(), io, info, conn).await;
             }

@@ -93,7 +93,7 @@ pub struct Downstream {
     /// The listener's drain (an update removed or replaced it) and how long a connection lasts
     /// once it has begun (`--drain-time-s`): then the connection is closed, as Envoy closes a
     /// drained listener's connections.
-    pub drain: Option<(tokio::sync::watch::Receiver<bool>, Duration)>,
+    pub drain: Option<crate::server::Drain>,
 }
 
 pub async fn run<S, F>(
@@ -299,9 +299,8 @@ pub async fn run<S, F>(
     );
     let drained = async {
         match info.drain.clone() {
-            Some((mut rx, time)) => {
-                let _ = rx.wait_for(|d| *d).await;
-                tokio::time::sleep(time).await;
+            Some(mut drain) => {
+                tokio::time::sleep_until(drain.began().await).await;
                 tracing::debug!(target: "connection", connection = conn, "listener drained: closing");
             }
             None => std::future::pending().await,

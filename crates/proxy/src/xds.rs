@@ -446,6 +446,8 @@ struct Fetch {
     /// None for an ACK)): Envoy pauses CDS requests while any cluster is warming, so its ACK
     /// tells the server the clusters are ready for routes that use them.
     cds_held: Option<Option<String>>,
+    /// Listeners updated in place dump the version they had; the one received, by name.
+    received_versions: std::collections::HashMap<String, String>,
     stats: stats::XdsStats,
 }
 
@@ -470,6 +472,7 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         eds_clusters: vec![],
         clusters_initialized: false,
         cds_held: None,
+        received_versions: Default::default(),
         stats: stats::XdsStats::new(Default::default()),
     };
     let mut backoff = Backoff::new();
@@ -712,7 +715,13 @@ impl Fetch {
                     [
                         versions_of(&self.dynamic.clusters),
                         versions_of(&self.dynamic.endpoints),
-                        versions_of(&self.dynamic.listeners),
+                        versions_of(&self.dynamic.listeners)
+                            .into_iter()
+                            .map(|(name, v)| {
+                                let v = self.received_versions.get(&name).cloned().unwrap_or(v);
+                                (name, v)
+                            })
+                            .collect(),
                         versions_of(&self.dynamic.route_configs),
                     ]
                 } else {
@@ -1128,6 +1137,12 @@ impl Fetch {
             .iter()
             .map(|l| l.value.clone())
             .collect();
+        let before_versions: Vec<(String, pilotfish_config::resources::Origin)> = self
+            .dynamic
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.origin.clone()))
+            .collect();
         resources(
             &mut self.dynamic.listeners,
             Keep::listed(r),
@@ -1135,6 +1150,38 @@ impl Fetch {
             "listeners",
             |l| l.name.clone(),
         );
+        let held = &self.dynamic.listeners;
+        self.received_versions.retain(|name, _| {
+            let i = before.iter().position(|b| &b.name == name);
+            let now = held.iter().find(|l| &l.name == name);
+            matches!((i, now), (Some(i), Some(now)) if before[i] == now.value)
+        });
+        if !self.drain_time.is_zero() {
+            // A listener in service whose filter chains alone changed is updated in place, and
+            // Envoy's dump goes on showing the version it had (the new listener object takes
+            // over its predecessor's version_info).
+            for l in &mut self.dynamic.listeners {
+                let Some(i) = before.iter().position(|b| b.name == l.name) else {
+                    continue;
+                };
+                if before[i] != l.value
+                    && crate::server::filter_chains_only_change(&before[i], &l.value)
+                {
+                    if let (
+                        pilotfish_config::resources::Origin::Dynamic { version_info, .. },
+                        pilotfish_config::resources::Origin::Dynamic {
+                            version_info: old, ..
+                        },
+                    ) = (&mut l.origin, &before_versions[i].1)
+                    {
+                        // The version received is still the one held, for delta's
+                        // initial_resource_versions.
+                        let received = std::mem::replace(version_info, old.clone());
+                        self.received_versions.insert(l.name.clone(), received);
+                    }
+                }
+            }
+        }
         let now = tokio::time::Instant::now();
         if !self.drain_time.is_zero() {
             for old in &before {

@@ -29,9 +29,21 @@ impl Drop for Running {
 /// picked free, but another process may take one before the proxy binds it: then it starts
 /// again on new ones.
 pub fn start(bin: &Path, is_envoy: bool, resources: &str, dir: &Path, tag: &str) -> Running {
+    start_with(bin, is_envoy, resources, dir, tag, &[])
+}
+
+/// The same with more command-line arguments (both proxies take Envoy's).
+pub fn start_with(
+    bin: &Path,
+    is_envoy: bool,
+    resources: &str,
+    dir: &Path,
+    tag: &str,
+    args: &[&str],
+) -> Running {
     let mut tries = 0;
     loop {
-        match try_start(bin, is_envoy, resources, dir, tag) {
+        match try_start(bin, is_envoy, resources, dir, tag, args) {
             Ok(r) => return r,
             Err(log) if log.contains("already in use") && tries < 3 => tries += 1,
             Err(log) => panic!("{tag} exited: {log}"),
@@ -45,6 +57,7 @@ fn try_start(
     resources: &str,
     dir: &Path,
     tag: &str,
+    args: &[&str],
 ) -> Result<Running, String> {
     let (admin, listen) = (free_port(), free_port());
     let access_log = dir.join(format!("{tag}.access.log"));
@@ -65,6 +78,7 @@ fn try_start(
         "--file-flush-interval-msec",
         "50",
     ]);
+    cmd.args(args);
     if is_envoy {
         cmd.arg("--disable-hot-restart");
     }

@@ -35,7 +35,7 @@ use pilotfish_decide::router::{Action, RouteTable};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -52,8 +52,11 @@ pub struct Downstream {
     /// What its TLS handshake established; None in plaintext.
     pub tls: Option<Arc<crate::transport_socket::TlsInfo>>,
     pub server_name: Option<String>,
-    /// The listener's drain (an update removed or replaced it), and `--drain-time-s`.
-    pub drain: Option<(tokio::sync::watch::Receiver<bool>, Duration)>,
+    /// The filter chain's drain (an update removed or replaced it).
+    pub drain: Option<crate::server::Drain>,
+    /// A response found the drain telling the connection to close: an HTTP/2 connection sends
+    /// GOAWAY.
+    pub goaway: tokio::sync::Notify,
 }
 
 /// A listener's connection manager: replaced whole when an update changes the route
@@ -589,25 +592,31 @@ pub async fn serve(
     tokio::pin!(connection);
     let listener_drained = async {
         match info.drain.clone() {
-            Some((mut rx, _)) => {
-                let _ = rx.wait_for(|d| *d).await;
-            }
+            Some(mut drain) => drain.began().await,
             None => std::future::pending().await,
         }
     };
     let result = tokio::select! {
         r = connection.as_mut() => Some(r),
-        _ = listener_drained => {
-            let time = info.drain.as_ref().map_or(Duration::ZERO, |d| d.1);
-            tracing::debug!(target: "connection", connection = conn, "listener draining: closing within {time:?}");
-            if http2_seen.load(Ordering::Relaxed) {
-                connection.as_mut().graceful_shutdown();
-            }
-            // HTTP/1: each response from now on says close, so a client that keeps sending
-            // loses no request; a connection still open at the end is closed.
-            let r = match tokio::time::timeout(time, connection.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => Ok(()),
+        ends = listener_drained => {
+            tracing::debug!(target: "connection", connection = conn, "listener draining: closing within {:?}", ends - tokio::time::Instant::now());
+            // Responses from now on tell the client to close as the drain decides (HTTP/1
+            // `connection: close`, HTTP/2 GOAWAY), so a client that keeps sending loses no
+            // request; a connection still open at the end is closed.
+            let mut goaway_sent = false;
+            let r = loop {
+                if !goaway_sent
+                    && http2_seen.load(Ordering::Relaxed)
+                    && info.drain.as_ref().is_some_and(|d| d.close_now())
+                {
+                    connection.as_mut().graceful_shutdown();
+                    goaway_sent = true;
+                }
+                tokio::select! {
+                    r = connection.as_mut() => break r,
+                    _ = info.goaway.notified(), if !goaway_sent => {}
+                    _ = tokio::time::sleep_until(ends) => break Ok(()),
+                }
             };
             return done_serving(&hcm, conn, r, header_timeout, &info);
         }
@@ -1413,7 +1422,9 @@ async fn stream(
     stats.downstream_rq_total.inc();
     let http2 = req.version() == hyper::Version::HTTP_2;
     if !http2 {
-        clock.listener_drain = info.drain.as_ref().map(|d| d.0.clone());
+        clock.listener_drain = info.drain.clone();
+    } else if info.drain.as_ref().is_some_and(|d| d.close_now()) {
+        info.goaway.notify_one();
     }
     if http2 {
         stats.downstream_rq_http2_total.inc();
@@ -1991,7 +2002,7 @@ struct Clock {
     /// The connection's last stream (max_requests_per_connection): its response says close.
     last_on_connection: bool,
     /// An HTTP/1 stream's listener drain: once it has begun, the response says close.
-    listener_drain: Option<tokio::sync::watch::Receiver<bool>>,
+    listener_drain: Option<crate::server::Drain>,
     /// A CONNECT: unless it becomes a tunnel, its connection is closed after the reply.
     connect: bool,
     _active: RqActive,
@@ -2113,7 +2124,7 @@ fn finish(
     .contains(&details_of(&entry))
         || (timeout && refused_408)
         || last_on_connection
-        || listener_drain.is_some_and(|d| *d.borrow())
+        || listener_drain.is_some_and(|d| d.close_now())
         || (connect && splice_with.is_none())
     {
         h.insert("connection", HeaderValue::from_static("close"));
