@@ -1102,6 +1102,88 @@ fn ads_filter_chain_update_in_place_keeps_other_chains_connections() {
     assert_eq!(pf, ev);
 }
 
+/// A proxy waiting for a management server that is not there (Istio's `initial_fetch_timeout:
+/// 0s` waits for ever) answers on its admin API meanwhile, as Envoy does: not ready (state
+/// PRE_INITIALIZING), not connected, its static configuration in the dump; and serves once the
+/// server comes.
+#[test]
+fn ads_admin_answers_while_waiting_for_the_management_server() {
+    let Some(envoy) = common::envoy("ads_admin_answers_while_waiting_for_the_management_server")
+    else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-waiting");
+    let run = |bin: &Path, is_envoy: bool| {
+        let tag = if is_envoy { "envoy" } else { "pilotfish" };
+        let (listen, xds_port) = (common::free_port(), common::free_port());
+        let boot = bootstrap(xds_port, ", initial_fetch_timeout: 0s").replacen(
+            "cds_config: { ads: {}, resource_api_version: V3 }",
+            "cds_config: { ads: {}, resource_api_version: V3, initial_fetch_timeout: 0s }",
+            1,
+        );
+        let proxy = side_by_side::start_initializing(bin, is_envoy, &boot, &dir, tag);
+        // Two connection attempts have failed (Envoy retries within a second).
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let ready = common::admin_request(proxy.admin, "GET", "/ready");
+        let info: serde_json::Value =
+            serde_json::from_str(&common::admin_request(proxy.admin, "GET", "/server_info").1)
+                .unwrap();
+        let connected = xds_stats(proxy.admin)
+            .into_iter()
+            .find(|(n, _)| n == "control_plane.connected_state")
+            .map(|(_, v)| v);
+        let (_, dump) = common::admin_request(proxy.admin, "GET", "/config_dump");
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        let static_clusters: Vec<String> = dump["configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["static_clusters"].as_array().cloned().unwrap_or_default())
+            .map(|c| c["cluster"]["name"].as_str().unwrap_or("").to_string())
+            .collect();
+        let waiting = (
+            ready,
+            info["state"].as_str().unwrap_or("").to_string(),
+            connected,
+            static_clusters,
+            get(listen).0,
+        );
+        let server = XdsServer::start_at(
+            snapshot("1", listen, http_upstream("backend-1")),
+            format!("127.0.0.1:{xds_port}").parse().unwrap(),
+        );
+        server.wait_for("the ACK of every type", |s: &[Seen]| {
+            s.iter().filter(|r| r.version_info == "1").count() >= 4
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while common::admin_request(proxy.admin, "GET", "/ready").1 != "LIVE\n" {
+            assert!(std::time::Instant::now() < deadline, "{tag}: not LIVE");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        (waiting, get(listen))
+    };
+    let ev = run(&envoy, true);
+    let pf = run(pilotfish_bin(), false);
+    assert_eq!(
+        ev.0,
+        (
+            (503, "PRE_INITIALIZING\n".to_string()),
+            "PRE_INITIALIZING".to_string(),
+            Some("0".to_string()),
+            vec!["xds-grpc".to_string()],
+            0
+        ),
+        "Envoy while waiting"
+    );
+    assert_eq!(pf.0, ev.0, "pilotfish while waiting");
+    assert_eq!(
+        ev.1,
+        (200, "backend-1".to_string()),
+        "Envoy once configured"
+    );
+    assert_eq!(pf.1, ev.1, "pilotfish once configured");
+}
+
 /// An HTTP/1.1 upstream answering every request with `name`, keeping its connections open.
 fn keepalive_upstream(name: &'static str) -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -27,15 +27,24 @@ const MUTATING: &[&str] = &[
     "/reset_counters",
 ];
 
-pub async fn serve(server: Arc<Server>, listener: TcpListener) {
-    let mut shutdown = server.shutdown.subscribe();
+/// Answers for the server `current` holds: the one start-up makes while it waits for the
+/// control plane (`Server::initializing`), then the one that serves.
+pub async fn serve(mut current: tokio::sync::watch::Receiver<Arc<Server>>, listener: TcpListener) {
     loop {
+        let server = current.borrow_and_update().clone();
+        let mut shutdown = server.shutdown.subscribe();
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => return,
+            changed = current.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
         };
         let Ok((stream, _)) = accepted else { continue };
-        let server = server.clone();
+        let server = current.borrow().clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let server = server.clone();
@@ -217,14 +226,9 @@ fn server_info(server: &Server) -> Value {
     let up = format!("{}s", server.started.elapsed().as_secs());
     let active = server.active();
     let node = &active.set.bootstrap.node;
-    let state = if *server.draining.borrow() {
-        "DRAINING"
-    } else {
-        "LIVE"
-    };
     json!({
         "version": format!("pilotfish/{}/envoy-v3-api", env!("CARGO_PKG_VERSION")),
-        "state": state,
+        "state": state(server),
         "uptime_current_epoch": up,
         "uptime_all_epochs": up,
         "hot_restart_version": "disabled",

@@ -32,6 +32,7 @@ use pilotfish_api::pb::envoy::config::listener::v3::filter;
 use pilotfish_config::model::effective_type_url;
 use pilotfish_config::Config;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -209,35 +210,44 @@ pub fn run(cfg: Config, options: Options) -> u8 {
 
 async fn serve(cfg: Config, options: Options) -> u8 {
     tracing::info!(target: "main", "initializing pilotfish {} (concurrency {})", env!("CARGO_PKG_VERSION"), options.concurrency);
-    // A control plane's configuration first: the proxy starts with what it sends.
-    // A dump already holds what its control plane sent: only a bootstrap asks for it.
-    let asks = cfg.kind == pilotfish_config::DocumentKind::Bootstrap;
-    let (cfg, ads) = match xds::ads(&cfg.resources).map(|a| a.filter(|_| asks)) {
-        Ok(None) => (cfg, None),
-        Ok(Some(ads)) => match xds::fetch(&cfg, &ads).await {
-            Ok((cfg, running)) => (cfg, Some(running)),
+    let stats = Arc::new(crate::stats::Store::default());
+    // The admin API answers from the start, as Envoy's does: while the configuration is awaited
+    // it reports PRE_INITIALIZING (not ready), the xDS client's stats and the bootstrap; then
+    // the proxy.
+    let initializing =
+        server::Server::initializing(cfg.resources.clone(), options.clone(), stats.clone());
+    let (current, admin_current) = tokio::sync::watch::channel(initializing.clone());
+    if let Some(admin) = cfg
+        .resources
+        .bootstrap
+        .admin
+        .as_ref()
+        .and_then(|a| a.address.as_ref())
+        .and_then(pilotfish_decide::listener::socket_addr)
+    {
+        match tokio::net::TcpListener::bind(admin).await {
+            Ok(l) => {
+                tracing::info!(target: "main", "admin address: {}", l.local_addr().unwrap_or(admin));
+                tokio::spawn(admin::serve(admin_current, l));
+            }
+            Err(e) => {
+                tracing::error!(target: "main", "cannot bind the admin address {admin}: {e}");
+                return 1;
+            }
+        }
+    }
+    let mut quit = initializing.shutdown.subscribe();
+    let (cfg, ads, sds) = tokio::select! {
+        r = configuration(cfg, stats.clone()) => match r {
+            Ok(r) => r,
             Err(e) => {
                 tracing::error!(target: "main", "{e}");
                 return 1;
             }
         },
-        Err(e) => {
-            tracing::error!(target: "main", "{e}");
-            return 1;
-        }
-    };
-    // Then the secrets its TLS contexts name through SDS (istio-agent's sds-grpc); a dump
-    // carries the secrets its proxy had.
-    let sds = if asks {
-        xds::sds::fetch(&cfg.resources).await
-    } else {
-        Ok(None)
-    };
-    let sds = match sds {
-        Ok(sds) => sds,
-        Err(e) => {
-            tracing::error!(target: "main", "{e}");
-            return 1;
+        _ = quit.wait_for(|q| *q) => {
+            tracing::info!(target: "main", "shutting down (/quitquitquit) before the configuration came");
+            return 0;
         }
     };
     for w in cfg.warnings() {
@@ -251,32 +261,15 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     }
     // Taken before anything can report ready: a SIGTERM from then on drains instead of killing.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let stats = ads.as_ref().map(xds::Running::stats).unwrap_or_default();
     let (sds_secrets, sds) = match sds {
         Some((secrets, sds)) => (secrets, Some(sds)),
         None => (vec![], None),
     };
     let server = server::Server::with_stats(cfg.resources, options, stats, sds_secrets);
+    current.send_replace(server.clone());
+    // Its copy of the configuration goes with it.
+    drop(initializing);
     let active = server.active();
-    if let Some(admin) = active
-        .set
-        .bootstrap
-        .admin
-        .as_ref()
-        .and_then(|a| a.address.as_ref())
-        .and_then(pilotfish_decide::listener::socket_addr)
-    {
-        match tokio::net::TcpListener::bind(admin).await {
-            Ok(l) => {
-                tracing::info!(target: "main", "admin address: {}", l.local_addr().unwrap_or(admin));
-                tokio::spawn(admin::serve(server.clone(), l));
-            }
-            Err(e) => {
-                tracing::error!(target: "main", "cannot bind the admin address {admin}: {e}");
-                return 1;
-            }
-        }
-    }
     // DNS clusters resolve before the listeners start.
     server.start_clusters(&active.clusters.clusters).await;
     drop(active);
@@ -318,6 +311,39 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     tracing::info!(target: "main", "exiting");
     0
 }
+
+/// What the proxy starts with: a control plane's configuration first (the ADS client keeps
+/// its stats in `stats`), then the secrets its TLS contexts name through SDS (istio-agent's
+/// sds-grpc). A config dump already holds what its control plane sent and the secrets its
+/// proxy had: only a bootstrap asks for them.
+async fn configuration(
+    cfg: Config,
+    stats: Arc<crate::stats::Store>,
+) -> Result<(Config, Option<xds::Running>, Option<SdsStart>), String> {
+    let asks = cfg.kind == pilotfish_config::DocumentKind::Bootstrap;
+    let (cfg, ads) = match xds::ads(&cfg.resources)?.filter(|_| asks) {
+        None => (cfg, None),
+        Some(ads) => {
+            let (cfg, running) = xds::fetch(&cfg, &ads, stats).await?;
+            (cfg, Some(running))
+        }
+    };
+    let sds = if asks {
+        xds::sds::fetch(&cfg.resources).await?
+    } else {
+        None
+    };
+    Ok((cfg, ads, sds))
+}
+
+type SdsStart = (
+    Vec<
+        pilotfish_config::resources::Resource<
+            pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::Secret,
+        >,
+    >,
+    xds::sds::Sds,
+);
 
 /// Stops accepting, then waits for open connections to finish, for at most `--drain-time-s`.
 async fn drain(server: &std::sync::Arc<server::Server>) {

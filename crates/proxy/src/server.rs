@@ -215,6 +215,19 @@ impl Server {
         Server::with_stats(set, options, Default::default(), vec![])
     }
 
+    /// The server the admin API answers for while start-up waits for the control plane (and
+    /// the SDS server): the bootstrap as loaded, nothing made or bound, the xDS client's
+    /// `stats`; its state PRE_INITIALIZING, as Envoy's is then.
+    pub fn initializing(set: ResourceSet, options: Options, stats: Arc<Store>) -> Arc<Server> {
+        let server = Server::with_stats(ResourceSet::default(), options, stats, vec![]);
+        server.active.store(Arc::new(Active {
+            set,
+            clusters: ClusterManager::new(&ResourceSet::default(), &Store::default()),
+            listeners: Default::default(),
+        }));
+        server
+    }
+
     /// The same with stats already kept (the xDS client's, from before the proxy started).
     pub fn with_stats(
         set: ResourceSet,

@@ -453,7 +453,11 @@ struct Fetch {
 
 /// Connects, asks for the configuration in Envoy's order and returns it once every type the
 /// configuration needs has arrived (or timed out), with the stream to keep serving.
-pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String> {
+pub async fn fetch(
+    base: &Config,
+    ads: &Ads,
+    stats: std::sync::Arc<crate::stats::Store>,
+) -> Result<(Config, Running), String> {
     let node = base.resources.bootstrap.node.clone().unwrap_or_default();
     let mut f = Fetch {
         stream: Stream {
@@ -473,7 +477,7 @@ pub async fn fetch(base: &Config, ads: &Ads) -> Result<(Config, Running), String
         clusters_initialized: false,
         cds_held: None,
         received_versions: Default::default(),
-        stats: stats::XdsStats::new(Default::default()),
+        stats: stats::XdsStats::new(stats),
     };
     let mut backoff = Backoff::new();
     // Not connected yet. The initial fetch timeouts run from the subscriptions, connected or
@@ -588,11 +592,6 @@ pub struct Running {
 }
 
 impl Running {
-    /// The stats the client has kept since it started, for the proxy to go on with.
-    pub fn stats(&self) -> std::sync::Arc<crate::stats::Store> {
-        self.fetch.stats.store.clone()
-    }
-
     /// Takes what the control plane sends from now on, puts each accepted update in service,
     /// until the stream ends.
     pub async fn serve(mut self, server: std::sync::Arc<crate::server::Server>) {

@@ -41,9 +41,33 @@ pub fn start_with(
     tag: &str,
     args: &[&str],
 ) -> Running {
+    start_until(bin, is_envoy, resources, dir, tag, args, true)
+}
+
+/// Starts `bin` and returns as soon as its admin API answers, LIVE or not (a proxy still
+/// waiting for its management server).
+pub fn start_initializing(
+    bin: &Path,
+    is_envoy: bool,
+    resources: &str,
+    dir: &Path,
+    tag: &str,
+) -> Running {
+    start_until(bin, is_envoy, resources, dir, tag, &[], false)
+}
+
+fn start_until(
+    bin: &Path,
+    is_envoy: bool,
+    resources: &str,
+    dir: &Path,
+    tag: &str,
+    args: &[&str],
+    live: bool,
+) -> Running {
     let mut tries = 0;
     loop {
-        match try_start(bin, is_envoy, resources, dir, tag, args) {
+        match try_start(bin, is_envoy, resources, dir, tag, args, live) {
             Ok(r) => return r,
             Err(log) if log.contains("already in use") && tries < 3 => tries += 1,
             Err(log) => panic!("{tag} exited: {log}"),
@@ -58,6 +82,7 @@ fn try_start(
     dir: &Path,
     tag: &str,
     args: &[&str],
+    live: bool,
 ) -> Result<Running, String> {
     let (admin, listen) = (free_port(), free_port());
     let access_log = dir.join(format!("{tag}.access.log"));
@@ -100,7 +125,7 @@ fn try_start(
         }
         // Both answer LIVE only once their listeners are up.
         if TcpStream::connect(("127.0.0.1", admin)).is_ok()
-            && admin_request(admin, "GET", "/ready").1 == "LIVE\n"
+            && (!live || admin_request(admin, "GET", "/ready").1 == "LIVE\n")
         {
             break;
         }
