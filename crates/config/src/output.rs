@@ -119,6 +119,18 @@ pub fn config_dump(set: &ResourceSet, include_eds: bool) -> ConfigDump {
             }
         }
     }
+    for c in &set.warming_clusters {
+        if let Some((version_info, last_updated)) = dynamic(&c.origin) {
+            clusters
+                .dynamic_warming_clusters
+                .push(clusters_config_dump::DynamicCluster {
+                    version_info,
+                    cluster: Some(pack(&c.value)),
+                    last_updated,
+                    ..Default::default()
+                });
+        }
+    }
     configs.push(pack(&clusters));
     let mut listeners = ListenersConfigDump::default();
     for l in &set.listeners {
@@ -142,6 +154,31 @@ pub fn config_dump(set: &ResourceSet, include_eds: bool) -> ConfigDump {
                         ..Default::default()
                     })
             }
+        }
+    }
+    // Warming listeners: beside the version in service, if there is one.
+    for l in &set.warming_listeners {
+        let Some((version_info, last_updated)) = dynamic(&l.origin) else {
+            continue;
+        };
+        let warming_state = Some(listeners_config_dump::DynamicListenerState {
+            version_info,
+            listener: Some(pack(&l.value)),
+            last_updated,
+        });
+        match listeners
+            .dynamic_listeners
+            .iter_mut()
+            .find(|d| d.name == l.name)
+        {
+            Some(d) => d.warming_state = warming_state,
+            None => listeners
+                .dynamic_listeners
+                .push(listeners_config_dump::DynamicListener {
+                    name: l.name.clone(),
+                    warming_state,
+                    ..Default::default()
+                }),
         }
     }
     // Refused updates: the listener as it was sent and why it was refused.

@@ -59,6 +59,11 @@ pub struct ResourceSet {
     /// xDS updates refused (NACKed), resource by resource, as Envoy's dump shows them
     /// (`error_state`).
     pub update_errors: Vec<UpdateError>,
+    /// Listeners and clusters delivered over xDS and still warming (waiting for their route
+    /// configurations or endpoints): not in service, shown by the dump as Envoy shows them
+    /// (`warming_state`, `dynamic_warming_clusters`).
+    pub warming_listeners: Vec<Resource<Listener>>,
+    pub warming_clusters: Vec<Resource<Cluster>>,
 }
 
 /// A resource of an xDS response that was refused, and why.

@@ -1184,6 +1184,124 @@ fn ads_admin_answers_while_waiting_for_the_management_server() {
     assert_eq!(pf.1, ev.1, "pilotfish once configured");
 }
 
+/// A listener `name` on `port` whose connection manager takes route configuration `route` from
+/// RDS.
+fn rds_listener(name: &str, port: u16, route: &str) -> Listener {
+    load(&format!(
+        r#"name: {name}
+address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: {name}
+      rds: {{ route_config_name: {route}, config_source: {{ ads: {{}}, resource_api_version: V3 }} }}
+      http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]
+"#
+    ))
+}
+
+/// Listeners in the dump: (name, version in service, version warming).
+fn dumped_listeners(admin: u16) -> Vec<(String, String, String)> {
+    let (_, body) = common::admin_request(admin, "GET", "/config_dump");
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut out = vec![];
+    for config in dump["configs"].as_array().unwrap() {
+        for l in config["dynamic_listeners"].as_array().into_iter().flatten() {
+            let version =
+                |state: &str| l[state]["version_info"].as_str().unwrap_or("-").to_string();
+            out.push((
+                l["name"].as_str().unwrap_or("").to_string(),
+                version("active_state"),
+                version("warming_state"),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A listener update naming a route configuration the server does not have warms: the version
+/// in service goes on serving, the dump shows both, and the rest of the update (a new listener
+/// whose routes are there) goes in service meanwhile; once the route configuration comes, the
+/// new version takes over — as in Envoy (`initial_fetch_timeout: 0s`, Istio's: no giving up).
+#[test]
+fn ads_listener_warms_until_its_routes_come() {
+    let Some(envoy) = common::envoy("ads_listener_warms_until_its_routes_come") else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-warming");
+    let run = |bin: &Path, is_envoy: bool| {
+        let tag = if is_envoy { "envoy" } else { "pilotfish" };
+        let (listen, listen2) = (common::free_port(), common::free_port());
+        let upstream = http_upstream("backend-1");
+        let server = XdsServer::start(snapshot("1", listen, upstream));
+        let boot = bootstrap(server.addr.port(), ", initial_fetch_timeout: 0s");
+        let proxy = side_by_side::start(bin, is_envoy, &boot, &dir, tag);
+        let mut steps = vec![];
+        let step = |steps: &mut Vec<_>, want: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !want() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            // Envoy's dump can trail its serving by a moment.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            steps.push((get(listen), get(listen2), dumped_listeners(proxy.admin)));
+        };
+        step(&mut steps, &|| get(listen).0 == 200);
+        // Version 2: listener http now names `missing`, which the server does not have; a new
+        // listener http2 names `local_route`, which it has.
+        let v2 = |version: &str, with_missing: bool| {
+            let mut snap = snapshot(version, listen, upstream)
+                .with("http", &rds_listener("http", listen, "missing"))
+                .with("http2", &rds_listener("http2", listen2, "local_route"));
+            if with_missing {
+                let route: RouteConfiguration = load(
+                    "name: missing\nvirtual_hosts: [{ name: all, domains: [\"*\"], routes: [{ match: { prefix: \"/\" }, direct_response: { status: 200, body: { inline_string: found } } }] }]\n",
+                );
+                snap = snap.with("missing", &route);
+            }
+            snap
+        };
+        server.set(v2("2", false));
+        step(&mut steps, &|| get(listen2).0 == 200);
+        server.set(v2("3", true));
+        step(&mut steps, &|| get(listen).1 == "found");
+        steps
+    };
+    let ev = run(&envoy, true);
+    let pf = run(pilotfish_bin(), false);
+    let l = |name: &str, active: &str, warming: &str| {
+        (name.to_string(), active.to_string(), warming.to_string())
+    };
+    let ok = |body: &str| (200, body.to_string());
+    assert_eq!(
+        ev,
+        vec![
+            (
+                ok("backend-1"),
+                (0, String::new()),
+                vec![l("http", "1", "-")]
+            ),
+            // Its filter chain alone changed: updated in place, the listener keeps showing
+            // the version it had, warming and then in service.
+            (
+                ok("backend-1"),
+                ok("backend-1"),
+                vec![l("http", "1", "1"), l("http2", "2", "-")]
+            ),
+            (
+                ok("found"),
+                ok("backend-1"),
+                vec![l("http", "1", "-"), l("http2", "2", "-")]
+            ),
+        ],
+        "Envoy"
+    );
+    assert_eq!(pf, ev, "pilotfish");
+}
+
 /// An HTTP/1.1 upstream answering every request with `name`, keeping its connections open.
 fn keepalive_upstream(name: &'static str) -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -549,6 +549,13 @@ pub async fn fetch(
     ))
 }
 
+/// Clusters and listeners accepted but not in service yet.
+#[derive(Default)]
+struct Warming {
+    clusters: Vec<pilotfish_config::resources::Resource<Cluster>>,
+    listeners: Vec<pilotfish_config::resources::Resource<Listener>>,
+}
+
 /// Envoy's reconnection backoff for xDS streams: a random wait below an interval that starts at
 /// 500 ms and doubles up to 30 s, back to the start once a response arrives.
 struct Backoff {
@@ -596,8 +603,8 @@ impl Running {
     /// until the stream ends.
     pub async fn serve(mut self, server: std::sync::Arc<crate::server::Server>) {
         self.fetch.drain_time = Duration::from_secs(server.options.drain_time_s);
-        // While an update waits for what it names: until when (the LDS initial_fetch_timeout,
-        // as a warming listener waits), then it is applied with what has come.
+        // While clusters or listeners warm: until when (the LDS initial_fetch_timeout, as a
+        // warming listener waits), then they go in service with what has come.
         let mut warming: Option<tokio::time::Instant> = None;
         loop {
             let Some(inbound) = &mut self.inbound else {
@@ -612,10 +619,10 @@ impl Running {
                     continue;
                 }
                 _ = sleep_until(warming) => {
-                    tracing::warn!(target: "config", "xDS: what the update names has not all come; applying it with what has");
+                    tracing::warn!(target: "config", "xDS: what warming clusters and listeners wait for has not all come; putting them in service with what has");
                     warming = None;
                     self.fetch.release_cds();
-                    self.apply(&server, "the update").await;
+                    self.apply(&server, "the warming clusters and listeners", true).await;
                     continue;
                 }
             };
@@ -626,14 +633,14 @@ impl Running {
                     self.fetch.on_response(&self.base, r);
                     // A refused update is applied too: the configuration stays as it was, and
                     // /config_dump shows what was refused.
-                    if !(self.fetch.eds.ready && self.fetch.rds.ready) {
-                        tracing::debug!(target: "config", "xDS: {what}: waiting for what it names before applying");
-                        let wait = self.ads.lds_timeout.min(Duration::from_secs(3600));
-                        warming.get_or_insert(tokio::time::Instant::now() + wait);
-                        continue;
+                    if self.apply(&server, &what, false).await {
+                        // No deadline when the timeout is 0s (Istio's): they wait for ever.
+                        if warming.is_none() {
+                            warming = tokio::time::Instant::now().checked_add(self.ads.lds_timeout);
+                        }
+                    } else {
+                        warming = None;
                     }
-                    warming = None;
-                    self.apply(&server, &what).await;
                 }
                 Ok(None) => {
                     self.fetch
@@ -651,16 +658,46 @@ impl Running {
         }
     }
 
-    async fn apply(&self, server: &std::sync::Arc<crate::server::Server>, what: &str) {
-        let config = match dynamic::assemble(&self.base, &self.fetch.dynamic) {
+    /// Puts what has been accepted in service, except (unless `warm_all`) the clusters and
+    /// listeners still warming; returns whether any is.
+    async fn apply(
+        &self,
+        server: &std::sync::Arc<crate::server::Server>,
+        what: &str,
+        warm_all: bool,
+    ) -> bool {
+        let (view, warming) = if warm_all {
+            (self.fetch.dynamic.clone(), Warming::default())
+        } else {
+            self.fetch.in_service(&server.active().set)
+        };
+        let mut config = match dynamic::assemble(&self.base, &view) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(target: "config", "xDS: {what}: not applied: {e}");
-                return;
+                return false;
             }
         };
+        let waiting = !(warming.listeners.is_empty() && warming.clusters.is_empty());
+        if waiting {
+            let names: Vec<String> = warming
+                .clusters
+                .iter()
+                .map(|c| format!("cluster '{}'", c.name))
+                .chain(
+                    warming
+                        .listeners
+                        .iter()
+                        .map(|l| format!("listener '{}'", l.name)),
+                )
+                .collect();
+            tracing::debug!(target: "config", "xDS: warming (waiting for their endpoints or route configurations): {}", names.join(", "));
+        }
+        config.resources.warming_listeners = warming.listeners;
+        config.resources.warming_clusters = warming.clusters;
         let applied = server.apply(config.resources).await;
         tracing::info!(target: "config", "xDS: {what} in service: {applied}");
+        waiting
     }
 }
 
@@ -931,6 +968,48 @@ impl Fetch {
             return;
         }
         self.reply(type_url, error);
+    }
+
+    /// What goes in service now, with `active` the configuration in service: every accepted
+    /// resource, except a new or changed EDS cluster whose endpoints have not come and a new or
+    /// changed listener whose route configurations have not: those warm, as in Envoy, while
+    /// the version in service (if any) goes on serving.
+    fn in_service(&self, active: &ResourceSet) -> (DynamicResources, Warming) {
+        let d = &self.dynamic;
+        let mut view = DynamicResources {
+            listeners: vec![],
+            clusters: vec![],
+            ..d.clone()
+        };
+        let mut warming = Warming::default();
+        for c in &d.clusters {
+            let now = active.cluster(&c.name).filter(|a| !a.origin.is_static());
+            let waits = self.eds_clusters.iter().any(|(name, service)| {
+                name == &c.name && !d.endpoints.iter().any(|e| &e.name == service)
+            });
+            if waits && now.is_none_or(|a| a.value != c.value) {
+                warming.clusters.push(c.clone());
+                view.clusters.extend(now.cloned());
+            } else {
+                view.clusters.push(c.clone());
+            }
+        }
+        for l in &d.listeners {
+            let now = active
+                .listeners
+                .iter()
+                .find(|a| a.name == l.name && !a.origin.is_static());
+            let waits = route_config_names(&l.value)
+                .iter()
+                .any(|(_, name)| !d.route_configs.iter().any(|r| &r.name == name));
+            if waits && now.is_none_or(|a| a.value != l.value) {
+                warming.listeners.push(l.clone());
+                view.listeners.extend(now.cloned());
+            } else {
+                view.listeners.push(l.clone());
+            }
+        }
+        (view, warming)
     }
 
     /// The warming clusters are ready (or gave up waiting): the held CDS reply goes.
