@@ -1302,6 +1302,107 @@ fn ads_listener_warms_until_its_routes_come() {
     assert_eq!(pf, ev, "pilotfish");
 }
 
+/// A listener update adding an mTLS listener whose certificate and trust bundle come from an
+/// SDS server that does not have them yet: the listener warms (not bound, shown warming in the
+/// dump) until they come, then serves — as in Envoy.
+#[test]
+fn ads_listener_warms_until_its_secrets_come() {
+    let Some(envoy) = common::envoy("ads_listener_warms_until_its_secrets_come") else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-secret-warming");
+    let pki = common::tls::Pki::new("test root");
+    let leaf = pki.leaf(
+        &["server.example"],
+        "spiffe://cluster.local/ns/default/sa/a",
+    );
+    let client = pki.leaf(
+        &["client.example"],
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    let run = |bin: &Path, is_envoy: bool| {
+        let tag = if is_envoy { "envoy" } else { "pilotfish" };
+        let (listen, listen2) = (common::free_port(), common::free_port());
+        let socket = dir.join(format!("{tag}.sds.sock"));
+        let sds = XdsServer::start_sds_unix(Snapshot::new("0"), &socket);
+        let server = XdsServer::start(snapshot("1", listen, http_upstream("backend-1")));
+        // The SDS cluster of sds_bootstrap beside ADS.
+        let sds_cluster = sds_bootstrap(&socket);
+        let sds_cluster = &sds_cluster[sds_cluster.find("  - name: sds-grpc").unwrap()
+            ..sds_cluster.find("  listeners:").unwrap()];
+        let boot = bootstrap(server.addr.port(), ", initial_fetch_timeout: 0s").replacen(
+            "  clusters:\n",
+            &format!("  clusters:\n{sds_cluster}"),
+            1,
+        );
+        let proxy = side_by_side::start(bin, is_envoy, &boot, &dir, tag);
+        // The mTLS listener of sds_bootstrap, over ADS.
+        let mtls = sds_bootstrap(&socket);
+        let mtls = &mtls[mtls.find("  - name: mtls").unwrap()..];
+        let mtls: String = mtls
+            .lines()
+            .map(|l| l.strip_prefix("  ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("- name: mtls", "name: mtls")
+            .replace("{L}", &listen2.to_string());
+        let mtls: Listener = load(&mtls.replace("\n  ", "\n"));
+        server.set(snapshot("2", listen, http_upstream("backend-1")).with("mtls", &mtls));
+        server.wait_for("the listener's ACK", |s: &[Seen]| {
+            s.iter()
+                .any(|r| r.type_url == xds_server::LISTENER && r.version_info == "2")
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let before = (
+            mtls_connect(listen2, &pki.ca_pem, &client).is_ok(),
+            dumped_listeners(proxy.admin),
+            get(listen).0,
+        );
+        sds.set(sds_snapshot("1", &leaf, &pki.ca_pem));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut served = None;
+        while served.is_none() && std::time::Instant::now() < deadline {
+            served = mtls_connect(listen2, &pki.ca_pem, &client)
+                .ok()
+                .and_then(|(_, mut s)| mtls_get(&mut s).ok());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Per secret, in order (the two streams interleave by scheduling).
+        let mut conversation: Vec<String> = vec![];
+        for secret in ["ROOTCA", "default"] {
+            for r in sds.seen().iter().filter(|r| r.resource_names == [secret]) {
+                let nonce = format!("nonce='{}'", r.response_nonce);
+                let answered = if r.response_nonce.is_empty() {
+                    ""
+                } else {
+                    "answer"
+                };
+                conversation.push(r.summary().replace(&nonce, answered));
+            }
+        }
+        (before, served, dumped_listeners(proxy.admin), conversation)
+    };
+    let ev = run(&envoy, true);
+    let pf = run(pilotfish_bin(), false);
+    let l = |name: &str, active: &str, warming: &str| {
+        (name.to_string(), active.to_string(), warming.to_string())
+    };
+    assert_eq!(
+        (&ev.0, &ev.1, &ev.2),
+        (
+            &(false, vec![l("http", "1", "-"), l("mtls", "-", "2")], 200),
+            &Some((200, "ok".to_string())),
+            &vec![l("http", "1", "-"), l("mtls", "2", "-")]
+        ),
+        "Envoy"
+    );
+    assert_eq!(
+        pf, ev,
+        "pilotfish (the SDS server saw the same requests and ACKs)"
+    );
+}
+
 /// An HTTP/1.1 upstream answering every request with `name`, keeping its connections open.
 fn keepalive_upstream(name: &'static str) -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

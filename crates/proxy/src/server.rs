@@ -116,6 +116,9 @@ pub struct Server {
     /// Counts the updates put in service, for those that follow the configuration (SDS
     /// subscribes to the secrets it names).
     pub applied: watch::Sender<u64>,
+    /// Counts the SDS secrets put in service: listeners and clusters warming for a secret
+    /// go on when it comes.
+    pub secrets_arrived: watch::Sender<u64>,
 }
 
 /// One version of the configuration as the proxy runs it: the resources, the clusters and
@@ -264,6 +267,7 @@ impl Server {
             sds_secrets: Default::default(),
             applying: Default::default(),
             applied: watch::channel(0).0,
+            secrets_arrived: watch::channel(0).0,
         };
         *server.sds_secrets.lock().unwrap() = sds_secrets;
         let mut set = set;
@@ -538,7 +542,9 @@ impl Server {
             sds.push(secret);
         }
         let set = self.active().set.clone();
-        self.apply(set).await
+        let applied = self.apply(set).await;
+        self.secrets_arrived.send_modify(|n| *n += 1);
+        applied
     }
 
     /// The secrets SDS delivered, over those the configuration carries under the same name.

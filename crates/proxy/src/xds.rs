@@ -549,6 +549,18 @@ pub async fn fetch(
     ))
 }
 
+/// Whether a transport socket names an SDS secret (one with a config source) that has not come.
+fn lacks_secret<'a>(
+    active: &ResourceSet,
+    mut sockets: impl Iterator<Item = &'a pilotfish_api::pb::envoy::config::core::v3::TransportSocket>,
+) -> bool {
+    sockets.any(|ts| {
+        pilotfish_config::model::sds_secret_configs(ts)
+            .iter()
+            .any(|c| c.sds_config.is_some() && active.secret(&c.name).is_none())
+    })
+}
+
 /// Clusters and listeners accepted but not in service yet.
 #[derive(Default)]
 struct Warming {
@@ -606,6 +618,8 @@ impl Running {
         // While clusters or listeners warm: until when (the LDS initial_fetch_timeout, as a
         // warming listener waits), then they go in service with what has come.
         let mut warming: Option<tokio::time::Instant> = None;
+        let mut waiting = false;
+        let mut secrets = server.secrets_arrived.subscribe();
         loop {
             let Some(inbound) = &mut self.inbound else {
                 self.inbound = Some(self.fetch.open(&self.ads, &mut self.backoff).await);
@@ -620,9 +634,17 @@ impl Running {
                 }
                 _ = sleep_until(warming) => {
                     tracing::warn!(target: "config", "xDS: what warming clusters and listeners wait for has not all come; putting them in service with what has");
-                    warming = None;
+                    (warming, waiting) = (None, false);
                     self.fetch.release_cds();
                     self.apply(&server, "the warming clusters and listeners", true).await;
+                    continue;
+                }
+                // A secret came: what waited for it may go in service.
+                _ = secrets.changed(), if waiting => {
+                    waiting = self.apply(&server, "a secret", false).await;
+                    if !waiting {
+                        warming = None;
+                    }
                     continue;
                 }
             };
@@ -633,7 +655,8 @@ impl Running {
                     self.fetch.on_response(&self.base, r);
                     // A refused update is applied too: the configuration stays as it was, and
                     // /config_dump shows what was refused.
-                    if self.apply(&server, &what, false).await {
+                    waiting = self.apply(&server, &what, false).await;
+                    if waiting {
                         // No deadline when the timeout is 0s (Istio's): they wait for ever.
                         if warming.is_none() {
                             warming = tokio::time::Instant::now().checked_add(self.ads.lds_timeout);
@@ -986,7 +1009,10 @@ impl Fetch {
             let now = active.cluster(&c.name).filter(|a| !a.origin.is_static());
             let waits = self.eds_clusters.iter().any(|(name, service)| {
                 name == &c.name && !d.endpoints.iter().any(|e| &e.name == service)
-            });
+            }) || lacks_secret(
+                active,
+                pilotfish_config::model::cluster_transport_sockets(&c.value),
+            );
             if waits && now.is_none_or(|a| a.value != c.value) {
                 warming.clusters.push(c.clone());
                 view.clusters.extend(now.cloned());
@@ -1001,7 +1027,11 @@ impl Fetch {
                 .find(|a| a.name == l.name && !a.origin.is_static());
             let waits = route_config_names(&l.value)
                 .iter()
-                .any(|(_, name)| !d.route_configs.iter().any(|r| &r.name == name));
+                .any(|(_, name)| !d.route_configs.iter().any(|r| &r.name == name))
+                || lacks_secret(
+                    active,
+                    pilotfish_config::model::listener_transport_sockets(&l.value),
+                );
             if waits && now.is_none_or(|a| a.value != l.value) {
                 warming.listeners.push(l.clone());
                 view.listeners.extend(now.cloned());

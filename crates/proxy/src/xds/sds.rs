@@ -35,13 +35,16 @@ struct Source {
 /// The secrets the configuration names with a gRPC config source, by name; an error for the
 /// SDS shapes pilotfish does not speak yet.
 fn wanted(set: &ResourceSet) -> Result<BTreeMap<String, Source>, String> {
+    // Those of listeners and clusters warming too: they wait for them.
     let sockets = set
         .listeners
         .iter()
+        .chain(&set.warming_listeners)
         .flat_map(|l| pilotfish_config::model::listener_transport_sockets(&l.value))
         .chain(
             set.clusters
                 .iter()
+                .chain(&set.warming_clusters)
                 .flat_map(|c| pilotfish_config::model::cluster_transport_sockets(&c.value)),
         );
     let mut out = BTreeMap::new();
@@ -110,10 +113,11 @@ impl Drop for Sds {
 }
 
 /// Subscribes to every secret `set` names through SDS and waits for them (each at most its
-/// `initial_fetch_timeout`); `None` when it names none.
+/// `initial_fetch_timeout`); `None` when it names none and no control plane can name one
+/// later.
 pub async fn fetch(set: &ResourceSet) -> Result<Option<(Vec<Resource<Secret>>, Sds)>, String> {
     let wanted = wanted(set)?;
-    if wanted.is_empty() {
+    if wanted.is_empty() && set.bootstrap.dynamic_resources.is_none() {
         return Ok(None);
     }
     let (tx, updates) = mpsc::unbounded_channel();
@@ -305,9 +309,15 @@ async fn sotw_stream(
         };
         backoff.reset();
         match secret_of(&name, r.resources.iter()) {
-            Ok(secret) => {
+            Ok(Some(secret)) => {
                 send(&r.version_info, &r.nonce, None);
                 held.accept(&r.version_info, secret);
+            }
+            // Without it (the server does not have it yet): ACKed, and still awaited, as in
+            // Envoy.
+            Ok(None) => {
+                r.version_info.clone_into(&mut held.version);
+                send(&r.version_info, &r.nonce, None);
             }
             Err(e) => {
                 tracing::warn!(target: "config", "SDS: secret '{name}' version {} rejected: {e}", r.version_info);
@@ -380,10 +390,11 @@ async fn delta_stream(
             &name,
             r.resources.iter().filter_map(|res| res.resource.as_ref()),
         ) {
-            Ok(secret) => {
+            Ok(Some(secret)) => {
                 reply(r.nonce, None);
                 held.accept(&version, secret);
             }
+            Ok(None) => reply(r.nonce, None),
             Err(e) => {
                 tracing::warn!(target: "config", "SDS: secret '{name}' version {version} rejected: {e}");
                 reply(r.nonce, Some(e));
@@ -392,11 +403,12 @@ async fn delta_stream(
     }
 }
 
-/// The response's secret of that name, checked as a secret in a file is.
+/// The response's secret of that name (None when it does not carry it), checked as a secret in
+/// a file is.
 fn secret_of<'a>(
     name: &str,
     resources: impl Iterator<Item = &'a pilotfish_api::pb::google::protobuf::Any>,
-) -> Result<Secret, String> {
+) -> Result<Option<Secret>, String> {
     let mut found = None;
     for (i, any) in resources.enumerate() {
         let s = dynamic::decode_resource::<Secret>("sds", &format!("secret[{i}]"), any)
@@ -405,7 +417,7 @@ fn secret_of<'a>(
             found = Some(s);
         }
     }
-    let s = found.ok_or_else(|| format!("the response has no secret '{name}'"))?;
+    let Some(s) = found else { return Ok(None) };
     crate::transport_socket::check_secret(&s)?;
-    Ok(s)
+    Ok(Some(s))
 }
