@@ -455,7 +455,7 @@ struct StepSeen {
 fn xds_stats(admin: u16) -> Vec<(String, String)> {
     let (_, body) = common::admin_request(admin, "GET", "/stats");
     let re = regex::Regex::new(
-        r"^(control_plane\.|cluster_manager\.cds\.|listener_manager\.lds\.|http\.[^.]+\.rds\.|cluster\.[^.]+\.(update_|init_fetch|version))",
+        r"^(control_plane\.|cluster_manager\.cds\.|listener_manager\.lds\.|http\.[^.]+\.rds\.|cluster\.[^.]+\.(update_|init_fetch|version)|sds\.)",
     )
     .unwrap();
     let stats: std::collections::BTreeMap<&str, &str> = body
@@ -1381,7 +1381,17 @@ fn ads_listener_warms_until_its_secrets_come() {
                 conversation.push(r.summary().replace(&nonce, answered));
             }
         }
-        (before, served, dumped_listeners(proxy.admin), conversation)
+        let sds_stats: Vec<(String, String)> = xds_stats(proxy.admin)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("sds."))
+            .collect();
+        (
+            before,
+            served,
+            dumped_listeners(proxy.admin),
+            conversation,
+            sds_stats,
+        )
     };
     let ev = run(&envoy, true);
     let pf = run(pilotfish_bin(), false);
@@ -1767,6 +1777,8 @@ struct Rotation {
     conversation: Vec<String>,
     /// Secrets in /config_dump: (name, version).
     dumped: Vec<(String, String)>,
+    /// The SDS stats (`sds.<name>.*`).
+    stats: Vec<(String, String)>,
 }
 
 fn rotate(bin: &Path, is_envoy: bool, dir: &Path, delta: bool) -> Rotation {
@@ -1882,6 +1894,10 @@ fn rotate(bin: &Path, is_envoy: bool, dir: &Path, delta: bool) -> Rotation {
         steps,
         conversation,
         dumped,
+        stats: xds_stats(proxy.admin)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("sds."))
+            .collect(),
     }
 }
 
@@ -1926,4 +1942,6 @@ fn certificates_rotate_as_envoy_rotates_them(envoy: &Path, dir: &Path, delta: bo
     assert_eq!(pf.steps, ev.steps, "pilotfish: {pf:#?}");
     assert_eq!(pf.conversation, ev.conversation, "the SDS conversation");
     assert_eq!(pf.dumped, ev.dumped, "the secrets in /config_dump");
+    assert!(!ev.stats.is_empty(), "Envoy keeps SDS stats");
+    assert_eq!(pf.stats, ev.stats, "the SDS stats");
 }

@@ -324,12 +324,12 @@ async fn configuration(
     let (cfg, ads) = match xds::ads(&cfg.resources)?.filter(|_| asks) {
         None => (cfg, None),
         Some(ads) => {
-            let (cfg, running) = xds::fetch(&cfg, &ads, stats).await?;
+            let (cfg, running) = xds::fetch(&cfg, &ads, stats.clone()).await?;
             (cfg, Some(running))
         }
     };
     let sds = if asks {
-        xds::sds::fetch(&cfg.resources).await?
+        xds::sds::fetch(&cfg.resources, stats).await?
     } else {
         None
     };

@@ -100,6 +100,9 @@ fn source(set: &ResourceSet, c: &SdsSecretConfig) -> Result<Option<Source>, Stri
 pub struct Sds {
     node: Node,
     streams: BTreeMap<String, tokio::task::AbortHandle>,
+    /// Each secret's stats (`sds.<name>.*`), by name.
+    stats: BTreeMap<String, Arc<super::stats::Subscription>>,
+    store: Arc<crate::stats::Store>,
     updates: mpsc::UnboundedReceiver<Resource<Secret>>,
     tx: mpsc::UnboundedSender<Resource<Secret>>,
 }
@@ -115,7 +118,10 @@ impl Drop for Sds {
 /// Subscribes to every secret `set` names through SDS and waits for them (each at most its
 /// `initial_fetch_timeout`); `None` when it names none and no control plane can name one
 /// later.
-pub async fn fetch(set: &ResourceSet) -> Result<Option<(Vec<Resource<Secret>>, Sds)>, String> {
+pub async fn fetch(
+    set: &ResourceSet,
+    store: Arc<crate::stats::Store>,
+) -> Result<Option<(Vec<Resource<Secret>>, Sds)>, String> {
     let wanted = wanted(set)?;
     if wanted.is_empty() && set.bootstrap.dynamic_resources.is_none() {
         return Ok(None);
@@ -124,6 +130,8 @@ pub async fn fetch(set: &ResourceSet) -> Result<Option<(Vec<Resource<Secret>>, S
     let mut sds = Sds {
         node: set.bootstrap.node.clone().unwrap_or_default(),
         streams: BTreeMap::new(),
+        stats: BTreeMap::new(),
+        store,
         updates,
         tx,
     };
@@ -154,6 +162,11 @@ pub async fn fetch(set: &ResourceSet) -> Result<Option<(Vec<Resource<Secret>>, S
             Some(None) => break,
             None => {
                 tracing::warn!(target: "config", "SDS: initial fetch timed out after {wait:?}; going on without {}", missing.join(", "));
+                for name in &missing {
+                    if let Some(s) = sds.stats.get(name) {
+                        s.timed_out();
+                    }
+                }
                 break;
             }
         }
@@ -163,11 +176,14 @@ pub async fn fetch(set: &ResourceSet) -> Result<Option<(Vec<Resource<Secret>>, S
 
 impl Sds {
     fn subscribe(&mut self, name: String, source: Source) {
+        let stats = Arc::new(super::stats::Subscription::sds(&self.store, &name));
+        self.stats.insert(name.clone(), stats.clone());
         let task = tokio::spawn(stream_secret(
             name.clone(),
             source,
             self.node.clone(),
             self.tx.clone(),
+            (self.store.clone(), stats),
         ));
         self.streams.insert(name, task.abort_handle());
     }
@@ -211,6 +227,7 @@ async fn stream_secret(
     source: Source,
     node: Node,
     out: mpsc::UnboundedSender<Resource<Secret>>,
+    stats: (Arc<crate::stats::Store>, Arc<super::stats::Subscription>),
 ) {
     let mut backoff = Backoff::new();
     let mut held = Held {
@@ -218,23 +235,27 @@ async fn stream_secret(
         out,
         version: String::new(),
         current: None,
+        stats,
     };
     loop {
         let channel = match connect(&source.target).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(target: "config", "SDS: cannot reach cluster '{}' at {} for secret '{}': {e}; trying again", source.cluster, source.target, held.name);
+                held.stats.1.failed();
                 backoff.wait().await;
                 continue;
             }
         };
         let client = SecretDiscoveryServiceClient::new(channel);
+        held.stats.1.connected();
         let why = if source.delta {
             delta_stream(client, &source, &node, &mut held, &mut backoff).await
         } else {
             sotw_stream(client, &source, &node, &mut held, &mut backoff).await
         };
         tracing::warn!(target: "config", "SDS: the stream for secret '{}' {why}; keeping the secret in service and reconnecting", held.name);
+        held.stats.1.failed();
         backoff.wait().await;
     }
 }
@@ -248,6 +269,7 @@ struct Held {
     /// What is in service: a response that leaves it as it is only moves the version ACKed
     /// (the dump keeps the version that changed it, as Envoy's does).
     current: Option<Secret>,
+    stats: (Arc<crate::stats::Store>, Arc<super::stats::Subscription>),
 }
 
 impl Held {
@@ -255,7 +277,9 @@ impl Held {
     fn accept(&mut self, version: &str, secret: Secret) {
         version.clone_into(&mut self.version);
         tracing::info!(target: "config", "SDS: secret '{}' version {version} accepted", self.name);
-        if self.current.as_ref() == Some(&secret) {
+        let changed = self.current.as_ref() != Some(&secret);
+        self.stats.1.accepted(&self.stats.0, version, changed);
+        if !changed {
             return;
         }
         self.current = Some(secret.clone());
@@ -317,10 +341,12 @@ async fn sotw_stream(
             // Envoy.
             Ok(None) => {
                 r.version_info.clone_into(&mut held.version);
+                // Not an update of the secret: Envoy's stats do not count it.
                 send(&r.version_info, &r.nonce, None);
             }
             Err(e) => {
                 tracing::warn!(target: "config", "SDS: secret '{name}' version {} rejected: {e}", r.version_info);
+                held.stats.1.rejected(false);
                 send(&held.version, &r.nonce, Some(e));
             }
         }
@@ -397,6 +423,7 @@ async fn delta_stream(
             Ok(None) => reply(r.nonce, None),
             Err(e) => {
                 tracing::warn!(target: "config", "SDS: secret '{name}' version {version} rejected: {e}");
+                held.stats.1.rejected(true);
                 reply(r.nonce, Some(e));
             }
         }

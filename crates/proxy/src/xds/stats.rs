@@ -1,7 +1,8 @@
 //! The xDS client's stats, under Envoy's names: the stream (`control_plane.*`) and each
 //! subscription's updates — CDS (`cluster_manager.cds.*`), LDS (`listener_manager.lds.*`), each
-//! route configuration (`http.<stat_prefix>.rds.<name>.*`) and each EDS cluster
-//! (`cluster.<name>.*`) — counted as Envoy counts them: a subscription's start and every update,
+//! route configuration (`http.<stat_prefix>.rds.<name>.*`), each EDS cluster
+//! (`cluster.<name>.*`) and each SDS secret (`sds.<name>.*`, with its own stream's
+//! `control_plane.*`) — counted as Envoy counts them: a subscription's start and every update,
 //! rejection or stream failure is an attempt; EDS and RDS subscriptions count only the responses
 //! that carry their resource; a subscription that ends takes its stats with it.
 
@@ -16,6 +17,7 @@ pub enum Kind {
     Lds,
     Rds,
     Eds,
+    Sds,
 }
 
 pub struct Subscription {
@@ -31,9 +33,16 @@ pub struct Subscription {
     config_reload: Option<(Arc<Stat>, Arc<Stat>)>,
     /// EDS: updates that left the cluster's hosts as they were.
     no_rebuild: Option<Arc<Stat>>,
+    /// SDS: the secret's own stream (`sds.<name>.control_plane.connected_state`).
+    connected_state: Option<Arc<Stat>>,
 }
 
 impl Subscription {
+    /// An SDS secret's (`sds.<name>.*`), started.
+    pub fn sds(store: &Store, name: &str) -> Subscription {
+        Subscription::start(store, format!("sds.{name}."), Kind::Sds)
+    }
+
     /// Its stats, and the start counted as the first attempt.
     fn start(store: &Store, prefix: String, kind: Kind) -> Subscription {
         let c = |n: &str| store.counter(&format!("{prefix}{n}"));
@@ -41,6 +50,14 @@ impl Subscription {
         if matches!(kind, Kind::Rds | Kind::Eds) {
             // Never counted: a response that carries the resource is never empty.
             c("update_empty");
+        }
+        if kind == Kind::Sds {
+            // Envoy counts a certificate file that cannot be watched: SDS over gRPC never.
+            c("key_rotation_failed");
+            // Each secret has a stream of its own, with the stream stats ADS has.
+            c("control_plane.rate_limit_enforced");
+            g("control_plane.pending_requests");
+            store.set_text(&format!("{prefix}control_plane.identifier"), "");
         }
         let s = Subscription {
             attempt: c("update_attempt"),
@@ -53,6 +70,7 @@ impl Subscription {
             config_reload: matches!(kind, Kind::Cds | Kind::Rds)
                 .then(|| (c("config_reload"), g("config_reload_time_ms"))),
             no_rebuild: (kind == Kind::Eds).then(|| c("update_no_rebuild")),
+            connected_state: (kind == Kind::Sds).then(|| g("control_plane.connected_state")),
             prefix,
         };
         store.set_text(&format!("{}version_text", s.prefix), "");
@@ -90,9 +108,19 @@ impl Subscription {
         self.rejected.inc();
     }
 
-    fn failed(&self) {
+    /// Its own stream (SDS) is up.
+    pub fn connected(&self) {
+        if let Some(c) = &self.connected_state {
+            c.set(1);
+        }
+    }
+
+    pub fn failed(&self) {
         self.attempt.inc();
         self.failure.inc();
+        if let Some(c) = &self.connected_state {
+            c.set(0);
+        }
     }
 
     pub fn timed_out(&self) {
