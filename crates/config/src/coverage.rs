@@ -39,7 +39,16 @@ const FIELDS: &[(&str, &[&str])] = &[
         ],
     ),
     ("envoy.config.core.v3.GrpcService", &["envoy_grpc"]),
-    ("envoy.config.core.v3.GrpcService.EnvoyGrpc", &["cluster_name"]),
+    (
+        "envoy.config.core.v3.GrpcService.EnvoyGrpc",
+        &["cluster_name", "authority", "retry_policy"],
+    ),
+    // EnvoyGrpc's: the reconnection backoff of an xDS stream.
+    ("envoy.config.core.v3.RetryPolicy", &["retry_back_off"]),
+    (
+        "envoy.config.core.v3.BackoffStrategy",
+        &["base_interval", "max_interval"],
+    ),
     ("envoy.config.bootstrap.v3.Admin", &["address"]),
     // The tracer connection managers without their own use.
     ("envoy.config.trace.v3.Tracing", &["http"]),

@@ -68,6 +68,8 @@ pub struct Target {
     pub address: TargetAddress,
     tls: Option<Arc<crate::transport_socket::UpstreamTls>>,
     connect_timeout: Duration,
+    /// Reconnection backoff: base and maximum interval.
+    retry_back_off: (Duration, Duration),
     /// The `:authority` of the gRPC requests: the cluster's name unless `envoy_grpc.authority`
     /// says otherwise, as Envoy sends it.
     authority: String,
@@ -171,12 +173,28 @@ fn grpc_target(
     api: &ApiConfigSource,
     at: &str,
 ) -> Result<(String, Target), String> {
-    let (cluster, authority) = match api
+    let (cluster, authority, retry_back_off) = match api
         .grpc_services
         .first()
         .and_then(|g| g.target_specifier.as_ref())
     {
-        Some(TargetSpecifier::EnvoyGrpc(e)) => (e.cluster_name.clone(), e.authority.clone()),
+        Some(TargetSpecifier::EnvoyGrpc(e)) => {
+            let back_off = e
+                .retry_policy
+                .as_ref()
+                .and_then(|r| r.retry_back_off.as_ref());
+            let base = back_off
+                .and_then(|b| b.base_interval.as_ref())
+                .map(|d| crate::duration(Some(d), Duration::ZERO));
+            let max = back_off
+                .and_then(|b| b.max_interval.as_ref())
+                .map(|d| crate::duration(Some(d), Duration::ZERO));
+            let retry_back_off = match (base, max) {
+                (Some(base), max) => (base, max.unwrap_or(base * 10)),
+                (None, _) => (Duration::from_millis(500), Duration::from_secs(30)),
+            };
+            (e.cluster_name.clone(), e.authority.clone(), retry_back_off)
+        }
         Some(TargetSpecifier::GoogleGrpc(_)) => {
             return Err(format!(
                 "{at}.grpc_services[0]: google_grpc is not implemented; envoy_grpc is"
@@ -239,16 +257,12 @@ fn grpc_target(
         }
         _ => return Err(format!("cluster '{cluster}': unsupported address kind")),
     };
-    let connect_timeout = c
-        .value
-        .connect_timeout
-        .as_ref()
-        .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
-        .unwrap_or(Duration::from_secs(5));
+    let connect_timeout = crate::duration(c.value.connect_timeout.as_ref(), Duration::from_secs(5));
     let target = Target {
         address,
         tls,
         connect_timeout,
+        retry_back_off,
         authority: if authority.is_empty() {
             cluster.clone()
         } else {
@@ -479,7 +493,7 @@ pub async fn fetch(
         received_versions: Default::default(),
         stats: stats::XdsStats::new(stats),
     };
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(&ads.target);
     // Not connected yet. The initial fetch timeouts run from the subscriptions, connected or
     // not: a proxy that cannot reach its management server starts without it, as Envoy does,
     // and keeps trying.
@@ -569,33 +583,40 @@ struct Warming {
 }
 
 /// Envoy's reconnection backoff for xDS streams: a random wait below an interval that starts at
-/// 500 ms and doubles up to 30 s, back to the start once a response arrives.
+/// the base (500 ms unless `envoy_grpc.retry_policy.retry_back_off` says) and doubles up to the
+/// maximum (30 s; ten times a configured base), back to the start once a response arrives.
 struct Backoff {
     interval: Duration,
     attempt: u64,
+    base: Duration,
+    max: Duration,
 }
 
 impl Backoff {
-    const BASE: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn new() -> Backoff {
+    fn new(target: &Target) -> Backoff {
+        let (base, max) = target.retry_back_off;
         Backoff {
-            interval: Backoff::BASE,
+            interval: base,
             attempt: 0,
+            base,
+            max,
         }
     }
 
     fn reset(&mut self) {
-        self.interval = Backoff::BASE;
+        self.interval = self.base;
     }
 
     async fn wait(&mut self) {
+        tokio::time::sleep(self.next()).await;
+    }
+
+    fn next(&mut self) -> Duration {
         self.attempt += 1;
         let ms = self.interval.as_millis().max(1) as u64;
         let wait = Duration::from_millis(crate::random(self.attempt) % ms);
-        self.interval = (self.interval * 2).min(Backoff::MAX);
-        tokio::time::sleep(wait).await;
+        self.interval = (self.interval * 2).min(self.max);
+        wait
     }
 }
 
@@ -1543,5 +1564,63 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for Connector {
                 Box::new(tls_stream) as Box<dyn crate::cluster::Io>
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xds_bootstrap(envoy_grpc: &str) -> ResourceSet {
+        let b = pilotfish_config::load_message::<pilotfish_api::pb::envoy::config::bootstrap::v3::Bootstrap>(
+            "test.yaml",
+            &format!(
+                r#"dynamic_resources:
+  ads_config: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {envoy_grpc} }}] }}
+  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    load_assignment: {{ cluster_name: xds-grpc, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15010 }} }} }} }}] }}] }}
+"#
+            ),
+        )
+        .unwrap();
+        ResourceSet::from_bootstrap(b)
+    }
+
+    /// Each wait is below the interval, which doubles from the base up to the maximum.
+    fn intervals(b: &mut Backoff, n: usize) -> Vec<Duration> {
+        (0..n)
+            .map(|_| {
+                let interval = b.interval;
+                assert!(b.next() < interval.max(Duration::from_millis(1)));
+                interval
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reconnection_backoff_follows_the_retry_policy() {
+        let ms = Duration::from_millis;
+        let set = xds_bootstrap(
+            "{ cluster_name: xds-grpc, retry_policy: { retry_back_off: { base_interval: 0.1s, max_interval: 0.3s } } }",
+        );
+        let mut b = Backoff::new(&ads(&set).unwrap().unwrap().target);
+        assert_eq!(intervals(&mut b, 4), [ms(100), ms(200), ms(300), ms(300)]);
+        b.reset();
+        assert_eq!(intervals(&mut b, 1), [ms(100)]);
+        // Without a maximum: ten times the base.
+        let set = xds_bootstrap(
+            "{ cluster_name: xds-grpc, retry_policy: { retry_back_off: { base_interval: 0.1s } } }",
+        );
+        let mut b = Backoff::new(&ads(&set).unwrap().unwrap().target);
+        assert_eq!(intervals(&mut b, 6)[5], ms(1000));
+        // Envoy's default: 500 ms up to 30 s.
+        let set = xds_bootstrap("{ cluster_name: xds-grpc }");
+        let mut b = Backoff::new(&ads(&set).unwrap().unwrap().target);
+        assert_eq!(intervals(&mut b, 8)[7], Duration::from_secs(30));
+        assert_eq!(intervals(&mut b, 1), [Duration::from_secs(30)]);
     }
 }

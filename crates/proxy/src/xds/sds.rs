@@ -229,7 +229,7 @@ async fn stream_secret(
     out: mpsc::UnboundedSender<Resource<Secret>>,
     stats: (Arc<crate::stats::Store>, Arc<super::stats::Subscription>),
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(&source.target);
     let mut held = Held {
         name,
         out,
