@@ -445,6 +445,23 @@ struct StepSeen {
     conversation: Vec<String>,
     /// The xDS counters and gauges (`control_plane.*`, CDS, LDS, RDS, EDS updates).
     stats: Vec<(String, String)>,
+    /// The clusters whose traffic stats `/stats` lists (a removed cluster's go with it).
+    cluster_stats: Vec<String>,
+}
+
+/// The clusters `/stats` has traffic stats of.
+fn cluster_stats(admin: u16) -> Vec<String> {
+    let (_, body) = common::admin_request(admin, "GET", "/stats");
+    let mut out: Vec<String> = body
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("cluster.")?
+                .split_once(".upstream_cx_total: ")
+        })
+        .map(|(name, _)| name.to_string())
+        .collect();
+    out.sort();
+    out
 }
 
 /// The stats an xDS client keeps, by name, in a form both proxies must agree on: times are
@@ -565,6 +582,7 @@ fn drive_updates(
             dumped: dumped(proxy.admin),
             stats: xds_stats(proxy.admin),
             conversation: by_type(&seen[before..]),
+            cluster_stats: cluster_stats(proxy.admin),
         });
         before = seen.len();
     }
@@ -725,6 +743,11 @@ fn updates_applied_as_envoy_applies_them(test: &str, delta: bool) {
         assert_eq!(
             pf[i].stats, ev[i].stats,
             "version {}: the same xDS stats",
+            v.version
+        );
+        assert_eq!(
+            pf[i].cluster_stats, ev[i].cluster_stats,
+            "version {}: the same clusters' stats",
             v.version
         );
         eprintln!(

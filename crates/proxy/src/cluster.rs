@@ -542,6 +542,10 @@ impl ClusterManager {
     pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.by_name.get(name).map(|&i| &self.clusters[i])
     }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
 }
 
 /// A retry under way, counted against `max_retries` while it lives.

@@ -508,6 +508,17 @@ impl Server {
         for c in &changes.retired {
             self.http_pools.retire_cluster(&c.name);
         }
+        // A removed cluster's stats go with it, as Envoy's scope does.
+        for name in &applied.clusters_removed {
+            let prefix = format!("cluster.{name}.");
+            let keep: Vec<String> = next
+                .clusters
+                .names()
+                .filter(|n| n.starts_with(&format!("{name}.")))
+                .map(|n| format!("cluster.{n}."))
+                .collect();
+            self.stats.remove_prefix(&prefix, &keep);
+        }
         for (key, l) in &old.listeners {
             let now = next.listeners.get(key);
             if now.is_some_and(|n| Arc::ptr_eq(n, l)) {

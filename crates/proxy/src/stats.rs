@@ -82,6 +82,13 @@ impl Store {
             t.remove(n);
         }
     }
+    /// Forgets every stat under `prefix` (a removed cluster's `cluster.<name>.`) except those
+    /// under one of `keep` (a cluster whose name extends the removed one's, `a.b` beside `a`).
+    pub fn remove_prefix(&self, prefix: &str, keep: &[String]) {
+        let gone = |n: &String| n.starts_with(prefix) && !keep.iter().any(|k| n.starts_with(k));
+        self.stats.lock().unwrap().retain(|n, _| !gone(n));
+        self.texts.lock().unwrap().retain(|n, _| !gone(n));
+    }
     fn texts(&self, filter: Option<&regex::Regex>) -> Vec<(String, String)> {
         let t = self.texts.lock().unwrap();
         t.iter()
