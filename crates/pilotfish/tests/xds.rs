@@ -1436,6 +1436,189 @@ fn ads_listener_warms_until_its_secrets_come() {
     );
 }
 
+/// The seed's sidecar as istio-agent starts it: the dump's own bootstrap (ADS over the `XDS`
+/// Unix socket, certificates from the `sds-grpc` socket, both relative to the working
+/// directory, `initial_fetch_timeout: 0s`), and everything the dump holds from istiod (its
+/// clusters, EDS assignments, listeners and RDS route configurations) served over xDS, the
+/// certificates from a test CA over SDS. pilotfish must take it all without a NACK, ask EDS
+/// and RDS for exactly what the clusters and listeners name, and end with the dump's resources
+/// in service. (Real Envoy from PyPI lacks Istio's filters, so it cannot take this one.)
+#[test]
+fn istio_sidecar_configuration_over_xds() {
+    use pilotfish_config::resources::Resource;
+    let Some(shared) = common::shared_dir("istio_sidecar_configuration_over_xds") else {
+        return;
+    };
+    let seed = shared.join("corpus/istio-1.14-sidecar-fortio-server.config_dump.yaml");
+    let cfg = pilotfish_config::load_file(&seed).unwrap_or_else(|e| panic!("the seed: {e}"));
+    let set = &cfg.resources;
+    let dynamic = |origin: &pilotfish_config::resources::Origin| !origin.is_static();
+    // Listeners that bind get free loopback ports (the dump's bind 0.0.0.0:15001 and 15006).
+    let rebind = |l: &Listener| {
+        let mut l = l.clone();
+        if l.bind_to_port.as_ref().is_none_or(|b| b.value) {
+            l.address = Some(load(&format!(
+                "socket_address: {{ address: 127.0.0.1, port_value: {} }}",
+                common::free_port()
+            )));
+        }
+        l
+    };
+    let mut snap = Snapshot::new("1");
+    let listeners: Vec<&Resource<Listener>> = set
+        .listeners
+        .iter()
+        .filter(|l| dynamic(&l.origin))
+        .collect();
+    for l in &listeners {
+        snap = snap.with(&l.name, &rebind(&l.value));
+    }
+    let clusters: Vec<&Resource<Cluster>> =
+        set.clusters.iter().filter(|c| dynamic(&c.origin)).collect();
+    for c in &clusters {
+        snap = snap.with(&c.name, &c.value);
+    }
+    let routes: Vec<&Resource<RouteConfiguration>> = set
+        .route_configs
+        .iter()
+        .filter(|r| dynamic(&r.origin))
+        .collect();
+    for r in &routes {
+        snap = snap.with(&r.name, &r.value);
+    }
+    // What the EDS clusters ask for: each has its assignment in the dump.
+    let services: std::collections::BTreeSet<String> = clusters
+        .iter()
+        .filter_map(|c| {
+            let e = c.value.eds_cluster_config.as_ref()?;
+            Some(if e.service_name.is_empty() {
+                c.name.clone()
+            } else {
+                e.service_name.clone()
+            })
+        })
+        .collect();
+    for e in set.endpoints.iter().filter(|e| services.contains(&e.name)) {
+        snap = snap.with(&e.name, &e.value);
+    }
+    assert!(
+        listeners.len() > 5 && clusters.len() > 20 && routes.len() > 3 && services.len() > 20,
+        "the seed holds a sidecar's configuration"
+    );
+
+    let dir = common::proxy::temp_dir("xds-istio");
+    std::fs::create_dir_all(dir.join("etc/istio/proxy")).unwrap();
+    std::fs::create_dir_all(dir.join("var/run/secrets/workload-spiffe-uds")).unwrap();
+    let server = XdsServer::start_unix(snap, &dir.join("etc/istio/proxy/XDS"));
+    let pki = common::tls::Pki::new("cluster.local");
+    let workload = pki.leaf(&[], "spiffe://cluster.local/ns/default/sa/fortio-server");
+    let _sds = XdsServer::start_sds_unix(
+        sds_snapshot("1", &workload, &pki.ca_pem),
+        &dir.join("var/run/secrets/workload-spiffe-uds/socket"),
+    );
+    // The dump's bootstrap, its admin and static listeners on free loopback ports.
+    let mut bootstrap = set.bootstrap.clone();
+    let admin = common::free_port();
+    bootstrap.admin = Some(load(&format!(
+        "address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}"
+    )));
+    for l in &mut bootstrap.static_resources.as_mut().unwrap().listeners {
+        *l = rebind(l);
+    }
+    let file = dir.join("bootstrap.json");
+    std::fs::write(
+        &file,
+        serde_json::to_string(&pilotfish_config::output::to_json(&bootstrap)).unwrap(),
+    )
+    .unwrap();
+    let child = std::process::Command::new(pilotfish_bin())
+        .current_dir(&dir)
+        .args(["-c", file.to_str().unwrap(), "--concurrency", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("pilotfish.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _proxy = side_by_side::Running {
+        child,
+        access_log: dir.join("unused"),
+        admin,
+        listen: 0,
+        text: String::new(),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while common::admin_request(admin, "GET", "/ready").1 != "LIVE\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not LIVE; the server saw {:?}; log: {}",
+            server.seen().iter().map(Seen::summary).collect::<Vec<_>>(),
+            std::fs::read_to_string(dir.join("pilotfish.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let seen = server.seen();
+    assert!(
+        seen.iter().all(|s| s.error.is_none()),
+        "no NACK: {:?}",
+        seen.iter()
+            .filter_map(|s| s.error.clone())
+            .collect::<Vec<_>>()
+    );
+    let asked = |type_url: &str| -> std::collections::BTreeSet<String> {
+        seen.iter()
+            .filter(|s| s.type_url == type_url)
+            .flat_map(|s| s.resource_names.clone())
+            .collect()
+    };
+    assert_eq!(
+        asked(xds_server::ENDPOINT),
+        services,
+        "EDS asks for what the clusters name"
+    );
+    let route_names: std::collections::BTreeSet<String> =
+        routes.iter().map(|r| r.name.clone()).collect();
+    assert_eq!(
+        asked(xds_server::ROUTE),
+        route_names,
+        "RDS asks for what the listeners name"
+    );
+    for type_url in [
+        xds_server::CLUSTER,
+        xds_server::ENDPOINT,
+        xds_server::LISTENER,
+        xds_server::ROUTE,
+    ] {
+        assert!(
+            seen.iter()
+                .any(|s| s.type_url == type_url && s.version_info == "1"),
+            "{type_url} ACKed"
+        );
+    }
+    let mut want: Vec<(String, String, String)> = clusters
+        .iter()
+        .map(|c| ("cluster".to_string(), c.name.clone(), "1".to_string()))
+        .chain(
+            listeners
+                .iter()
+                .map(|l| ("listener".to_string(), l.name.clone(), "1".to_string())),
+        )
+        .chain(
+            routes
+                .iter()
+                .map(|r| ("route_config".to_string(), r.name.clone(), "1".to_string())),
+        )
+        .collect();
+    want.sort();
+    assert_eq!(dumped(admin), want, "the seed's resources in service");
+    let (_, stats) = common::admin_request(admin, "GET", "/stats");
+    for line in [
+        "control_plane.connected_state: 1",
+        "sds.default.update_success: 1",
+        "sds.ROOTCA.update_success: 1",
+    ] {
+        assert!(stats.lines().any(|l| l == line), "{line}");
+    }
+}
+
 /// An HTTP/1.1 upstream answering every request with `name`, keeping its connections open.
 fn keepalive_upstream(name: &'static str) -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -237,7 +237,7 @@ async fn serve(cfg: Config, options: Options) -> u8 {
         }
     }
     let mut quit = initializing.shutdown.subscribe();
-    let (cfg, ads, sds) = tokio::select! {
+    let (mut cfg, ads, sds) = tokio::select! {
         r = configuration(cfg, stats.clone()) => match r {
             Ok(r) => r,
             Err(e) => {
@@ -250,6 +250,16 @@ async fn serve(cfg: Config, options: Options) -> u8 {
             return 0;
         }
     };
+    // The secrets SDS delivered are in the configuration now: no warning for them.
+    if let Some((secrets, _)) = &sds {
+        for r in &mut cfg.model.references {
+            if r.kind == pilotfish_config::model::RefKind::Secret
+                && secrets.iter().any(|s| s.name == r.name)
+            {
+                r.resolved = true;
+            }
+        }
+    }
     for w in cfg.warnings() {
         tracing::warn!(target: "config", "{w}");
     }
