@@ -36,6 +36,16 @@ fn ads_bootstrap(xds_port: u16, delta: bool) -> String {
     }
 }
 
+/// The same with the initial fetches of clusters and listeners given up after `timeout` (`0s`:
+/// never).
+fn bootstrap_waiting(xds_port: u16, timeout: &str) -> String {
+    bootstrap(xds_port, &format!(", initial_fetch_timeout: {timeout}")).replacen(
+        "cds_config: { ads: {}, resource_api_version: V3 }",
+        &format!("cds_config: {{ ads: {{}}, resource_api_version: V3, initial_fetch_timeout: {timeout} }}"),
+        1,
+    )
+}
+
 /// The same with the management server at `address` (a socket address or a pipe).
 fn bootstrap_at(address: &str, extra_lds: &str) -> String {
     format!(
@@ -554,7 +564,11 @@ fn drive_updates(
         } else if i > 0 {
             server.set(version_snapshot(v, listen));
         }
-        let deadline = pushed + std::time::Duration::from_secs(10);
+        // After a restart the reconnection backoff decides: its interval reaches 8 s within
+        // the server's 1.5 s away, so a proxy may wait that long past it (Envoy's and
+        // pilotfish's alike).
+        let wait = if v.restart { 20 } else { 10 };
+        let deadline = pushed + std::time::Duration::from_secs(wait);
         let served = |answers: &[(String, (u16, String))]| {
             answers
                 .iter()
@@ -794,17 +808,11 @@ fn tls_bootstrap(xds_port: u16, dir: &Path, root: &Path) -> String {
         key = file("workload.key"),
         root = root.display(),
     );
-    bootstrap(xds_port, ", initial_fetch_timeout: 1s")
-        .replacen(
-            "cds_config: { ads: {}, resource_api_version: V3 }",
-            "cds_config: { ads: {}, resource_api_version: V3, initial_fetch_timeout: 1s }",
-            1,
-        )
-        .replacen(
-            "    connect_timeout: 1s\n",
-            &format!("    connect_timeout: 1s\n{socket}"),
-            1,
-        )
+    bootstrap_waiting(xds_port, "1s").replacen(
+        "    connect_timeout: 1s\n",
+        &format!("    connect_timeout: 1s\n{socket}"),
+        1,
+    )
 }
 
 /// What a proxy did with a management server over TLS.
@@ -937,11 +945,7 @@ fn ads_management_server_up_after_the_proxy() {
     let run = |bin: &Path, is_envoy: bool| {
         let tag = if is_envoy { "envoy" } else { "pilotfish" };
         let (listen, xds_port) = (common::free_port(), common::free_port());
-        let boot = bootstrap(xds_port, ", initial_fetch_timeout: 1s").replacen(
-            "cds_config: { ads: {}, resource_api_version: V3 }",
-            "cds_config: { ads: {}, resource_api_version: V3, initial_fetch_timeout: 1s }",
-            1,
-        );
+        let boot = bootstrap_waiting(xds_port, "1s");
         let proxy = side_by_side::start(bin, is_envoy, &boot, &dir, tag);
         let before = (get(listen).0, dumped(proxy.admin));
         let server = XdsServer::start_at(
@@ -1139,11 +1143,7 @@ fn ads_admin_answers_while_waiting_for_the_management_server() {
     let run = |bin: &Path, is_envoy: bool| {
         let tag = if is_envoy { "envoy" } else { "pilotfish" };
         let (listen, xds_port) = (common::free_port(), common::free_port());
-        let boot = bootstrap(xds_port, ", initial_fetch_timeout: 0s").replacen(
-            "cds_config: { ads: {}, resource_api_version: V3 }",
-            "cds_config: { ads: {}, resource_api_version: V3, initial_fetch_timeout: 0s }",
-            1,
-        );
+        let boot = bootstrap_waiting(xds_port, "0s");
         let proxy = side_by_side::start_initializing(bin, is_envoy, &boot, &dir, tag);
         // Two connection attempts have failed (Envoy retries within a second).
         std::thread::sleep(std::time::Duration::from_millis(1500));

@@ -208,28 +208,24 @@ impl Drop for XdsServer {
 impl XdsServer {
     /// Serves `initial` on a free loopback port, on a runtime of its own thread.
     pub fn start(initial: Snapshot) -> XdsServer {
-        let mut server = XdsServer {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            state: State::new(initial),
-            stop: None,
-            thread: None,
-            sds: false,
-            tls: None,
-        };
-        server.listen_tcp();
-        server
+        XdsServer::start_at(initial, "127.0.0.1:0".parse().unwrap())
     }
 
-    /// Serves `initial` on `addr` (a port a proxy was told of before the server came up).
-    pub fn start_at(initial: Snapshot, addr: SocketAddr) -> XdsServer {
-        let mut server = XdsServer {
+    /// Not serving yet.
+    fn new(initial: Snapshot, addr: SocketAddr, sds: bool) -> XdsServer {
+        XdsServer {
             addr,
             state: State::new(initial),
             stop: None,
             thread: None,
-            sds: false,
+            sds,
             tls: None,
-        };
+        }
+    }
+
+    /// Serves `initial` on `addr` (a port a proxy was told of before the server came up).
+    pub fn start_at(initial: Snapshot, addr: SocketAddr) -> XdsServer {
+        let mut server = XdsServer::new(initial, addr, false);
         server.listen_tcp();
         server
     }
@@ -257,14 +253,8 @@ impl XdsServer {
                 .with_single_cert(chain, key)
                 .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec()];
-        let mut server = XdsServer {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            state: State::new(initial),
-            stop: None,
-            thread: None,
-            sds: false,
-            tls: Some(Arc::new(config)),
-        };
+        let mut server = XdsServer::new(initial, "127.0.0.1:0".parse().unwrap(), false);
+        server.tls = Some(Arc::new(config));
         server.listen_tcp();
         server
     }
@@ -324,14 +314,7 @@ impl XdsServer {
         let _ = std::fs::remove_file(path);
         let l = std::os::unix::net::UnixListener::bind(path).unwrap();
         l.set_nonblocking(true).unwrap();
-        let mut server = XdsServer {
-            addr: "0.0.0.0:0".parse().unwrap(),
-            state: State::new(initial),
-            stop: None,
-            thread: None,
-            sds,
-            tls: None,
-        };
+        let mut server = XdsServer::new(initial, "0.0.0.0:0".parse().unwrap(), sds);
         server.serve(move || {
             tokio_stream::wrappers::UnixListenerStream::new(
                 tokio::net::UnixListener::from_std(l).unwrap(),

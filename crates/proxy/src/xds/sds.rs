@@ -318,18 +318,17 @@ async fn sotw_stream(
         });
     };
     send(&held.version, "", None);
-    let mut inbound = match client
+    let opened = client
         .stream_secrets(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-    {
+        .await;
+    let mut inbound = match opened {
         Ok(r) => r.into_inner(),
         Err(e) => return format!("was refused: {e}"),
     };
     loop {
-        let r = match inbound.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return "was closed by the server".into(),
-            Err(e) => return format!("failed: {e}"),
+        let r = match next_response(&mut inbound).await {
+            Ok(r) => r,
+            Err(why) => return why,
         };
         backoff.reset();
         match secret_of(&name, r.resources.iter()) {
@@ -385,18 +384,17 @@ async fn delta_stream(
             ..Default::default()
         });
     };
-    let mut inbound = match client
+    let opened = client
         .delta_secrets(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-    {
+        .await;
+    let mut inbound = match opened {
         Ok(r) => r.into_inner(),
         Err(e) => return format!("was refused: {e}"),
     };
     loop {
-        let r = match inbound.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return "was closed by the server".into(),
-            Err(e) => return format!("failed: {e}"),
+        let r = match next_response(&mut inbound).await {
+            Ok(r) => r,
+            Err(why) => return why,
         };
         backoff.reset();
         if r.resources.is_empty() {
@@ -427,6 +425,15 @@ async fn delta_stream(
                 reply(r.nonce, Some(e));
             }
         }
+    }
+}
+
+/// The stream's next response, or why the stream ended.
+async fn next_response<T>(inbound: &mut tonic::Streaming<T>) -> Result<T, String> {
+    match inbound.message().await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err("was closed by the server".into()),
+        Err(e) => Err(format!("failed: {e}")),
     }
 }
 
