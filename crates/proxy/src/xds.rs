@@ -1,13 +1,15 @@
-//! xDS: the configuration a control plane streams over ADS (aggregated, state of the world),
-//! asked for in Envoy's order at start-up: clusters, then the endpoints of the EDS clusters, then
-//! listeners, then the route configurations their connection managers name. Each response is
+//! xDS: the configuration a control plane streams over ADS (state of the world or delta; TCP,
+//! TLS or a Unix socket to the management server), asked for in Envoy's order at start-up:
+//! clusters, then the endpoints of the EDS clusters, then listeners, then the route
+//! configurations their connection managers name. Each response is
 //! checked as Envoy checks an update and ACKed, or NACKed with the reason; the accepted whole,
 //! laid over the bootstrap's static resources, is what the proxy starts with.
 //!
 //! After start-up the stream stays open and each update is taken the same way, then put in
-//! service (`Server::apply`) once nothing it names is still being asked for (a listener whose
-//! new route configuration has not arrived does not replace the old one yet, as Envoy warms
-//! it). A refused update leaves the configuration in service as it is.
+//! service (`Server::apply`) without what still warms (a listener whose new route
+//! configuration or secret has not arrived does not replace the old one yet, a cluster waits
+//! for its endpoints, as Envoy warms them). A refused update leaves the configuration in
+//! service as it is.
 
 use pilotfish_api::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use pilotfish_api::pb::envoy::config::core::v3::{
