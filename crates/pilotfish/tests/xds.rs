@@ -1619,6 +1619,82 @@ fn istio_sidecar_configuration_over_xds() {
     }
 }
 
+/// A removed listener's stats (`listener.<address>.*` and its connection manager's
+/// `http.<stat_prefix>.*`) leave `/stats` once its drain is over, as in Envoy; the listener
+/// that stays keeps its own.
+#[test]
+fn ads_removed_listener_stats_go_after_its_drain() {
+    let Some(envoy) = common::envoy("ads_removed_listener_stats_go_after_its_drain") else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-listener-stats");
+    let run = |bin: &Path, is_envoy: bool| {
+        let tag = if is_envoy { "envoy" } else { "pilotfish" };
+        let (listen, listen2) = (common::free_port(), common::free_port());
+        let upstream = http_upstream("backend-1");
+        let both = snapshot("1", listen, upstream)
+            .with("http2", &rds_listener("http2", listen2, "local_route"));
+        let server = XdsServer::start(both);
+        let proxy = side_by_side::start_with(
+            bin,
+            is_envoy,
+            &bootstrap(server.addr.port(), ""),
+            &dir,
+            tag,
+            &["--drain-time-s", "1"],
+        );
+        assert_eq!(get(listen2).0, 200, "{tag}");
+        let listed = || {
+            let (_, body) = common::admin_request(proxy.admin, "GET", "/stats");
+            let mut scopes: Vec<String> = body
+                .lines()
+                .filter_map(|l| {
+                    let name = l.split(": ").next()?;
+                    // Envoy's admin listener and per-worker listener stats aside.
+                    let scope = name
+                        .strip_suffix(".downstream_cx_total")
+                        .filter(|s| s.starts_with("listener.") || s.starts_with("http."))
+                        .filter(|s| !s.contains("admin") && !s.contains(".worker_"))?;
+                    Some(
+                        scope
+                            .replace(&listen.to_string(), "L")
+                            .replace(&listen2.to_string(), "L2"),
+                    )
+                })
+                .collect();
+            scopes.sort();
+            scopes
+        };
+        let before = listed();
+        server.set(snapshot("2", listen, upstream));
+        server.wait_for("the listener update's ACK", |s: &[Seen]| {
+            s.iter()
+                .any(|r| r.type_url == xds_server::LISTENER && r.version_info == "2")
+        });
+        let during = listed();
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        (before, during, listed())
+    };
+    let ev = run(&envoy, true);
+    let pf = run(pilotfish_bin(), false);
+    let all = vec![
+        "http.http".to_string(),
+        "http.http2".into(),
+        "listener.127.0.0.1_L".into(),
+        "listener.127.0.0.1_L2".into(),
+    ];
+    assert_eq!(
+        ev,
+        (
+            all.clone(),
+            all,
+            vec!["http.http".to_string(), "listener.127.0.0.1_L".into()]
+        ),
+        "Envoy: before, while draining, after"
+    );
+    assert_eq!(pf, ev, "pilotfish");
+}
+
 /// An HTTP/1.1 upstream answering every request with `name`, keeping its connections open.
 fn keepalive_upstream(name: &'static str) -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -538,6 +538,31 @@ impl Server {
             }
         }
         start_listeners(self);
+        // A removed listener's stats go once its drain is over, as Envoy's go with the
+        // listener; those another listener still uses (the same address or stat prefix) stay.
+        for key in &applied.listeners_removed {
+            let Some(gone) = old.listeners.get(key) else {
+                continue;
+            };
+            let scopes = stat_scopes(gone);
+            let server = Arc::downgrade(self);
+            let drain = Duration::from_secs(self.options.drain_time_s);
+            tokio::spawn(async move {
+                tokio::time::sleep(drain).await;
+                let Some(server) = server.upgrade() else {
+                    return;
+                };
+                let active = server.active();
+                let in_use: Vec<String> = active.listeners.values().flat_map(stat_scopes).collect();
+                for scope in scopes.iter().filter(|s| !in_use.contains(s)) {
+                    // The RDS subscription's stats under a connection manager's prefix are
+                    // the xDS client's: it drops them when it stops following the routes.
+                    server
+                        .stats
+                        .remove_prefix(&format!("{scope}."), &[format!("{scope}.rds.")]);
+                }
+            });
+        }
         self.applied.send_modify(|n| *n += 1);
         applied
     }
@@ -766,6 +791,17 @@ impl ListenerStats {
 }
 
 /// The stat scope of a listener: its stat_prefix, or its address as Envoy writes it.
+/// The stat scopes a listener's stats live under: `listener.<address or stat_prefix>` and its
+/// connection managers' `http.<stat_prefix>`.
+fn stat_scopes(l: &Arc<ActiveListener>) -> Vec<String> {
+    std::iter::once(listener_scope(&l.config))
+        .chain(l.terminals.values().filter_map(|t| match t {
+            Terminal::Http(slot) => Some(format!("http.{}", slot.load().config.stat_prefix)),
+            _ => None,
+        }))
+        .collect()
+}
+
 fn listener_scope(l: &Listener) -> String {
     if !l.stat_prefix.is_empty() {
         return format!("listener.{}", l.stat_prefix);
