@@ -214,8 +214,13 @@ async fn serve(cfg: Config, options: Options) -> u8 {
     // The admin API answers from the start, as Envoy's does: while the configuration is awaited
     // it reports PRE_INITIALIZING (not ready), the xDS client's stats and the bootstrap; then
     // the proxy.
-    let initializing =
-        server::Server::initializing(cfg.resources.clone(), options.clone(), stats.clone());
+    // Its bootstrap alone: a dump's dynamic resources (most of it) are not copied for the
+    // moment start-up takes.
+    let initializing = server::Server::initializing(
+        pilotfish_config::ResourceSet::from_bootstrap(cfg.resources.bootstrap.clone()),
+        options.clone(),
+        stats.clone(),
+    );
     let (current, admin_current) = tokio::sync::watch::channel(initializing.clone());
     if let Some(admin) = cfg
         .resources

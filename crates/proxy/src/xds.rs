@@ -138,12 +138,14 @@ pub fn ads(set: &ResourceSet) -> Result<Option<Ads>, String> {
                 .into(),
         );
     };
-    let target = ads_target(set, api)?;
+    let at = "dynamic_resources.ads_config";
+    let delta = is_delta(api, at)?;
+    let (cluster, target) = grpc_target(set, api, at)?;
     Ok(Some(Ads {
-        cluster: target.0,
-        target: target.1,
+        cluster,
+        target,
         set_node_on_first_message_only: api.set_node_on_first_message_only,
-        delta: ApiType::try_from(api.api_type) == Ok(ApiType::DeltaGrpc),
+        delta,
         cds_timeout: timeouts[0],
         lds_timeout: timeouts[1],
     }))
@@ -156,17 +158,17 @@ fn initial_fetch_timeout(source: &ConfigSource) -> Option<Duration> {
     Some(if d.is_zero() { Duration::MAX } else { d })
 }
 
-fn ads_target(set: &ResourceSet, api: &ApiConfigSource) -> Result<(String, Target), String> {
+/// Whether a gRPC config source speaks delta xDS (DELTA_GRPC) rather than state of the world
+/// (GRPC); an error for the other api types.
+fn is_delta(api: &ApiConfigSource, at: &str) -> Result<bool, String> {
     match ApiType::try_from(api.api_type) {
-        Ok(ApiType::Grpc | ApiType::DeltaGrpc) => {}
-        _ => {
-            return Err(format!(
-            "dynamic_resources.ads_config: api_type {} is not implemented; GRPC and DELTA_GRPC are",
+        Ok(ApiType::Grpc) => Ok(false),
+        Ok(ApiType::DeltaGrpc) => Ok(true),
+        _ => Err(format!(
+            "{at}: api_type {} is not implemented; GRPC and DELTA_GRPC are",
             api.api_type
-        ))
-        }
+        )),
     }
-    grpc_target(set, api, "dynamic_resources.ads_config")
 }
 
 /// The static cluster a gRPC config source names, and where it reaches.
@@ -1262,18 +1264,7 @@ impl Fetch {
     /// Takes the listeners; returns the route configurations they ask RDS for.
     fn on_listeners(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {
         let listeners: Vec<(Listener, String)> = decode_all(r)?;
-        let before: Vec<Listener> = self
-            .dynamic
-            .listeners
-            .iter()
-            .map(|l| l.value.clone())
-            .collect();
-        let before_versions: Vec<(String, pilotfish_config::resources::Origin)> = self
-            .dynamic
-            .listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.origin.clone()))
-            .collect();
+        let before = self.dynamic.listeners.clone();
         resources(
             &mut self.dynamic.listeners,
             Keep::listed(r),
@@ -1283,27 +1274,27 @@ impl Fetch {
         );
         let held = &self.dynamic.listeners;
         self.received_versions.retain(|name, _| {
-            let i = before.iter().position(|b| &b.name == name);
+            let was = before.iter().find(|b| &b.name == name);
             let now = held.iter().find(|l| &l.name == name);
-            matches!((i, now), (Some(i), Some(now)) if before[i] == now.value)
+            matches!((was, now), (Some(was), Some(now)) if was.value == now.value)
         });
         if !self.drain_time.is_zero() {
             // A listener in service whose filter chains alone changed is updated in place, and
             // Envoy's dump goes on showing the version it had (the new listener object takes
             // over its predecessor's version_info).
             for l in &mut self.dynamic.listeners {
-                let Some(i) = before.iter().position(|b| b.name == l.name) else {
+                let Some(was) = before.iter().find(|b| b.name == l.name) else {
                     continue;
                 };
-                if before[i] != l.value
-                    && crate::server::filter_chains_only_change(&before[i], &l.value)
+                if was.value != l.value
+                    && crate::server::filter_chains_only_change(&was.value, &l.value)
                 {
                     if let (
                         pilotfish_config::resources::Origin::Dynamic { version_info, .. },
                         pilotfish_config::resources::Origin::Dynamic {
                             version_info: old, ..
                         },
-                    ) = (&mut l.origin, &before_versions[i].1)
+                    ) = (&mut l.origin, &was.origin)
                     {
                         // The version received is still the one held, for delta's
                         // initial_resource_versions.
@@ -1316,8 +1307,8 @@ impl Fetch {
         let now = tokio::time::Instant::now();
         if !self.drain_time.is_zero() {
             for old in &before {
-                if !self.dynamic.listeners.iter().any(|l| &l.value == old) {
-                    for name in route_config_names(old) {
+                if !self.dynamic.listeners.iter().any(|l| l.value == old.value) {
+                    for name in route_config_names(&old.value) {
                         self.draining_routes.push((name, now + self.drain_time));
                     }
                 }

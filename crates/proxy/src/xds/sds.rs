@@ -5,10 +5,8 @@
 //! 0 waits for ever); a later version (a rotated certificate) is put in service in place: new
 //! connections get it, those under way keep their session.
 
-use super::{connect, grpc_target, Backoff, Target};
-use pilotfish_api::pb::envoy::config::core::v3::{
-    api_config_source::ApiType, config_source::ConfigSourceSpecifier, Node,
-};
+use super::{connect, grpc_target, is_delta, Backoff, Target};
+use pilotfish_api::pb::envoy::config::core::v3::{config_source::ConfigSourceSpecifier, Node};
 use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::{SdsSecretConfig, Secret};
 use pilotfish_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use pilotfish_api::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
@@ -76,17 +74,9 @@ fn source(set: &ResourceSet, c: &SdsSecretConfig) -> Result<Option<Source>, Stri
             ))
         }
     };
-    let delta = match ApiType::try_from(api.api_type) {
-        Ok(ApiType::Grpc) => false,
-        Ok(ApiType::DeltaGrpc) => true,
-        _ => {
-            return Err(format!(
-                "{at}.api_config_source: api_type {} is not implemented; GRPC and DELTA_GRPC are",
-                api.api_type
-            ))
-        }
-    };
-    let (cluster, target) = grpc_target(set, api, &format!("{at}.api_config_source"))?;
+    let at = format!("{at}.api_config_source");
+    let delta = is_delta(api, &at)?;
+    let (cluster, target) = grpc_target(set, api, &at)?;
     Ok(Some(Source {
         cluster,
         target,
