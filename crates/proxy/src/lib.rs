@@ -336,7 +336,7 @@ async fn configuration(
     stats: Arc<crate::stats::Store>,
 ) -> Result<(Config, Option<xds::Running>, Option<SdsStart>), String> {
     let asks = cfg.kind == pilotfish_config::DocumentKind::Bootstrap;
-    let (cfg, ads) = match xds::ads(&cfg.resources)?.filter(|_| asks) {
+    let (cfg, ads) = match xds::dynamic_resources(&cfg.resources)?.filter(|_| asks) {
         None => (cfg, None),
         Some(ads) => {
             let (cfg, running) = xds::fetch(&cfg, &ads, stats.clone()).await?;

@@ -20,9 +20,8 @@ use pilotfish_api::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use pilotfish_api::pb::envoy::config::listener::v3::{filter, Listener};
 use pilotfish_api::pb::envoy::config::route::v3::RouteConfiguration;
 use pilotfish_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::RouteSpecifier, HttpConnectionManager,
+    http_connection_manager::RouteSpecifier, HttpConnectionManager, Rds,
 };
-use pilotfish_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use pilotfish_api::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
@@ -47,20 +46,66 @@ pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cluster
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
-/// Where the ADS stream goes and how it is asked, from the bootstrap's `dynamic_resources`.
+/// How the bootstrap's `dynamic_resources` take clusters and listeners: over the ADS stream
+/// (`ads_config`) or each from a gRPC config source of its own.
 #[derive(Debug, Clone)]
-pub struct Ads {
-    /// The static cluster that reaches the management server (Istio's `xds-grpc`).
-    pub cluster: String,
-    pub target: Target,
-    pub set_node_on_first_message_only: bool,
-    /// Delta (incremental) xDS rather than state of the world.
-    pub delta: bool,
+pub struct Dynamic {
+    /// `ads_config`: the one stream every subscription naming `ads {}` shares.
+    ads: Option<Source>,
+    cds: Option<Via>,
+    lds: Option<Via>,
     /// How long start-up waits for clusters (with their endpoints) and for listeners (with
     /// their routes) before going on without them: each config source's
     /// `initial_fetch_timeout` (Envoy's default: 15 s).
     pub cds_timeout: Duration,
     pub lds_timeout: Duration,
+}
+
+/// A gRPC config source (`api_config_source`, or the bootstrap's `ads_config`): the management
+/// server its stream goes to, and how it asks.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The static cluster that reaches the management server (Istio's `xds-grpc`).
+    pub cluster: String,
+    pub target: Target,
+    pub node_first_only: bool,
+    /// Delta (incremental) xDS rather than state of the world.
+    pub delta: bool,
+}
+
+/// Which stream a subscription rides, as its config source says: the ADS stream, or one of its
+/// own (Envoy opens one per subscription: CDS, LDS, each EDS cluster, each route configuration).
+#[derive(Debug, Clone)]
+enum Via {
+    Ads,
+    Own(Source),
+}
+
+/// A config source as a subscription takes it; an error for the kinds not implemented.
+fn via(set: &ResourceSet, cs: &ConfigSource, at: &str) -> Result<Via, String> {
+    match &cs.config_source_specifier {
+        Some(ConfigSourceSpecifier::Ads(_)) => Ok(Via::Ads),
+        Some(ConfigSourceSpecifier::ApiConfigSource(api)) => Ok(Via::Own(source(
+            set,
+            api,
+            &format!("{at}.api_config_source"),
+        )?)),
+        _ => Err(format!(
+            "{at}: only ads {{}} and a gRPC api_config_source are implemented (files, REST and the rest are not yet)"
+        )),
+    }
+}
+
+/// A gRPC `api_config_source`.
+fn source(set: &ResourceSet, api: &ApiConfigSource, at: &str) -> Result<Source, String> {
+    let delta = is_delta(api, at)?;
+    let (cluster, target) = grpc_target(set, api, at)?;
+    Ok(Source {
+        cluster,
+        target,
+        node_first_only: api.set_node_on_first_message_only,
+        delta,
+    })
 }
 
 /// How the management server is reached: the one endpoint of the static cluster a gRPC config
@@ -107,45 +152,40 @@ impl std::fmt::Debug for Target {
     }
 }
 
-/// The bootstrap's ADS configuration, if it has one; an error for the xDS shapes pilotfish does
+/// The bootstrap's xDS configuration, if it has one; an error for the xDS shapes pilotfish does
 /// not speak yet (Envoy would run them, so the proxy must not start without them).
-pub fn ads(set: &ResourceSet) -> Result<Option<Ads>, String> {
+pub fn dynamic_resources(set: &ResourceSet) -> Result<Option<Dynamic>, String> {
     let Some(d) = &set.bootstrap.dynamic_resources else {
         return Ok(None);
     };
-    let mut timeouts = [Duration::from_secs(15); 2];
-    for (i, (what, source)) in [("cds_config", &d.cds_config), ("lds_config", &d.lds_config)]
-        .into_iter()
-        .enumerate()
-    {
-        let Some(source) = source else { continue };
-        if !matches!(
-            source.config_source_specifier,
-            Some(ConfigSourceSpecifier::Ads(_))
-        ) {
-            return Err(format!(
-                "dynamic_resources.{what}: only ads {{}} is implemented (a config source of its own is not yet)"
-            ));
-        }
-        timeouts[i] = initial_fetch_timeout(source).unwrap_or(timeouts[i]);
-    }
     if d.lds_config.is_none() && d.cds_config.is_none() {
         return Ok(None);
     }
-    let Some(api) = &d.ads_config else {
-        return Err(
-            "dynamic_resources: lds_config or cds_config names ads, and ads_config is not set"
-                .into(),
-        );
+    let ads = match &d.ads_config {
+        Some(api) => Some(source(set, api, "dynamic_resources.ads_config")?),
+        None => None,
     };
-    let at = "dynamic_resources.ads_config";
-    let delta = is_delta(api, at)?;
-    let (cluster, target) = grpc_target(set, api, at)?;
-    Ok(Some(Ads {
-        cluster,
-        target,
-        set_node_on_first_message_only: api.set_node_on_first_message_only,
-        delta,
+    let mut timeouts = [Duration::from_secs(15); 2];
+    let mut vias = [None, None];
+    for (i, (what, config)) in [("cds_config", &d.cds_config), ("lds_config", &d.lds_config)]
+        .into_iter()
+        .enumerate()
+    {
+        let Some(config) = config else { continue };
+        let v = via(set, config, &format!("dynamic_resources.{what}"))?;
+        if matches!(v, Via::Ads) && ads.is_none() {
+            return Err(format!(
+                "dynamic_resources.{what} names ads, and ads_config is not set"
+            ));
+        }
+        vias[i] = Some(v);
+        timeouts[i] = initial_fetch_timeout(config).unwrap_or(timeouts[i]);
+    }
+    let [cds, lds] = vias;
+    Ok(Some(Dynamic {
+        ads,
+        cds,
+        lds,
         cds_timeout: timeouts[0],
         lds_timeout: timeouts[1],
     }))
@@ -276,27 +316,82 @@ fn grpc_target(
     Ok((cluster, target))
 }
 
-/// One subscription on the stream: what is asked for, and what was last accepted and seen.
+/// One type's subscriptions: the names followed, and whether what they wait for has come.
 #[derive(Debug, Default)]
 struct Watch {
     /// Empty: every resource of the type (CDS, LDS).
     names: Vec<String>,
-    version: String,
-    nonce: String,
     requested: bool,
     /// A response was accepted (or the initial fetch timed out).
     ready: bool,
-    /// Delta: the names subscribed on this stream so far.
-    sent: Vec<String>,
-    /// Delta: on a new stream, the resources held (name, version), said once.
-    initial: Vec<(String, String)>,
 }
 
-struct Stream {
-    tx: Sender,
-    node: Node,
+/// A stream to a management server: the ADS stream, or a subscription's own (its type, and
+/// for EDS and RDS the cluster or route configuration it follows).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Channel {
+    Ads,
+    Own(&'static str, String),
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Channel::Ads => write!(f, "the ADS stream"),
+            Channel::Own(ENDPOINT, cluster) => write!(f, "the EDS stream of cluster '{cluster}'"),
+            Channel::Own(ROUTE, name) => {
+                write!(f, "the RDS stream of route configuration '{name}'")
+            }
+            Channel::Own(type_url, _) => write!(f, "the {} stream", short(type_url)),
+        }
+    }
+}
+
+/// A type on a stream: what is asked for on it and the protocol's state.
+#[derive(Debug, Default)]
+struct Carried {
+    /// Empty: every resource of the type.
+    names: Vec<String>,
+    /// The version last accepted, and the nonce of the last response.
+    version: String,
+    nonce: String,
+    /// Delta: the names subscribed on this stream so far.
+    sent: Vec<String>,
+}
+
+/// A stream as the fetch holds it: a task keeps it connected (`hold`) and hands over what it
+/// receives; requests go through `tx` while it is open.
+struct Wire {
+    source: Source,
+    /// Tells this stream's events from those of an earlier one on the same channel.
+    generation: u64,
+    task: tokio::task::AbortHandle,
+    tx: Option<Sender>,
     node_sent: bool,
-    node_first_only: bool,
+    /// By type.
+    carried: std::collections::BTreeMap<&'static str, Carried>,
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a stream's task reports.
+struct Event {
+    channel: Channel,
+    generation: u64,
+    what: Happened,
+}
+
+enum Happened {
+    /// A stream is being opened: its requests go here (asked before any response comes).
+    Opening(Sender),
+    Open,
+    Response(Update),
+    /// It could not be opened, or ended; the task tries again after its backoff.
+    Failed,
 }
 
 enum Sender {
@@ -375,75 +470,195 @@ fn nack(error: Option<String>) -> Option<Status> {
     })
 }
 
-impl Stream {
-    fn node(&mut self) -> Option<Node> {
-        let node = (!self.node_first_only || !self.node_sent).then(|| self.node.clone());
+impl Wire {
+    fn node(&mut self, node: &Node) -> Option<Node> {
+        let node = (!self.source.node_first_only || !self.node_sent).then(|| node.clone());
         self.node_sent = true;
         node
     }
 
-    /// Asks for what `w` follows. Delta: the names not asked for yet on this stream and those
-    /// no longer wanted (and, first on a new stream, what is held), without a nonce.
-    fn subscribe(&mut self, type_url: &str, w: &mut Watch) {
+    /// Asks for what the stream carries of `type_url`. Delta: the names not asked for yet on
+    /// this stream and those no longer wanted (with, first on a new stream, the versions held),
+    /// without a nonce.
+    fn subscribe(&mut self, node: &Node, type_url: &'static str, initial: Vec<(String, String)>) {
         let tx = match &self.tx {
-            Sender::Sotw(_) => return self.send(type_url, w, None),
-            Sender::Delta(tx) => tx.clone(),
+            None => return,
+            Some(Sender::Sotw(_)) => return self.send(node, type_url, None),
+            Some(Sender::Delta(tx)) => tx.clone(),
         };
-        let subscribe: Vec<String> = w
+        let node = self.node(node);
+        let c = self.carried.entry(type_url).or_default();
+        let subscribe: Vec<String> = c
             .names
             .iter()
-            .filter(|n| !w.sent.contains(n))
+            .filter(|n| !c.sent.contains(n))
             .cloned()
             .collect();
-        let unsubscribe: Vec<String> = w
+        let unsubscribe: Vec<String> = c
             .sent
             .iter()
-            .filter(|n| !w.names.contains(n))
+            .filter(|n| !c.names.contains(n))
             .cloned()
             .collect();
-        w.sent.clone_from(&w.names);
-        let node = self.node();
+        c.sent.clone_from(&c.names);
         let _ = tx.send(DeltaDiscoveryRequest {
             node,
             type_url: type_url.to_string(),
             resource_names_subscribe: subscribe,
             resource_names_unsubscribe: unsubscribe,
-            initial_resource_versions: std::mem::take(&mut w.initial).into_iter().collect(),
+            initial_resource_versions: initial.into_iter().collect(),
             ..Default::default()
         });
     }
 
     /// An ACK, or with `error` a NACK, of the last response of the type.
-    fn send(&mut self, type_url: &str, w: &Watch, error: Option<String>) {
-        let node = self.node();
-        let tx = match &self.tx {
-            Sender::Sotw(tx) => tx,
-            Sender::Delta(tx) => {
+    fn send(&mut self, node: &Node, type_url: &'static str, error: Option<String>) {
+        let node = self.node(node);
+        let Some(c) = self.carried.get(type_url) else {
+            return;
+        };
+        match &self.tx {
+            None => {}
+            Some(Sender::Delta(tx)) => {
                 let _ = tx.send(DeltaDiscoveryRequest {
                     node,
                     type_url: type_url.to_string(),
-                    response_nonce: w.nonce.clone(),
+                    response_nonce: c.nonce.clone(),
                     error_detail: nack(error),
                     ..Default::default()
                 });
-                return;
+            }
+            Some(Sender::Sotw(tx)) => {
+                let _ = tx.send(DiscoveryRequest {
+                    version_info: c.version.clone(),
+                    node,
+                    resource_names: c.names.clone(),
+                    type_url: type_url.to_string(),
+                    response_nonce: c.nonce.clone(),
+                    error_detail: nack(error),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+}
+
+/// The gRPC method a stream opens: ADS's, or the discovery service of its type.
+fn method(channel: &Channel, delta: bool) -> &'static str {
+    let ty = match channel {
+        Channel::Ads => "",
+        Channel::Own(type_url, _) => type_url,
+    };
+    match (ty, delta) {
+        ("", false) => {
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+        }
+        ("", true) => {
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+        }
+        (CLUSTER, false) => "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters",
+        (CLUSTER, true) => "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
+        (ENDPOINT, false) => "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints",
+        (ENDPOINT, true) => "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints",
+        (LISTENER, false) => "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners",
+        (LISTENER, true) => "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners",
+        (_, false) => "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes",
+        (_, true) => "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes",
+    }
+}
+
+/// Keeps one stream open: connects, opens the method, hands over each response, and after a
+/// failure tries again after Envoy's backoff. Ends when the fetch lets the stream go.
+async fn hold(channel: Channel, generation: u64, source: Source, events: UnboundedSender<Event>) {
+    let mut backoff = Backoff::new(&source.target);
+    let report = |what| {
+        events
+            .send(Event {
+                channel: channel.clone(),
+                generation,
+                what,
+            })
+            .is_ok()
+    };
+    loop {
+        let why = match connect(&source.target).await {
+            Err(e) => format!(
+                "cannot reach cluster '{}' at {}: {e}",
+                source.cluster, source.target
+            ),
+            Ok(connection) => {
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(method(
+                    &channel,
+                    source.delta,
+                ));
+                let mut grpc = tonic::client::Grpc::new(connection);
+                let opened = match grpc.ready().await {
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                    Ok(()) if source.delta => {
+                        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                        report(Happened::Opening(Sender::Delta(tx)));
+                        let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+                        grpc.streaming(
+                            tonic::Request::new(requests),
+                            path,
+                            tonic_prost::ProstCodec::default(),
+                        )
+                        .await
+                        .map(|r| Inbound::Delta(r.into_inner()))
+                    }
+                    Ok(()) => {
+                        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                        report(Happened::Opening(Sender::Sotw(tx)));
+                        let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+                        grpc.streaming(
+                            tonic::Request::new(requests),
+                            path,
+                            tonic_prost::ProstCodec::default(),
+                        )
+                        .await
+                        .map(|r| Inbound::Sotw(r.into_inner()))
+                    }
+                };
+                match opened {
+                    Err(e) => format!("was refused: {e}"),
+                    Ok(mut inbound) => {
+                        tracing::info!(target: "config", "xDS: {channel} to cluster '{}' open", source.cluster);
+                        if !report(Happened::Open) {
+                            return;
+                        }
+                        loop {
+                            match inbound.message().await {
+                                Ok(Some(r)) => {
+                                    backoff.reset();
+                                    if !report(Happened::Response(r)) {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => break "was closed by the management server".into(),
+                                Err(e) => break format!("failed: {e}"),
+                            }
+                        }
+                    }
+                }
             }
         };
-        let _ = tx.send(DiscoveryRequest {
-            version_info: w.version.clone(),
-            node,
-            resource_names: w.names.clone(),
-            type_url: type_url.to_string(),
-            response_nonce: w.nonce.clone(),
-            error_detail: nack(error),
-            ..Default::default()
-        });
+        tracing::warn!(target: "config", "xDS: {channel} {why}; what was accepted stays, trying again");
+        if !report(Happened::Failed) {
+            return;
+        }
+        backoff.wait().await;
     }
 }
 
 /// The start-up fetch: what has been accepted so far, by type.
 struct Fetch {
-    stream: Stream,
+    config: Dynamic,
+    node: Node,
+    /// The streams open or being opened, by channel.
+    wires: std::collections::BTreeMap<Channel, Wire>,
+    generation: u64,
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    events_tx: UnboundedSender<Event>,
     cds: Watch,
     eds: Watch,
     lds: Watch,
@@ -457,6 +672,10 @@ struct Fetch {
     drain_time: Duration,
     /// The EDS clusters: (cluster name, the service name it asks EDS for).
     eds_clusters: Vec<(String, String)>,
+    /// The stream each EDS cluster's and each route configuration's subscription rides, by
+    /// cluster and route configuration name.
+    eds_via: std::collections::BTreeMap<String, Via>,
+    rds_via: std::collections::BTreeMap<String, Via>,
     /// The clusters' initialization is over (each came with its endpoints, or timed out):
     /// from then on a cluster added by an update warms while the rest serve.
     clusters_initialized: bool,
@@ -464,26 +683,28 @@ struct Fetch {
     /// None for an ACK)): Envoy pauses CDS requests while any cluster is warming, so its ACK
     /// tells the server the clusters are ready for routes that use them.
     cds_held: Option<Option<String>>,
+    /// Delta: the assignments and route configurations the server removed while they are still
+    /// followed (kept, as Envoy keeps them), by type and name.
+    removed_by_server: std::collections::BTreeSet<(&'static str, String)>,
     /// Listeners updated in place dump the version they had; the one received, by name.
     received_versions: std::collections::HashMap<String, String>,
     stats: stats::XdsStats,
 }
 
 /// Connects, asks for the configuration in Envoy's order and returns it once every type the
-/// configuration needs has arrived (or timed out), with the stream to keep serving.
+/// configuration needs has arrived (or timed out), with the streams to keep serving.
 pub async fn fetch(
     base: &Config,
-    ads: &Ads,
+    config: &Dynamic,
     stats: std::sync::Arc<crate::stats::Store>,
 ) -> Result<(Config, Running), String> {
-    let node = base.resources.bootstrap.node.clone().unwrap_or_default();
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
     let mut f = Fetch {
-        stream: Stream {
-            tx: Sender::Sotw(tokio::sync::mpsc::unbounded_channel().0),
-            node,
-            node_sent: false,
-            node_first_only: ads.set_node_on_first_message_only,
-        },
+        node: base.resources.bootstrap.node.clone().unwrap_or_default(),
+        wires: Default::default(),
+        generation: 0,
+        events,
+        events_tx,
         cds: Watch::default(),
         eds: Watch::default(),
         lds: Watch::default(),
@@ -492,65 +713,47 @@ pub async fn fetch(
         draining_routes: vec![],
         drain_time: Duration::ZERO,
         eds_clusters: vec![],
+        eds_via: Default::default(),
+        rds_via: Default::default(),
         clusters_initialized: false,
         cds_held: None,
         received_versions: Default::default(),
-        stats: stats::XdsStats::new(stats),
+        removed_by_server: Default::default(),
+        stats: stats::XdsStats::new(stats, config.ads.is_some()),
+        config: config.clone(),
     };
-    let mut backoff = Backoff::new(&ads.target);
-    // Not connected yet. The initial fetch timeouts run from the subscriptions, connected or
-    // not: a proxy that cannot reach its management server starts without it, as Envoy does,
-    // and keeps trying.
-    let mut inbound: Option<Inbound> = None;
-    let wants_cds = base
-        .resources
-        .bootstrap
-        .dynamic_resources
-        .as_ref()
-        .is_some_and(|d| d.cds_config.is_some());
-    if wants_cds {
+    // The initial fetch timeouts run from the subscriptions, connected or not: a proxy that
+    // cannot reach its management server starts without it, as Envoy does, and keeps trying.
+    if config.cds.is_some() {
         f.cds.requested = true;
-        f.stats.start_cds();
-        f.stream.subscribe(CLUSTER, &mut f.cds);
+        f.stats.start_cds(matches!(config.cds, Some(Via::Own(_))));
+        f.carry(CLUSTER);
     } else {
         f.cds.ready = true;
         f.eds.ready = true;
-        f.request_listeners(base);
+        f.request_listeners();
     }
-    while !f.complete() {
+    let wait = |f: &Fetch| {
         let wait = if f.lds.requested {
-            ads.lds_timeout
+            config.lds_timeout
         } else {
-            ads.cds_timeout
+            config.cds_timeout
         };
-        let Some(stream) = &mut inbound else {
-            match tokio::time::timeout(wait, f.open(ads, &mut backoff)).await {
-                Ok(opened) => inbound = Some(opened),
-                Err(_) => {
-                    tracing::warn!(target: "config", "xDS: initial fetch timed out after {wait:?} without reaching the management server; going on without it");
-                    f.give_up_waiting(base);
+        (tokio::time::Instant::now().checked_add(wait), wait)
+    };
+    let (mut deadline, mut waited) = wait(&f);
+    while !f.complete() {
+        match tokio::time::timeout_at(deadline.unwrap_or_else(far_future), f.events.recv()).await {
+            Ok(Some(e)) => {
+                if f.on_event(base, e) {
+                    (deadline, waited) = wait(&f);
                 }
             }
-            continue;
-        };
-        let next = tokio::time::timeout(wait, stream.message()).await;
-        match next {
-            Ok(Ok(Some(r))) => {
-                backoff.reset();
-                f.on_response(base, r)
-            }
-            Ok(Ok(None)) => {
-                f.stream_ended(&mut backoff, "was closed by the management server")
-                    .await;
-                inbound = None;
-            }
-            Ok(Err(e)) => {
-                f.stream_ended(&mut backoff, &format!("failed: {e}")).await;
-                inbound = None;
-            }
+            Ok(None) => unreachable!("the fetch holds a sender"),
             Err(_) => {
-                tracing::warn!(target: "config", "xDS: initial fetch timed out after {wait:?}; going on with what has arrived");
-                f.give_up_waiting(base);
+                tracing::warn!(target: "config", "xDS: initial fetch timed out after {waited:?}; going on with what has arrived");
+                f.give_up_waiting();
+                (deadline, waited) = wait(&f);
             }
         }
     }
@@ -559,12 +762,14 @@ pub async fn fetch(
         config,
         Running {
             fetch: f,
-            inbound,
-            backoff,
             base: base.clone(),
-            ads: ads.clone(),
         },
     ))
+}
+
+/// Later than any deadline (tokio's own far future is private).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365 * 30)
 }
 
 /// Whether a transport socket names an SDS secret (one with a config source) that has not come.
@@ -627,12 +832,8 @@ impl Backoff {
 /// The stream after start-up.
 pub struct Running {
     fetch: Fetch,
-    /// None until the management server has been reached (start-up may end without it).
-    inbound: Option<Inbound>,
-    backoff: Backoff,
     /// The bootstrap the dynamic resources are laid over.
     base: Config,
-    ads: Ads,
 }
 
 impl Running {
@@ -646,13 +847,9 @@ impl Running {
         let mut waiting = false;
         let mut secrets = server.secrets_arrived.subscribe();
         loop {
-            let Some(inbound) = &mut self.inbound else {
-                self.inbound = Some(self.fetch.open(&self.ads, &mut self.backoff).await);
-                continue;
-            };
             let drain_ends = self.fetch.draining_routes.iter().map(|(_, end)| *end).min();
-            let message = tokio::select! {
-                m = inbound.message() => m,
+            let event = tokio::select! {
+                e = self.fetch.events.recv() => e.expect("the fetch holds a sender"),
                 _ = sleep_until(drain_ends) => {
                     self.fetch.drain_ended();
                     continue;
@@ -673,35 +870,26 @@ impl Running {
                     continue;
                 }
             };
-            match message {
-                Ok(Some(r)) => {
-                    self.backoff.reset();
-                    let what = format!("{} version {}", short(&r.type_url), r.version_info);
-                    self.fetch.on_response(&self.base, r);
-                    // A refused update is applied too: the configuration stays as it was, and
-                    // /config_dump shows what was refused.
-                    waiting = self.apply(&server, &what, false).await;
-                    if waiting {
-                        // No deadline when the timeout is 0s (Istio's): they wait for ever.
-                        if warming.is_none() {
-                            warming = tokio::time::Instant::now().checked_add(self.ads.lds_timeout);
-                        }
-                    } else {
-                        warming = None;
-                    }
+            let what = match &event.what {
+                Happened::Response(r) => {
+                    format!("{} version {}", short(&r.type_url), r.version_info)
                 }
-                Ok(None) => {
-                    self.fetch
-                        .stream_ended(&mut self.backoff, "was closed by the management server")
-                        .await;
-                    self.inbound = None;
+                _ => String::new(),
+            };
+            if !self.fetch.on_event(&self.base, event) {
+                continue;
+            }
+            // A refused update is applied too: the configuration stays as it was, and
+            // /config_dump shows what was refused.
+            waiting = self.apply(&server, &what, false).await;
+            if waiting {
+                // No deadline when the timeout is 0s (Istio's): they wait for ever.
+                if warming.is_none() {
+                    warming =
+                        tokio::time::Instant::now().checked_add(self.fetch.config.lds_timeout);
                 }
-                Err(e) => {
-                    self.fetch
-                        .stream_ended(&mut self.backoff, &format!("failed: {e}"))
-                        .await;
-                    self.inbound = None;
-                }
+            } else {
+                warming = None;
             }
         }
     }
@@ -768,97 +956,162 @@ fn short(type_url: &str) -> &str {
 }
 
 impl Fetch {
-    /// The stream ended: the configuration in service stays; a new stream (`open`) after the
-    /// backoff.
-    async fn stream_ended(&mut self, backoff: &mut Backoff, why: &str) {
-        tracing::warn!(target: "config", "xDS: the ADS stream {why}; what was accepted stays, reconnecting");
-        self.stats.stream_failed();
-        backoff.wait().await;
+    /// Takes what a stream's task reports; returns whether it was a response (an update to put
+    /// in service).
+    fn on_event(&mut self, base: &Config, e: Event) -> bool {
+        let Some(wire) = self
+            .wires
+            .get_mut(&e.channel)
+            .filter(|w| w.generation == e.generation)
+        else {
+            // A stream let go since.
+            return false;
+        };
+        match e.what {
+            Happened::Opening(tx) => {
+                wire.tx = Some(tx);
+                self.opened(&e.channel);
+            }
+            Happened::Open => self.stats.connected(&e.channel, true),
+            Happened::Failed => {
+                wire.tx = None;
+                self.stats.stream_failed(&e.channel);
+            }
+            Happened::Response(r) => {
+                self.on_response(base, &e.channel, r);
+                return true;
+            }
+        }
+        false
     }
 
-    /// Opens an ADS stream, trying again with backoff until one opens, and asks on it for
-    /// everything subscribed so far with the versions last accepted, as Envoy does on a new
-    /// stream (node again, no nonce: the new server has sent nothing yet).
-    async fn open(&mut self, ads: &Ads, backoff: &mut Backoff) -> Inbound {
-        loop {
-            let opened = async {
-                let channel = connect(&ads.target).await?;
-                let mut client = AggregatedDiscoveryServiceClient::new(channel);
-                self.stream.node_sent = false;
-                let (sotw, delta) = if ads.delta {
-                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                    self.stream.tx = Sender::Delta(tx);
-                    (None, Some(rx))
-                } else {
-                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                    self.stream.tx = Sender::Sotw(tx);
-                    (Some(rx), None)
+    /// A new stream asks for everything it carries with the versions last accepted, as Envoy
+    /// does (node again, no nonce: the new server has sent nothing yet); delta says the
+    /// versions it holds, state of the world says it by version_info.
+    fn opened(&mut self, channel: &Channel) {
+        let Some(wire) = self.wires.get_mut(channel) else {
+            return;
+        };
+        wire.node_sent = false;
+        let types: Vec<&'static str> = wire.carried.keys().copied().collect();
+        for type_url in types {
+            let c = wire.carried.get_mut(type_url).expect("carried");
+            c.nonce.clear();
+            c.sent.clear();
+            let initial = if wire.source.delta {
+                let d = &self.dynamic;
+                let held = match type_url {
+                    CLUSTER => versions_of(&d.clusters),
+                    ENDPOINT => versions_of(&d.endpoints),
+                    LISTENER => versions_of(&d.listeners)
+                        .into_iter()
+                        .map(|(name, v)| {
+                            let v = self.received_versions.get(&name).cloned().unwrap_or(v);
+                            (name, v)
+                        })
+                        .collect(),
+                    _ => versions_of(&d.route_configs),
                 };
-                // Delta says what it holds; state of the world says it by version_info.
-                let versions = if ads.delta {
-                    [
-                        versions_of(&self.dynamic.clusters),
-                        versions_of(&self.dynamic.endpoints),
-                        versions_of(&self.dynamic.listeners)
-                            .into_iter()
-                            .map(|(name, v)| {
-                                let v = self.received_versions.get(&name).cloned().unwrap_or(v);
-                                (name, v)
-                            })
-                            .collect(),
-                        versions_of(&self.dynamic.route_configs),
-                    ]
-                } else {
-                    Default::default()
-                };
-                // A new stream asks afresh for everything, CDS included.
+                // What the server said it removed (and is kept, still followed) is said
+                // without a version: Envoy waits for the server to say it again.
+                held.into_iter()
+                    .filter(|(name, _)| c.names.is_empty() || c.names.contains(name))
+                    .filter(|(name, _)| !self.removed_by_server.contains(&(type_url, name.clone())))
+                    .collect()
+            } else {
+                vec![]
+            };
+            if type_url == CLUSTER {
+                // The new stream asks afresh for the clusters.
                 self.cds_held = None;
-                for ((type_url, w), initial) in [
-                    (CLUSTER, &mut self.cds),
-                    (ENDPOINT, &mut self.eds),
-                    (LISTENER, &mut self.lds),
-                    (ROUTE, &mut self.rds),
-                ]
-                .into_iter()
-                .zip(versions)
-                {
-                    w.nonce.clear();
-                    w.sent.clear();
-                    if w.requested {
-                        w.initial = initial;
-                        self.stream.subscribe(type_url, w);
+            }
+            wire.subscribe(&self.node, type_url, initial);
+        }
+    }
+
+    /// Puts a type's subscriptions on their streams: those naming `ads {}` on the ADS stream,
+    /// each other on one of its own (opened when it is new, closed when it is no longer
+    /// followed); each stream whose names changed asks again.
+    fn carry(&mut self, type_url: &'static str) {
+        let mut want: std::collections::BTreeMap<Channel, (Via, Vec<String>)> = Default::default();
+        let mut add = |own: Channel, via: &Via, name: Option<&String>| {
+            let channel = match via {
+                Via::Ads => Channel::Ads,
+                Via::Own(_) => own,
+            };
+            let entry = want.entry(channel).or_insert_with(|| (via.clone(), vec![]));
+            entry.1.extend(name.cloned());
+        };
+        match type_url {
+            CLUSTER | LISTENER => {
+                let via = if type_url == CLUSTER {
+                    &self.config.cds
+                } else {
+                    &self.config.lds
+                };
+                if let Some(via) = via {
+                    add(Channel::Own(type_url, String::new()), via, None);
+                }
+            }
+            ENDPOINT => {
+                for (cluster, service) in &self.eds_clusters {
+                    if self.eds.names.contains(service) {
+                        let via = self.eds_via.get(cluster).unwrap_or(&Via::Ads);
+                        add(Channel::Own(ENDPOINT, cluster.clone()), via, Some(service));
                     }
                 }
-                let refused = |e| format!("the ADS stream was refused: {e}");
-                match (sotw, delta) {
-                    (Some(rx), _) => client
-                        .stream_aggregated_resources(
-                            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
-                        )
-                        .await
-                        .map(|r| Inbound::Sotw(r.into_inner()))
-                        .map_err(refused),
-                    (_, Some(rx)) => client
-                        .delta_aggregated_resources(
-                            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
-                        )
-                        .await
-                        .map(|r| Inbound::Delta(r.into_inner()))
-                        .map_err(refused),
-                    _ => unreachable!("one variant"),
+            }
+            _ => {
+                for name in &self.rds.names {
+                    let via = self.rds_via.get(name).unwrap_or(&Via::Ads);
+                    add(Channel::Own(ROUTE, name.clone()), via, Some(name));
                 }
-            };
-            match opened.await {
-                Ok(inbound) => {
-                    tracing::info!(target: "config", "xDS: ADS stream to cluster '{}' open", ads.cluster);
-                    self.stats.connected(true);
-                    return inbound;
-                }
-                Err(e) => {
-                    tracing::warn!(target: "config", "xDS: cannot reach cluster '{}' at {}: {e}; trying again", ads.cluster, ads.target);
-                    self.stats.stream_failed();
-                    backoff.wait().await;
-                }
+            }
+        }
+        // Streams of their own no longer followed close. (The ADS stream goes on; with none
+        // of a type left to follow, Envoy sends nothing for it.)
+        self.wires.retain(|channel, w| {
+            *channel == Channel::Ads
+                || !w.carried.contains_key(type_url)
+                || want.contains_key(channel)
+        });
+        for (channel, (via, mut names)) in want {
+            names.sort();
+            names.dedup();
+            if !self.wires.contains_key(&channel) {
+                let source = match (via, &self.config.ads) {
+                    (Via::Own(source), _) => source,
+                    (Via::Ads, Some(ads)) => ads.clone(),
+                    (Via::Ads, None) => {
+                        tracing::warn!(target: "config", "xDS: {} names ads, and the bootstrap has no ads_config", short(type_url));
+                        continue;
+                    }
+                };
+                self.generation += 1;
+                let task = tokio::spawn(hold(
+                    channel.clone(),
+                    self.generation,
+                    source.clone(),
+                    self.events_tx.clone(),
+                ));
+                self.wires.insert(
+                    channel.clone(),
+                    Wire {
+                        source,
+                        generation: self.generation,
+                        task: task.abort_handle(),
+                        tx: None,
+                        node_sent: false,
+                        carried: Default::default(),
+                    },
+                );
+            }
+            let wire = self.wires.get_mut(&channel).expect("inserted above");
+            let new = !wire.carried.contains_key(type_url);
+            let c = wire.carried.entry(type_url).or_default();
+            if new || c.names != names {
+                c.names = names;
+                wire.subscribe(&self.node, type_url, vec![]);
             }
         }
     }
@@ -873,24 +1126,30 @@ impl Fetch {
         }
     }
 
-    /// Tells the server where this type stands: an ACK, or with `error` a NACK.
-    fn reply(&mut self, type_url: &str, error: Option<String>) {
-        let (type_url, w) = match type_url {
-            CLUSTER => (CLUSTER, &self.cds),
-            ENDPOINT => (ENDPOINT, &self.eds),
-            LISTENER => (LISTENER, &self.lds),
-            _ => (ROUTE, &self.rds),
+    /// Tells the server on `channel` where this type stands: an ACK, or with `error` a NACK.
+    fn reply(&mut self, channel: &Channel, type_url: &str, error: Option<String>) {
+        let type_url = match type_url {
+            CLUSTER => CLUSTER,
+            ENDPOINT => ENDPOINT,
+            LISTENER => LISTENER,
+            _ => ROUTE,
         };
-        self.stream.send(type_url, w, error);
+        if let Some(w) = self.wires.get_mut(channel) {
+            w.send(&self.node, type_url, error);
+        }
     }
 
     fn complete(&self) -> bool {
         self.cds.ready && self.eds.ready && self.lds.ready && self.rds.ready
     }
 
-    fn on_response(&mut self, base: &Config, r: Update) {
-        if self.watch(&r.type_url).is_none() {
-            tracing::warn!(target: "config", "xDS: ignoring a response for {} (not subscribed)", r.type_url);
+    fn on_response(&mut self, base: &Config, channel: &Channel, r: Update) {
+        let carried = self
+            .wires
+            .get(channel)
+            .is_some_and(|w| w.carried.contains_key(r.type_url.as_str()));
+        if self.watch(&r.type_url).is_none() || !carried {
+            tracing::warn!(target: "config", "xDS: ignoring a response for {} on {channel} (not subscribed there)", r.type_url);
             return;
         }
         // A response is taken whole or not at all: checked alone, then with the rest of the
@@ -899,16 +1158,24 @@ impl Fetch {
             self.dynamic.clone(),
             self.draining_routes.clone(),
             self.eds_clusters.clone(),
+            self.eds_via.clone(),
+            self.rds_via.clone(),
         );
         let accepted = match r.type_url.as_str() {
-            CLUSTER => self.on_clusters(&r),
+            CLUSTER => self.on_clusters(base, &r),
             ENDPOINT => self.on_endpoints(&r),
-            LISTENER => self.on_listeners(&r),
+            LISTENER => self.on_listeners(base, &r),
             _ => self.on_routes(&r),
         }
         .and_then(|next| dynamic::assemble(base, &self.dynamic).map(|_| next));
         if accepted.is_err() {
-            (self.dynamic, self.draining_routes, self.eds_clusters) = before;
+            (
+                self.dynamic,
+                self.draining_routes,
+                self.eds_clusters,
+                self.eds_via,
+                self.rds_via,
+            ) = before;
             let anys: Vec<Any> = r.resources.iter().map(|(a, _)| a.clone()).collect();
             let refused = match r.type_url.as_str() {
                 CLUSTER => dynamic::refused(&anys, |c: &Cluster| c.name.clone()),
@@ -926,8 +1193,9 @@ impl Fetch {
                 if let Some(s) = &self.stats.cds {
                     s.accepted(&self.stats.store, &r.version_info, *changed);
                 }
+                let own = |c: &str| matches!(self.eds_via.get(c), Some(Via::Own(_)));
                 self.stats
-                    .follow_eds(self.eds_clusters.iter().map(|(c, _)| c.as_str()));
+                    .follow_eds(self.eds_clusters.iter().map(|(c, _)| (c.as_str(), own(c))));
                 let mut names: Vec<String> =
                     self.eds_clusters.iter().map(|(_, s)| s.clone()).collect();
                 names.sort();
@@ -949,6 +1217,17 @@ impl Fetch {
                     .filter(|_| r.type_url == ROUTE)
                     .map(|n| (n.clone(), false));
                 let changed: Vec<(String, bool)> = changed.iter().cloned().chain(removed).collect();
+                let type_url = if r.type_url == ENDPOINT {
+                    ENDPOINT
+                } else {
+                    ROUTE
+                };
+                for (name, _) in changed.iter().filter(|(n, _)| !r.removed.contains(n)) {
+                    self.removed_by_server.remove(&(type_url, name.clone()));
+                }
+                for name in &r.removed {
+                    self.removed_by_server.insert((type_url, name.clone()));
+                }
                 for (name, changed) in &changed {
                     let subs: Vec<&stats::Subscription> = if r.type_url == ENDPOINT {
                         self.eds_clusters
@@ -983,39 +1262,46 @@ impl Fetch {
             ROUTE => has_all(&self.rds.names, &self.dynamic.route_configs),
             _ => true,
         };
+        let c = self
+            .wires
+            .get_mut(channel)
+            .and_then(|w| w.carried.get_mut(type_url))
+            .expect("carried, checked above");
+        r.nonce.clone_into(&mut c.nonce);
+        if accepted.is_ok() {
+            r.version_info.clone_into(&mut c.version);
+        }
         let w = self.watch(type_url).expect("subscribed");
-        w.nonce = r.nonce.clone();
         match accepted {
             Ok(()) => {
-                w.version = r.version_info.clone();
                 w.ready = complete;
                 self.dynamic.accepted(type_url);
                 tracing::info!(target: "config", "xDS: {type_url} version {} accepted ({} resources)", r.version_info, r.resources.len());
                 // Initialization moves on while the response is handled: the listeners are
                 // asked for ahead of the ACK of the endpoints that completed the clusters.
-                self.advance(base);
+                self.advance();
                 if type_url == ENDPOINT && self.eds.ready {
                     self.release_cds();
                 }
-                self.reply_or_hold(type_url, None);
+                self.reply_or_hold(channel, type_url, None);
             }
             Err(e) => {
                 let msg = e.to_string();
                 tracing::warn!(target: "config", "xDS: {type_url} version {} rejected: {msg}", r.version_info);
-                self.reply_or_hold(type_url, Some(msg));
+                self.reply_or_hold(channel, type_url, Some(msg));
             }
         }
     }
 
     /// Replies, except to CDS while clusters warm after initialization (Envoy's cluster manager
     /// keeps CDS paused until no cluster is warming).
-    fn reply_or_hold(&mut self, type_url: &str, error: Option<String>) {
+    fn reply_or_hold(&mut self, channel: &Channel, type_url: &str, error: Option<String>) {
         if type_url == CLUSTER && self.clusters_initialized && !self.eds.ready {
             tracing::debug!(target: "config", "xDS: clusters warming; the CDS reply waits for their endpoints");
             self.cds_held = Some(error);
             return;
         }
-        self.reply(type_url, error);
+        self.reply(channel, type_url, error);
     }
 
     /// What goes in service now, with `active` the configuration in service: every accepted
@@ -1070,31 +1356,32 @@ impl Fetch {
     /// The warming clusters are ready (or gave up waiting): the held CDS reply goes.
     fn release_cds(&mut self) {
         if let Some(error) = self.cds_held.take() {
-            self.reply(CLUSTER, error);
+            let channel = self
+                .wires
+                .iter()
+                .find(|(_, w)| w.carried.contains_key(CLUSTER))
+                .map(|(channel, _)| channel.clone());
+            if let Some(channel) = channel {
+                self.reply(&channel, CLUSTER, error);
+            }
         }
     }
 
     /// Listeners once the clusters and their endpoints are in, as Envoy's initialization goes.
-    fn advance(&mut self, base: &Config) {
+    fn advance(&mut self) {
         if self.cds.ready && self.eds.ready {
             self.clusters_initialized = true;
         }
         if self.cds.ready && self.eds.ready && !self.lds.requested {
-            self.request_listeners(base);
+            self.request_listeners();
         }
     }
 
-    fn request_listeners(&mut self, base: &Config) {
-        let wants_lds = base
-            .resources
-            .bootstrap
-            .dynamic_resources
-            .as_ref()
-            .is_some_and(|d| d.lds_config.is_some());
-        if wants_lds {
+    fn request_listeners(&mut self) {
+        if let Some(via) = &self.config.lds {
             self.lds.requested = true;
-            self.stats.start_lds();
-            self.stream.subscribe(LISTENER, &mut self.lds);
+            self.stats.start_lds(matches!(via, Via::Own(_)));
+            self.carry(LISTENER);
         } else {
             self.lds.ready = true;
             self.rds.ready = true;
@@ -1102,7 +1389,7 @@ impl Fetch {
     }
 
     /// The types being waited for are taken as they stand; the next phase gets its own wait.
-    fn give_up_waiting(&mut self, base: &Config) {
+    fn give_up_waiting(&mut self) {
         let (st, d) = (&self.stats, &self.dynamic);
         // Each type's subscriptions still without their resource (CDS and LDS have one, waiting
         // for the first response).
@@ -1138,12 +1425,12 @@ impl Fetch {
         if self.eds.ready {
             self.release_cds();
         }
-        self.advance(base);
+        self.advance();
     }
 
     /// Takes the clusters and which of them ask EDS for what; says whether any was added or
     /// changed.
-    fn on_clusters(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {
+    fn on_clusters(&mut self, base: &Config, r: &Update) -> Result<Accepted, ConfigErrors> {
         let clusters: Vec<(Cluster, String)> = decode_all(r)?;
         let changed = changed(&self.dynamic.clusters, &clusters, |c| c.name.clone());
         resources(
@@ -1174,7 +1461,49 @@ impl Fetch {
                 (c.name.clone(), service)
             })
             .collect();
+        let mut vias = std::collections::BTreeMap::new();
+        for c in &self.dynamic.clusters {
+            if !self.eds_clusters.iter().any(|(name, _)| name == &c.name) {
+                continue;
+            }
+            let source = c
+                .value
+                .eds_cluster_config
+                .as_ref()
+                .and_then(|e| e.eds_config.as_ref());
+            let at = format!("clusters[{}].eds_cluster_config.eds_config", c.name);
+            vias.insert(c.name.clone(), self.via_of(base, source, &at)?);
+        }
+        self.eds_via = vias;
         Ok(Accepted::Clusters(changed.iter().any(|(_, c)| *c)))
+    }
+
+    /// The stream a cluster's or connection manager's config source puts its subscription on
+    /// (`ads {}` where none is given).
+    fn via_of(
+        &self,
+        base: &Config,
+        source: Option<&ConfigSource>,
+        at: &str,
+    ) -> Result<Via, ConfigErrors> {
+        let via = match source {
+            None => Via::Ads,
+            Some(cs) => via(&base.resources, cs, at).map_err(|e| {
+                ConfigErrors(vec![pilotfish_config::error::ConfigError::new(
+                    "ads", at, e,
+                )])
+            })?,
+        };
+        if matches!(via, Via::Ads) && self.config.ads.is_none() {
+            return Err(ConfigErrors(vec![
+                pilotfish_config::error::ConfigError::new(
+                    "ads",
+                    at,
+                    "names ads, and the bootstrap has no ads_config",
+                ),
+            ]));
+        }
+        Ok(via)
     }
 
     /// Drained listeners' route configurations are no longer asked for.
@@ -1205,7 +1534,8 @@ impl Fetch {
                 first.push(r.clone());
             }
         }
-        self.stats.follow_rds(&first);
+        let own = |name: &str| matches!(self.rds_via.get(name), Some(Via::Own(_)));
+        self.stats.follow_rds(&first, own);
         let mut names: Vec<String> = first.into_iter().map(|(_, n)| n).collect();
         names.sort();
         self.subscribe(ROUTE, names);
@@ -1220,6 +1550,9 @@ impl Fetch {
         };
         if names.is_empty() {
             w.ready = true;
+            // Streams of their own close; the ADS stream says nothing of it, as Envoy's.
+            self.wires
+                .retain(|channel, _| !matches!(channel, Channel::Own(t, _) if *t == type_url));
             return;
         }
         if names != w.names || !w.requested {
@@ -1232,6 +1565,8 @@ impl Fetch {
             // What is no longer asked for is gone (EDS and RDS responses name only what they
             // carry: an absent resource is not a removed one).
             let names = w.names.clone();
+            self.removed_by_server
+                .retain(|(t, n)| *t != type_url || names.contains(n));
             if type_url == ENDPOINT {
                 self.dynamic.endpoints.retain(|r| names.contains(&r.name));
             } else {
@@ -1239,13 +1574,9 @@ impl Fetch {
                     .route_configs
                     .retain(|r| names.contains(&r.name));
             }
-            let w = if type_url == ENDPOINT {
-                &mut self.eds
-            } else {
-                &mut self.rds
-            };
-            self.stream.subscribe(type_url, w);
         }
+        // Also with the same names: a subscription may have moved to another stream.
+        self.carry(type_url);
     }
 
     fn on_endpoints(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {
@@ -1262,7 +1593,7 @@ impl Fetch {
     }
 
     /// Takes the listeners; returns the route configurations they ask RDS for.
-    fn on_listeners(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {
+    fn on_listeners(&mut self, base: &Config, r: &Update) -> Result<Accepted, ConfigErrors> {
         let listeners: Vec<(Listener, String)> = decode_all(r)?;
         let before = self.dynamic.listeners.clone();
         resources(
@@ -1314,7 +1645,19 @@ impl Fetch {
                 }
             }
         }
-        Ok(Accepted::Listeners(self.routes_followed()))
+        let followed = self.routes_followed();
+        // Draining listeners' route configurations keep the stream they had.
+        let mut vias = std::mem::take(&mut self.rds_via);
+        for l in &self.dynamic.listeners {
+            for (_, rds) in rds_of(&l.value) {
+                let at = format!("listeners[{}].rds.config_source", l.name);
+                let via = self.via_of(base, rds.config_source.as_ref(), &at)?;
+                vias.insert(rds.route_config_name, via);
+            }
+        }
+        vias.retain(|name, _| followed.iter().any(|(_, f)| f == name));
+        self.rds_via = vias;
+        Ok(Accepted::Listeners(followed))
     }
 
     fn on_routes(&mut self, r: &Update) -> Result<Accepted, ConfigErrors> {
@@ -1456,6 +1799,14 @@ fn decode_all<T: Message + Name + Default>(r: &Update) -> Result<Vec<(T, String)
 /// The route configurations a listener's connection managers ask RDS for: (the connection
 /// manager's stat prefix, route configuration name).
 fn route_config_names(l: &Listener) -> Vec<(String, String)> {
+    rds_of(l)
+        .into_iter()
+        .map(|(prefix, rds)| (prefix, rds.route_config_name))
+        .collect()
+}
+
+/// A listener's connection managers' RDS subscriptions: (stat prefix, their `rds`).
+fn rds_of(l: &Listener) -> Vec<(String, Rds)> {
     let mut out = vec![];
     for fc in l
         .filter_chains
@@ -1475,7 +1826,7 @@ fn route_config_names(l: &Listener) -> Vec<(String, String)> {
                 continue;
             };
             if let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier {
-                out.push((hcm.stat_prefix, rds.route_config_name));
+                out.push((hcm.stat_prefix, rds));
             }
         }
     }
@@ -1583,6 +1934,11 @@ static_resources:
         ResourceSet::from_bootstrap(b)
     }
 
+    fn ads_target(set: &ResourceSet) -> Target {
+        let d = dynamic_resources(set).unwrap().unwrap();
+        d.ads.unwrap().target
+    }
+
     /// Each wait is below the interval, which doubles from the base up to the maximum.
     fn intervals(b: &mut Backoff, n: usize) -> Vec<Duration> {
         (0..n)
@@ -1600,7 +1956,7 @@ static_resources:
         let set = xds_bootstrap(
             "{ cluster_name: xds-grpc, retry_policy: { retry_back_off: { base_interval: 0.1s, max_interval: 0.3s } } }",
         );
-        let mut b = Backoff::new(&ads(&set).unwrap().unwrap().target);
+        let mut b = Backoff::new(&ads_target(&set));
         assert_eq!(intervals(&mut b, 4), [ms(100), ms(200), ms(300), ms(300)]);
         b.reset();
         assert_eq!(intervals(&mut b, 1), [ms(100)]);
@@ -1608,11 +1964,11 @@ static_resources:
         let set = xds_bootstrap(
             "{ cluster_name: xds-grpc, retry_policy: { retry_back_off: { base_interval: 0.1s } } }",
         );
-        let mut b = Backoff::new(&ads(&set).unwrap().unwrap().target);
+        let mut b = Backoff::new(&ads_target(&set));
         assert_eq!(intervals(&mut b, 6)[5], ms(1000));
         // Envoy's default: 500 ms up to 30 s.
         let set = xds_bootstrap("{ cluster_name: xds-grpc }");
-        let mut b = Backoff::new(&ads(&set).unwrap().unwrap().target);
+        let mut b = Backoff::new(&ads_target(&set));
         assert_eq!(intervals(&mut b, 8)[7], Duration::from_secs(30));
         assert_eq!(intervals(&mut b, 1), [Duration::from_secs(30)]);
     }

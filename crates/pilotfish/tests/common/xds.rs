@@ -13,6 +13,20 @@ use pilotfish_api::pb::envoy::service::discovery::v3::{
 use pilotfish_api::pb::envoy::service::secret::v3::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
+use pilotfish_api::pb::envoy::service::{
+    cluster::v3::cluster_discovery_service_server::{
+        ClusterDiscoveryService, ClusterDiscoveryServiceServer,
+    },
+    endpoint::v3::endpoint_discovery_service_server::{
+        EndpointDiscoveryService, EndpointDiscoveryServiceServer,
+    },
+    listener::v3::listener_discovery_service_server::{
+        ListenerDiscoveryService, ListenerDiscoveryServiceServer,
+    },
+    route::v3::route_discovery_service_server::{
+        RouteDiscoveryService, RouteDiscoveryServiceServer,
+    },
+};
 use pilotfish_api::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use std::collections::BTreeMap;
@@ -54,8 +68,11 @@ pub struct DeltaSeen {
 }
 
 impl Seen {
-    /// `CDS v1 nonce=2 [names]`, or with `NACK`: the shape compared between proxies.
+    /// `CDS v1 nonce=2 [names]`, or with `NACK`: the shape compared between proxies. The
+    /// nonce shown is the response's number on its stream (streams open in a proxy's own
+    /// order).
     pub fn summary(&self) -> String {
+        let nonce = self.response_nonce.split_once('.').map_or("", |(_, n)| n);
         let kind = match self.type_url.as_str() {
             CLUSTER => "CDS",
             ENDPOINT => "EDS",
@@ -81,8 +98,7 @@ impl Seen {
             let mut initial = initial.clone();
             initial.sort();
             return format!(
-                "{kind} delta nonce='{}' subscribe={:?} unsubscribe={:?} initial={initial:?}{}{}",
-                self.response_nonce,
+                "{kind} delta nonce='{nonce}' subscribe={:?} unsubscribe={:?} initial={initial:?}{}{}",
                 sorted(sub),
                 sorted(unsub),
                 if self.error.is_some() { " NACK" } else { "" },
@@ -90,9 +106,8 @@ impl Seen {
             );
         }
         format!(
-            "{kind} version='{}' nonce='{}' names={names:?}{}{}",
+            "{kind} version='{}' nonce='{nonce}' names={names:?}{}{}",
             self.version_info,
-            self.response_nonce,
             if self.error.is_some() { " NACK" } else { "" },
             if self.has_node { " node" } else { "" }
         )
@@ -166,11 +181,8 @@ struct State {
     snapshot: watch::Sender<Snapshot>,
     seen: Mutex<Vec<Seen>>,
     handshakes: Mutex<Vec<Handshake>>,
-    /// The nonce of the last response sent, by type.
-    last_sent: Mutex<BTreeMap<String, String>>,
-    /// Nonces go on across restarts, so a request answering a response before the restart
-    /// cannot be taken for one answering a response after it.
-    nonce: std::sync::atomic::AtomicU64,
+    /// The nonce of the last response sent, by open stream and type.
+    last_sent: Mutex<BTreeMap<(u64, String), String>>,
     streams: std::sync::atomic::AtomicU64,
 }
 
@@ -181,7 +193,6 @@ impl State {
             seen: Mutex::new(vec![]),
             handshakes: Mutex::new(vec![]),
             last_sent: Mutex::new(BTreeMap::new()),
-            nonce: Default::default(),
             streams: Default::default(),
         })
     }
@@ -192,8 +203,6 @@ pub struct XdsServer {
     state: Arc<State>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Serves SDS instead of ADS.
-    sds: bool,
     /// Serves over TLS with this configuration (client certificates optional or required as
     /// it says).
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -212,20 +221,19 @@ impl XdsServer {
     }
 
     /// Not serving yet.
-    fn new(initial: Snapshot, addr: SocketAddr, sds: bool) -> XdsServer {
+    fn new(initial: Snapshot, addr: SocketAddr) -> XdsServer {
         XdsServer {
             addr,
             state: State::new(initial),
             stop: None,
             thread: None,
-            sds,
             tls: None,
         }
     }
 
     /// Serves `initial` on `addr` (a port a proxy was told of before the server came up).
     pub fn start_at(initial: Snapshot, addr: SocketAddr) -> XdsServer {
-        let mut server = XdsServer::new(initial, addr, false);
+        let mut server = XdsServer::new(initial, addr);
         server.listen_tcp();
         server
     }
@@ -253,7 +261,7 @@ impl XdsServer {
                 .with_single_cert(chain, key)
                 .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec()];
-        let mut server = XdsServer::new(initial, "127.0.0.1:0".parse().unwrap(), false);
+        let mut server = XdsServer::new(initial, "127.0.0.1:0".parse().unwrap());
         server.tls = Some(Arc::new(config));
         server.listen_tcp();
         server
@@ -300,21 +308,13 @@ impl XdsServer {
         }
     }
 
-    /// The same on a Unix socket, as istio-agent serves its sidecar (`addr` is then unused).
+    /// The same on a Unix socket, as istio-agent serves its sidecar xDS and SDS (`addr` is
+    /// then unused).
     pub fn start_unix(initial: Snapshot, path: &std::path::Path) -> XdsServer {
-        XdsServer::unix(initial, path, false)
-    }
-
-    /// An SDS server on a Unix socket (istio-agent's `sds-grpc`), holding secrets by name.
-    pub fn start_sds_unix(initial: Snapshot, path: &std::path::Path) -> XdsServer {
-        XdsServer::unix(initial, path, true)
-    }
-
-    fn unix(initial: Snapshot, path: &std::path::Path, sds: bool) -> XdsServer {
         let _ = std::fs::remove_file(path);
         let l = std::os::unix::net::UnixListener::bind(path).unwrap();
         l.set_nonblocking(true).unwrap();
-        let mut server = XdsServer::new(initial, "0.0.0.0:0".parse().unwrap(), sds);
+        let mut server = XdsServer::new(initial, "0.0.0.0:0".parse().unwrap());
         server.serve(move || {
             tokio_stream::wrappers::UnixListenerStream::new(
                 tokio::net::UnixListener::from_std(l).unwrap(),
@@ -336,27 +336,16 @@ impl XdsServer {
     {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let state = self.state.clone();
-        let sds = self.sds;
         self.thread = Some(std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                // One service: no router needed. Stopped abruptly: leaving block_on drops the
-                // runtime, and with it every connection's task.
-                let builder = tonic::transport::Server::builder();
-                let serve: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = if sds {
-                    Box::pin(builder.serve_with_incoming(
-                        SecretDiscoveryServiceServer::new(Sds(state)),
-                        incoming(),
-                    ))
-                } else {
-                    Box::pin(builder.serve_with_incoming(
-                        AggregatedDiscoveryServiceServer::new(Ads(state)),
-                        incoming(),
-                    ))
-                };
+                // Stopped abruptly: leaving block_on drops the runtime, and with it every
+                // connection's task.
+                let serve = tonic::transport::Server::builder()
+                    .serve_with_incoming(Services(Xds(state)), incoming());
                 tokio::select! {
                     _ = serve => {}
                     _ = stopped => {}
@@ -384,10 +373,9 @@ impl XdsServer {
         let seen = self.seen();
         pushed
             && !last.is_empty()
-            && last.iter().all(|(t, nonce)| {
-                seen.iter()
-                    .any(|s| &s.type_url == t && &s.response_nonce == nonce)
-            })
+            && last
+                .values()
+                .all(|nonce| seen.iter().any(|s| &s.response_nonce == nonce))
     }
 
     /// Waits until `done` holds for what was seen (at most 20 s), and returns it.
@@ -411,7 +399,9 @@ impl XdsServer {
     }
 }
 
-struct Ads(Arc<State>);
+/// Every discovery service on one server, each stream held as `converse` holds it.
+#[derive(Clone)]
+struct Xds(Arc<State>);
 
 /// Per stream and type: what was last sent.
 #[derive(Default)]
@@ -421,30 +411,182 @@ struct Sent {
     names: Vec<String>,
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
-    type DeltaAggregatedResourcesStream =
-        ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
+/// The discovery services by gRPC path (tonic's own router would bring axum for it).
+#[derive(Clone)]
+struct Services(Xds);
 
-    async fn stream_aggregated_resources(
-        &self,
-        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-        Ok(tonic::Response::new(converse(
-            self.0.clone(),
-            request.into_inner(),
-        )))
+type GrpcResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Services {
+    type Response = GrpcResponse;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<GrpcResponse, std::convert::Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        Ok(tonic::Response::new(converse_delta(
-            self.0.clone(),
-            request.into_inner(),
-        )))
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        use tonic::server::NamedService;
+        let xds = self.0.clone();
+        let service = req.uri().path().trim_start_matches('/');
+        let service = service.split('/').next().unwrap_or_default();
+        macro_rules! route {
+            ($($server:ident),*) => {
+                $(
+                    if service == <$server<Xds> as NamedService>::NAME {
+                        return $server::new(xds).call(req);
+                    }
+                )*
+            };
+        }
+        route!(
+            AggregatedDiscoveryServiceServer,
+            SecretDiscoveryServiceServer,
+            ClusterDiscoveryServiceServer,
+            EndpointDiscoveryServiceServer,
+            ListenerDiscoveryServiceServer,
+            RouteDiscoveryServiceServer
+        );
+        Box::pin(async { Ok(tonic::Status::unimplemented("no such service").into_http()) })
+    }
+}
+
+type SotwStream = ReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
+type DeltaStream = ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
+
+/// Implements a discovery service (`StreamX`, `DeltaX` and, where it has one, `FetchX`) on
+/// `Xds` with `converse` and `converse_delta`.
+macro_rules! discovery_service {
+    ($service:path, $sotw_ty:ident, $sotw:ident, $delta_ty:ident, $delta:ident $(, $fetch:ident)?) => {
+        #[tonic::async_trait]
+        impl $service for Xds {
+            type $sotw_ty = SotwStream;
+            type $delta_ty = DeltaStream;
+
+            async fn $sotw(
+                &self,
+                request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+            ) -> Result<tonic::Response<SotwStream>, tonic::Status> {
+                Ok(tonic::Response::new(converse(self.0.clone(), request.into_inner())))
+            }
+
+            async fn $delta(
+                &self,
+                request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+            ) -> Result<tonic::Response<DeltaStream>, tonic::Status> {
+                Ok(tonic::Response::new(converse_delta(self.0.clone(), request.into_inner())))
+            }
+
+            $(
+                async fn $fetch(
+                    &self,
+                    _: tonic::Request<DiscoveryRequest>,
+                ) -> Result<tonic::Response<DiscoveryResponse>, tonic::Status> {
+                    Err(tonic::Status::unimplemented("streams only"))
+                }
+            )?
+        }
+    };
+}
+
+discovery_service!(
+    AggregatedDiscoveryService,
+    StreamAggregatedResourcesStream,
+    stream_aggregated_resources,
+    DeltaAggregatedResourcesStream,
+    delta_aggregated_resources
+);
+discovery_service!(
+    SecretDiscoveryService,
+    StreamSecretsStream,
+    stream_secrets,
+    DeltaSecretsStream,
+    delta_secrets,
+    fetch_secrets
+);
+discovery_service!(
+    ClusterDiscoveryService,
+    StreamClustersStream,
+    stream_clusters,
+    DeltaClustersStream,
+    delta_clusters,
+    fetch_clusters
+);
+discovery_service!(
+    EndpointDiscoveryService,
+    StreamEndpointsStream,
+    stream_endpoints,
+    DeltaEndpointsStream,
+    delta_endpoints,
+    fetch_endpoints
+);
+discovery_service!(
+    ListenerDiscoveryService,
+    StreamListenersStream,
+    stream_listeners,
+    DeltaListenersStream,
+    delta_listeners,
+    fetch_listeners
+);
+discovery_service!(
+    RouteDiscoveryService,
+    StreamRoutesStream,
+    stream_routes,
+    DeltaRoutesStream,
+    delta_routes,
+    fetch_routes
+);
+
+/// An open stream: its number, and its last responses in `last_sent` until it ends.
+struct Open {
+    state: Arc<State>,
+    number: u64,
+    responses: std::sync::atomic::AtomicU64,
+}
+
+impl Open {
+    fn new(state: &Arc<State>) -> Open {
+        let number = state
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        Open {
+            state: state.clone(),
+            number,
+            responses: Default::default(),
+        }
+    }
+
+    /// The next response's nonce: `<stream>.<response on it>`, unique across streams and
+    /// restarts, so a request answering a response before a restart cannot be taken for one
+    /// answering a response after it.
+    fn nonce(&self) -> String {
+        let n = self
+            .responses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        format!("{}.{n}", self.number)
+    }
+
+    fn sent(&self, type_url: &str, nonce: &str) {
+        self.state
+            .last_sent
+            .lock()
+            .unwrap()
+            .insert((self.number, type_url.to_string()), nonce.to_string());
+    }
+}
+
+/// A closed stream's responses wait for no answer.
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Ok(mut last) = self.state.last_sent.lock() {
+            last.retain(|(stream, _), _| *stream != self.number);
+        }
     }
 }
 
@@ -464,7 +606,7 @@ fn delta_response(
     snapshot: &Snapshot,
     type_url: &str,
     st: &mut DeltaState,
-    nonce: u64,
+    nonce: impl FnOnce() -> String,
     always: bool,
 ) -> Option<DeltaDiscoveryResponse> {
     let empty = BTreeMap::new();
@@ -502,7 +644,7 @@ fn delta_response(
         resources,
         removed_resources: removed,
         type_url: type_url.to_string(),
-        nonce: nonce.to_string(),
+        nonce: nonce(),
         ..Default::default()
     })
 }
@@ -514,19 +656,10 @@ fn converse_delta(
     mut inbound: tonic::Streaming<DeltaDiscoveryRequest>,
 ) -> ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>> {
     let (tx, rx) = mpsc::channel(16);
-    let stream = state
-        .streams
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        + 1;
+    let stream = Open::new(&state);
     tokio::spawn(async move {
         let mut snapshots = state.snapshot.subscribe();
         let mut types: BTreeMap<String, DeltaState> = BTreeMap::new();
-        let next_nonce = || {
-            state
-                .nonce
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1
-        };
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -543,7 +676,7 @@ fn converse_delta(
                             unsubscribe: req.resource_names_unsubscribe.clone(),
                             initial: req.initial_resource_versions.clone().into_iter().collect(),
                         }),
-                        stream,
+                        stream: stream.number,
                     });
                     let st = types.entry(req.type_url.clone()).or_default();
                     let first = !st.started;
@@ -571,8 +704,8 @@ fn converse_delta(
                         continue;
                     }
                     let snapshot = snapshots.borrow().clone();
-                    if let Some(r) = delta_response(&snapshot, &req.type_url, st, next_nonce(), first) {
-                        state.last_sent.lock().unwrap().insert(req.type_url.clone(), r.nonce.clone());
+                    if let Some(r) = delta_response(&snapshot, &req.type_url, st, || stream.nonce(), first) {
+                        stream.sent(&req.type_url, &r.nonce);
                         if tx.send(Ok(r)).await.is_err() {
                             return;
                         }
@@ -582,8 +715,11 @@ fn converse_delta(
                     if changed.is_err() { return; }
                     let snapshot = snapshots.borrow_and_update().clone();
                     for (type_url, st) in types.iter_mut() {
-                        if let Some(r) = delta_response(&snapshot, type_url, st, next_nonce(), false) {
-                            state.last_sent.lock().unwrap().insert(type_url.clone(), r.nonce.clone());
+                        if !st.wildcard && all_gone(&snapshot, type_url, st.names.iter()) {
+                            continue;
+                        }
+                        if let Some(r) = delta_response(&snapshot, type_url, st, || stream.nonce(), false) {
+                            stream.sent(type_url, &r.nonce);
                             if tx.send(Ok(r)).await.is_err() {
                                 return;
                             }
@@ -596,42 +732,6 @@ fn converse_delta(
     ReceiverStream::new(rx)
 }
 
-/// The same conversation for SDS, as istio-agent serves secrets on its own socket.
-struct Sds(Arc<State>);
-
-#[tonic::async_trait]
-impl SecretDiscoveryService for Sds {
-    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
-    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
-
-    async fn stream_secrets(
-        &self,
-        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::StreamSecretsStream>, tonic::Status> {
-        Ok(tonic::Response::new(converse(
-            self.0.clone(),
-            request.into_inner(),
-        )))
-    }
-
-    async fn delta_secrets(
-        &self,
-        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::DeltaSecretsStream>, tonic::Status> {
-        Ok(tonic::Response::new(converse_delta(
-            self.0.clone(),
-            request.into_inner(),
-        )))
-    }
-
-    async fn fetch_secrets(
-        &self,
-        _: tonic::Request<DiscoveryRequest>,
-    ) -> Result<tonic::Response<DiscoveryResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("streams only"))
-    }
-}
-
 /// One stream: answers each request from the snapshot, pushes each new snapshot, and records
 /// what the proxy sent.
 fn converse(
@@ -639,19 +739,10 @@ fn converse(
     mut inbound: tonic::Streaming<DiscoveryRequest>,
 ) -> ReceiverStream<Result<DiscoveryResponse, tonic::Status>> {
     let (tx, rx) = mpsc::channel(16);
-    let stream = state
-        .streams
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        + 1;
+    let stream = Open::new(&state);
     tokio::spawn(async move {
         let mut snapshots = state.snapshot.subscribe();
         let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
-        let next_nonce = || {
-            state
-                .nonce
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1
-        };
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -664,7 +755,7 @@ fn converse(
                         error: req.error_detail.as_ref().map(|e| e.message.clone()),
                         has_node: req.node.is_some(),
                         delta: None,
-                        stream,
+                        stream: stream.number,
                     });
                     let s = sent.entry(req.type_url.clone()).or_default();
                     // A request answering an older response is stale (the proxy answers the
@@ -677,8 +768,8 @@ fn converse(
                     }
                     s.names = req.resource_names.clone();
                     let snapshot = snapshots.borrow().clone();
-                    let r = respond(&snapshot, &req.type_url, s, next_nonce());
-                    state.last_sent.lock().unwrap().insert(req.type_url.clone(), r.nonce.clone());
+                    let r = respond(&snapshot, &req.type_url, s, stream.nonce());
+                    stream.sent(&req.type_url, &r.nonce);
                     if tx.send(Ok(r)).await.is_err() {
                         return;
                     }
@@ -687,11 +778,11 @@ fn converse(
                     if changed.is_err() { return; }
                     let snapshot = snapshots.borrow_and_update().clone();
                     for (type_url, s) in sent.iter_mut() {
-                        if s.version == snapshot.version {
+                        if s.version == snapshot.version || all_gone(&snapshot, type_url, s.names.iter()) {
                             continue;
                         }
-                        let r = respond(&snapshot, type_url, s, next_nonce());
-                        state.last_sent.lock().unwrap().insert(type_url.clone(), r.nonce.clone());
+                        let r = respond(&snapshot, type_url, s, stream.nonce());
+                        stream.sent(type_url, &r.nonce);
                         if tx.send(Ok(r)).await.is_err() {
                             return;
                         }
@@ -703,8 +794,22 @@ fn converse(
     ReceiverStream::new(rx)
 }
 
+/// An EDS stream whose assignments are all gone from the snapshot: their cluster went with
+/// them, and a proxy with a stream per cluster closes it in the same update; whether a push
+/// would beat the close is chance, so none is sent.
+fn all_gone<'a>(
+    snapshot: &Snapshot,
+    type_url: &str,
+    mut names: impl ExactSizeIterator<Item = &'a String>,
+) -> bool {
+    let all = snapshot.resources.get(type_url);
+    type_url == ENDPOINT
+        && names.len() > 0
+        && names.all(|n| all.is_none_or(|all| !all.contains_key(n)))
+}
+
 /// The snapshot's resources of a type: all of them for a wildcard request, else those named.
-fn respond(snapshot: &Snapshot, type_url: &str, s: &mut Sent, nonce: u64) -> DiscoveryResponse {
+fn respond(snapshot: &Snapshot, type_url: &str, s: &mut Sent, nonce: String) -> DiscoveryResponse {
     let all = snapshot.resources.get(type_url);
     let resources = all
         .map(|m| {
@@ -715,7 +820,7 @@ fn respond(snapshot: &Snapshot, type_url: &str, s: &mut Sent, nonce: u64) -> Dis
         })
         .unwrap_or_default();
     s.version = snapshot.version.clone();
-    s.nonce = nonce.to_string();
+    s.nonce = nonce;
     DiscoveryResponse {
         version_info: snapshot.version.clone(),
         resources,

@@ -5,7 +5,7 @@
 //! 0 waits for ever); a later version (a rotated certificate) is put in service in place: new
 //! connections get it, those under way keep their session.
 
-use super::{connect, grpc_target, is_delta, Backoff, Target};
+use super::{connect, Backoff};
 use pilotfish_api::pb::envoy::config::core::v3::{config_source::ConfigSourceSpecifier, Node};
 use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::{SdsSecretConfig, Secret};
 use pilotfish_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
@@ -22,12 +22,8 @@ pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets
 /// Where a secret comes from.
 #[derive(Debug, Clone)]
 struct Source {
-    cluster: String,
-    target: Target,
-    node_first_only: bool,
+    grpc: super::Source,
     initial_fetch_timeout: Duration,
-    /// Delta xDS (DELTA_GRPC) rather than state of the world.
-    delta: bool,
 }
 
 /// The secrets the configuration names with a gRPC config source, by name; an error for the
@@ -74,15 +70,9 @@ fn source(set: &ResourceSet, c: &SdsSecretConfig) -> Result<Option<Source>, Stri
             ))
         }
     };
-    let at = format!("{at}.api_config_source");
-    let delta = is_delta(api, &at)?;
-    let (cluster, target) = grpc_target(set, api, &at)?;
     Ok(Some(Source {
-        cluster,
-        target,
-        node_first_only: api.set_node_on_first_message_only,
+        grpc: super::source(set, api, &format!("{at}.api_config_source"))?,
         initial_fetch_timeout: super::initial_fetch_timeout(cs).unwrap_or(Duration::from_secs(15)),
-        delta,
     }))
 }
 
@@ -170,7 +160,7 @@ impl Sds {
         self.stats.insert(name.clone(), stats.clone());
         let task = tokio::spawn(stream_secret(
             name.clone(),
-            source,
+            source.grpc,
             self.node.clone(),
             self.tx.clone(),
             (self.store.clone(), stats),
@@ -214,7 +204,7 @@ impl Sds {
 /// or NACKs, and hands on what it accepts; reconnects with backoff when the stream ends.
 async fn stream_secret(
     name: String,
-    source: Source,
+    source: super::Source,
     node: Node,
     out: mpsc::UnboundedSender<Resource<Secret>>,
     stats: (Arc<crate::stats::Store>, Arc<super::stats::Subscription>),
@@ -286,7 +276,7 @@ impl Held {
 /// version held. Returns why the stream ended.
 async fn sotw_stream(
     mut client: SecretDiscoveryServiceClient<tonic::transport::Channel>,
-    source: &Source,
+    source: &super::Source,
     node: &Node,
     held: &mut Held,
     backoff: &mut Backoff,
@@ -347,7 +337,7 @@ async fn sotw_stream(
 /// removing the secret is taken and the secret kept, as Envoy's SDS does.
 async fn delta_stream(
     mut client: SecretDiscoveryServiceClient<tonic::transport::Channel>,
-    source: &Source,
+    source: &super::Source,
     node: &Node,
     held: &mut Held,
     backoff: &mut Backoff,

@@ -1,8 +1,9 @@
-//! The xDS client's stats, under Envoy's names: the stream (`control_plane.*`) and each
+//! The xDS client's stats, under Envoy's names: the ADS stream (`control_plane.*`) and each
 //! subscription's updates — CDS (`cluster_manager.cds.*`), LDS (`listener_manager.lds.*`), each
 //! route configuration (`http.<stat_prefix>.rds.<name>.*`), each EDS cluster
-//! (`cluster.<name>.*`) and each SDS secret (`sds.<name>.*`, with its own stream's
-//! `control_plane.*`) — counted as Envoy counts them: a subscription's start and every update,
+//! (`cluster.<name>.*`) and each SDS secret (`sds.<name>.*`), a subscription with a stream of
+//! its own keeping that stream's `control_plane.*` under its prefix — counted as Envoy counts
+//! them: a subscription's start and every update,
 //! rejection or stream failure is an attempt; EDS and RDS subscriptions count only the responses
 //! that carry their resource; a subscription that ends takes its stats with it.
 
@@ -33,18 +34,19 @@ pub struct Subscription {
     config_reload: Option<(Arc<Stat>, Arc<Stat>)>,
     /// EDS: updates that left the cluster's hosts as they were.
     no_rebuild: Option<Arc<Stat>>,
-    /// SDS: the secret's own stream (`sds.<name>.control_plane.connected_state`).
+    /// A subscription with a stream of its own (SDS always; the others where their config
+    /// source is not ADS): that stream's `<prefix>control_plane.connected_state`.
     connected_state: Option<Arc<Stat>>,
 }
 
 impl Subscription {
     /// An SDS secret's (`sds.<name>.*`), started.
     pub fn sds(store: &Store, name: &str) -> Subscription {
-        Subscription::start(store, format!("sds.{name}."), Kind::Sds)
+        Subscription::start(store, format!("sds.{name}."), Kind::Sds, true)
     }
 
     /// Its stats, and the start counted as the first attempt.
-    fn start(store: &Store, prefix: String, kind: Kind) -> Subscription {
+    fn start(store: &Store, prefix: String, kind: Kind, own_stream: bool) -> Subscription {
         let c = |n: &str| store.counter(&format!("{prefix}{n}"));
         let g = |n: &str| store.gauge(&format!("{prefix}{n}"));
         if matches!(kind, Kind::Rds | Kind::Eds) {
@@ -54,7 +56,9 @@ impl Subscription {
         if kind == Kind::Sds {
             // Envoy counts a certificate file that cannot be watched: SDS over gRPC never.
             c("key_rotation_failed");
-            // Each secret has a stream of its own, with the stream stats ADS has.
+        }
+        if own_stream {
+            // The stream stats ADS has.
             c("control_plane.rate_limit_enforced");
             g("control_plane.pending_requests");
             store.set_text(&format!("{prefix}control_plane.identifier"), "");
@@ -70,7 +74,7 @@ impl Subscription {
             config_reload: matches!(kind, Kind::Cds | Kind::Rds)
                 .then(|| (c("config_reload"), g("config_reload_time_ms"))),
             no_rebuild: (kind == Kind::Eds).then(|| c("update_no_rebuild")),
-            connected_state: (kind == Kind::Sds).then(|| g("control_plane.connected_state")),
+            connected_state: own_stream.then(|| g("control_plane.connected_state")),
             prefix,
         };
         store.set_text(&format!("{}version_text", s.prefix), "");
@@ -108,11 +112,15 @@ impl Subscription {
         self.rejected.inc();
     }
 
-    /// Its own stream (SDS) is up.
+    /// Its own stream is up.
     pub fn connected(&self) {
         if let Some(c) = &self.connected_state {
             c.set(1);
         }
+    }
+
+    fn own_stream(&self) -> bool {
+        self.connected_state.is_some()
     }
 
     pub fn failed(&self) {
@@ -141,6 +149,10 @@ impl Subscription {
             "config_reload",
             "config_reload_time_ms",
             "update_no_rebuild",
+            "control_plane.connected_state",
+            "control_plane.pending_requests",
+            "control_plane.rate_limit_enforced",
+            "control_plane.identifier",
         ]
         .iter()
         .map(|n| format!("{}{n}", self.prefix))
@@ -150,10 +162,11 @@ impl Subscription {
     }
 }
 
-/// The stream's stats and every subscription's.
+/// The ADS stream's stats and every subscription's.
 pub struct XdsStats {
     pub store: Arc<Store>,
-    connected_state: Arc<Stat>,
+    /// The ADS stream's, when the bootstrap has one.
+    connected_state: Option<Arc<Stat>>,
     pub cds: Option<Subscription>,
     pub lds: Option<Subscription>,
     /// By cluster name.
@@ -163,12 +176,15 @@ pub struct XdsStats {
 }
 
 impl XdsStats {
-    pub fn new(store: Arc<Store>) -> XdsStats {
-        store.counter("control_plane.rate_limit_enforced");
-        store.gauge("control_plane.pending_requests");
-        store.set_text("control_plane.identifier", "");
+    pub fn new(store: Arc<Store>, ads: bool) -> XdsStats {
+        let connected_state = ads.then(|| {
+            store.counter("control_plane.rate_limit_enforced");
+            store.gauge("control_plane.pending_requests");
+            store.set_text("control_plane.identifier", "");
+            store.gauge("control_plane.connected_state")
+        });
         XdsStats {
-            connected_state: store.gauge("control_plane.connected_state"),
+            connected_state,
             store,
             cds: None,
             lds: None,
@@ -177,37 +193,41 @@ impl XdsStats {
         }
     }
 
-    pub fn start_cds(&mut self) {
+    /// `own_stream`: its config source is not ADS.
+    pub fn start_cds(&mut self, own_stream: bool) {
         self.cds = Some(Subscription::start(
             &self.store,
             "cluster_manager.cds.".into(),
             Kind::Cds,
+            own_stream,
         ));
     }
 
-    pub fn start_lds(&mut self) {
+    pub fn start_lds(&mut self, own_stream: bool) {
         self.lds = Some(Subscription::start(
             &self.store,
             "listener_manager.lds.".into(),
             Kind::Lds,
+            own_stream,
         ));
     }
 
-    /// EDS subscriptions become `clusters` (names); those gone take their stats along.
-    pub fn follow_eds<'a>(&mut self, clusters: impl IntoIterator<Item = &'a str>) {
-        let want: Vec<&str> = clusters.into_iter().collect();
+    /// EDS subscriptions become `clusters` (name, whether it has a stream of its own); those
+    /// gone take their stats along.
+    pub fn follow_eds<'a>(&mut self, clusters: impl IntoIterator<Item = (&'a str, bool)>) {
+        let want: Vec<(&str, bool)> = clusters.into_iter().collect();
         let store = self.store.clone();
         follow(
             &store,
             &mut self.eds,
             want.iter()
-                .map(|c| (c.to_string(), format!("cluster.{c}."), Kind::Eds)),
+                .map(|(c, own)| (c.to_string(), format!("cluster.{c}."), Kind::Eds, *own)),
         );
     }
 
     /// RDS subscriptions become `routes` (stat prefix of the connection manager that first
-    /// names it, route configuration name).
-    pub fn follow_rds(&mut self, routes: &[(String, String)]) {
+    /// names it, route configuration name); `own_stream` says which have a stream of their own.
+    pub fn follow_rds(&mut self, routes: &[(String, String)], own_stream: impl Fn(&str) -> bool) {
         let store = self.store.clone();
         follow(
             &store,
@@ -217,19 +237,49 @@ impl XdsStats {
                     name.clone(),
                     format!("http.{prefix}.rds.{name}."),
                     Kind::Rds,
+                    own_stream(name),
                 )
             }),
         );
     }
 
-    pub fn connected(&self, up: bool) {
-        self.connected_state.set(up as u64);
+    /// The subscription a stream of its own serves.
+    fn own(&self, channel: &super::Channel) -> Option<&Subscription> {
+        match channel {
+            super::Channel::Ads => None,
+            super::Channel::Own(super::CLUSTER, _) => self.cds.as_ref(),
+            super::Channel::Own(super::LISTENER, _) => self.lds.as_ref(),
+            super::Channel::Own(super::ENDPOINT, cluster) => self.eds.get(cluster),
+            super::Channel::Own(_, name) => self.rds.get(name),
+        }
     }
 
-    /// The stream failed (closed, or no connection): every subscription counts a failure.
-    pub fn stream_failed(&self) {
-        self.connected(false);
-        self.all().for_each(Subscription::failed);
+    pub fn connected(&self, channel: &super::Channel, up: bool) {
+        match channel {
+            super::Channel::Ads => {
+                if let Some(c) = &self.connected_state {
+                    c.set(up as u64);
+                }
+            }
+            _ if up => self
+                .own(channel)
+                .into_iter()
+                .for_each(Subscription::connected),
+            _ => {}
+        }
+    }
+
+    /// A stream failed (closed, or no connection): each subscription it serves counts a
+    /// failure (the ADS stream's: every one without a stream of its own).
+    pub fn stream_failed(&self, channel: &super::Channel) {
+        if *channel == super::Channel::Ads {
+            self.connected(channel, false);
+            self.all()
+                .filter(|s| !s.own_stream())
+                .for_each(Subscription::failed);
+        } else {
+            self.own(channel).into_iter().for_each(Subscription::failed);
+        }
     }
 
     fn all(&self) -> impl Iterator<Item = &Subscription> {
@@ -244,16 +294,16 @@ impl XdsStats {
 fn follow(
     store: &Store,
     subs: &mut BTreeMap<String, Subscription>,
-    want: impl Iterator<Item = (String, String, Kind)>,
+    want: impl Iterator<Item = (String, String, Kind, bool)>,
 ) {
     let mut old = std::mem::take(subs);
-    for (key, prefix, kind) in want {
+    for (key, prefix, kind, own_stream) in want {
         if subs.contains_key(&key) {
             continue;
         }
         let s = old
             .remove(&key)
-            .unwrap_or_else(|| Subscription::start(store, prefix, kind));
+            .unwrap_or_else(|| Subscription::start(store, prefix, kind, own_stream));
         subs.insert(key, s);
     }
     for gone in old.values() {
