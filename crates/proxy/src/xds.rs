@@ -1,11 +1,12 @@
-//! xDS: the configuration a control plane streams over ADS (state of the world or delta; TCP,
-//! TLS or a Unix socket to the management server), asked for in Envoy's order at start-up:
+//! xDS: the configuration a control plane streams over ADS, or type by type over config sources
+//! of their own, one stream per subscription as Envoy opens them (state of the world or delta;
+//! TCP, TLS or a Unix socket to the management server), asked for in Envoy's order at start-up:
 //! clusters, then the endpoints of the EDS clusters, then listeners, then the route
 //! configurations their connection managers name. Each response is
 //! checked as Envoy checks an update and ACKed, or NACKed with the reason; the accepted whole,
 //! laid over the bootstrap's static resources, is what the proxy starts with.
 //!
-//! After start-up the stream stays open and each update is taken the same way, then put in
+//! After start-up the streams stay open and each update is taken the same way, then put in
 //! service (`Server::apply`) without what still warms (a listener whose new route
 //! configuration or secret has not arrived does not replace the old one yet, a cluster waits
 //! for its endpoints, as Envoy warms them). A refused update leaves the configuration in
@@ -1916,12 +1917,21 @@ mod tests {
     use super::*;
 
     fn xds_bootstrap(envoy_grpc: &str) -> ResourceSet {
+        bootstrap(&format!(
+            "{{ ads_config: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {envoy_grpc} }}] }}, cds_config: {{ ads: {{}}, resource_api_version: V3 }} }}"
+        ))
+    }
+
+    fn ads_target(set: &ResourceSet) -> Target {
+        let d = dynamic_resources(set).unwrap().unwrap();
+        d.ads.unwrap().target
+    }
+
+    fn bootstrap(dynamic: &str) -> ResourceSet {
         let b = pilotfish_config::load_message::<pilotfish_api::pb::envoy::config::bootstrap::v3::Bootstrap>(
             "test.yaml",
             &format!(
-                r#"dynamic_resources:
-  ads_config: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {envoy_grpc} }}] }}
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
+                r#"dynamic_resources: {dynamic}
 static_resources:
   clusters:
   - name: xds-grpc
@@ -1934,9 +1944,46 @@ static_resources:
         ResourceSet::from_bootstrap(b)
     }
 
-    fn ads_target(set: &ResourceSet) -> Target {
-        let d = dynamic_resources(set).unwrap().unwrap();
-        d.ads.unwrap().target
+    #[test]
+    fn config_sources_of_their_own_and_what_is_refused() {
+        let grpc = "{ api_config_source: { api_type: GRPC, transport_api_version: V3, grpc_services: [{ envoy_grpc: { cluster_name: xds-grpc } }] } }";
+        // No ads_config needed when nothing names ADS.
+        let d = dynamic_resources(&bootstrap(&format!(
+            "{{ cds_config: {grpc}, lds_config: {grpc} }}"
+        )))
+        .unwrap()
+        .unwrap();
+        assert!(d.ads.is_none());
+        assert!(matches!(&d.cds, Some(Via::Own(s)) if s.cluster == "xds-grpc" && !s.delta));
+        assert!(matches!(&d.lds, Some(Via::Own(_))));
+        let refused = |dynamic: &str| dynamic_resources(&bootstrap(dynamic)).unwrap_err();
+        assert_eq!(
+            refused(&format!(
+                "{{ cds_config: {grpc}, lds_config: {{ ads: {{}} }} }}"
+            )),
+            "dynamic_resources.lds_config names ads, and ads_config is not set"
+        );
+        let e = refused("{ cds_config: { path_config_source: { path: /etc/envoy/cds.yaml } } }");
+        assert!(
+            e.starts_with("dynamic_resources.cds_config: only ads {} and a gRPC api_config_source"),
+            "{e}"
+        );
+        let e = refused(&format!(
+            "{{ lds_config: {} }}",
+            grpc.replace("cluster_name: xds-grpc", "cluster_name: elsewhere")
+        ));
+        assert_eq!(
+            e,
+            "dynamic_resources.lds_config.api_config_source: cluster 'elsewhere' is not a static cluster"
+        );
+        let e = refused(&format!(
+            "{{ lds_config: {} }}",
+            grpc.replace("GRPC", "REST")
+        ));
+        assert!(
+            e.starts_with("dynamic_resources.lds_config.api_config_source: api_type"),
+            "{e}"
+        );
     }
 
     /// Each wait is below the interval, which doubles from the base up to the maximum.
