@@ -368,8 +368,8 @@ fn ads_invalid_listener_is_nacked_as_envoy_does() {
     let dir = common::proxy::temp_dir("xds-nack");
     let nacked = |s: &[Seen]| s.iter().any(|r| r.error.is_some());
     // The listener's connection manager has an empty stat_prefix, which the API forbids: the
-    // listener update is refused, and after LDS's initial fetch timeout (1 s here) the proxy
-    // goes on with its clusters and no listener.
+    // listener update is refused, and the proxy goes on at once with its clusters and no
+    // listener (a refused update ends the initial fetch as Envoy's does).
     let run = |bin: &Path, is_envoy| {
         let listen = common::free_port();
         let upstream = http_upstream("backend-1");
@@ -403,6 +403,48 @@ fn ads_invalid_listener_is_nacked_as_envoy_does() {
         ]
     );
     assert_eq!(pf.dumped, ev.dumped);
+}
+
+/// A cluster whose `eds_config` names a config source pilotfish cannot use (an
+/// `api_config_source` over a cluster the bootstrap does not have) is refused as Envoy refuses
+/// it: CDS NACKed, and start-up goes on at once without the clusters (listeners asked for
+/// ahead of the NACK, as Envoy does).
+#[test]
+fn ads_cluster_with_an_unusable_eds_config_source_is_nacked_as_envoy_does() {
+    let Some(envoy) =
+        common::envoy("ads_cluster_with_an_unusable_eds_config_source_is_nacked_as_envoy_does")
+    else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-nack-source");
+    let nacked = |s: &[Seen]| s.iter().any(|r| r.error.is_some());
+    let run = |bin: &Path, is_envoy| {
+        let listen = common::free_port();
+        let mut snap = snapshot("1", listen, http_upstream("backend-1"));
+        let cluster: Cluster = load(
+            "name: backend\ntype: EDS\nconnect_timeout: 1s\neds_cluster_config: { eds_config: { api_config_source: { api_type: GRPC, transport_api_version: V3, grpc_services: [{ envoy_grpc: { cluster_name: nowhere } }] }, resource_api_version: V3 } }\n",
+        );
+        snap = snap.with("backend", &cluster);
+        drive(
+            bin,
+            is_envoy,
+            &dir,
+            snap,
+            listen,
+            ", initial_fetch_timeout: 1s",
+            nacked,
+        )
+    };
+    let pf = run(pilotfish_bin(), false);
+    let ev = run(&envoy, true);
+    assert_eq!(ev.nacks.len(), 1, "Envoy: {:?}", ev.conversation);
+    assert_eq!(pf.conversation, ev.conversation, "the same ACKs and NACK");
+    assert!(
+        pf.nacks[0].contains("clusters[backend].eds_cluster_config.eds_config")
+            && pf.nacks[0].contains("'nowhere'"),
+        "the NACK names the field and the cluster: {}",
+        pf.nacks[0]
+    );
 }
 
 /// One version of the configuration in the update sequence: EDS clusters by name with their

@@ -1273,25 +1273,29 @@ impl Fetch {
             r.version_info.clone_into(&mut c.version);
         }
         let w = self.watch(type_url).expect("subscribed");
-        match accepted {
+        let error = match accepted {
             Ok(()) => {
                 w.ready = complete;
                 self.dynamic.accepted(type_url);
                 tracing::info!(target: "config", "xDS: {type_url} version {} accepted ({} resources)", r.version_info, r.resources.len());
-                // Initialization moves on while the response is handled: the listeners are
-                // asked for ahead of the ACK of the endpoints that completed the clusters.
-                self.advance();
-                if type_url == ENDPOINT && self.eds.ready {
-                    self.release_cds();
-                }
-                self.reply_or_hold(channel, type_url, None);
+                None
             }
             Err(e) => {
+                // A refused update ends the wait as a timeout would (Envoy lets start-up go on
+                // "even if we have a bad config").
+                w.ready = true;
                 let msg = e.to_string();
                 tracing::warn!(target: "config", "xDS: {type_url} version {} rejected: {msg}", r.version_info);
-                self.reply_or_hold(channel, type_url, Some(msg));
+                Some(msg)
             }
+        };
+        // Initialization moves on while the response is handled: the listeners are asked for
+        // ahead of the reply that completed the clusters.
+        self.advance();
+        if type_url == ENDPOINT && self.eds.ready {
+            self.release_cds();
         }
+        self.reply_or_hold(channel, type_url, error);
     }
 
     /// Replies, except to CDS while clusters warm after initialization (Envoy's cluster manager
@@ -1370,6 +1374,14 @@ impl Fetch {
 
     /// Listeners once the clusters and their endpoints are in, as Envoy's initialization goes.
     fn advance(&mut self) {
+        // Clusters or listeners given up on or refused before naming anything to follow leave
+        // nothing to wait for.
+        if self.cds.ready && !self.eds.requested {
+            self.eds.ready = true;
+        }
+        if self.lds.ready && !self.rds.requested {
+            self.rds.ready = true;
+        }
         if self.cds.ready && self.eds.ready {
             self.clusters_initialized = true;
         }
@@ -1417,16 +1429,10 @@ impl Fetch {
                 waiting.into_iter().for_each(stats::Subscription::timed_out);
             }
         }
-        if self.cds.ready && !self.eds.requested {
-            self.eds.ready = true;
-        }
-        if self.lds.ready && !self.rds.requested {
-            self.rds.ready = true;
-        }
+        self.advance();
         if self.eds.ready {
             self.release_cds();
         }
-        self.advance();
     }
 
     /// Takes the clusters and which of them ask EDS for what; says whether any was added or
