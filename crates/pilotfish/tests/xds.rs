@@ -696,16 +696,29 @@ fn drive_updates(
                 // While the management server is away the proxy serves what it has, and says
                 // it is not connected; down long enough for it to find the port closed and
                 // back off.
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                let stats = xds_stats(proxy.admin);
-                let connected: Vec<&String> = stats
-                    .iter()
-                    .filter(|(n, _)| n.ends_with("control_plane.connected_state"))
-                    .map(|(_, v)| v)
-                    .collect();
+                // (Given up to 1 s to notice: a busy machine's proxy may take a while.)
+                let down = std::time::Instant::now();
+                let disconnected = || {
+                    let stats = xds_stats(proxy.admin);
+                    let connected: Vec<&String> = stats
+                        .iter()
+                        .filter(|(n, _)| n.ends_with("control_plane.connected_state"))
+                        .map(|(_, v)| v)
+                        .collect();
+                    (
+                        !connected.is_empty() && connected.iter().all(|v| *v == "0"),
+                        stats,
+                    )
+                };
+                let mut state = disconnected();
+                while !state.0 && down.elapsed() < std::time::Duration::from_secs(1) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    state = disconnected();
+                }
                 assert!(
-                    !connected.is_empty() && connected.iter().all(|v| *v == "0"),
-                    "{tag}: connected while the management server is away: {stats:?}"
+                    state.0,
+                    "{tag}: connected while the management server is away: {:?}",
+                    state.1
                 );
                 for (path, want) in &previous.expect {
                     let got = get_path(listen, path);
@@ -715,7 +728,9 @@ fn drive_updates(
                         "{tag}: {path} while the management server is away"
                     );
                 }
-                std::thread::sleep(std::time::Duration::from_millis(1300));
+                std::thread::sleep(
+                    std::time::Duration::from_millis(1500).saturating_sub(down.elapsed()),
+                );
             });
         } else if i > 0 {
             server.set(version_snapshot(v, listen, mode));

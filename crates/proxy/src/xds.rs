@@ -317,15 +317,17 @@ fn grpc_target(
     Ok((cluster, target))
 }
 
-/// One type's subscriptions: the names followed, and whether what they wait for has come.
+/// One type's subscriptions: the names followed.
 #[derive(Debug, Default)]
 struct Watch {
     /// Empty: every resource of the type (CDS, LDS).
     names: Vec<String>,
     requested: bool,
-    /// A response was accepted (or the initial fetch timed out).
-    ready: bool,
 }
+
+/// A subscription waiting for its first resource, as Envoy's init targets wait: CDS and LDS
+/// (name empty), each EDS cluster (by cluster name), each route configuration.
+type Wait = (&'static str, String);
 
 /// A stream to a management server: the ADS stream, or a subscription's own (its type, and
 /// for EDS and RDS the cluster or route configuration it follows).
@@ -675,8 +677,14 @@ struct Fetch {
     eds_clusters: Vec<(String, String)>,
     /// The stream each EDS cluster's and each route configuration's subscription rides, by
     /// cluster and route configuration name.
-    eds_via: std::collections::BTreeMap<String, Via>,
-    rds_via: std::collections::BTreeMap<String, Via>,
+    /// With the subscription's `initial_fetch_timeout`.
+    eds_via: std::collections::BTreeMap<String, (Via, Duration)>,
+    rds_via: std::collections::BTreeMap<String, (Via, Duration)>,
+    /// The subscriptions waiting for their first resource, each until when (None: for ever).
+    /// Start-up goes on, and a warming cluster or listener goes in service, once its
+    /// subscriptions are no longer waiting: their resource came, a response was refused, or
+    /// the wait ended (`init_fetch_timeout`).
+    waiting: std::collections::BTreeMap<Wait, Option<tokio::time::Instant>>,
     /// The clusters' initialization is over (each came with its endpoints, or timed out):
     /// from then on a cluster added by an update warms while the rest serve.
     clusters_initialized: bool,
@@ -716,6 +724,7 @@ pub async fn fetch(
         eds_clusters: vec![],
         eds_via: Default::default(),
         rds_via: Default::default(),
+        waiting: Default::default(),
         clusters_initialized: false,
         cds_held: None,
         received_versions: Default::default(),
@@ -728,34 +737,19 @@ pub async fn fetch(
     if config.cds.is_some() {
         f.cds.requested = true;
         f.stats.start_cds(matches!(config.cds, Some(Via::Own(_))));
+        f.start_wait((CLUSTER, String::new()), config.cds_timeout);
         f.carry(CLUSTER);
     } else {
-        f.cds.ready = true;
-        f.eds.ready = true;
         f.request_listeners();
     }
-    let wait = |f: &Fetch| {
-        let wait = if f.lds.requested {
-            config.lds_timeout
-        } else {
-            config.cds_timeout
-        };
-        (tokio::time::Instant::now().checked_add(wait), wait)
-    };
-    let (mut deadline, mut waited) = wait(&f);
     while !f.complete() {
-        match tokio::time::timeout_at(deadline.unwrap_or_else(far_future), f.events.recv()).await {
+        let deadline = f.next_deadline().unwrap_or_else(far_future);
+        match tokio::time::timeout_at(deadline, f.events.recv()).await {
             Ok(Some(e)) => {
-                if f.on_event(base, e) {
-                    (deadline, waited) = wait(&f);
-                }
+                f.on_event(base, e);
             }
             Ok(None) => unreachable!("the fetch holds a sender"),
-            Err(_) => {
-                tracing::warn!(target: "config", "xDS: initial fetch timed out after {waited:?}; going on with what has arrived");
-                f.give_up_waiting();
-                (deadline, waited) = wait(&f);
-            }
+            Err(_) => f.give_up_due(),
         }
     }
     let config = dynamic::assemble(base, &f.dynamic).map_err(|e| e.to_string())?;
@@ -790,6 +784,8 @@ fn lacks_secret<'a>(
 struct Warming {
     clusters: Vec<pilotfish_config::resources::Resource<Cluster>>,
     listeners: Vec<pilotfish_config::resources::Resource<Listener>>,
+    /// Some of them wait for an SDS secret.
+    on_secrets: bool,
 }
 
 /// Envoy's reconnection backoff for xDS streams: a random wait below an interval that starts at
@@ -842,24 +838,30 @@ impl Running {
     /// until the stream ends.
     pub async fn serve(mut self, server: std::sync::Arc<crate::server::Server>) {
         self.fetch.drain_time = Duration::from_secs(server.options.drain_time_s);
-        // While clusters or listeners warm: until when (the LDS initial_fetch_timeout, as a
-        // warming listener waits), then they go in service with what has come.
+        // While clusters or listeners warm on SDS secrets: until when (the LDS
+        // initial_fetch_timeout), then they go in service without. (Those warming on their
+        // endpoints or routes wait for their own subscriptions' timeouts: `waiting`.)
         let mut warming: Option<tokio::time::Instant> = None;
         let mut waiting = false;
         let mut secrets = server.secrets_arrived.subscribe();
         loop {
             let drain_ends = self.fetch.draining_routes.iter().map(|(_, end)| *end).min();
+            let wait_ends = self.fetch.next_deadline();
             let event = tokio::select! {
                 e = self.fetch.events.recv() => e.expect("the fetch holds a sender"),
                 _ = sleep_until(drain_ends) => {
                     self.fetch.drain_ended();
                     continue;
                 }
+                _ = sleep_until(wait_ends) => {
+                    self.fetch.give_up_due();
+                    waiting = self.apply(&server, "what waited for its initial fetch timeout", false).await;
+                    continue;
+                }
                 _ = sleep_until(warming) => {
-                    tracing::warn!(target: "config", "xDS: what warming clusters and listeners wait for has not all come; putting them in service with what has");
+                    tracing::warn!(target: "config", "xDS: the secrets warming clusters and listeners wait for have not all come; putting them in service without");
                     (warming, waiting) = (None, false);
-                    self.fetch.release_cds();
-                    self.apply(&server, "the warming clusters and listeners", true).await;
+                    self.apply(&server, "the clusters and listeners warming on secrets", true).await;
                     continue;
                 }
                 // A secret came: what waited for it may go in service.
@@ -895,19 +897,16 @@ impl Running {
         }
     }
 
-    /// Puts what has been accepted in service, except (unless `warm_all`) the clusters and
-    /// listeners still warming; returns whether any is.
+    /// Puts what has been accepted in service, except the clusters and listeners still
+    /// warming (`without_secrets`: not those warming on secrets alone); returns whether any
+    /// waits for a secret.
     async fn apply(
         &self,
         server: &std::sync::Arc<crate::server::Server>,
         what: &str,
-        warm_all: bool,
+        without_secrets: bool,
     ) -> bool {
-        let (view, warming) = if warm_all {
-            (self.fetch.dynamic.clone(), Warming::default())
-        } else {
-            self.fetch.in_service(&server.active().set)
-        };
+        let (view, warming) = self.fetch.in_service(&server.active().set, without_secrets);
         let mut config = match dynamic::assemble(&self.base, &view) {
             Ok(c) => c,
             Err(e) => {
@@ -915,8 +914,7 @@ impl Running {
                 return false;
             }
         };
-        let waiting = !(warming.listeners.is_empty() && warming.clusters.is_empty());
-        if waiting {
+        if !(warming.listeners.is_empty() && warming.clusters.is_empty()) {
             let names: Vec<String> = warming
                 .clusters
                 .iter()
@@ -928,13 +926,13 @@ impl Running {
                         .map(|l| format!("listener '{}'", l.name)),
                 )
                 .collect();
-            tracing::debug!(target: "config", "xDS: warming (waiting for their endpoints or route configurations): {}", names.join(", "));
+            tracing::debug!(target: "config", "xDS: warming (waiting for their endpoints, route configurations or secrets): {}", names.join(", "));
         }
         config.resources.warming_listeners = warming.listeners;
         config.resources.warming_clusters = warming.clusters;
         let applied = server.apply(config.resources).await;
         tracing::info!(target: "config", "xDS: {what} in service: {applied}");
-        waiting
+        warming.on_secrets
     }
 }
 
@@ -1057,14 +1055,14 @@ impl Fetch {
             ENDPOINT => {
                 for (cluster, service) in &self.eds_clusters {
                     if self.eds.names.contains(service) {
-                        let via = self.eds_via.get(cluster).unwrap_or(&Via::Ads);
+                        let via = self.eds_via.get(cluster).map_or(&Via::Ads, |(v, _)| v);
                         add(Channel::Own(ENDPOINT, cluster.clone()), via, Some(service));
                     }
                 }
             }
             _ => {
                 for name in &self.rds.names {
-                    let via = self.rds_via.get(name).unwrap_or(&Via::Ads);
+                    let via = self.rds_via.get(name).map_or(&Via::Ads, |(v, _)| v);
                     add(Channel::Own(ROUTE, name.clone()), via, Some(name));
                 }
             }
@@ -1140,8 +1138,85 @@ impl Fetch {
         }
     }
 
+    /// Start-up is over: listeners asked for (if the bootstrap has them) and nothing waits.
     fn complete(&self) -> bool {
-        self.cds.ready && self.eds.ready && self.lds.ready && self.rds.ready
+        (self.lds.requested || self.config.lds.is_none()) && self.waiting.is_empty()
+    }
+
+    /// No subscription of the type waits.
+    fn ready(&self, type_url: &str) -> bool {
+        !self.waiting.keys().any(|(t, _)| *t == type_url)
+    }
+
+    fn start_wait(&mut self, wait: Wait, timeout: Duration) {
+        self.waiting
+            .entry(wait)
+            .or_insert_with(|| tokio::time::Instant::now().checked_add(timeout));
+    }
+
+    fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        self.waiting.values().flatten().min().copied()
+    }
+
+    /// The subscriptions whose initial fetch timeout has come are taken as they stand (each
+    /// counts `init_fetch_timeout`), and what waited for them goes on.
+    fn give_up_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<Wait> = self
+            .waiting
+            .iter()
+            .filter(|(_, at)| at.is_some_and(|at| at <= now))
+            .map(|(w, _)| w.clone())
+            .collect();
+        for (type_url, name) in &due {
+            self.waiting.remove(&(*type_url, name.clone()));
+            let st = &self.stats;
+            let subscription = match *type_url {
+                CLUSTER => st.cds.as_ref(),
+                LISTENER => st.lds.as_ref(),
+                ENDPOINT => st.eds.get(name),
+                _ => st.rds.get(name),
+            };
+            subscription
+                .into_iter()
+                .for_each(stats::Subscription::timed_out);
+            tracing::warn!(target: "config", "xDS: {} {name} did not come within its initial_fetch_timeout; going on without it", short(type_url));
+        }
+        self.advance();
+        if self.ready(ENDPOINT) {
+            self.release_cds();
+        }
+    }
+
+    /// The waits that end with a response of `type_url` on `channel`: an accepted one ends
+    /// those whose resource came, a refused one all those it answers (Envoy lets start-up go
+    /// on past a bad configuration).
+    fn end_waits(&mut self, channel: &Channel, type_url: &'static str, accepted: bool) {
+        let d = &self.dynamic;
+        let eds_clusters = &self.eds_clusters;
+        let (eds_via, rds_via) = (&self.eds_via, &self.rds_via);
+        let on_channel = |via: Option<&(Via, Duration)>, own: Channel| match via {
+            Some((Via::Own(_), _)) => *channel == own,
+            _ => *channel == Channel::Ads,
+        };
+        self.waiting.retain(|(t, name), _| {
+            if *t != type_url {
+                return true;
+            }
+            let came = match type_url {
+                CLUSTER | LISTENER => true,
+                ENDPOINT => eds_clusters.iter().any(|(c, service)| {
+                    c == name && d.endpoints.iter().any(|e| &e.name == service)
+                }),
+                _ => d.route_configs.iter().any(|r| &r.name == name),
+            };
+            let answered = match type_url {
+                CLUSTER | LISTENER => true,
+                ENDPOINT => on_channel(eds_via.get(name), Channel::Own(ENDPOINT, name.clone())),
+                _ => on_channel(rds_via.get(name), Channel::Own(ROUTE, name.clone())),
+            };
+            !(answered && (came || !accepted))
+        });
     }
 
     fn on_response(&mut self, base: &Config, channel: &Channel, r: Update) {
@@ -1161,6 +1236,7 @@ impl Fetch {
             self.eds_clusters.clone(),
             self.eds_via.clone(),
             self.rds_via.clone(),
+            self.waiting.clone(),
         );
         let accepted = match r.type_url.as_str() {
             CLUSTER => self.on_clusters(base, &r),
@@ -1176,6 +1252,7 @@ impl Fetch {
                 self.eds_clusters,
                 self.eds_via,
                 self.rds_via,
+                self.waiting,
             ) = before;
             let anys: Vec<Any> = r.resources.iter().map(|(a, _)| a.clone()).collect();
             let refused = match r.type_url.as_str() {
@@ -1194,7 +1271,7 @@ impl Fetch {
                 if let Some(s) = &self.stats.cds {
                     s.accepted(&self.stats.store, &r.version_info, *changed);
                 }
-                let own = |c: &str| matches!(self.eds_via.get(c), Some(Via::Own(_)));
+                let own = |c: &str| matches!(self.eds_via.get(c), Some((Via::Own(_), _)));
                 self.stats
                     .follow_eds(self.eds_clusters.iter().map(|(c, _)| (c.as_str(), own(c))));
                 let mut names: Vec<String> =
@@ -1256,13 +1333,6 @@ impl Fetch {
         }
         let accepted = accepted.map(|_| ());
         let type_url = r.type_url.as_str();
-        // EDS and RDS are done when every name asked for has come (a response to an earlier
-        // subscription may lack the new ones), as Envoy's clusters and listeners warm.
-        let complete = match type_url {
-            ENDPOINT => has_all(&self.eds.names, &self.dynamic.endpoints),
-            ROUTE => has_all(&self.rds.names, &self.dynamic.route_configs),
-            _ => true,
-        };
         let c = self
             .wires
             .get_mut(channel)
@@ -1272,18 +1342,20 @@ impl Fetch {
         if accepted.is_ok() {
             r.version_info.clone_into(&mut c.version);
         }
-        let w = self.watch(type_url).expect("subscribed");
+        let type_url: &'static str = match type_url {
+            CLUSTER => CLUSTER,
+            ENDPOINT => ENDPOINT,
+            LISTENER => LISTENER,
+            _ => ROUTE,
+        };
+        self.end_waits(channel, type_url, accepted.is_ok());
         let error = match accepted {
             Ok(()) => {
-                w.ready = complete;
                 self.dynamic.accepted(type_url);
                 tracing::info!(target: "config", "xDS: {type_url} version {} accepted ({} resources)", r.version_info, r.resources.len());
                 None
             }
             Err(e) => {
-                // A refused update ends the wait as a timeout would (Envoy lets start-up go on
-                // "even if we have a bad config").
-                w.ready = true;
                 let msg = e.to_string();
                 tracing::warn!(target: "config", "xDS: {type_url} version {} rejected: {msg}", r.version_info);
                 Some(msg)
@@ -1292,7 +1364,7 @@ impl Fetch {
         // Initialization moves on while the response is handled: the listeners are asked for
         // ahead of the reply that completed the clusters.
         self.advance();
-        if type_url == ENDPOINT && self.eds.ready {
+        if type_url == ENDPOINT && self.ready(ENDPOINT) {
             self.release_cds();
         }
         self.reply_or_hold(channel, type_url, error);
@@ -1301,7 +1373,7 @@ impl Fetch {
     /// Replies, except to CDS while clusters warm after initialization (Envoy's cluster manager
     /// keeps CDS paused until no cluster is warming).
     fn reply_or_hold(&mut self, channel: &Channel, type_url: &str, error: Option<String>) {
-        if type_url == CLUSTER && self.clusters_initialized && !self.eds.ready {
+        if type_url == CLUSTER && self.clusters_initialized && !self.ready(ENDPOINT) {
             tracing::debug!(target: "config", "xDS: clusters warming; the CDS reply waits for their endpoints");
             self.cds_held = Some(error);
             return;
@@ -1310,10 +1382,15 @@ impl Fetch {
     }
 
     /// What goes in service now, with `active` the configuration in service: every accepted
-    /// resource, except a new or changed EDS cluster whose endpoints have not come and a new or
-    /// changed listener whose route configurations have not: those warm, as in Envoy, while
-    /// the version in service (if any) goes on serving.
-    fn in_service(&self, active: &ResourceSet) -> (DynamicResources, Warming) {
+    /// resource, except a new or changed EDS cluster whose endpoints subscription still waits,
+    /// a new or changed listener whose route configurations' still wait, and (unless
+    /// `without_secrets`) either whose SDS secrets have not come: those warm, as in Envoy,
+    /// while the version in service (if any) goes on serving.
+    fn in_service(
+        &self,
+        active: &ResourceSet,
+        without_secrets: bool,
+    ) -> (DynamicResources, Warming) {
         let d = &self.dynamic;
         let mut view = DynamicResources {
             listeners: vec![],
@@ -1323,13 +1400,14 @@ impl Fetch {
         let mut warming = Warming::default();
         for c in &d.clusters {
             let now = active.cluster(&c.name).filter(|a| !a.origin.is_static());
-            let waits = self.eds_clusters.iter().any(|(name, service)| {
-                name == &c.name && !d.endpoints.iter().any(|e| &e.name == service)
-            }) || lacks_secret(
-                active,
-                pilotfish_config::model::cluster_transport_sockets(&c.value),
-            );
+            let on_secret = !without_secrets
+                && lacks_secret(
+                    active,
+                    pilotfish_config::model::cluster_transport_sockets(&c.value),
+                );
+            let waits = self.waiting.contains_key(&(ENDPOINT, c.name.clone())) || on_secret;
             if waits && now.is_none_or(|a| a.value != c.value) {
+                warming.on_secrets |= on_secret;
                 warming.clusters.push(c.clone());
                 view.clusters.extend(now.cloned());
             } else {
@@ -1341,14 +1419,17 @@ impl Fetch {
                 .listeners
                 .iter()
                 .find(|a| a.name == l.name && !a.origin.is_static());
-            let waits = route_config_names(&l.value)
-                .iter()
-                .any(|(_, name)| !d.route_configs.iter().any(|r| &r.name == name))
-                || lacks_secret(
+            let on_secret = !without_secrets
+                && lacks_secret(
                     active,
                     pilotfish_config::model::listener_transport_sockets(&l.value),
                 );
+            let waits = route_config_names(&l.value)
+                .into_iter()
+                .any(|(_, name)| self.waiting.contains_key(&(ROUTE, name)))
+                || on_secret;
             if waits && now.is_none_or(|a| a.value != l.value) {
+                warming.on_secrets |= on_secret;
                 warming.listeners.push(l.clone());
                 view.listeners.extend(now.cloned());
             } else {
@@ -1374,19 +1455,11 @@ impl Fetch {
 
     /// Listeners once the clusters and their endpoints are in, as Envoy's initialization goes.
     fn advance(&mut self) {
-        // Clusters or listeners given up on or refused before naming anything to follow leave
-        // nothing to wait for.
-        if self.cds.ready && !self.eds.requested {
-            self.eds.ready = true;
-        }
-        if self.lds.ready && !self.rds.requested {
-            self.rds.ready = true;
-        }
-        if self.cds.ready && self.eds.ready {
+        if self.ready(CLUSTER) && self.ready(ENDPOINT) {
             self.clusters_initialized = true;
-        }
-        if self.cds.ready && self.eds.ready && !self.lds.requested {
-            self.request_listeners();
+            if !self.lds.requested {
+                self.request_listeners();
+            }
         }
     }
 
@@ -1394,44 +1467,8 @@ impl Fetch {
         if let Some(via) = &self.config.lds {
             self.lds.requested = true;
             self.stats.start_lds(matches!(via, Via::Own(_)));
+            self.start_wait((LISTENER, String::new()), self.config.lds_timeout);
             self.carry(LISTENER);
-        } else {
-            self.lds.ready = true;
-            self.rds.ready = true;
-        }
-    }
-
-    /// The types being waited for are taken as they stand; the next phase gets its own wait.
-    fn give_up_waiting(&mut self) {
-        let (st, d) = (&self.stats, &self.dynamic);
-        // Each type's subscriptions still without their resource (CDS and LDS have one, waiting
-        // for the first response).
-        let eds_waiting = self
-            .eds_clusters
-            .iter()
-            .filter(|(_, service)| !d.endpoints.iter().any(|r| &r.name == service))
-            .filter_map(|(c, _)| st.eds.get(c))
-            .collect();
-        let rds_waiting = st
-            .rds
-            .iter()
-            .filter(|(name, _)| !d.route_configs.iter().any(|r| &r.name == *name))
-            .map(|(_, s)| s)
-            .collect();
-        for (w, waiting) in [
-            (&mut self.cds, st.cds.iter().collect::<Vec<_>>()),
-            (&mut self.eds, eds_waiting),
-            (&mut self.lds, st.lds.iter().collect()),
-            (&mut self.rds, rds_waiting),
-        ] {
-            if w.requested && !w.ready {
-                w.ready = true;
-                waiting.into_iter().for_each(stats::Subscription::timed_out);
-            }
-        }
-        self.advance();
-        if self.eds.ready {
-            self.release_cds();
         }
     }
 
@@ -1439,6 +1476,7 @@ impl Fetch {
     /// changed.
     fn on_clusters(&mut self, base: &Config, r: &Update) -> Result<Accepted, ConfigErrors> {
         let clusters: Vec<(Cluster, String)> = decode_all(r)?;
+        let before: Vec<String> = self.eds_clusters.iter().map(|(c, _)| c.clone()).collect();
         let changed = changed(&self.dynamic.clusters, &clusters, |c| c.name.clone());
         resources(
             &mut self.dynamic.clusters,
@@ -1482,17 +1520,29 @@ impl Fetch {
             vias.insert(c.name.clone(), self.via_of(base, source, &at)?);
         }
         self.eds_via = vias;
+        // A new EDS cluster waits for its endpoints (its subscription's initial fetch), one
+        // gone waits no more.
+        for (c, service) in self.eds_clusters.clone() {
+            let have = self.dynamic.endpoints.iter().any(|e| e.name == service);
+            if !before.contains(&c) && !have {
+                let timeout = self.eds_via[&c].1;
+                self.start_wait((ENDPOINT, c), timeout);
+            }
+        }
+        let eds_clusters = &self.eds_clusters;
+        self.waiting
+            .retain(|(t, n), _| *t != ENDPOINT || eds_clusters.iter().any(|(c, _)| c == n));
         Ok(Accepted::Clusters(changed.iter().any(|(_, c)| *c)))
     }
 
     /// The stream a cluster's or connection manager's config source puts its subscription on
-    /// (`ads {}` where none is given).
+    /// (`ads {}` where none is given), and its `initial_fetch_timeout`.
     fn via_of(
         &self,
         base: &Config,
         source: Option<&ConfigSource>,
         at: &str,
-    ) -> Result<Via, ConfigErrors> {
+    ) -> Result<(Via, Duration), ConfigErrors> {
         let via = match source {
             None => Via::Ads,
             Some(cs) => via(&base.resources, cs, at).map_err(|e| {
@@ -1510,7 +1560,10 @@ impl Fetch {
                 ),
             ]));
         }
-        Ok(via)
+        let timeout = source
+            .and_then(initial_fetch_timeout)
+            .unwrap_or(Duration::from_secs(15));
+        Ok((via, timeout))
     }
 
     /// Drained listeners' route configurations are no longer asked for.
@@ -1541,7 +1594,7 @@ impl Fetch {
                 first.push(r.clone());
             }
         }
-        let own = |name: &str| matches!(self.rds_via.get(name), Some(Via::Own(_)));
+        let own = |name: &str| matches!(self.rds_via.get(name), Some((Via::Own(_), _)));
         self.stats.follow_rds(&first, own);
         let mut names: Vec<String> = first.into_iter().map(|(_, n)| n).collect();
         names.sort();
@@ -1556,16 +1609,34 @@ impl Fetch {
             &mut self.rds
         };
         if names.is_empty() {
-            w.ready = true;
             // Streams of their own close; the ADS stream says nothing of it, as Envoy's.
             self.wires
                 .retain(|channel, _| !matches!(channel, Channel::Own(t, _) if *t == type_url));
+            if type_url == ROUTE {
+                self.waiting.retain(|(t, _), _| *t != ROUTE);
+            }
             return;
         }
         if names != w.names || !w.requested {
-            // Only names not asked for before have something to wait for.
-            if !w.requested || names.iter().any(|n| !w.names.contains(n)) {
-                w.ready = false;
+            if type_url == ROUTE {
+                // A route configuration newly followed waits for its first version; one no
+                // longer followed waits no more. (EDS waits go by cluster: `on_clusters`.)
+                for n in names
+                    .iter()
+                    .filter(|n| !w.names.contains(n) || !w.requested)
+                {
+                    if !self.dynamic.route_configs.iter().any(|r| &r.name == n) {
+                        let timeout = self
+                            .rds_via
+                            .get(n)
+                            .map_or(Duration::from_secs(15), |(_, t)| *t);
+                        self.waiting
+                            .entry((ROUTE, n.clone()))
+                            .or_insert_with(|| tokio::time::Instant::now().checked_add(timeout));
+                    }
+                }
+                self.waiting
+                    .retain(|(t, n), _| *t != ROUTE || names.contains(n));
             }
             w.names = names;
             w.requested = true;
@@ -1778,11 +1849,6 @@ impl Keep<'_> {
             Keep::Listed
         }
     }
-}
-
-/// Every name has its resource.
-fn has_all<T>(names: &[String], have: &[pilotfish_config::resources::Resource<T>]) -> bool {
-    names.iter().all(|n| have.iter().any(|r| &r.name == n))
 }
 
 /// Every resource of a response, each checked; the errors of all of them together.

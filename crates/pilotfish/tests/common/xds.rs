@@ -183,6 +183,8 @@ struct State {
     handshakes: Mutex<Vec<Handshake>>,
     /// The nonce of the last response sent, by open stream and type.
     last_sent: Mutex<BTreeMap<(u64, String), String>>,
+    /// The snapshot version each open stream has pushed (or found nothing to push for).
+    processed: Mutex<BTreeMap<u64, String>>,
     streams: std::sync::atomic::AtomicU64,
 }
 
@@ -193,6 +195,7 @@ impl State {
             seen: Mutex::new(vec![]),
             handshakes: Mutex::new(vec![]),
             last_sent: Mutex::new(BTreeMap::new()),
+            processed: Mutex::new(BTreeMap::new()),
             streams: Default::default(),
         })
     }
@@ -369,7 +372,16 @@ impl XdsServer {
     /// sent: the proxy has caught up with it.
     pub fn settled(&self, version: &str) -> bool {
         let last = self.state.last_sent.lock().unwrap().clone();
-        let pushed = self.state.snapshot.borrow().version == version;
+        // Every stream has taken the snapshot (with a stream per subscription, the pushes go
+        // out one stream at a time).
+        let pushed = self.state.snapshot.borrow().version == version
+            && self
+                .state
+                .processed
+                .lock()
+                .unwrap()
+                .values()
+                .all(|v| v == version);
         let seen = self.seen();
         pushed
             && !last.is_empty()
@@ -572,6 +584,15 @@ impl Open {
         format!("{}.{n}", self.number)
     }
 
+    /// The stream has pushed what `version` changes.
+    fn processed(&self, version: &str) {
+        self.state
+            .processed
+            .lock()
+            .unwrap()
+            .insert(self.number, version.to_string());
+    }
+
     fn sent(&self, type_url: &str, nonce: &str) {
         self.state
             .last_sent
@@ -586,6 +607,9 @@ impl Drop for Open {
     fn drop(&mut self) {
         if let Ok(mut last) = self.state.last_sent.lock() {
             last.retain(|(stream, _), _| *stream != self.number);
+        }
+        if let Ok(mut processed) = self.state.processed.lock() {
+            processed.remove(&self.number);
         }
     }
 }
@@ -659,6 +683,7 @@ fn converse_delta(
     let stream = Open::new(&state);
     tokio::spawn(async move {
         let mut snapshots = state.snapshot.subscribe();
+        stream.processed(&snapshots.borrow().version.clone());
         let mut types: BTreeMap<String, DeltaState> = BTreeMap::new();
         loop {
             tokio::select! {
@@ -725,6 +750,7 @@ fn converse_delta(
                             }
                         }
                     }
+                    stream.processed(&snapshot.version);
                 }
             }
         }
@@ -742,6 +768,7 @@ fn converse(
     let stream = Open::new(&state);
     tokio::spawn(async move {
         let mut snapshots = state.snapshot.subscribe();
+        stream.processed(&snapshots.borrow().version.clone());
         let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
         loop {
             tokio::select! {
@@ -787,6 +814,7 @@ fn converse(
                             return;
                         }
                     }
+                    stream.processed(&snapshot.version);
                 }
             }
         }
