@@ -1455,6 +1455,11 @@ fn ads_admin_answers_while_waiting_for_the_management_server() {
 /// A listener `name` on `port` whose connection manager takes route configuration `route` from
 /// RDS.
 fn rds_listener(name: &str, port: u16, route: &str) -> Listener {
+    rds_listener_from(name, port, route, "{ ads: {}, resource_api_version: V3 }")
+}
+
+/// The same with the route configuration from `source`.
+fn rds_listener_from(name: &str, port: u16, route: &str, source: &str) -> Listener {
     load(&format!(
         r#"name: {name}
 address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
@@ -1464,10 +1469,85 @@ filter_chains:
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
       stat_prefix: {name}
-      rds: {{ route_config_name: {route}, config_source: {{ ads: {{}}, resource_api_version: V3 }} }}
+      rds: {{ route_config_name: {route}, config_source: {source} }}
       http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]
 "#
     ))
+}
+
+/// Each subscription waits for its first resource until its own `initial_fetch_timeout`:
+/// with the bootstrap's CDS and LDS waiting for ever (Istio's `0s`), a cluster whose
+/// `eds_config` gives 1 s and a listener whose route configuration's source gives 1 s do not
+/// hold start-up for ever; both proxies go LIVE without them, the cluster with no host (503),
+/// the listener with no routes (404), each subscription counting its `init_fetch_timeout`.
+#[test]
+fn ads_each_subscription_waits_its_own_initial_fetch_timeout() {
+    let Some(envoy) = common::envoy("ads_each_subscription_waits_its_own_initial_fetch_timeout")
+    else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-own-timeouts");
+    let source = "{ ads: {}, resource_api_version: V3, initial_fetch_timeout: 1s }";
+    let run = |bin: &Path, is_envoy: bool| {
+        let tag = if is_envoy { "envoy" } else { "pilotfish" };
+        let (listen, listen2) = (common::free_port(), common::free_port());
+        let cluster: Cluster = load(&format!(
+            "name: backend\ntype: EDS\nconnect_timeout: 1s\neds_cluster_config: {{ eds_config: {source} }}\n"
+        ));
+        let route: RouteConfiguration = load(
+            "name: local_route\nvirtual_hosts: [{ name: all, domains: [\"*\"], routes: [{ match: { prefix: \"/\" }, route: { cluster: backend } }] }]\n",
+        );
+        // No assignment for `backend`, no route configuration `missing`.
+        let snap = Snapshot::new("1")
+            .with("backend", &cluster)
+            .with("http", &rds_listener("http", listen, "local_route"))
+            .with(
+                "other",
+                &rds_listener_from("other", listen2, "missing", source),
+            )
+            .with("local_route", &route);
+        let server = XdsServer::start(snap);
+        let boot = bootstrap_waiting(server.addr.port(), "0s");
+        let proxy = side_by_side::start_initializing(bin, is_envoy, &boot, &dir, tag);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let live = || common::admin_request(proxy.admin, "GET", "/ready").0 == 200;
+        while !live() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let timeouts: Vec<(String, String)> = xds_stats(proxy.admin)
+            .into_iter()
+            .filter(|(n, _)| n.ends_with("init_fetch_timeout"))
+            .collect();
+        (live(), get(listen).0, get(listen2).0, timeouts)
+    };
+    let ev = run(&envoy, true);
+    let pf = run(pilotfish_bin(), false);
+    let timeouts = |cds_lds: &str| {
+        vec![
+            (
+                "cluster.backend.init_fetch_timeout".to_string(),
+                "1".to_string(),
+            ),
+            (
+                "cluster_manager.cds.init_fetch_timeout".into(),
+                cds_lds.into(),
+            ),
+            (
+                "http.http.rds.local_route.init_fetch_timeout".into(),
+                "0".into(),
+            ),
+            (
+                "http.other.rds.missing.init_fetch_timeout".into(),
+                "1".into(),
+            ),
+            (
+                "listener_manager.lds.init_fetch_timeout".into(),
+                cds_lds.into(),
+            ),
+        ]
+    };
+    assert_eq!(ev, (true, 503, 404, timeouts("0")), "Envoy");
+    assert_eq!(pf, ev, "pilotfish as Envoy");
 }
 
 /// Listeners in the dump: (name, version in service, version warming).
