@@ -1669,37 +1669,8 @@ fn ads_listener_warms_until_its_secrets_come() {
         "spiffe://cluster.local/ns/default/sa/client",
     );
     let run = |bin: &Path, is_envoy: bool| {
-        let tag = if is_envoy { "envoy" } else { "pilotfish" };
-        let (listen, listen2) = (common::free_port(), common::free_port());
-        let socket = dir.join(format!("{tag}.sds.sock"));
-        let sds = XdsServer::start_unix(Snapshot::new("0"), &socket);
-        let server = XdsServer::start(snapshot("1", listen, http_upstream("backend-1")));
-        // The SDS cluster of sds_bootstrap beside ADS.
-        let sds_cluster = sds_bootstrap(&socket);
-        let sds_cluster = &sds_cluster[sds_cluster.find("  - name: sds-grpc").unwrap()
-            ..sds_cluster.find("  listeners:").unwrap()];
-        let boot = bootstrap(server.addr.port(), ", initial_fetch_timeout: 0s").replacen(
-            "  clusters:\n",
-            &format!("  clusters:\n{sds_cluster}"),
-            1,
-        );
-        let proxy = side_by_side::start(bin, is_envoy, &boot, &dir, tag);
-        // The mTLS listener of sds_bootstrap, over ADS.
-        let mtls = sds_bootstrap(&socket);
-        let mtls = &mtls[mtls.find("  - name: mtls").unwrap()..];
-        let mtls: String = mtls
-            .lines()
-            .map(|l| l.strip_prefix("  ").unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .replace("- name: mtls", "name: mtls")
-            .replace("{L}", &listen2.to_string());
-        let mtls: Listener = load(&mtls.replace("\n  ", "\n"));
-        server.set(snapshot("2", listen, http_upstream("backend-1")).with("mtls", &mtls));
-        server.wait_for("the listener's ACK", |s: &[Seen]| {
-            s.iter()
-                .any(|r| r.type_url == xds_server::LISTENER && r.version_info == "2")
-        });
+        let (proxy, _server, sds, listen, listen2) =
+            mtls_listener_over_ads(bin, is_envoy, &dir, "0s");
         std::thread::sleep(std::time::Duration::from_millis(500));
         let before = (
             mtls_connect(listen2, &pki.ca_pem, &client).is_ok(),
@@ -1754,6 +1725,110 @@ fn ads_listener_warms_until_its_secrets_come() {
         pf, ev,
         "pilotfish (the SDS server saw the same requests and ACKs)"
     );
+}
+
+/// A proxy over ADS with an SDS server that has no secret yet, started with listener `http`
+/// (version 1), then given version 2 adding `mtls` (sds_bootstrap's mTLS listener, its
+/// secrets from the SDS server with `initial_fetch_timeout` `timeout`) once it has ACKed
+/// it. Returns the proxy, the ADS and SDS servers, and the two listeners' ports.
+fn mtls_listener_over_ads(
+    bin: &Path,
+    is_envoy: bool,
+    dir: &Path,
+    timeout: &str,
+) -> (side_by_side::Running, XdsServer, XdsServer, u16, u16) {
+    let tag = if is_envoy { "envoy" } else { "pilotfish" };
+    let (listen, listen2) = (common::free_port(), common::free_port());
+    let socket = dir.join(format!("{tag}.sds.sock"));
+    let sds = XdsServer::start_unix(Snapshot::new("0"), &socket);
+    let server = XdsServer::start(snapshot("1", listen, http_upstream("backend-1")));
+    // The SDS cluster of sds_bootstrap beside ADS.
+    let sds_cluster = sds_bootstrap(&socket);
+    let sds_cluster = &sds_cluster[sds_cluster.find("  - name: sds-grpc").unwrap()
+        ..sds_cluster.find("  listeners:").unwrap()];
+    let boot = bootstrap(server.addr.port(), ", initial_fetch_timeout: 0s").replacen(
+        "  clusters:\n",
+        &format!("  clusters:\n{sds_cluster}"),
+        1,
+    );
+    let proxy = side_by_side::start(bin, is_envoy, &boot, dir, tag);
+    // The mTLS listener of sds_bootstrap, over ADS.
+    let mtls = sds_bootstrap(&socket);
+    let mtls = &mtls[mtls.find("  - name: mtls").unwrap()..];
+    let mtls: String = mtls
+        .lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("- name: mtls", "name: mtls")
+        .replace("{L}", &listen2.to_string())
+        .replace(
+            "initial_fetch_timeout: 0s",
+            &format!("initial_fetch_timeout: {timeout}"),
+        );
+    let mtls: Listener = load(&mtls.replace("\n  ", "\n"));
+    server.set(snapshot("2", listen, http_upstream("backend-1")).with("mtls", &mtls));
+    server.wait_for("the listener's ACK", |s: &[Seen]| {
+        s.iter()
+            .any(|r| r.type_url == xds_server::LISTENER && r.version_info == "2")
+    });
+    (proxy, server, sds, listen, listen2)
+}
+
+/// A listener warming on secrets that never come goes in service without them when their
+/// `initial_fetch_timeout` (1 s here) ends, as Envoy's: active in the dump, its TLS
+/// handshakes failing (no certificate), each secret counting its `init_fetch_timeout`.
+#[test]
+fn ads_listener_warming_on_secrets_goes_on_at_their_initial_fetch_timeout() {
+    let Some(envoy) =
+        common::envoy("ads_listener_warming_on_secrets_goes_on_at_their_initial_fetch_timeout")
+    else {
+        return;
+    };
+    let dir = common::proxy::temp_dir("xds-secret-timeout");
+    let pki = common::tls::Pki::new("test root");
+    let client = pki.leaf(
+        &["client.example"],
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    let run = |bin: &Path, is_envoy: bool| {
+        let (proxy, _server, _sds, _, listen2) = mtls_listener_over_ads(bin, is_envoy, &dir, "1s");
+        let warming = dumped_listeners(proxy.admin);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let active = |l: &[(String, String, String)]| l.iter().any(|l| l.0 == "mtls" && l.1 == "2");
+        let mut dumped = warming.clone();
+        while !active(&dumped) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            dumped = dumped_listeners(proxy.admin);
+        }
+        let timeouts: Vec<(String, String)> = xds_stats(proxy.admin)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("sds.") && n.ends_with("init_fetch_timeout"))
+            .collect();
+        (
+            warming,
+            dumped,
+            mtls_connect(listen2, &pki.ca_pem, &client).is_ok(),
+            timeouts,
+        )
+    };
+    let ev = run(&envoy, true);
+    let pf = run(pilotfish_bin(), false);
+    let l = |name: &str, active: &str, warming: &str| {
+        (name.to_string(), active.to_string(), warming.to_string())
+    };
+    let timeout = |n: &str| (format!("sds.{n}.init_fetch_timeout"), "1".to_string());
+    assert_eq!(
+        ev,
+        (
+            vec![l("http", "1", "-"), l("mtls", "-", "2")],
+            vec![l("http", "1", "-"), l("mtls", "2", "-")],
+            false,
+            vec![timeout("ROOTCA"), timeout("default")]
+        ),
+        "Envoy"
+    );
+    assert_eq!(pf, ev, "pilotfish as Envoy");
 }
 
 /// The seed's sidecar as istio-agent starts it: the dump's own bootstrap (ADS over the `XDS`

@@ -116,9 +116,11 @@ pub struct Server {
     /// Counts the updates put in service, for those that follow the configuration (SDS
     /// subscribes to the secrets it names).
     pub applied: watch::Sender<u64>,
-    /// Counts the SDS secrets put in service: listeners and clusters warming for a secret
-    /// go on when it comes.
+    /// Counts the SDS secrets put in service (or given up): listeners and clusters warming
+    /// for a secret go on when it comes.
     pub secrets_arrived: watch::Sender<u64>,
+    /// The SDS secrets whose initial fetch timed out: what warmed for them goes on without.
+    pub secrets_given_up: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// One version of the configuration as the proxy runs it: the resources, the clusters and
@@ -268,6 +270,7 @@ impl Server {
             applying: Default::default(),
             applied: watch::channel(0).0,
             secrets_arrived: watch::channel(0).0,
+            secrets_given_up: Default::default(),
         };
         *server.sds_secrets.lock().unwrap() = sds_secrets;
         let mut set = set;
@@ -581,6 +584,16 @@ impl Server {
         let applied = self.apply(set).await;
         self.secrets_arrived.send_modify(|n| *n += 1);
         applied
+    }
+
+    /// An SDS secret did not come within its `initial_fetch_timeout`: listeners and clusters
+    /// warming for it go in service without it, as Envoy's.
+    pub fn give_up_secret(&self, name: &str) {
+        self.secrets_given_up
+            .lock()
+            .unwrap()
+            .insert(name.to_string());
+        self.secrets_arrived.send_modify(|n| *n += 1);
     }
 
     /// The secrets SDS delivered, over those the configuration carries under the same name.

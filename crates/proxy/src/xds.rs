@@ -767,15 +767,21 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86400 * 365 * 30)
 }
 
-/// Whether a transport socket names an SDS secret (one with a config source) that has not come.
+/// Whether a transport socket names an SDS secret (one with a config source) that has not come
+/// and is still waited for.
 fn lacks_secret<'a>(
     active: &ResourceSet,
+    given_up: &std::collections::BTreeSet<String>,
     mut sockets: impl Iterator<Item = &'a pilotfish_api::pb::envoy::config::core::v3::TransportSocket>,
 ) -> bool {
     sockets.any(|ts| {
         pilotfish_config::model::sds_secret_configs(ts)
             .iter()
-            .any(|c| c.sds_config.is_some() && active.secret(&c.name).is_none())
+            .any(|c| {
+                c.sds_config.is_some()
+                    && active.secret(&c.name).is_none()
+                    && !given_up.contains(&c.name)
+            })
     })
 }
 
@@ -838,10 +844,7 @@ impl Running {
     /// until the stream ends.
     pub async fn serve(mut self, server: std::sync::Arc<crate::server::Server>) {
         self.fetch.drain_time = Duration::from_secs(server.options.drain_time_s);
-        // While clusters or listeners warm on SDS secrets: until when (the LDS
-        // initial_fetch_timeout), then they go in service without. (Those warming on their
-        // endpoints or routes wait for their own subscriptions' timeouts: `waiting`.)
-        let mut warming: Option<tokio::time::Instant> = None;
+        // Something warms on an SDS secret: a secret's coming (or being given up) may let it go.
         let mut waiting = false;
         let mut secrets = server.secrets_arrived.subscribe();
         loop {
@@ -855,21 +858,12 @@ impl Running {
                 }
                 _ = sleep_until(wait_ends) => {
                     self.fetch.give_up_due();
-                    waiting = self.apply(&server, "what waited for its initial fetch timeout", false).await;
+                    waiting = self.apply(&server, "what waited for its initial fetch timeout").await;
                     continue;
                 }
-                _ = sleep_until(warming) => {
-                    tracing::warn!(target: "config", "xDS: the secrets warming clusters and listeners wait for have not all come; putting them in service without");
-                    (warming, waiting) = (None, false);
-                    self.apply(&server, "the clusters and listeners warming on secrets", true).await;
-                    continue;
-                }
-                // A secret came: what waited for it may go in service.
+                // A secret came (or was given up): what waited for it may go in service.
                 _ = secrets.changed(), if waiting => {
-                    waiting = self.apply(&server, "a secret", false).await;
-                    if !waiting {
-                        warming = None;
-                    }
+                    waiting = self.apply(&server, "a secret").await;
                     continue;
                 }
             };
@@ -884,29 +878,15 @@ impl Running {
             }
             // A refused update is applied too: the configuration stays as it was, and
             // /config_dump shows what was refused.
-            waiting = self.apply(&server, &what, false).await;
-            if waiting {
-                // No deadline when the timeout is 0s (Istio's): they wait for ever.
-                if warming.is_none() {
-                    warming =
-                        tokio::time::Instant::now().checked_add(self.fetch.config.lds_timeout);
-                }
-            } else {
-                warming = None;
-            }
+            waiting = self.apply(&server, &what).await;
         }
     }
 
     /// Puts what has been accepted in service, except the clusters and listeners still
-    /// warming (`without_secrets`: not those warming on secrets alone); returns whether any
-    /// waits for a secret.
-    async fn apply(
-        &self,
-        server: &std::sync::Arc<crate::server::Server>,
-        what: &str,
-        without_secrets: bool,
-    ) -> bool {
-        let (view, warming) = self.fetch.in_service(&server.active().set, without_secrets);
+    /// warming; returns whether any waits for a secret.
+    async fn apply(&self, server: &std::sync::Arc<crate::server::Server>, what: &str) -> bool {
+        let given_up = server.secrets_given_up.lock().unwrap().clone();
+        let (view, warming) = self.fetch.in_service(&server.active().set, &given_up);
         let mut config = match dynamic::assemble(&self.base, &view) {
             Ok(c) => c,
             Err(e) => {
@@ -1383,13 +1363,13 @@ impl Fetch {
 
     /// What goes in service now, with `active` the configuration in service: every accepted
     /// resource, except a new or changed EDS cluster whose endpoints subscription still waits,
-    /// a new or changed listener whose route configurations' still wait, and (unless
-    /// `without_secrets`) either whose SDS secrets have not come: those warm, as in Envoy,
-    /// while the version in service (if any) goes on serving.
+    /// a new or changed listener whose route configurations' still wait, and either whose SDS
+    /// secrets have not come (and are not `given_up`): those warm, as in Envoy, while the
+    /// version in service (if any) goes on serving.
     fn in_service(
         &self,
         active: &ResourceSet,
-        without_secrets: bool,
+        given_up: &std::collections::BTreeSet<String>,
     ) -> (DynamicResources, Warming) {
         let d = &self.dynamic;
         let mut view = DynamicResources {
@@ -1400,11 +1380,11 @@ impl Fetch {
         let mut warming = Warming::default();
         for c in &d.clusters {
             let now = active.cluster(&c.name).filter(|a| !a.origin.is_static());
-            let on_secret = !without_secrets
-                && lacks_secret(
-                    active,
-                    pilotfish_config::model::cluster_transport_sockets(&c.value),
-                );
+            let on_secret = lacks_secret(
+                active,
+                given_up,
+                pilotfish_config::model::cluster_transport_sockets(&c.value),
+            );
             let waits = self.waiting.contains_key(&(ENDPOINT, c.name.clone())) || on_secret;
             if waits && now.is_none_or(|a| a.value != c.value) {
                 warming.on_secrets |= on_secret;
@@ -1419,11 +1399,11 @@ impl Fetch {
                 .listeners
                 .iter()
                 .find(|a| a.name == l.name && !a.origin.is_static());
-            let on_secret = !without_secrets
-                && lacks_secret(
-                    active,
-                    pilotfish_config::model::listener_transport_sockets(&l.value),
-                );
+            let on_secret = lacks_secret(
+                active,
+                given_up,
+                pilotfish_config::model::listener_transport_sockets(&l.value),
+            );
             let waits = route_config_names(&l.value)
                 .into_iter()
                 .any(|(_, name)| self.waiting.contains_key(&(ROUTE, name)))

@@ -85,6 +85,10 @@ pub struct Sds {
     store: Arc<crate::stats::Store>,
     updates: mpsc::UnboundedReceiver<Resource<Secret>>,
     tx: mpsc::UnboundedSender<Resource<Secret>>,
+    /// The secrets not come yet, each until its `initial_fetch_timeout` ends (none for `0s`).
+    waiting: BTreeMap<String, tokio::time::Instant>,
+    /// Those whose initial fetch timed out at start-up, for the server to know.
+    given_up: Vec<String>,
 }
 
 impl Drop for Sds {
@@ -114,6 +118,8 @@ pub async fn fetch(
         store,
         updates,
         tx,
+        waiting: BTreeMap::new(),
+        given_up: vec![],
     };
     let wait = wanted
         .values()
@@ -136,6 +142,7 @@ pub async fn fetch(
         match next.await {
             Some(Some(secret)) => {
                 missing.retain(|n| *n != secret.name);
+                sds.waiting.remove(&secret.name);
                 got.retain(|s| s.name != secret.name);
                 got.push(secret);
             }
@@ -146,7 +153,9 @@ pub async fn fetch(
                     if let Some(s) = sds.stats.get(name) {
                         s.timed_out();
                     }
+                    sds.waiting.remove(name);
                 }
+                sds.given_up = missing;
                 break;
             }
         }
@@ -156,6 +165,9 @@ pub async fn fetch(
 
 impl Sds {
     fn subscribe(&mut self, name: String, source: Source) {
+        if let Some(at) = tokio::time::Instant::now().checked_add(source.initial_fetch_timeout) {
+            self.waiting.insert(name.clone(), at);
+        }
         let stats = Arc::new(super::stats::Subscription::sds(&self.store, &name));
         self.stats.insert(name.clone(), stats.clone());
         let task = tokio::spawn(stream_secret(
@@ -172,11 +184,35 @@ impl Sds {
     /// names (a listener from xDS may name one not asked for yet).
     pub async fn serve(mut self, server: Arc<crate::server::Server>) {
         let mut applied = server.applied.subscribe();
+        for name in std::mem::take(&mut self.given_up) {
+            server.give_up_secret(&name);
+        }
         loop {
+            let next = self.waiting.values().min().copied();
             tokio::select! {
+                // A secret subscribed after start-up that has not come: listeners and clusters
+                // warming for it go on without it, as Envoy's.
+                _ = super::sleep_until(next) => {
+                    let now = tokio::time::Instant::now();
+                    let due: Vec<String> = self
+                        .waiting
+                        .iter()
+                        .filter(|(_, at)| **at <= now)
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    for name in due {
+                        self.waiting.remove(&name);
+                        tracing::warn!(target: "config", "SDS: secret '{name}' did not come within its initial_fetch_timeout; what waits for it goes on without it");
+                        if let Some(s) = self.stats.get(&name) {
+                            s.timed_out();
+                        }
+                        server.give_up_secret(&name);
+                    }
+                }
                 secret = self.updates.recv() => {
                     let Some(secret) = secret else { return };
                     let name = secret.name.clone();
+                    self.waiting.remove(&name);
                     let done = server.apply_secret(secret).await;
                     tracing::info!(target: "config", "SDS: secret '{name}' in service: {done}");
                 }
