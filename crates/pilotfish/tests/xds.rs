@@ -307,6 +307,35 @@ fn drive(
     }
 }
 
+/// Serves `snapshot` (given the listener's port) to pilotfish and to Envoy (LDS's initial fetch
+/// timeout 1 s) until each has sent a NACK: Envoy must have NACKed once, and pilotfish held
+/// the same conversation. Returns what each did, pilotfish first.
+fn nacked_as_envoy(
+    envoy: &Path,
+    dir: &Path,
+    snapshot: impl Fn(u16) -> Snapshot,
+) -> (Outcome, Outcome) {
+    let nacked = |s: &[Seen]| s.iter().any(|r| r.error.is_some());
+    let run = |bin: &Path, is_envoy| {
+        let listen = common::free_port();
+        let snap = snapshot(listen);
+        drive(
+            bin,
+            is_envoy,
+            dir,
+            snap,
+            listen,
+            ", initial_fetch_timeout: 1s",
+            nacked,
+        )
+    };
+    let pf = run(pilotfish_bin(), false);
+    let ev = run(envoy, true);
+    assert_eq!(ev.nacks.len(), 1, "Envoy: {:?}", ev.conversation);
+    assert_eq!(pf.conversation, ev.conversation, "the same ACKs and NACK");
+    (pf, ev)
+}
+
 fn pilotfish_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_pilotfish"))
 }
@@ -366,28 +395,12 @@ fn ads_invalid_listener_is_nacked_as_envoy_does() {
         return;
     };
     let dir = common::proxy::temp_dir("xds-nack");
-    let nacked = |s: &[Seen]| s.iter().any(|r| r.error.is_some());
     // The listener's connection manager has an empty stat_prefix, which the API forbids: the
     // listener update is refused, and the proxy goes on at once with its clusters and no
     // listener (a refused update ends the initial fetch as Envoy's does).
-    let run = |bin: &Path, is_envoy| {
-        let listen = common::free_port();
-        let upstream = http_upstream("backend-1");
-        let snap = snapshot_with("1", listen, upstream, "", Mode::ADS);
-        drive(
-            bin,
-            is_envoy,
-            &dir,
-            snap,
-            listen,
-            ", initial_fetch_timeout: 1s",
-            nacked,
-        )
-    };
-    let pf = run(pilotfish_bin(), false);
-    let ev = run(&envoy, true);
-    assert_eq!(ev.nacks.len(), 1, "Envoy: {:?}", ev.conversation);
-    assert_eq!(pf.conversation, ev.conversation, "the same ACKs and NACK");
+    let (pf, ev) = nacked_as_envoy(&envoy, &dir, |listen| {
+        snapshot_with("1", listen, http_upstream("backend-1"), "", Mode::ADS)
+    });
     assert!(
         pf.nacks[0].contains("stat_prefix"),
         "the NACK names the field: {}",
@@ -417,28 +430,12 @@ fn ads_cluster_with_an_unusable_eds_config_source_is_nacked_as_envoy_does() {
         return;
     };
     let dir = common::proxy::temp_dir("xds-nack-source");
-    let nacked = |s: &[Seen]| s.iter().any(|r| r.error.is_some());
-    let run = |bin: &Path, is_envoy| {
-        let listen = common::free_port();
-        let mut snap = snapshot("1", listen, http_upstream("backend-1"));
+    let (pf, _) = nacked_as_envoy(&envoy, &dir, |listen| {
         let cluster: Cluster = load(
             "name: backend\ntype: EDS\nconnect_timeout: 1s\neds_cluster_config: { eds_config: { api_config_source: { api_type: GRPC, transport_api_version: V3, grpc_services: [{ envoy_grpc: { cluster_name: nowhere } }] }, resource_api_version: V3 } }\n",
         );
-        snap = snap.with("backend", &cluster);
-        drive(
-            bin,
-            is_envoy,
-            &dir,
-            snap,
-            listen,
-            ", initial_fetch_timeout: 1s",
-            nacked,
-        )
-    };
-    let pf = run(pilotfish_bin(), false);
-    let ev = run(&envoy, true);
-    assert_eq!(ev.nacks.len(), 1, "Envoy: {:?}", ev.conversation);
-    assert_eq!(pf.conversation, ev.conversation, "the same ACKs and NACK");
+        snapshot("1", listen, http_upstream("backend-1")).with("backend", &cluster)
+    });
     assert!(
         pf.nacks[0].contains("clusters[backend].eds_cluster_config.eds_config")
             && pf.nacks[0].contains("'nowhere'"),

@@ -570,6 +570,29 @@ fn method(channel: &Channel, delta: bool) -> &'static str {
     }
 }
 
+/// Opens a bidirectional stream on `path`, its requests sent through the sender handed to
+/// `requests` (before the call: Envoy's first request goes with it).
+async fn open_stream<Req, Resp>(
+    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    path: tonic::codegen::http::uri::PathAndQuery,
+    requests: impl FnOnce(UnboundedSender<Req>),
+) -> Result<tonic::Streaming<Resp>, tonic::Status>
+where
+    Req: Message + Send + 'static,
+    Resp: Message + Default + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    requests(tx);
+    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+    grpc.streaming(
+        tonic::Request::new(stream),
+        path,
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
 /// Keeps one stream open: connects, opens the method, hands over each response, and after a
 /// failure tries again after Envoy's backoff. Ends when the fetch lets the stream go.
 async fn hold(channel: Channel, generation: u64, source: Source, events: UnboundedSender<Event>) {
@@ -597,30 +620,16 @@ async fn hold(channel: Channel, generation: u64, source: Source, events: Unbound
                 let mut grpc = tonic::client::Grpc::new(connection);
                 let opened = match grpc.ready().await {
                     Err(e) => Err(tonic::Status::unavailable(e.to_string())),
-                    Ok(()) if source.delta => {
-                        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    Ok(()) if source.delta => open_stream(&mut grpc, path, |tx| {
                         report(Happened::Opening(Sender::Delta(tx)));
-                        let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-                        grpc.streaming(
-                            tonic::Request::new(requests),
-                            path,
-                            tonic_prost::ProstCodec::default(),
-                        )
-                        .await
-                        .map(|r| Inbound::Delta(r.into_inner()))
-                    }
-                    Ok(()) => {
-                        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    })
+                    .await
+                    .map(Inbound::Delta),
+                    Ok(()) => open_stream(&mut grpc, path, |tx| {
                         report(Happened::Opening(Sender::Sotw(tx)));
-                        let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-                        grpc.streaming(
-                            tonic::Request::new(requests),
-                            path,
-                            tonic_prost::ProstCodec::default(),
-                        )
-                        .await
-                        .map(|r| Inbound::Sotw(r.into_inner()))
-                    }
+                    })
+                    .await
+                    .map(Inbound::Sotw),
                 };
                 match opened {
                     Err(e) => format!("was refused: {e}"),
