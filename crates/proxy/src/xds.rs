@@ -55,9 +55,9 @@ pub struct Dynamic {
     ads: Option<Source>,
     cds: Option<Via>,
     lds: Option<Via>,
-    /// How long start-up waits for clusters (with their endpoints) and for listeners (with
-    /// their routes) before going on without them: each config source's
-    /// `initial_fetch_timeout` (Envoy's default: 15 s).
+    /// How long the CDS and LDS subscriptions wait for their first response before start-up
+    /// goes on without them: each config source's `initial_fetch_timeout` (Envoy's default:
+    /// 15 s). (EDS and RDS subscriptions wait as their own config sources say.)
     pub cds_timeout: Duration,
     pub lds_timeout: Duration,
 }
@@ -449,7 +449,7 @@ impl From<DeltaDiscoveryResponse> for Update {
     }
 }
 
-/// The ADS stream's responses, of either variant.
+/// A stream's responses, of either variant.
 enum Inbound {
     Sotw(tonic::Streaming<DiscoveryResponse>),
     Delta(tonic::Streaming<DeltaDiscoveryResponse>),
@@ -849,8 +849,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// Takes what the control plane sends from now on, puts each accepted update in service,
-    /// until the stream ends.
+    /// Takes what the control plane sends from now on and puts each accepted update in
+    /// service; runs for as long as the proxy does (the streams reconnect).
     pub async fn serve(mut self, server: std::sync::Arc<crate::server::Server>) {
         self.fetch.drain_time = Duration::from_secs(server.options.drain_time_s);
         // Something warms on an SDS secret: a secret's coming (or being given up) may let it go.
