@@ -29,6 +29,17 @@ const FIELDS: &[(&str, &[&str])] = &[
         "envoy.config.bootstrap.v3.Bootstrap.DynamicResources",
         &["lds_config", "cds_config", "ads_config"],
     ),
+    // A subscription's source: ADS, or a gRPC api_config_source of its own (files, REST and
+    // the xDS-TP `self`/`authorities` are not implemented).
+    (
+        "envoy.config.core.v3.ConfigSource",
+        &[
+            "ads",
+            "api_config_source",
+            "initial_fetch_timeout",
+            "resource_api_version",
+        ],
+    ),
     (
         "envoy.config.core.v3.ApiConfigSource",
         &[

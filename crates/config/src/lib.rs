@@ -402,6 +402,26 @@ static_resources:
     }
 
     #[test]
+    fn coverage_lists_config_sources_pilotfish_cannot_subscribe_with() {
+        let grpc = "{ api_config_source: { api_type: GRPC, grpc_services: [{ envoy_grpc: { cluster_name: x } }] }, initial_fetch_timeout: 1s }";
+        let text = format!(
+            "dynamic_resources: {{ cds_config: {{ path_config_source: {{ path: /etc/envoy/cds.yaml }} }}, lds_config: {grpc} }}\n"
+        );
+        let cfg = load_str("t.yaml", &text, None).unwrap();
+        let gaps = coverage::gaps(&cfg.resources);
+        let keys: Vec<&str> = gaps.iter().map(|g| g.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["envoy.config.core.v3.ConfigSource.path_config_source"],
+            "{gaps:?}"
+        );
+        assert_eq!(
+            gaps[0].example,
+            "bootstrap.dynamic_resources.cds_config.path_config_source"
+        );
+    }
+
+    #[test]
     fn what_maps_hold_is_walked_too() {
         // typed_extension_protocol_options: the upstream HTTP options inside are checked, and
         // a field implemented downstream only is listed there.
