@@ -570,23 +570,25 @@ fn method(channel: &Channel, delta: bool) -> &'static str {
     }
 }
 
-/// Opens a bidirectional stream on `path`, its requests sent through the sender handed to
-/// `requests` (before the call: Envoy's first request goes with it).
+/// Opens a bidirectional xDS stream (the gRPC method `path`) on a connection, its requests
+/// taken from `requests` (queue the first before: Envoy's goes with the call).
 async fn open_stream<Req, Resp>(
-    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
-    path: tonic::codegen::http::uri::PathAndQuery,
-    requests: impl FnOnce(UnboundedSender<Req>),
+    connection: tonic::transport::Channel,
+    path: &'static str,
+    requests: tokio::sync::mpsc::UnboundedReceiver<Req>,
 ) -> Result<tonic::Streaming<Resp>, tonic::Status>
 where
     Req: Message + Send + 'static,
     Resp: Message + Default + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    requests(tx);
-    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+    let mut grpc = tonic::client::Grpc::new(connection);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(requests);
     grpc.streaming(
-        tonic::Request::new(stream),
-        path,
+        tonic::Request::new(requests),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
         tonic_prost::ProstCodec::default(),
     )
     .await
@@ -613,23 +615,15 @@ async fn hold(channel: Channel, generation: u64, source: Source, events: Unbound
                 source.cluster, source.target
             ),
             Ok(connection) => {
-                let path = tonic::codegen::http::uri::PathAndQuery::from_static(method(
-                    &channel,
-                    source.delta,
-                ));
-                let mut grpc = tonic::client::Grpc::new(connection);
-                let opened = match grpc.ready().await {
-                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
-                    Ok(()) if source.delta => open_stream(&mut grpc, path, |tx| {
-                        report(Happened::Opening(Sender::Delta(tx)));
-                    })
-                    .await
-                    .map(Inbound::Delta),
-                    Ok(()) => open_stream(&mut grpc, path, |tx| {
-                        report(Happened::Opening(Sender::Sotw(tx)));
-                    })
-                    .await
-                    .map(Inbound::Sotw),
+                let path = method(&channel, source.delta);
+                let opened = if source.delta {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    report(Happened::Opening(Sender::Delta(tx)));
+                    open_stream(connection, path, rx).await.map(Inbound::Delta)
+                } else {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    report(Happened::Opening(Sender::Sotw(tx)));
+                    open_stream(connection, path, rx).await.map(Inbound::Sotw)
                 };
                 match opened {
                     Err(e) => format!("was refused: {e}"),

@@ -8,8 +8,9 @@
 use super::{connect, Backoff};
 use pilotfish_api::pb::envoy::config::core::v3::{config_source::ConfigSourceSpecifier, Node};
 use pilotfish_api::pb::envoy::extensions::transport_sockets::tls::v3::{SdsSecretConfig, Secret};
-use pilotfish_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
-use pilotfish_api::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use pilotfish_api::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use pilotfish_config::dynamic;
 use pilotfish_config::resources::{Resource, ResourceSet};
 use std::collections::BTreeMap;
@@ -263,12 +264,11 @@ async fn stream_secret(
                 continue;
             }
         };
-        let client = SecretDiscoveryServiceClient::new(channel);
         held.stats.1.connected();
         let why = if source.delta {
-            delta_stream(client, &source, &node, &mut held, &mut backoff).await
+            delta_stream(channel, &source, &node, &mut held, &mut backoff).await
         } else {
-            sotw_stream(client, &source, &node, &mut held, &mut backoff).await
+            sotw_stream(channel, &source, &node, &mut held, &mut backoff).await
         };
         tracing::warn!(target: "config", "SDS: the stream for secret '{}' {why}; keeping the secret in service and reconnecting", held.name);
         held.stats.1.failed();
@@ -311,7 +311,7 @@ impl Held {
 /// State of the world: each response carries the secret; the request names it and says the
 /// version held. Returns why the stream ended.
 async fn sotw_stream(
-    mut client: SecretDiscoveryServiceClient<tonic::transport::Channel>,
+    connection: tonic::transport::Channel,
     source: &super::Source,
     node: &Node,
     held: &mut Held,
@@ -334,11 +334,13 @@ async fn sotw_stream(
         });
     };
     send(&held.version, "", None);
-    let opened = client
-        .stream_secrets(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await;
-    let mut inbound = match opened {
-        Ok(r) => r.into_inner(),
+    let opened = super::open_stream(
+        connection,
+        "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+        rx,
+    );
+    let mut inbound: tonic::Streaming<DiscoveryResponse> = match opened.await {
+        Ok(inbound) => inbound,
         Err(e) => return format!("was refused: {e}"),
     };
     loop {
@@ -372,7 +374,7 @@ async fn sotw_stream(
 /// a response carries the secret with its own version; ACK and NACK go by nonce. A response
 /// removing the secret is taken and the secret kept, as Envoy's SDS does.
 async fn delta_stream(
-    mut client: SecretDiscoveryServiceClient<tonic::transport::Channel>,
+    connection: tonic::transport::Channel,
     source: &super::Source,
     node: &Node,
     held: &mut Held,
@@ -400,11 +402,13 @@ async fn delta_stream(
             ..Default::default()
         });
     };
-    let opened = client
-        .delta_secrets(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await;
-    let mut inbound = match opened {
-        Ok(r) => r.into_inner(),
+    let opened = super::open_stream(
+        connection,
+        "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets",
+        rx,
+    );
+    let mut inbound: tonic::Streaming<DeltaDiscoveryResponse> = match opened.await {
+        Ok(inbound) => inbound,
         Err(e) => return format!("was refused: {e}"),
     };
     loop {
