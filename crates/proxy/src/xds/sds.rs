@@ -334,21 +334,8 @@ async fn sotw_stream(
         });
     };
     send(&held.version, "", None);
-    let opened = super::open_stream(
-        connection,
-        "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
-        rx,
-    );
-    let mut inbound: tonic::Streaming<DiscoveryResponse> = match opened.await {
-        Ok(inbound) => inbound,
-        Err(e) => return format!("was refused: {e}"),
-    };
-    loop {
-        let r = match next_response(&mut inbound).await {
-            Ok(r) => r,
-            Err(why) => return why,
-        };
-        backoff.reset();
+    let path = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+    each_response(connection, path, rx, backoff, |r: DiscoveryResponse| {
         match secret_of(&name, r.resources.iter()) {
             Ok(Some(secret)) => {
                 send(&r.version_info, &r.nonce, None);
@@ -367,7 +354,8 @@ async fn sotw_stream(
                 send(&held.version, &r.nonce, Some(e));
             }
         }
-    }
+    })
+    .await
 }
 
 /// Delta xDS: the request subscribes the one name (saying, on a new stream, the version held);
@@ -402,27 +390,14 @@ async fn delta_stream(
             ..Default::default()
         });
     };
-    let opened = super::open_stream(
-        connection,
-        "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets",
-        rx,
-    );
-    let mut inbound: tonic::Streaming<DeltaDiscoveryResponse> = match opened.await {
-        Ok(inbound) => inbound,
-        Err(e) => return format!("was refused: {e}"),
-    };
-    loop {
-        let r = match next_response(&mut inbound).await {
-            Ok(r) => r,
-            Err(why) => return why,
-        };
-        backoff.reset();
+    let path = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
+    each_response(connection, path, rx, backoff, |r: DeltaDiscoveryResponse| {
         if r.resources.is_empty() {
             if r.removed_resources.contains(&name) {
                 tracing::debug!(target: "config", "SDS: the server removed secret '{name}'; keeping it, as Envoy does");
             }
             reply(r.nonce, None);
-            continue;
+            return;
         }
         let version = r
             .resources
@@ -445,15 +420,36 @@ async fn delta_stream(
                 reply(r.nonce, Some(e));
             }
         }
-    }
+    })
+    .await
 }
 
-/// The stream's next response, or why the stream ended.
-async fn next_response<T>(inbound: &mut tonic::Streaming<T>) -> Result<T, String> {
-    match inbound.message().await {
-        Ok(Some(r)) => Ok(r),
-        Ok(None) => Err("was closed by the server".into()),
-        Err(e) => Err(format!("failed: {e}")),
+/// Opens a secret's stream (`path`, requests from `requests`) and hands each response to `on`
+/// (the backoff starts over with each) until the stream ends; returns why it ended.
+async fn each_response<Req, Resp>(
+    connection: tonic::transport::Channel,
+    path: &'static str,
+    requests: mpsc::UnboundedReceiver<Req>,
+    backoff: &mut Backoff,
+    mut on: impl FnMut(Resp),
+) -> String
+where
+    Req: prost::Message + Send + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    let mut inbound = match super::open_stream(connection, path, requests).await {
+        Ok(inbound) => inbound,
+        Err(e) => return format!("was refused: {e}"),
+    };
+    loop {
+        match inbound.message().await {
+            Ok(Some(r)) => {
+                backoff.reset();
+                on(r);
+            }
+            Ok(None) => return "was closed by the server".into(),
+            Err(e) => return format!("failed: {e}"),
+        }
     }
 }
 
